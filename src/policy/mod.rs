@@ -1,0 +1,156 @@
+//! What the gateway accepts during association negotiation: SOP classes and transfer syntaxes.
+//!
+//! The defaults follow the product promise: every storage SOP class the standard dictionary knows
+//! (plus Verification for C-ECHO), and every transfer syntax the standard defines, compressed ones
+//! included. Bytes are stored exactly as received, so accepting a syntax never costs a transcode.
+
+mod uid_tables;
+
+use std::collections::HashSet;
+
+pub use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
+
+/// Verification SOP Class (C-ECHO).
+pub const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// The DICOM application context name, the only one PS3.7 defines.
+pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+
+pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
+pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+pub const JPIP_REFERENCED_DEFLATE: &str = "1.2.840.10008.1.2.4.95";
+
+/// How the data set of a transfer syntax is encoded, which is all the header sniffer needs to know.
+/// Every syntax other than the three uncompressed natives and the deflated ones encodes its data set
+/// in explicit VR little endian (encapsulated pixel data sits at the end, after what we read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetEncoding {
+    ImplicitVrLittleEndian,
+    ExplicitVrLittleEndian,
+    ExplicitVrBigEndian,
+    /// Explicit VR little endian, compressed with raw deflate (RFC 1951).
+    DeflatedExplicitVrLittleEndian,
+}
+
+impl DatasetEncoding {
+    pub fn of_transfer_syntax(ts: &str) -> Self {
+        match ts {
+            IMPLICIT_VR_LE => Self::ImplicitVrLittleEndian,
+            EXPLICIT_VR_BE => Self::ExplicitVrBigEndian,
+            DEFLATED_EXPLICIT_VR_LE | JPIP_REFERENCED_DEFLATE => Self::DeflatedExplicitVrLittleEndian,
+            _ => Self::ExplicitVrLittleEndian,
+        }
+    }
+}
+
+/// The SOP classes and transfer syntaxes this gateway accepts.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    sop_classes: HashSet<String>,
+    transfer_syntaxes: HashSet<String>,
+}
+
+impl Policy {
+    /// All storage SOP classes and Verification; all standard transfer syntaxes.
+    pub fn standard() -> Self {
+        Self::new(None, None)
+    }
+
+    /// `None` means the standard default for that list.
+    pub fn new(sop_classes: Option<&[String]>, transfer_syntaxes: Option<&[String]>) -> Self {
+        let sop_classes = match sop_classes {
+            Some(list) => list.iter().cloned().collect(),
+            None => STORAGE_SOP_CLASSES
+                .iter()
+                .map(|(uid, _)| uid.to_string())
+                .chain([VERIFICATION.to_string()])
+                .collect(),
+        };
+        let transfer_syntaxes = match transfer_syntaxes {
+            Some(list) => list.iter().cloned().collect(),
+            None => TRANSFER_SYNTAXES.iter().map(|(uid, _)| uid.to_string()).collect(),
+        };
+        Policy { sop_classes, transfer_syntaxes }
+    }
+
+    pub fn accepts_sop_class(&self, uid: &str) -> bool {
+        self.sop_classes.contains(uid)
+    }
+
+    pub fn accepts_transfer_syntax(&self, uid: &str) -> bool {
+        self.transfer_syntaxes.contains(uid)
+    }
+
+    /// The first of the proposed transfer syntaxes we accept, in the requestor's order of preference.
+    pub fn choose_transfer_syntax<'a>(&self, proposed: &'a [String]) -> Option<&'a str> {
+        proposed
+            .iter()
+            .map(|ts| crate::uid::trim_uid(ts))
+            .find(|ts| self.accepts_transfer_syntax(ts))
+    }
+
+    pub fn sop_class_count(&self) -> usize {
+        self.sop_classes.len()
+    }
+}
+
+/// A human-readable name for a SOP class or transfer syntax UID, for logs and `--help`.
+pub fn uid_name(uid: &str) -> Option<&'static str> {
+    STORAGE_SOP_CLASSES
+        .iter()
+        .chain(TRANSFER_SYNTAXES.iter())
+        .find(|(u, _)| *u == uid)
+        .map(|(_, name)| *name)
+        .or((uid == VERIFICATION).then_some("Verification SOP Class"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
+    use dicom_dictionary_std::StandardSopClassDictionary;
+
+    #[test]
+    fn generated_tables_agree_with_the_standard_dictionary() {
+        assert!(STORAGE_SOP_CLASSES.len() > 150);
+        for (uid, name) in STORAGE_SOP_CLASSES {
+            let entry = StandardSopClassDictionary.by_uid(uid).expect("known SOP class");
+            assert_eq!(entry.name(), *name);
+            assert!(crate::uid::validate_uid(uid).is_ok());
+        }
+        for (uid, _) in TRANSFER_SYNTAXES {
+            assert!(crate::uid::validate_uid(uid).is_ok());
+        }
+    }
+
+    #[test]
+    fn standard_policy_accepts_storage_and_verification_only() {
+        let p = Policy::standard();
+        assert!(p.accepts_sop_class("1.2.840.10008.5.1.4.1.1.2")); // CT Image Storage
+        assert!(p.accepts_sop_class(VERIFICATION));
+        assert!(!p.accepts_sop_class("1.2.840.10008.5.1.4.1.2.1.1")); // Patient Root Q/R FIND
+        assert!(!p.accepts_sop_class("1.2.840.10008.1.20.1")); // Storage Commitment
+        for ts in [IMPLICIT_VR_LE, EXPLICIT_VR_LE, EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE, "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.201"] {
+            assert!(p.accepts_transfer_syntax(ts), "{ts}");
+        }
+        assert!(!p.accepts_transfer_syntax("1.2.3.4"));
+    }
+
+    #[test]
+    fn chooses_first_acceptable_in_requestor_order() {
+        let p = Policy::new(None, Some(&[IMPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE.to_string()]));
+        let proposed = vec!["1.2.840.10008.1.2.4.50".to_string(), format!("{EXPLICIT_VR_LE}\0"), IMPLICIT_VR_LE.to_string()];
+        assert_eq!(p.choose_transfer_syntax(&proposed), Some(EXPLICIT_VR_LE));
+        assert_eq!(p.choose_transfer_syntax(&["1.2.840.10008.1.2.4.50".to_string()]), None);
+    }
+
+    #[test]
+    fn dataset_encoding_follows_transfer_syntax() {
+        use DatasetEncoding::*;
+        assert_eq!(DatasetEncoding::of_transfer_syntax(IMPLICIT_VR_LE), ImplicitVrLittleEndian);
+        assert_eq!(DatasetEncoding::of_transfer_syntax(EXPLICIT_VR_BE), ExplicitVrBigEndian);
+        assert_eq!(DatasetEncoding::of_transfer_syntax(DEFLATED_EXPLICIT_VR_LE), DeflatedExplicitVrLittleEndian);
+        assert_eq!(DatasetEncoding::of_transfer_syntax("1.2.840.10008.1.2.4.50"), ExplicitVrLittleEndian);
+    }
+}
