@@ -1,0 +1,381 @@
+//! Grouping stored instances into batches, one future HealthImaging import job each.
+//!
+//! The batch id is part of every object key, so an instance must know its batch *before* its upload
+//! starts. It takes a [`BatchLease`] on the open batch; the lease is committed once the object is
+//! durable (the instance then counts) or dropped if the store failed (it never counts). A batch
+//! that reaches a limit stops handing out leases, and is only finalised, i.e. handed to the job
+//! recorder as closed, once every lease on it is settled. So a closed batch's summary describes
+//! exactly the durable objects under its prefix, and no object lands in a batch after it closed.
+//!
+//! Limits (DESIGN.md §4): idle time without a new instance, age, instance count, total bytes, and
+//! shutdown. Instance count counts leases, so a batch can never exceed it. Bytes are only known once
+//! an object is complete, so instances already in flight when the byte limit is reached still join
+//! the batch; the default leaves HealthImaging's 10 GB quota headroom for that (see `--batch-max-bytes`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub idle: Duration,
+    pub max_age: Duration,
+    pub max_instances: u32,
+    pub max_bytes: u64,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits { idle: Duration::from_secs(30), max_age: Duration::from_secs(300), max_instances: 5000, max_bytes: 9_000_000_000 }
+    }
+}
+
+/// Why a batch closed, recorded in its summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloseReason {
+    Idle,
+    MaxAge,
+    MaxInstances,
+    MaxBytes,
+    Shutdown,
+}
+
+/// A closed batch: what the job store records and the import is started from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSummary {
+    pub job_id: String,
+    pub created_at: String,
+    pub closed_at: String,
+    pub close_reason: CloseReason,
+    pub instance_count: u32,
+    pub total_bytes: u64,
+    pub study_instance_uids: Vec<String>,
+    pub calling_ae_titles: Vec<String>,
+    /// The import input: the batch's prefix (`s3://bucket/prefix/jobId/`, or a directory).
+    pub input_location: String,
+}
+
+struct Batch {
+    id: String,
+    created: SystemTime,
+    opened_at: Instant,
+    last_activity: Instant,
+    leased: u32,
+    in_flight: u32,
+    committed: u32,
+    bytes: u64,
+    studies: BTreeSet<String>,
+    calling_aes: BTreeSet<String>,
+    close_reason: Option<CloseReason>,
+}
+
+#[derive(Default)]
+struct State {
+    open: Option<Batch>,
+    /// Batches that reached a limit but still have leases in flight.
+    closing: HashMap<String, Batch>,
+}
+
+/// Hands out leases and closes batches. One per process, shared by all associations.
+pub struct Batcher {
+    state: Mutex<State>,
+    limits: BatchLimits,
+    location: Box<dyn Fn(&str) -> String + Send + Sync>,
+    closed: mpsc::UnboundedSender<BatchSummary>,
+    settled: Notify,
+}
+
+/// A reserved place in a batch for one instance in flight.
+pub struct BatchLease {
+    batch_id: String,
+    batcher: Option<Arc<Batcher>>,
+}
+
+impl BatchLease {
+    pub fn batch_id(&self) -> &str {
+        &self.batch_id
+    }
+
+    /// The instance is durable: count it in its batch.
+    pub fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
+        if let Some(b) = self.batcher.take() {
+            b.settle(&self.batch_id, Some((size, study_instance_uid, calling_ae_title)));
+        }
+    }
+}
+
+impl Drop for BatchLease {
+    fn drop(&mut self) {
+        if let Some(b) = self.batcher.take() {
+            b.settle(&self.batch_id, None);
+        }
+    }
+}
+
+impl Batcher {
+    /// `location` maps a batch id to its import input location; closed batches are sent to `closed`.
+    pub fn new(limits: BatchLimits, location: impl Fn(&str) -> String + Send + Sync + 'static, closed: mpsc::UnboundedSender<BatchSummary>) -> Arc<Self> {
+        Arc::new(Batcher { state: Mutex::new(State::default()), limits, location: Box::new(location), closed, settled: Notify::new() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module; the state stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves a place for one instance in the open batch, opening a new batch when needed.
+    pub fn lease(self: &Arc<Self>) -> BatchLease {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(reason) = st.open.as_ref().and_then(|b| self.limit_reached(b, now)) {
+            self.close_open(&mut st, reason);
+        }
+        let batch = st.open.get_or_insert_with(|| {
+            let id = ulid::Ulid::generate().to_string();
+            info!(job_id = %id, "batch opened");
+            Batch {
+                id,
+                created: SystemTime::now(),
+                opened_at: now,
+                last_activity: now,
+                leased: 0,
+                in_flight: 0,
+                committed: 0,
+                bytes: 0,
+                studies: BTreeSet::new(),
+                calling_aes: BTreeSet::new(),
+                close_reason: None,
+            }
+        });
+        batch.leased += 1;
+        batch.in_flight += 1;
+        batch.last_activity = now;
+        BatchLease { batch_id: batch.id.clone(), batcher: Some(self.clone()) }
+    }
+
+    fn limit_reached(&self, b: &Batch, now: Instant) -> Option<CloseReason> {
+        if b.leased >= self.limits.max_instances {
+            Some(CloseReason::MaxInstances)
+        } else if b.bytes >= self.limits.max_bytes {
+            Some(CloseReason::MaxBytes)
+        } else if now.duration_since(b.opened_at) >= self.limits.max_age {
+            Some(CloseReason::MaxAge)
+        } else if b.in_flight == 0 && now.duration_since(b.last_activity) >= self.limits.idle {
+            Some(CloseReason::Idle)
+        } else {
+            None
+        }
+    }
+
+    fn settle(&self, batch_id: &str, committed: Option<(u64, &str, &str)>) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let is_open = st.open.as_ref().is_some_and(|b| b.id == batch_id);
+        let batch = if is_open { st.open.as_mut() } else { st.closing.get_mut(batch_id) };
+        let Some(batch) = batch else { return };
+        batch.in_flight -= 1;
+        batch.last_activity = now;
+        match committed {
+            Some((size, study, ae)) => {
+                batch.committed += 1;
+                batch.bytes += size;
+                if !batch.studies.contains(study) {
+                    batch.studies.insert(study.to_string());
+                }
+                let ae = ae.trim();
+                if !batch.calling_aes.contains(ae) {
+                    batch.calling_aes.insert(ae.to_string());
+                }
+            }
+            None => batch.leased -= 1,
+        }
+        if is_open {
+            if let Some(b) = st.open.as_ref() {
+                if b.bytes >= self.limits.max_bytes {
+                    self.close_open(&mut st, CloseReason::MaxBytes);
+                }
+            }
+        } else if batch.in_flight == 0 {
+            if let Some(b) = st.closing.remove(batch_id) {
+                self.finalize(b);
+            }
+        }
+    }
+
+    fn close_open(&self, st: &mut State, reason: CloseReason) {
+        if let Some(mut b) = st.open.take() {
+            b.close_reason = Some(reason);
+            if b.in_flight == 0 {
+                self.finalize(b);
+            } else {
+                debug!(job_id = %b.id, in_flight = b.in_flight, "batch closing; waiting for instances in flight");
+                st.closing.insert(b.id.clone(), b);
+            }
+        }
+    }
+
+    fn finalize(&self, b: Batch) {
+        let reason = b.close_reason.unwrap_or(CloseReason::Shutdown);
+        self.settled.notify_waiters();
+        if b.committed == 0 {
+            debug!(job_id = %b.id, "batch closed empty (no instance stored); not recorded");
+            return;
+        }
+        let summary = BatchSummary {
+            input_location: (self.location)(&b.id),
+            job_id: b.id,
+            created_at: humantime::format_rfc3339_millis(b.created).to_string(),
+            closed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            close_reason: reason,
+            instance_count: b.committed,
+            total_bytes: b.bytes,
+            study_instance_uids: b.studies.into_iter().collect(),
+            calling_ae_titles: b.calling_aes.into_iter().collect(),
+        };
+        info!(job_id = %summary.job_id, reason = ?reason, instances = summary.instance_count, bytes = summary.total_bytes, studies = summary.study_instance_uids.len(), "batch closed");
+        // The receiver lives as long as the process; if it is gone we are shutting down anyway.
+        let _ = self.closed.send(summary);
+    }
+
+    /// Closes the open batch if its idle time or age is up. Called periodically.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let reason = st.open.as_ref().and_then(|b| self.limit_reached(b, now));
+        if let Some(reason) = reason {
+            self.close_open(&mut st, reason);
+        }
+    }
+
+    /// Closes the open batch (shutdown) and waits until every closing batch is finalised, i.e.
+    /// until every lease is settled, or `deadline` passes.
+    pub async fn close_all(&self, deadline: Duration) {
+        self.close_open(&mut self.lock(), CloseReason::Shutdown);
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.settled.notified();
+            if self.lock().closing.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                tracing::warn!("batches still have instances in flight at the shutdown deadline");
+                return;
+            }
+        }
+    }
+
+    /// Runs [`Batcher::tick`] every second until `stop` is cancelled.
+    pub async fn run_timer(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => self.tick(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batcher(limits: BatchLimits) -> (Arc<Batcher>, mpsc::UnboundedReceiver<BatchSummary>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Batcher::new(limits, |id| format!("s3://b/p/{id}/"), tx), rx)
+    }
+
+    fn limits() -> BatchLimits {
+        BatchLimits { idle: Duration::from_secs(3600), max_age: Duration::from_secs(3600), max_instances: 3, max_bytes: 1000 }
+    }
+
+    #[test]
+    fn closes_at_the_instance_limit_and_counts_only_committed() {
+        let (b, mut rx) = batcher(limits());
+        let l1 = b.lease();
+        let l2 = b.lease();
+        let l3 = b.lease();
+        let first = l1.batch_id().to_string();
+        assert_eq!(l3.batch_id(), first);
+        l1.commit(10, "1.1", "AE1");
+        drop(l2); // store failed: it never counts, and its place is free again
+        let l4 = b.lease();
+        assert_eq!(l4.batch_id(), first, "a failed instance frees its place");
+        let l5 = b.lease();
+        assert_ne!(l5.batch_id(), first, "a full batch hands out no more leases");
+        assert!(rx.try_recv().is_err(), "not finalised while leases are in flight");
+        l3.commit(20, "1.2", "AE2 ");
+        assert!(rx.try_recv().is_err());
+        l4.commit(30, "1.2", "AE1");
+        let s = rx.try_recv().unwrap();
+        assert_eq!(s.job_id, first);
+        assert_eq!(s.instance_count, 3);
+        assert_eq!(s.total_bytes, 60);
+        assert_eq!(s.study_instance_uids, vec!["1.1", "1.2"]);
+        assert_eq!(s.calling_ae_titles, vec!["AE1", "AE2"]);
+        assert_eq!(s.close_reason, CloseReason::MaxInstances);
+        assert_eq!(s.input_location, format!("s3://b/p/{first}/"));
+        drop(l5);
+    }
+
+    #[test]
+    fn closes_when_bytes_reach_the_limit() {
+        let (b, mut rx) = batcher(limits());
+        let l1 = b.lease();
+        let id = l1.batch_id().to_string();
+        l1.commit(1000, "1.1", "AE");
+        let s = rx.try_recv().unwrap();
+        assert_eq!((s.job_id, s.close_reason), (id, CloseReason::MaxBytes));
+    }
+
+    #[test]
+    fn idle_close_waits_for_instances_in_flight() {
+        let (b, mut rx) = batcher(BatchLimits { idle: Duration::ZERO, ..limits() });
+        let l1 = b.lease();
+        b.tick();
+        assert!(rx.try_recv().is_err(), "an instance in flight keeps the batch open");
+        l1.commit(1, "1.1", "AE");
+        b.tick();
+        assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Idle);
+    }
+
+    #[test]
+    fn age_closes_even_with_instances_in_flight_which_then_finish_into_it() {
+        let (b, mut rx) = batcher(BatchLimits { max_age: Duration::ZERO, ..limits() });
+        let l1 = b.lease();
+        b.tick();
+        let l2 = b.lease();
+        assert_ne!(l1.batch_id(), l2.batch_id());
+        l1.commit(5, "1.1", "AE");
+        let s = rx.try_recv().unwrap();
+        assert_eq!((s.instance_count, s.close_reason), (1, CloseReason::MaxAge));
+        drop(l2);
+    }
+
+    #[test]
+    fn empty_batches_are_not_recorded() {
+        let (b, mut rx) = batcher(BatchLimits { idle: Duration::ZERO, ..limits() });
+        drop(b.lease());
+        b.tick();
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_the_open_batch_after_its_leases_settle() {
+        let (b, mut rx) = batcher(limits());
+        let l1 = b.lease();
+        let b2 = b.clone();
+        let closer = tokio::spawn(async move { b2.close_all(Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err());
+        l1.commit(7, "1.1", "AE");
+        closer.await.unwrap();
+        assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Shutdown);
+    }
+}

@@ -1,0 +1,112 @@
+//! Object stores: where a Part-10 object becomes durable.
+//!
+//! One small seam with two implementations: S3 ([`s3::S3Store`]) for deployments and a local
+//! directory ([`local::LocalStore`]) as the embedded default. An upload is opened with its final
+//! key, fed the object's bytes in order, and either committed (after which the object is durable and
+//! visible) or aborted (after which nothing of it is visible). Dropping an upload that was not
+//! committed aborts it, so an A-ABORT or a dropped connection can never leave a partial object.
+
+pub mod local;
+pub mod s3;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::uid::{UidError, validate_uid};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("local store I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("S3 {operation} failed: {message}")]
+    S3 { operation: &'static str, message: String },
+}
+
+/// The key of one stored instance, relative to the store's root or prefix:
+/// `{jobId}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm` (DESIGN.md §3).
+/// Every segment is validated, so nothing from the wire reaches a path unchecked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectKey(String);
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("{which} is not a valid UID: {error}")]
+    Uid { which: &'static str, error: UidError },
+    #[error("batch id is not a ULID")]
+    BatchId,
+}
+
+impl ObjectKey {
+    pub fn new(batch_id: &str, study: &str, series: &str, sop_instance: &str) -> Result<Self, KeyError> {
+        if batch_id.len() != 26 || !batch_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(KeyError::BatchId);
+        }
+        for (which, uid) in [("Study Instance UID", study), ("Series Instance UID", series), ("SOP Instance UID", sop_instance)] {
+            validate_uid(uid).map_err(|error| KeyError::Uid { which, error })?;
+        }
+        Ok(ObjectKey(format!("{batch_id}/{study}/{series}/{sop_instance}.dcm")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a committed object lives, for logs and traceability.
+#[derive(Debug, Clone)]
+pub struct StoredObject {
+    /// `s3://bucket/key` or an absolute file path.
+    pub location: String,
+    pub size: u64,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Opens an upload that will become the object `key` when committed.
+    async fn begin(&self, key: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError>;
+
+    /// The location of a batch's objects: the import input of that batch (always ends with '/').
+    fn batch_location(&self, batch_id: &str) -> String;
+
+    /// A short description for the start-up log line.
+    fn describe(&self) -> String;
+}
+
+#[async_trait]
+pub trait ObjectUpload: Send {
+    /// Appends bytes. May wait (back-pressure) while earlier data is being uploaded.
+    async fn write(&mut self, data: &[u8]) -> Result<(), StoreError>;
+
+    /// Makes the object durable and visible. Only after this returns Ok may Success be sent.
+    async fn commit(self: Box<Self>) -> Result<StoredObject, StoreError>;
+
+    /// Discards everything written; nothing of the object stays visible.
+    async fn abort(self: Box<Self>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BATCH: &str = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N";
+
+    #[test]
+    fn key_layout_follows_the_design() {
+        let key = ObjectKey::new(BATCH, "1.2.3", "1.2.3.4", "1.2.3.4.5").unwrap();
+        assert_eq!(key.as_str(), "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3/1.2.3.4/1.2.3.4.5.dcm");
+    }
+
+    #[test]
+    fn keys_refuse_anything_that_is_not_a_uid() {
+        assert!(matches!(ObjectKey::new(BATCH, "../..", "1.2", "1.3"), Err(KeyError::Uid { which: "Study Instance UID", .. })));
+        assert!(matches!(ObjectKey::new(BATCH, "1.2", "1.2/x", "1.3"), Err(KeyError::Uid { which: "Series Instance UID", .. })));
+        assert!(matches!(ObjectKey::new(BATCH, "1.2", "1.2", ""), Err(KeyError::Uid { which: "SOP Instance UID", .. })));
+        assert_eq!(ObjectKey::new("../x", "1.2", "1.2", "1.3"), Err(KeyError::BatchId));
+    }
+}
