@@ -1,0 +1,282 @@
+//! Shared harness for the end-to-end tests: the real gateway binary, DCMTK clients, LocalStack S3,
+//! and a raw SCU for the cases a real client will not produce (malformed PDUs, mismatched UIDs).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dicom_gateway::{dimse, pdu};
+use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, UserVariableItem};
+
+pub const AE: &str = "DICOM_GATEWAY";
+pub const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+pub fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `dicom-gateway serve` on a free port with `args` added; `env` is added to its environment.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("gateway.log");
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dicom-gateway"));
+        cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).args(args);
+        cmd.env("DICOM_GATEWAY_LOG_LEVEL", "info").env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("gateway binary starts");
+        let gw = Gateway { child: Some(child), port, log, _dir: dir };
+        let until = Instant::now() + Duration::from_secs(20);
+        // Wait for the start-up log line rather than probing the port: a probe connection would
+        // itself occupy an association slot for a moment.
+        while !gw.log_text().contains("dicom-gateway listening") {
+            assert!(Instant::now() < until, "gateway did not listen; log:\n{}", gw.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident set size of the gateway process so far, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the log.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let until = Instant::now() + Duration::from_secs(40);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "gateway exited with {status}; log:\n{}", self.log_text());
+                    break;
+                }
+                if Instant::now() > until {
+                    let _ = child.kill();
+                    panic!("gateway did not stop within 40 s; log:\n{}", self.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.log_text()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a DCMTK tool with TCP_NODELAY set, as the README advises.
+pub fn dcmtk(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).env("TCP_NODELAY", "1").output().unwrap_or_else(|e| panic!("{tool} runs (is DCMTK installed? scripts/test.sh installs it): {e}"))
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+pub fn echoscu(port: u16, called: &str, calling: &str) -> Output {
+    dcmtk("echoscu", &["-aec", called, "-aet", calling, "127.0.0.1", &port.to_string()])
+}
+
+/// storescu with `flag` choosing the proposed transfer syntaxes (e.g. -xi, -xe, -xb, -xd, -xy).
+pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
+    let port = port.to_string();
+    let mut args = vec!["-v", "-aec", AE, "-aet", "STORESCU", flag, "127.0.0.1", port.as_str()];
+    let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    args.extend(files.iter().map(String::as_str));
+    dcmtk("storescu", &args)
+}
+
+/// Sends the five test files, each with the flag that proposes its own transfer syntax first, so
+/// storescu sends the bytes of the file unchanged.
+pub fn send_testdata(port: u16) {
+    for (file, flag) in [
+        ("ct-implicit-le.dcm", "-xi"),
+        ("ct-explicit-le.dcm", "-xe"),
+        ("mr-explicit-be.dcm", "-xb"),
+        ("mr-deflated.dcm", "-xd"),
+        ("sc-jpeg-baseline.dcm", "-xy"),
+    ] {
+        let out = storescu(port, flag, &[&testdata(file)]);
+        assert!(out.status.success(), "storescu {file}: {}", text(&out));
+        assert!(!text(&out).contains("Failed"), "storescu {file}: {}", text(&out));
+    }
+}
+
+pub const TESTDATA_FILES: [&str; 5] = ["ct-implicit-le.dcm", "ct-explicit-le.dcm", "mr-explicit-be.dcm", "mr-deflated.dcm", "sc-jpeg-baseline.dcm"];
+
+/// Checks that `stored` (a Part-10 object written by the gateway) carries exactly the data set of
+/// the test file with the same SOP Instance UID, and a correct meta group. Returns the file name.
+pub fn assert_matches_a_sent_file(stored: &[u8]) -> &'static str {
+    let (meta, offset) = dicom_gateway::part10::split_part10(stored).expect("stored object is Part-10");
+    for name in TESTDATA_FILES {
+        let sent = std::fs::read(testdata(name)).unwrap();
+        let (sent_meta, sent_offset) = dicom_gateway::part10::split_part10(&sent).unwrap();
+        if sent_meta.media_storage_sop_instance_uid() == meta.media_storage_sop_instance_uid() {
+            assert_eq!(&stored[offset..], &sent[sent_offset..], "data set bytes of {name} differ");
+            assert_eq!(meta.transfer_syntax(), sent_meta.transfer_syntax(), "{name}");
+            assert_eq!(meta.media_storage_sop_class_uid(), sent_meta.media_storage_sop_class_uid(), "{name}");
+            assert_eq!(meta.source_application_entity_title(), Some("STORESCU"));
+            assert_eq!(meta.implementation_class_uid(), dicom_gateway::part10::IMPLEMENTATION_CLASS_UID);
+            return name;
+        }
+    }
+    panic!("stored object {} matches no test file", meta.media_storage_sop_instance_uid());
+}
+
+/// A minimal SCU speaking raw PDUs, for byte-level control.
+pub struct RawScu {
+    pub stream: TcpStream,
+}
+
+impl RawScu {
+    pub fn connect(port: u16) -> RawScu {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        RawScu { stream }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn send_pdu(&mut self, p: &Pdu) {
+        let mut out = Vec::new();
+        dicom_ul::pdu::write_pdu(&mut out, p).unwrap();
+        self.send_raw(&out);
+    }
+
+    /// Reads one PDU; None if the connection closed.
+    pub fn read(&mut self) -> Option<Pdu> {
+        let mut header = [0u8; 6];
+        self.stream.read_exact(&mut header).ok()?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).ok()?;
+        let mut whole = header.to_vec();
+        whole.extend(body);
+        dicom_ul::pdu::read_pdu(&whole[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false).ok().flatten()
+    }
+
+    /// Requests an association for CT Image Storage (context 1, explicit VR LE) and Verification
+    /// (context 3); panics unless accepted.
+    pub fn associate(port: u16, called: &str) -> RawScu {
+        let mut scu = RawScu::connect(port);
+        scu.send_pdu(&Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "RAWSCU".into(),
+            called_ae_title: called.into(),
+            application_context_name: "1.2.840.10008.3.1.1.1".into(),
+            presentation_contexts: vec![
+                PresentationContextProposed { id: 1, abstract_syntax: CT.into(), transfer_syntaxes: vec![EXPLICIT_LE.into()] },
+                PresentationContextProposed { id: 3, abstract_syntax: "1.2.840.10008.1.1".into(), transfer_syntaxes: vec![EXPLICIT_LE.into()] },
+            ],
+            user_variables: vec![UserVariableItem::MaxLength(65536)],
+        }));
+        match scu.read() {
+            Some(Pdu::AssociationAC(_)) => scu,
+            other => panic!("association not accepted: {other:?}"),
+        }
+    }
+
+    /// Sends a C-STORE on context 1 with `command_uid` in the command and `dataset` as data set,
+    /// in fragments of `fragment` bytes; returns the response status.
+    pub fn store(&mut self, message_id: u16, command_uid: &str, dataset: &[u8], fragment: usize) -> u16 {
+        let cmd = dimse::request(dimse::command_field::C_STORE_RQ, message_id, CT, Some(command_uid), true);
+        self.send_raw(&pdu::encode_pdata(1, true, true, &cmd));
+        let chunks: Vec<&[u8]> = dataset.chunks(fragment).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            self.send_raw(&pdu::encode_pdata(1, false, i + 1 == chunks.len(), c));
+        }
+        self.read_status()
+    }
+
+    pub fn read_status(&mut self) -> u16 {
+        match self.read() {
+            Some(Pdu::PData { data }) => dimse::response_status(&data[0].data).unwrap(),
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    pub fn release(mut self) {
+        self.send_pdu(&Pdu::ReleaseRQ);
+        assert!(matches!(self.read(), Some(Pdu::ReleaseRP)));
+    }
+}
+
+/// An explicit VR little endian CT data set with the given UIDs and `pixel_bytes` of pixel data.
+pub fn ct_dataset(sop_instance: &str, study: &str, series: &str, pixel_bytes: usize) -> Vec<u8> {
+    fn el(out: &mut Vec<u8>, group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) {
+        let mut v = value.to_vec();
+        if v.len() % 2 == 1 {
+            v.push(if vr == b"UI" { 0 } else { b' ' });
+        }
+        out.extend(group.to_le_bytes());
+        out.extend(elem.to_le_bytes());
+        out.extend(vr);
+        out.extend((v.len() as u16).to_le_bytes());
+        out.extend(v);
+    }
+    let mut out = Vec::new();
+    el(&mut out, 0x0008, 0x0016, b"UI", CT.as_bytes());
+    el(&mut out, 0x0008, 0x0018, b"UI", sop_instance.as_bytes());
+    el(&mut out, 0x0008, 0x0060, b"CS", b"CT");
+    el(&mut out, 0x0010, 0x0010, b"PN", b"RAW^SCU");
+    el(&mut out, 0x0020, 0x000D, b"UI", study.as_bytes());
+    el(&mut out, 0x0020, 0x000E, b"UI", series.as_bytes());
+    out.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0]);
+    out.extend((pixel_bytes as u32).to_le_bytes());
+    out.extend(std::iter::repeat_n(0x5Au8, pixel_bytes));
+    out
+}
+
+/// Files under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,197 @@
+//! End-to-end tests of the gateway on its embedded local store, driven by DCMTK's echoscu and
+//! storescu exactly as users run them, plus a raw SCU where byte-level control is needed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dicom_gateway::store::local::INCOMING_DIR;
+use dicom_ul::pdu::Pdu;
+
+fn local_gateway(extra: &[&str]) -> (Gateway, tempfile::TempDir) {
+    let store = tempfile::tempdir().unwrap();
+    let mut args = vec!["--store-dir", store.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Gateway::start(&args, &[]), store)
+}
+
+fn stored_objects(store: &std::path::Path) -> Vec<std::path::PathBuf> {
+    files_under(store).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dcm")).collect()
+}
+
+#[test]
+fn echo_succeeds() {
+    let (gw, _store) = local_gateway(&[]);
+    let out = echoscu(gw.port, AE, "ECHOSCU");
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_study_in_five_transfer_syntaxes_arrives_byte_for_byte_and_its_batch_is_recorded_at_shutdown() {
+    let (mut gw, store) = local_gateway(&[]);
+    send_testdata(gw.port);
+    let objects = stored_objects(store.path());
+    assert_eq!(objects.len(), 5, "{objects:?}");
+    let mut matched: Vec<_> = objects.iter().map(|p| assert_matches_a_sent_file(&std::fs::read(p).unwrap())).collect();
+    matched.sort();
+    let mut expected = TESTDATA_FILES.to_vec();
+    expected.sort();
+    assert_eq!(matched, expected);
+    // Key layout: {jobId}/{study}/{series}/{sop}.dcm, all in one batch.
+    let rel: Vec<_> = objects.iter().map(|p| p.strip_prefix(store.path()).unwrap().to_path_buf()).collect();
+    let job_id = rel[0].components().next().unwrap().as_os_str().to_str().unwrap().to_string();
+    assert!(rel.iter().all(|r| r.components().count() == 4 && r.starts_with(&job_id)));
+    // Written atomically: nothing left in the incoming directory.
+    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty());
+
+    // Graceful shutdown closes the open batch and records it.
+    let log = gw.stop();
+    let journal = store.path().join("jobs").join(format!("{job_id}.json"));
+    let job: serde_json::Value = serde_json::from_slice(&std::fs::read(&journal).unwrap_or_else(|_| panic!("no job file; log:\n{log}"))).unwrap();
+    assert_eq!(job["status"], "CLOSED");
+    assert_eq!(job["job"]["instanceCount"], 5);
+    assert_eq!(job["job"]["closeReason"], "shutdown");
+    assert_eq!(job["job"]["callingAeTitles"][0], "STORESCU");
+    assert_eq!(job["job"]["studyInstanceUids"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn wrong_called_ae_disallowed_calling_ae_and_disallowed_sop_class_are_rejected_and_nothing_is_stored() {
+    let (gw, store) = local_gateway(&["--calling-ae-allow", "STORESCU,ECHOSCU", "--sop-class-allow", "1.2.840.10008.5.1.4.1.1.4,1.2.840.10008.1.1"]);
+
+    let out = echoscu(gw.port, "NOT_THE_GATEWAY", "ECHOSCU");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Called AE Title Not Recognized"), "{}", text(&out));
+
+    let out = echoscu(gw.port, AE, "INTRUDER");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Calling AE Title Not Recognized"), "{}", text(&out));
+
+    // CT is outside the SOP class allow-list: its presentation context is rejected.
+    let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
+    assert!(!out.status.success() || text(&out).to_lowercase().contains("no presentation context"), "{}", text(&out));
+    assert!(stored_objects(store.path()).is_empty());
+
+    let log = gw.log_text();
+    assert!(log.contains("called AE title not recognized"), "{log}");
+    assert!(log.contains("calling AE title not recognized"), "{log}");
+    assert!(log.contains("abstract syntax not supported"), "{log}");
+}
+
+#[test]
+fn peers_outside_the_address_allow_list_are_rejected() {
+    let (gw, _store) = local_gateway(&["--peer-allow", "10.0.0.0/8"]);
+    let out = echoscu(gw.port, AE, "ECHOSCU");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Rejected Permanent"), "{}", text(&out));
+    assert!(gw.log_text().contains("peer address not in --peer-allow"));
+}
+
+#[test]
+fn over_the_association_limit_the_extra_peer_gets_a_transient_rejection_and_the_others_complete() {
+    let (gw, store) = local_gateway(&["--max-associations", "1"]);
+    let mut holder = RawScu::associate(gw.port, AE);
+    let out = echoscu(gw.port, AE, "ECHOSCU");
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("Rejected Transient") && t.contains("Local Limit Exceeded"), "{t}");
+    // The association holding the slot is unaffected.
+    let status = holder.store(1, "1.2.3.4.1", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 1000), 16000);
+    assert_eq!(status, 0x0000);
+    holder.release();
+    assert_eq!(stored_objects(store.path()).len(), 1);
+    // Once the slot is free, the next peer gets in.
+    let mut ok = false;
+    for _ in 0..50 {
+        if echoscu(gw.port, AE, "ECHOSCU").status.success() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "echo after the slot was released");
+}
+
+#[test]
+fn mismatched_and_invalid_uids_get_failure_statuses_and_the_association_stays_usable() {
+    let (gw, store) = local_gateway(&[]);
+    let mut scu = RawScu::associate(gw.port, AE);
+    // Data set SOP Instance UID differs from the command's: 0xA900.
+    assert_eq!(scu.store(1, "1.2.3.4.99", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 500), 100), 0xA900);
+    // Study Instance UID is not a UID (a path traversal attempt): 0xC000, nothing written.
+    assert_eq!(scu.store(2, "1.2.3.4.2", &ct_dataset("1.2.3.4.2", "../../etc", "1.2.3.1", 500), 100), 0xC000);
+    // Command UID that is not a UID: 0xC000.
+    assert_eq!(scu.store(3, "1.2.x", &ct_dataset("1.2.x", "1.2.3", "1.2.3.1", 500), 100), 0xC000);
+    // Garbage instead of a data set: 0xC000.
+    assert_eq!(scu.store(4, "1.2.3.4.4", b"\x08\x00\x18\x00xx\xff\xff", 100), 0xC000);
+    // The same association then stores a good instance.
+    assert_eq!(scu.store(5, "1.2.3.4.5", &ct_dataset("1.2.3.4.5", "1.2.3", "1.2.3.1", 70_000), 16_000), 0x0000);
+    scu.release();
+    let objects = stored_objects(store.path());
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert!(objects[0].ends_with("1.2.3/1.2.3.1/1.2.3.4.5.dcm"));
+    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty());
+}
+
+#[test]
+fn malformed_pdus_get_an_abort_while_a_parallel_association_is_served_normally() {
+    let (gw, store) = local_gateway(&[]);
+    let mut good = RawScu::associate(gw.port, AE);
+
+    // A PDU of an unknown type before any association.
+    let mut bad = RawScu::connect(gw.port);
+    bad.send_raw(&[0x42, 0, 0, 0, 0, 4, 1, 2, 3, 4]);
+    assert!(matches!(bad.read(), Some(Pdu::AbortRQ { .. })), "unknown PDU type is aborted");
+
+    // An associated peer announcing an absurd PDU length.
+    let mut absurd = RawScu::associate(gw.port, AE);
+    absurd.send_raw(&[0x04, 0, 0xFF, 0xFF, 0xFF, 0xF0]);
+    assert!(matches!(absurd.read(), Some(Pdu::AbortRQ { .. })), "oversized PDU is aborted");
+
+    // A truncated PDV item inside a P-DATA-TF.
+    let mut truncated = RawScu::associate(gw.port, AE);
+    truncated.send_raw(&[0x04, 0, 0, 0, 0, 8, 0, 0, 0, 50, 1, 3, 0, 0]);
+    assert!(matches!(truncated.read(), Some(Pdu::AbortRQ { .. })), "truncated PDV is aborted");
+
+    // A data set fragment before any command, and a PDV on a context that was never accepted.
+    let mut out_of_order = RawScu::associate(gw.port, AE);
+    out_of_order.send_raw(&dicom_gateway::pdu::encode_pdata(1, false, true, b"data"));
+    assert!(matches!(out_of_order.read(), Some(Pdu::AbortRQ { .. })));
+    let mut wrong_ctx = RawScu::associate(gw.port, AE);
+    wrong_ctx.send_raw(&dicom_gateway::pdu::encode_pdata(9, true, true, b"cmd"));
+    assert!(matches!(wrong_ctx.read(), Some(Pdu::AbortRQ { .. })));
+
+    // A peer that disappears in the middle of an instance leaves nothing behind.
+    let mut vanishing = RawScu::associate(gw.port, AE);
+    let cmd = dicom_gateway::dimse::request(dicom_gateway::dimse::command_field::C_STORE_RQ, 1, CT, Some("1.2.3.9"), true);
+    vanishing.send_raw(&dicom_gateway::pdu::encode_pdata(1, true, true, &cmd));
+    vanishing.send_raw(&dicom_gateway::pdu::encode_pdata(1, false, false, &ct_dataset("1.2.3.9", "1.2.3", "1.2.3.1", 50_000)[..30_000]));
+    drop(vanishing);
+
+    // Meanwhile the good association and a DCMTK client are served normally.
+    assert_eq!(good.store(1, "1.2.3.4.1", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 10_000), 4096), 0x0000);
+    good.release();
+    let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stored_objects(store.path()).len(), 2);
+    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty(), "the vanished peer's partial upload was removed");
+    let log = gw.log_text();
+    assert!(log.contains("association aborted"), "{log}");
+}
+
+#[test]
+fn bad_options_are_refused_with_a_message_naming_the_option() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args(["serve", "--ae-title", "A_TITLE_LONGER_THAN_SIXTEEN"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ae-title"));
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for opt in ["--listen", "--ae-title", "--calling-ae-allow", "--peer-allow", "--s3-bucket", "--part-size", "--batch-max-instances", "DICOM_GATEWAY_AE_TITLE"] {
+        assert!(help.contains(opt), "--help mentions {opt}");
+    }
+}
