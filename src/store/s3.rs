@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
@@ -49,8 +50,18 @@ impl S3Store {
     }
 }
 
-fn s3_error<E: std::error::Error>(operation: &'static str, err: E) -> StoreError {
-    StoreError::S3 { operation, message: DisplayErrorContext(err).to_string() }
+/// A one-line description: the service's error code and message when S3 answered, otherwise the
+/// transport error (connection refused, timeout) with its causes.
+fn s3_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let message = match err.as_service_error() {
+        Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("no message")),
+        None => DisplayErrorContext(&err).to_string(),
+    };
+    StoreError::S3 { operation, message }
 }
 
 #[async_trait]
@@ -100,6 +111,9 @@ impl S3Upload {
             .bucket(&self.store.bucket)
             .key(&self.key)
             .content_type("application/dicom")
+            // Every part carries a CRC32 that S3 verifies, and the parts' checksums are checked
+            // again at completion: corruption between here and S3 fails the C-STORE.
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
             .await
             .map_err(|e| s3_error("CreateMultipartUpload", e))?;
@@ -129,6 +143,7 @@ impl S3Upload {
                 .key(key)
                 .upload_id(upload_id)
                 .part_number(part_number)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
                 .body(ByteStream::from(body))
                 .send()
                 .await
@@ -137,10 +152,6 @@ impl S3Upload {
                 .part_number(part_number)
                 .set_e_tag(out.e_tag().map(str::to_string))
                 .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
-                .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
-                .set_checksum_crc64_nvme(out.checksum_crc64_nvme().map(str::to_string))
-                .set_checksum_sha1(out.checksum_sha1().map(str::to_string))
-                .set_checksum_sha256(out.checksum_sha256().map(str::to_string))
                 .build())
         });
         Ok(())
@@ -203,7 +214,7 @@ impl S3Upload {
         let handle = tokio::runtime::Handle::try_current().ok()?;
         Some(handle.spawn(async move {
             if let Err(e) = client.abort_multipart_upload().bucket(bucket).key(&key).upload_id(upload_id).send().await {
-                tracing::warn!(key = %key, error = %DisplayErrorContext(e), "AbortMultipartUpload failed; the bucket's lifecycle rule for incomplete uploads will remove the parts");
+                tracing::warn!(key = %key, error = %DisplayErrorContext(&e), "AbortMultipartUpload failed; the bucket's lifecycle rule for incomplete uploads will remove the parts");
             }
         }))
     }

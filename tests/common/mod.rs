@@ -119,7 +119,7 @@ pub fn echoscu(port: u16, called: &str, calling: &str) -> Output {
 /// storescu with `flag` choosing the proposed transfer syntaxes (e.g. -xi, -xe, -xb, -xd, -xy).
 pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
     let port = port.to_string();
-    let mut args = vec!["-v", "-aec", AE, "-aet", "STORESCU", flag, "127.0.0.1", port.as_str()];
+    let mut args = vec!["-v", "-nh", "-aec", AE, "-aet", "STORESCU", flag, "127.0.0.1", port.as_str()];
     let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     args.extend(files.iter().map(String::as_str));
     dcmtk("storescu", &args)
