@@ -68,11 +68,13 @@ pub struct Handler<S> {
     services: Arc<Services>,
     /// Cancelled when the shutdown deadline passes: abort whatever is in flight.
     hard_stop: CancellationToken,
+    /// Reused for PDU bodies (see [`pdu::read_pdu_into`]).
+    scratch: bytes::BytesMut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     pub fn new(stream: S, peer: SocketAddr, services: Arc<Services>, hard_stop: CancellationToken) -> Self {
-        Handler { stream: BufStream::with_capacity(64 * 1024, 16 * 1024, stream), peer, services, hard_stop }
+        Handler { stream: BufStream::with_capacity(64 * 1024, 16 * 1024, stream), peer, services, hard_stop, scratch: bytes::BytesMut::new() }
     }
 
     /// Runs the association to its end. Errors are logged here, once, with the association's span.
@@ -154,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::ReasonNotSpecified)).await;
                     break End::Aborted("gateway shutting down: deadline passed");
                 }
-                r = tokio::time::timeout(self.services.timeouts.idle, pdu::read_pdu(&mut self.stream, self.services.acceptance.max_pdu)) => r,
+                r = tokio::time::timeout(self.services.timeouts.idle, pdu::read_pdu_into(&mut self.stream, self.services.acceptance.max_pdu, &mut self.scratch)) => r,
             };
             let incoming = match next {
                 Err(_) => {
