@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info};
 
+use crate::import::BatchEvent;
+
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub idle: Duration,
@@ -87,7 +89,7 @@ pub struct Batcher {
     state: Mutex<State>,
     limits: BatchLimits,
     location: Box<dyn Fn(&str) -> String + Send + Sync>,
-    closed: mpsc::UnboundedSender<BatchSummary>,
+    events: mpsc::UnboundedSender<BatchEvent>,
     settled: Notify,
 }
 
@@ -119,9 +121,10 @@ impl Drop for BatchLease {
 }
 
 impl Batcher {
-    /// `location` maps a batch id to its import input location; closed batches are sent to `closed`.
-    pub fn new(limits: BatchLimits, location: impl Fn(&str) -> String + Send + Sync + 'static, closed: mpsc::UnboundedSender<BatchSummary>) -> Arc<Self> {
-        Arc::new(Batcher { state: Mutex::new(State::default()), limits, location: Box::new(location), closed, settled: Notify::new() })
+    /// `location` maps a batch id to its import input location; openings and closings are reported
+    /// on `events`.
+    pub fn new(limits: BatchLimits, location: impl Fn(&str) -> String + Send + Sync + 'static, events: mpsc::UnboundedSender<BatchEvent>) -> Arc<Self> {
+        Arc::new(Batcher { state: Mutex::new(State::default()), limits, location: Box::new(location), events, settled: Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -138,10 +141,16 @@ impl Batcher {
         }
         let batch = st.open.get_or_insert_with(|| {
             let id = ulid::Ulid::generate().to_string();
+            let created = SystemTime::now();
             info!(job_id = %id, "batch opened");
+            let _ = self.events.send(BatchEvent::Opened {
+                job_id: id.clone(),
+                created_at: humantime::format_rfc3339_millis(created).to_string(),
+                input_location: (self.location)(&id),
+            });
             Batch {
                 id,
-                created: SystemTime::now(),
+                created,
                 opened_at: now,
                 last_activity: now,
                 leased: 0,
@@ -240,7 +249,7 @@ impl Batcher {
         };
         info!(job_id = %summary.job_id, reason = ?reason, instances = summary.instance_count, bytes = summary.total_bytes, studies = summary.study_instance_uids.len(), "batch closed");
         // The receiver lives as long as the process; if it is gone we are shutting down anyway.
-        let _ = self.closed.send(summary);
+        let _ = self.events.send(BatchEvent::Closed(summary));
     }
 
     /// Closes the open batch if its idle time or age is up. Called periodically.
@@ -286,9 +295,40 @@ impl Batcher {
 mod tests {
     use super::*;
 
-    fn batcher(limits: BatchLimits) -> (Arc<Batcher>, mpsc::UnboundedReceiver<BatchSummary>) {
+    /// Closed batches only (openings are checked in their own test).
+    struct Closed(mpsc::UnboundedReceiver<BatchEvent>);
+
+    impl Closed {
+        fn try_recv(&mut self) -> Result<BatchSummary, ()> {
+            loop {
+                match self.0.try_recv() {
+                    Ok(BatchEvent::Closed(s)) => return Ok(s),
+                    Ok(BatchEvent::Opened { .. }) => continue,
+                    Err(_) => return Err(()),
+                }
+            }
+        }
+    }
+
+    fn batcher(limits: BatchLimits) -> (Arc<Batcher>, Closed) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Batcher::new(limits, |id| format!("s3://b/p/{id}/"), tx), rx)
+        (Batcher::new(limits, |id| format!("s3://b/p/{id}/"), tx), Closed(rx))
+    }
+
+    #[test]
+    fn opening_a_batch_is_reported_with_its_location() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
+        let lease = b.lease();
+        match rx.try_recv().unwrap() {
+            BatchEvent::Opened { job_id, input_location, .. } => {
+                assert_eq!(job_id, lease.batch_id());
+                assert_eq!(input_location, format!("s3://b/p/{job_id}/"));
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(b.lease());
+        assert!(rx.try_recv().is_err(), "one opening per batch");
     }
 
     fn limits() -> BatchLimits {

@@ -34,8 +34,55 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the Store SCP: accept associations, store instances, close batches.
+    /// Run the Store SCP: accept associations, store instances, close batches, start imports.
     Serve(Box<ServeArgs>),
+    /// Inspect import jobs (one per batch): where a study is, and whether it reached HealthImaging.
+    Jobs(JobsArgs),
+}
+
+/// Where the job records are: the same options (and environment variables) as `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct JobStoreArgs {
+    /// DynamoDB table of import jobs. Without it, the local journal in --store-dir/jobs is used.
+    #[arg(long, env = "DICOM_GATEWAY_JOB_TABLE", global = true)]
+    pub job_table: Option<String>,
+
+    /// Local store directory, whose jobs/ subdirectory is the job journal when no --job-table is given.
+    #[arg(long, env = "DICOM_GATEWAY_STORE_DIR", default_value = "./dicom-store", global = true)]
+    pub store_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub store: JobStoreArgs,
+
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum JobsCommand {
+    /// Recent jobs, newest first, with status and counts.
+    List {
+        /// How many jobs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Only jobs in this status (OPEN, CLOSED, SUBMITTED, IMPORTING, COMPLETED, COMPLETED_WITH_ERRORS, FAILED).
+        #[arg(long)]
+        status: Option<String>,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every attribute of one job.
+    Show {
+        /// The job id (the batch's ULID, also the folder name under the import prefix).
+        job_id: String,
+        /// Print JSON instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,6 +174,41 @@ pub struct ServeArgs {
     /// Multipart parts uploaded concurrently per instance (memory per instance ~ part size x (this + 1)).
     #[arg(long, env = "DICOM_GATEWAY_PARTS_IN_FLIGHT", default_value_t = 4, help_heading = "Storage")]
     pub parts_in_flight: usize,
+
+    // ---- Import ---------------------------------------------------------------------------------
+    /// DynamoDB table for import job records. Without it, jobs are recorded in --store-dir/jobs/.
+    #[arg(long, env = "DICOM_GATEWAY_JOB_TABLE", help_heading = "Import (HealthImaging)")]
+    pub job_table: Option<String>,
+
+    /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
+    /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
+    #[arg(long, env = "DICOM_GATEWAY_STATE_MACHINE_ARN", help_heading = "Import (HealthImaging)")]
+    pub state_machine_arn: Option<String>,
+
+    /// HealthImaging data store to import into.
+    #[arg(long, env = "DICOM_GATEWAY_DATASTORE_ID", help_heading = "Import (HealthImaging)")]
+    pub datastore_id: Option<String>,
+
+    /// IAM role HealthImaging assumes to read the import prefix and write the results prefix.
+    #[arg(long, env = "DICOM_GATEWAY_DATA_ACCESS_ROLE_ARN", help_heading = "Import (HealthImaging)")]
+    pub data_access_role_arn: Option<String>,
+
+    /// Key prefix (in --s3-bucket) for HealthImaging's import results: {prefix}{jobId}/.
+    #[arg(long, env = "DICOM_GATEWAY_RESULTS_PREFIX", default_value = "results/", help_heading = "Import (HealthImaging)")]
+    pub results_prefix: String,
+
+    /// How often the state machine polls a running import job.
+    #[arg(long, env = "DICOM_GATEWAY_IMPORT_POLL_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration, help_heading = "Import (HealthImaging)")]
+    pub import_poll_interval: Duration,
+
+    /// Polls after which a still-running import is recorded FAILED (default: 12 hours at 60 s).
+    #[arg(long, env = "DICOM_GATEWAY_IMPORT_MAX_POLLS", default_value_t = 720, help_heading = "Import (HealthImaging)")]
+    pub import_max_polls: u32,
+
+    /// Name of this gateway in job records (start-up recovery resubmits this gateway's jobs at once).
+    /// Default: the host name.
+    #[arg(long, env = "DICOM_GATEWAY_GATEWAY_ID", help_heading = "Import (HealthImaging)")]
+    pub gateway_id: Option<String>,
 
     // ---- Batches ------------------------------------------------------------------------------
     /// A batch closes after this long without a new instance.
@@ -231,12 +313,46 @@ impl ServeArgs {
         if self.batch_max_bytes == 0 || self.batch_max_bytes > 10_000_000_000 {
             return Err("--batch-max-bytes must be above 0 and at most 10GB (HealthImaging's limit per import job)".into());
         }
+        if let Some(arn) = &self.state_machine_arn {
+            if !arn.starts_with("arn:") {
+                return Err(format!("--state-machine-arn '{arn}' is not an ARN"));
+            }
+            let missing: Vec<&str> = [
+                ("--s3-bucket", self.s3_bucket.is_none()),
+                ("--job-table", self.job_table.is_none()),
+                ("--datastore-id", self.datastore_id.is_none()),
+                ("--data-access-role-arn", self.data_access_role_arn.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(name, absent)| absent.then_some(name))
+            .collect();
+            if !missing.is_empty() {
+                return Err(format!("--state-machine-arn also needs {} (the infra/ stack's outputs give them)", missing.join(", ")));
+            }
+        }
+        if self.results_prefix.starts_with('/') || (!self.results_prefix.is_empty() && !self.results_prefix.ends_with('/')) {
+            return Err("--results-prefix must end with '/' and not start with one".into());
+        }
+        if self.s3_bucket.is_some() && self.results_prefix.starts_with(&self.s3_prefix) && !self.s3_prefix.is_empty() {
+            return Err("--results-prefix must not lie under --s3-prefix: HealthImaging reports any non-DICOM file in an import prefix as a failure".into());
+        }
         for (name, d) in [("--association-timeout", self.association_timeout), ("--idle-timeout", self.idle_timeout), ("--io-timeout", self.io_timeout), ("--batch-idle", self.batch_idle), ("--batch-max-age", self.batch_max_age)] {
             if d.is_zero() {
                 return Err(format!("{name} must be greater than zero"));
             }
         }
         Ok(())
+    }
+
+    /// This gateway's name in job records.
+    pub fn gateway_id(&self) -> String {
+        self.gateway_id.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .unwrap_or_else(|| "dicom-gateway".into())
+        })
     }
 
     pub fn batch_limits(&self) -> BatchLimits {
@@ -252,7 +368,7 @@ mod tests {
         let mut full = vec!["dicom-gateway", "serve"];
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else { panic!("serve") };
         a.validate()?;
         Ok(*a)
     }
@@ -285,6 +401,20 @@ mod tests {
         assert!(parse(&["--batch-max-instances", "6000"]).unwrap_err().contains("5000"));
         assert!(parse(&["--s3-bucket", "s3://bucket/x"]).unwrap_err().contains("--s3-bucket"));
         assert!(parse(&["--peer-allow", "not-a-cidr"]).is_err());
+        let e = parse(&["--state-machine-arn", "arn:aws:states:us-east-1:1:stateMachine:x", "--s3-bucket", "b"]).unwrap_err();
+        assert!(e.contains("--job-table") && e.contains("--datastore-id") && e.contains("--data-access-role-arn"), "{e}");
+        assert!(parse(&["--s3-bucket", "b", "--s3-prefix", "data/", "--results-prefix", "data/results/"]).unwrap_err().contains("--results-prefix"));
+    }
+
+    #[test]
+    fn jobs_subcommands_parse() {
+        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "show", "01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "--job-table", "t"]).unwrap();
+        let Command::Jobs(j) = cli.command else { panic!() };
+        assert_eq!(j.store.job_table.as_deref(), Some("t"));
+        assert!(matches!(j.command, JobsCommand::Show { .. }));
+        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--limit", "5"]).unwrap();
+        let Command::Jobs(j) = cli.command else { panic!() };
+        assert!(matches!(j.command, JobsCommand::List { limit: 5, .. }));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`part10`]: the file meta group written in front of the data set;
 //! - [`store`]: the object stores (S3, local directory);
 //! - [`batch`]: grouping stored instances into import batches;
-//! - [`jobs`]: where closed batches are recorded;
+//! - [`jobs`]: job records (DynamoDB, local journal) with forward-only status;
+//! - [`import`]: recording batches and starting their HealthImaging imports;
 //! - [`policy`], [`uid`], [`config`]: what is accepted, and how it is configured;
 //! - [`server`]: wiring for `dicom-gateway serve`.
 
@@ -19,6 +20,7 @@ pub mod association;
 pub mod batch;
 pub mod config;
 pub mod dimse;
+pub mod import;
 pub mod instance;
 pub mod jobs;
 pub mod listener;

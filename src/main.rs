@@ -2,7 +2,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use dicom_gateway::config::{Cli, Command, LogFormat};
+use dicom_gateway::config::{Cli, Command, JobsArgs, JobsCommand, LogFormat};
+use dicom_gateway::jobs::{JobStatus, report};
 
 fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
@@ -18,6 +19,61 @@ fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// `dicom-gateway jobs list|show`: reads the same job store as `serve`.
+fn jobs(args: JobsArgs) -> std::process::ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let store = dicom_gateway::server::open_job_store(&args.store).await;
+        let result = match &args.command {
+            JobsCommand::List { limit, status, json } => {
+                let jobs = match status {
+                    Some(s) => match JobStatus::parse(&s.to_ascii_uppercase()) {
+                        Some(st) => store.list_by_status(st).await.map(|mut v| {
+                            v.reverse();
+                            v.truncate(*limit);
+                            v
+                        }),
+                        None => {
+                            eprintln!("error: --status '{s}' is not one of OPEN, CLOSED, SUBMITTED, IMPORTING, COMPLETED, COMPLETED_WITH_ERRORS, FAILED");
+                            return std::process::ExitCode::from(2);
+                        }
+                    },
+                    None => store.list_recent(*limit).await,
+                };
+                jobs.map(|jobs| if *json { serde_json::to_string_pretty(&jobs).unwrap_or_default() + "\n" } else { report::table(&jobs) })
+            }
+            JobsCommand::Show { job_id, json } => match store.get(job_id).await {
+                Ok(Some(job)) => Ok(if *json { serde_json::to_string_pretty(&job).unwrap_or_default() + "\n" } else { report::details(&job) }),
+                Ok(None) => {
+                    eprintln!("error: no job '{job_id}' in {}. `dicom-gateway jobs list` shows the recent ones.", store.describe());
+                    return std::process::ExitCode::FAILURE;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(text) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e} (reading {})", store.describe());
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -30,12 +86,9 @@ fn main() -> std::process::ExitCode {
                 eprintln!("error: {e}");
                 return std::process::ExitCode::from(2);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let result = runtime.block_on(async move {
                 let shutdown = CancellationToken::new();
@@ -54,5 +107,6 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Jobs(args) => jobs(args),
     }
 }

@@ -1,54 +1,106 @@
 //! Puts the parts together for `dicom-gateway serve` and runs them until a shutdown signal.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::association::{AcceptancePolicy, Services, Timeouts};
 use crate::batch::Batcher;
-use crate::config::ServeArgs;
-use crate::jobs::{JobStore, LocalJournal, LogJobStore, run_recorder};
+use crate::config::{JobStoreArgs, ServeArgs};
+use crate::import::{ImportSettings, ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::jobs::JobStore;
+use crate::jobs::dynamodb::DynamoJobStore;
+use crate::jobs::local::LocalJournal;
 use crate::listener::Listener;
 use crate::policy::Policy;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
 
+/// How long start-up recovery leaves another gateway's CLOSED job alone.
+const RECOVERY_GRACE: Duration = Duration::from_secs(300);
+/// Longest pause between retries of job recording and import starts.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+/// At shutdown, time given to recording the last batches before giving up (recovery at the next
+/// start picks up CLOSED jobs; see the README).
+const PIPELINE_DRAIN: Duration = Duration::from_secs(10);
+
+async fn aws_config() -> aws_config::SdkConfig {
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+/// The job store the options ask for: DynamoDB with --job-table, else the local journal.
+pub async fn open_job_store(args: &JobStoreArgs) -> Arc<dyn JobStore> {
+    match &args.job_table {
+        Some(table) => Arc::new(DynamoJobStore::new(aws_sdk_dynamodb::Client::new(&aws_config().await), table.clone())),
+        None => Arc::new(LocalJournal::new(args.store_dir.join(LocalJournal::DIR_NAME))),
+    }
+}
+
 /// Builds the store the options ask for: S3 when a bucket is given, else the local directory.
-async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn ObjectStore>, Arc<dyn JobStore>)> {
+async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
     match &args.s3_bucket {
         Some(bucket) => {
-            let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let conf = aws_config().await;
             let s3_conf = aws_sdk_s3::config::Builder::from(&conf).force_path_style(args.s3_force_path_style).build();
             let client = aws_sdk_s3::Client::from_conf(s3_conf);
-            let store = S3Store::new(client, bucket.clone(), args.s3_prefix.clone(), args.part_size as usize, args.parts_in_flight);
-            Ok((Arc::new(store), Arc::new(LogJobStore)))
+            Ok(Arc::new(S3Store::new(client, bucket.clone(), args.s3_prefix.clone(), args.part_size as usize, args.parts_in_flight)))
         }
         None => {
             let store = LocalStore::open(&args.store_dir)
                 .await
                 .with_context(|| format!("cannot use --store-dir {}: check that it is writable", args.store_dir.display()))?;
-            let journal = LocalJournal::new(store.root().join(LocalJournal::DIR_NAME));
-            Ok((Arc::new(store), Arc::new(journal)))
+            Ok(Arc::new(store))
         }
     }
 }
 
+async fn open_trigger(args: &ServeArgs) -> Option<Arc<dyn ImportTrigger>> {
+    let arn = args.state_machine_arn.clone()?;
+    // validate() guarantees these are present when a state machine is configured.
+    let settings = ImportSettings {
+        datastore_id: args.datastore_id.clone().unwrap_or_default(),
+        data_access_role_arn: args.data_access_role_arn.clone().unwrap_or_default(),
+        results_bucket: args.s3_bucket.clone().unwrap_or_default(),
+        results_prefix: args.results_prefix.clone(),
+        table_name: args.job_table.clone().unwrap_or_default(),
+        poll_interval: args.import_poll_interval,
+        max_polls: args.import_max_polls,
+    };
+    Some(Arc::new(StepFunctionsTrigger::new(aws_sdk_sfn::Client::new(&aws_config().await), arn, settings)))
+}
+
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (store, jobs) = open_store(&args).await?;
+    let store = open_store(&args).await?;
+    let jobs = open_job_store(&JobStoreArgs { job_table: args.job_table.clone(), store_dir: args.store_dir.clone() }).await;
+    let trigger = open_trigger(&args).await;
+    let gateway_id = args.gateway_id();
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen): is another process using the port?", args.listen))?;
 
-    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let location_store = store.clone();
-    let batcher = Batcher::new(args.batch_limits(), move |id| location_store.batch_location(id), closed_tx);
-    let recorder = tokio::spawn(run_recorder(jobs.clone(), closed_rx, std::time::Duration::from_secs(30)));
+    let batcher = Batcher::new(args.batch_limits(), move |id| location_store.batch_location(id), events_tx);
+    let pipeline = Pipeline::new(jobs.clone(), trigger.clone(), gateway_id.clone(), MAX_RETRY_BACKOFF);
+    let pipeline_task = tokio::spawn(pipeline.clone().run(events_rx));
+    // Recovery runs beside the listener: a slow or unreachable job store must not delay receiving.
+    let recovery = {
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            match pipeline.recover(RECOVERY_GRACE).await {
+                Ok(0) => {}
+                Ok(n) => info!(jobs = n, "recovery: imports started for jobs left CLOSED"),
+                Err(e) => warn!(error = %e, "recovery: could not list CLOSED jobs; they will be retried at the next start"),
+            }
+        })
+    };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
@@ -72,6 +124,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         ae_title = %args.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
+        import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
+        gateway_id = %gateway_id,
         sop_classes = if args.sop_class_allow.is_empty() { "all storage + verification".to_string() } else { args.sop_class_allow.len().to_string() },
         max_associations = args.max_associations,
         "dicom-gateway listening"
@@ -81,9 +135,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Every association has ended: close the open batch and record what is left.
     timer_stop.cancel();
     let _ = timer.await;
-    batcher.close_all(std::time::Duration::from_secs(5)).await;
+    batcher.close_all(Duration::from_secs(5)).await;
     drop(batcher);
-    let _ = recorder.await;
+    recovery.abort();
+    if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task).await.is_err() {
+        warn!("job store or import trigger still unavailable at shutdown; CLOSED jobs are started by recovery at the next start");
+    }
     info!("dicom-gateway stopped");
     Ok(())
 }

@@ -49,11 +49,24 @@ fn a_study_in_five_transfer_syntaxes_arrives_byte_for_byte_and_its_batch_is_reco
     let log = gw.stop();
     let journal = store.path().join("jobs").join(format!("{job_id}.json"));
     let job: serde_json::Value = serde_json::from_slice(&std::fs::read(&journal).unwrap_or_else(|_| panic!("no job file; log:\n{log}"))).unwrap();
-    assert_eq!(job["status"], "CLOSED");
-    assert_eq!(job["job"]["instanceCount"], 5);
-    assert_eq!(job["job"]["closeReason"], "shutdown");
-    assert_eq!(job["job"]["callingAeTitles"][0], "STORESCU");
-    assert_eq!(job["job"]["studyInstanceUids"].as_array().unwrap().len(), 1);
+    assert_eq!(job["status"], "CLOSED", "no state machine configured: the job stays CLOSED");
+    assert_eq!(job["instanceCount"], 5);
+    assert_eq!(job["closeReason"], "shutdown");
+    assert_eq!(job["callingAeTitles"][0], "STORESCU");
+    assert_eq!(job["studyInstanceUids"].as_array().unwrap().len(), 1);
+
+    // The operator commands read the same journal.
+    let dir = store.path().to_str().unwrap();
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "list", "--store-dir", dir]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains(&job_id) && list.contains("CLOSED"), "{list}");
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "show", &job_id, "--store-dir", dir]).output().unwrap();
+    assert!(show.status.success());
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("instanceCount") && show.contains("import has not started"), "{show}");
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "show", "01AAAAAAAAAAAAAAAAAAAAAAAA", "--store-dir", dir]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("jobs list"));
 }
 
 #[test]

@@ -1,0 +1,339 @@
+//! The DynamoDB job store: one item per job, key `jobId`, attributes as in DESIGN.md §4.
+//!
+//! Forward-only status is enforced by DynamoDB itself: every write carries a condition on the
+//! current status. The table has a global secondary index `status-createdAt` (partition key
+//! `status`, sort key `createdAt`) used for start-up recovery and `dicom-gateway jobs list`; the
+//! CloudFormation template in `infra/` creates it.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
+
+/// Name of the global secondary index on (status, createdAt).
+pub const STATUS_INDEX: &str = "status-createdAt";
+
+pub struct DynamoJobStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoJobStore {
+    pub fn new(client: Client, table: String) -> Self {
+        DynamoJobStore { client, table }
+    }
+}
+
+fn dynamo_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> JobStoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let message = match err.as_service_error() {
+        Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("no message")),
+        None => DisplayErrorContext(&err).to_string(),
+    };
+    JobStoreError::Dynamo { operation, message }
+}
+
+fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_string())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// A job as a DynamoDB item. Empty sets are left out (DynamoDB does not store empty sets).
+pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
+    let mut item = HashMap::new();
+    item.insert("jobId".into(), s(&job.job_id));
+    item.insert("status".into(), s(job.status.as_str()));
+    item.insert("createdAt".into(), s(&job.created_at));
+    item.insert("inputS3Uri".into(), s(&job.input_s3_uri));
+    let strings = [
+        ("closedAt", &job.closed_at),
+        ("closeReason", &job.close_reason),
+        ("outputS3Uri", &job.output_s3_uri),
+        ("datastoreId", &job.datastore_id),
+        ("executionArn", &job.execution_arn),
+        ("importJobId", &job.import_job_id),
+        ("submittedAt", &job.submitted_at),
+        ("endedAt", &job.ended_at),
+        ("message", &job.message),
+        ("gatewayId", &job.gateway_id),
+    ];
+    for (name, value) in strings {
+        if let Some(v) = value {
+            item.insert(name.into(), s(v));
+        }
+    }
+    let numbers = [("instanceCount", job.instance_count), ("totalBytes", job.total_bytes), ("importedCount", job.imported_count), ("failedCount", job.failed_count)];
+    for (name, value) in numbers {
+        if let Some(v) = value {
+            item.insert(name.into(), n(v));
+        }
+    }
+    for (name, set) in [("studyInstanceUids", &job.study_instance_uids), ("callingAeTitles", &job.calling_ae_titles), ("imageSetIds", &job.image_set_ids)] {
+        if !set.is_empty() {
+            item.insert(name.into(), AttributeValue::Ss(set.clone()));
+        }
+    }
+    item
+}
+
+/// A DynamoDB item as a job. String lists are read from a string set, a list, or a string holding a
+/// JSON array (which is how the state machine writes `imageSetIds`, since a set cannot be empty).
+pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStoreError> {
+    let get_s = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+    let get_n = |name: &str| -> Option<u64> {
+        item.get(name).and_then(|v| match v {
+            AttributeValue::N(x) => x.parse().ok(),
+            AttributeValue::S(x) => x.parse().ok(),
+            _ => None,
+        })
+    };
+    let get_list = |name: &str| -> Vec<String> {
+        match item.get(name) {
+            Some(AttributeValue::Ss(v)) => v.clone(),
+            Some(AttributeValue::L(v)) => v.iter().filter_map(|x| x.as_s().ok().cloned()).collect(),
+            Some(AttributeValue::S(x)) => serde_json::from_str(x).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    let job_id = get_s("jobId").ok_or_else(|| JobStoreError::Malformed("item has no jobId".into()))?;
+    let status = get_s("status").and_then(|st| JobStatus::parse(&st)).ok_or_else(|| JobStoreError::Malformed(format!("job {job_id} has no valid status")))?;
+    Ok(Job {
+        job_id,
+        status,
+        created_at: get_s("createdAt").unwrap_or_default(),
+        closed_at: get_s("closedAt"),
+        close_reason: get_s("closeReason"),
+        instance_count: get_n("instanceCount"),
+        total_bytes: get_n("totalBytes"),
+        study_instance_uids: get_list("studyInstanceUids"),
+        calling_ae_titles: get_list("callingAeTitles"),
+        input_s3_uri: get_s("inputS3Uri").unwrap_or_default(),
+        output_s3_uri: get_s("outputS3Uri"),
+        datastore_id: get_s("datastoreId"),
+        execution_arn: get_s("executionArn"),
+        import_job_id: get_s("importJobId"),
+        submitted_at: get_s("submittedAt"),
+        ended_at: get_s("endedAt"),
+        imported_count: get_n("importedCount"),
+        failed_count: get_n("failedCount"),
+        image_set_ids: get_list("imageSetIds"),
+        message: get_s("message"),
+        gateway_id: get_s("gatewayId"),
+    })
+}
+
+/// The update expression and values for a transition to `to`, conditional on a predecessor status.
+pub fn transition_update(to: JobStatus, t: &Transition) -> (String, String, HashMap<String, AttributeValue>) {
+    let mut sets = vec!["#status = :to".to_string()];
+    let mut values = HashMap::from([(":to".to_string(), s(to.as_str()))]);
+    for (name, value) in [("executionArn", &t.execution_arn), ("submittedAt", &t.submitted_at), ("message", &t.message), ("outputS3Uri", &t.output_s3_uri), ("datastoreId", &t.datastore_id)] {
+        if let Some(v) = value {
+            sets.push(format!("{name} = :{name}"));
+            values.insert(format!(":{name}"), s(v));
+        }
+    }
+    let preds = to.predecessors();
+    let mut names = Vec::new();
+    for (i, p) in preds.iter().enumerate() {
+        values.insert(format!(":p{i}"), s(p.as_str()));
+        names.push(format!(":p{i}"));
+    }
+    (format!("SET {}", sets.join(", ")), format!("#status IN ({})", names.join(", ")), values)
+}
+
+#[async_trait]
+impl JobStore for DynamoJobStore {
+    async fn record_open(&self, job: &Job) -> Result<(), JobStoreError> {
+        let r = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(job)))
+            .condition_expression("attribute_not_exists(jobId)")
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(dynamo_error("PutItem", e)),
+        }
+    }
+
+    async fn record_closed(&self, job: &Job) -> Result<(), JobStoreError> {
+        let r = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(job)))
+            .condition_expression("attribute_not_exists(jobId) OR #status = :open")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":open", s(JobStatus::Open.as_str()))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()), // already CLOSED or beyond
+            Err(e) => Err(dynamo_error("PutItem", e)),
+        }
+    }
+
+    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError> {
+        let (update, condition, values) = transition_update(to, &t);
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .update_expression(update)
+            .condition_expression(format!("attribute_exists(jobId) AND {condition}"))
+            .expression_attribute_names("#status", "status")
+            .set_expression_attribute_values(Some(values))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => {
+                let current = self.get(job_id).await?.map(|j| j.status.to_string());
+                match current {
+                    None => Err(JobStoreError::NotFound(job_id.to_string())),
+                    Some(current) => Err(JobStoreError::NotForward { job_id: job_id.to_string(), current, wanted: to }),
+                }
+            }
+            Err(e) => Err(dynamo_error("UpdateItem", e)),
+        }
+    }
+
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| dynamo_error("GetItem", e))?;
+        out.item().map(from_item).transpose()
+    }
+
+    async fn list_by_status(&self, status: JobStatus) -> Result<Vec<Job>, JobStoreError> {
+        let mut jobs = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(STATUS_INDEX)
+                .key_condition_expression("#status = :s")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":s", s(status.as_str()))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| dynamo_error("Query", e))?;
+            for item in out.items() {
+                jobs.push(from_item(item)?);
+            }
+            start = out.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
+        let mut jobs = Vec::new();
+        for status in JobStatus::ALL {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(STATUS_INDEX)
+                .key_condition_expression("#status = :s")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":s", s(status.as_str()))
+                .scan_index_forward(false)
+                .limit(limit.clamp(1, 1000) as i32)
+                .send()
+                .await
+                .map_err(|e| dynamo_error("Query", e))?;
+            for item in out.items() {
+                jobs.push(from_item(item)?);
+            }
+        }
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.job_id.cmp(&a.job_id)));
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+
+    fn describe(&self) -> String {
+        format!("DynamoDB table {}", self.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Job {
+        let mut job = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/", "gw-1");
+        job.status = JobStatus::Closed;
+        job.instance_count = Some(12);
+        job.total_bytes = Some(6_000_000);
+        job.study_instance_uids = vec!["1.2.3".into(), "1.2.4".into()];
+        job.calling_ae_titles = vec!["CT1".into()];
+        job
+    }
+
+    #[test]
+    fn item_mapping_round_trips() {
+        let job = sample();
+        let item = to_item(&job);
+        assert_eq!(item["status"], AttributeValue::S("CLOSED".into()));
+        assert_eq!(item["instanceCount"], AttributeValue::N("12".into()));
+        assert_eq!(item["studyInstanceUids"], AttributeValue::Ss(vec!["1.2.3".into(), "1.2.4".into()]));
+        assert!(!item.contains_key("imageSetIds"), "no empty sets");
+        assert!(!item.contains_key("executionArn"));
+        assert_eq!(from_item(&item).unwrap(), job);
+    }
+
+    #[test]
+    fn image_set_ids_written_by_the_state_machine_are_read_back() {
+        let mut item = to_item(&sample());
+        item.insert("imageSetIds".into(), AttributeValue::S("[\"a1\",\"b2\"]".into()));
+        item.insert("importedCount".into(), AttributeValue::N("11".into()));
+        item.insert("status".into(), AttributeValue::S("COMPLETED_WITH_ERRORS".into()));
+        let job = from_item(&item).unwrap();
+        assert_eq!(job.image_set_ids, vec!["a1", "b2"]);
+        assert_eq!(job.imported_count, Some(11));
+        assert_eq!(job.status, JobStatus::CompletedWithErrors);
+        item.insert("status".into(), AttributeValue::S("WHATEVER".into()));
+        assert!(from_item(&item).is_err());
+    }
+
+    #[test]
+    fn transitions_are_conditional_on_an_earlier_status() {
+        let (update, condition, values) = transition_update(JobStatus::Submitted, &Transition { execution_arn: Some("arn:e".into()), submitted_at: Some("t".into()), ..Default::default() });
+        assert_eq!(update, "SET #status = :to, executionArn = :executionArn, submittedAt = :submittedAt");
+        assert_eq!(condition, "#status IN (:p0, :p1)");
+        assert_eq!(values[":p0"], AttributeValue::S("OPEN".into()));
+        assert_eq!(values[":p1"], AttributeValue::S("CLOSED".into()));
+        assert_eq!(values[":to"], AttributeValue::S("SUBMITTED".into()));
+    }
+}

@@ -1,0 +1,162 @@
+//! The embedded job store: one JSON file per job in a directory (`{store}/jobs/` by default).
+//!
+//! Each write replaces the whole file atomically (temp file, fsync, rename, directory fsync), and
+//! transitions are checked under a lock, so the journal keeps the forward-only rule. It serves one
+//! gateway process; deployments with several gateways use DynamoDB.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
+
+pub struct LocalJournal {
+    dir: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl LocalJournal {
+    pub const DIR_NAME: &'static str = "jobs";
+
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        LocalJournal { dir: dir.into(), lock: Mutex::new(()) }
+    }
+
+    pub fn path_of(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{job_id}.json"))
+    }
+
+    async fn read(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
+        match tokio::fs::read(self.path_of(job_id)).await {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn write(&self, job: &Job) -> Result<(), JobStoreError> {
+        let mut json = serde_json::to_vec_pretty(job)?;
+        json.push(b'\n');
+        let dir = self.dir.clone();
+        let dest = self.path_of(&job.job_id);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            std::fs::create_dir_all(&dir)?;
+            let temp = dest.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&temp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&temp, &dest)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(())
+    }
+
+    async fn all(&self) -> Result<Vec<Job>, JobStoreError> {
+        let mut jobs = Vec::new();
+        let mut rd = match tokio::fs::read_dir(&self.dir).await {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(jobs),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(entry) = rd.next_entry().await? {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                if let Ok(job) = serde_json::from_slice::<Job>(&tokio::fs::read(&path).await?) {
+                    jobs.push(job);
+                }
+            }
+        }
+        jobs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.job_id.cmp(&b.job_id)));
+        Ok(jobs)
+    }
+}
+
+#[async_trait]
+impl JobStore for LocalJournal {
+    async fn record_open(&self, job: &Job) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        if self.read(&job.job_id).await?.is_none() {
+            self.write(job).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_closed(&self, job: &Job) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        match self.read(&job.job_id).await? {
+            Some(current) if current.status != JobStatus::Open => Ok(()),
+            _ => self.write(job).await,
+        }
+    }
+
+    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        let mut job = self.read(job_id).await?.ok_or_else(|| JobStoreError::NotFound(job_id.to_string()))?;
+        if !job.status.can_move_to(to) {
+            return Err(JobStoreError::NotForward { job_id: job_id.to_string(), current: job.status.to_string(), wanted: to });
+        }
+        job.status = to;
+        job.execution_arn = t.execution_arn.or(job.execution_arn);
+        job.submitted_at = t.submitted_at.or(job.submitted_at);
+        job.message = t.message.or(job.message);
+        job.output_s3_uri = t.output_s3_uri.or(job.output_s3_uri);
+        job.datastore_id = t.datastore_id.or(job.datastore_id);
+        self.write(&job).await
+    }
+
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
+        if job_id.is_empty() || !job_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Ok(None);
+        }
+        self.read(job_id).await
+    }
+
+    async fn list_by_status(&self, status: JobStatus) -> Result<Vec<Job>, JobStoreError> {
+        Ok(self.all().await?.into_iter().filter(|j| j.status == status).collect())
+    }
+
+    async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
+        let mut jobs = self.all().await?;
+        jobs.reverse();
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+
+    fn describe(&self) -> String {
+        format!("local job journal {}", self.dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn journal_keeps_statuses_moving_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = LocalJournal::new(dir.path().join("jobs"));
+        let open = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "/x/", "gw");
+        j.record_open(&open).await.unwrap();
+        let mut closed = open.clone();
+        closed.status = JobStatus::Closed;
+        closed.instance_count = Some(4);
+        j.record_closed(&closed).await.unwrap();
+        j.record_open(&open).await.unwrap(); // late duplicate: ignored
+        assert_eq!(j.get(&open.job_id).await.unwrap().unwrap().status, JobStatus::Closed);
+        assert_eq!(j.list_by_status(JobStatus::Closed).await.unwrap().len(), 1);
+        j.transition(&open.job_id, JobStatus::Submitted, Transition { execution_arn: Some("arn:x".into()), ..Default::default() }).await.unwrap();
+        let err = j.transition(&open.job_id, JobStatus::Closed, Transition::default()).await.unwrap_err();
+        assert!(matches!(err, JobStoreError::NotForward { .. }), "{err}");
+        j.record_closed(&closed).await.unwrap(); // a retried close does not move it back
+        let job = j.get(&open.job_id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Submitted);
+        assert_eq!(job.execution_arn.as_deref(), Some("arn:x"));
+        assert_eq!(job.instance_count, Some(4));
+        assert_eq!(j.list_recent(10).await.unwrap().len(), 1);
+        assert!(j.get("../etc/passwd").await.unwrap().is_none());
+    }
+}

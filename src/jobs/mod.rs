@@ -1,0 +1,284 @@
+//! Job records: one per batch, one future HealthImaging import job each (DESIGN.md §4).
+//!
+//! A job's status only moves forward: OPEN → CLOSED → SUBMITTED → IMPORTING → COMPLETED |
+//! COMPLETED_WITH_ERRORS | FAILED. Every store applies a transition only if the current status comes
+//! before the new one (a DynamoDB condition expression, or a check under a lock for the local
+//! journal), so retries, a second gateway, or the state machine racing the gateway can never move a
+//! job backwards. Two implementations sit behind [`JobStore`]: DynamoDB ([`dynamodb::DynamoJobStore`])
+//! for deployments and a journal of JSON files ([`local::LocalJournal`]) as the embedded default.
+
+pub mod dynamodb;
+pub mod local;
+pub mod report;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::batch::BatchSummary;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    Open,
+    Closed,
+    Submitted,
+    Importing,
+    Completed,
+    CompletedWithErrors,
+    Failed,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [Self::Open, Self::Closed, Self::Submitted, Self::Importing, Self::Completed, Self::CompletedWithErrors, Self::Failed];
+
+    fn rank(self) -> u8 {
+        match self {
+            Self::Open => 0,
+            Self::Closed => 1,
+            Self::Submitted => 2,
+            Self::Importing => 3,
+            Self::Completed | Self::CompletedWithErrors | Self::Failed => 4,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 4
+    }
+
+    /// Whether a job in `self` may move to `next`. Only forward, never out of a final status.
+    pub fn can_move_to(self, next: JobStatus) -> bool {
+        next.rank() > self.rank()
+    }
+
+    /// The statuses a job may be in for a move to `self` (for conditional updates).
+    pub fn predecessors(self) -> Vec<JobStatus> {
+        Self::ALL.into_iter().filter(|s| s.can_move_to(self)).collect()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Closed => "CLOSED",
+            Self::Submitted => "SUBMITTED",
+            Self::Importing => "IMPORTING",
+            Self::Completed => "COMPLETED",
+            Self::CompletedWithErrors => "COMPLETED_WITH_ERRORS",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything recorded about one job. Field names are the DynamoDB attribute names (DESIGN.md §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub study_instance_uids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calling_ae_titles: Vec<String>,
+    /// The batch's objects: the import input (`s3://bucket/prefix/jobId/` or a directory).
+    pub input_s3_uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_s3_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_set_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<String>,
+}
+
+impl Job {
+    /// A job for a batch that has just opened.
+    pub fn opened(job_id: &str, created_at: &str, input_s3_uri: &str, gateway_id: &str) -> Job {
+        Job {
+            job_id: job_id.to_string(),
+            status: JobStatus::Open,
+            created_at: created_at.to_string(),
+            closed_at: None,
+            close_reason: None,
+            instance_count: None,
+            total_bytes: None,
+            study_instance_uids: Vec::new(),
+            calling_ae_titles: Vec::new(),
+            input_s3_uri: input_s3_uri.to_string(),
+            output_s3_uri: None,
+            datastore_id: None,
+            execution_arn: None,
+            import_job_id: None,
+            submitted_at: None,
+            ended_at: None,
+            imported_count: None,
+            failed_count: None,
+            image_set_ids: Vec::new(),
+            message: None,
+            gateway_id: Some(gateway_id.to_string()),
+        }
+    }
+
+    /// The job for a closed batch.
+    pub fn closed(batch: &BatchSummary, gateway_id: &str) -> Job {
+        let mut job = Job::opened(&batch.job_id, &batch.created_at, &batch.input_location, gateway_id);
+        job.status = JobStatus::Closed;
+        job.closed_at = Some(batch.closed_at.clone());
+        job.close_reason = Some(serde_json::to_value(batch.close_reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default());
+        job.instance_count = Some(batch.instance_count as u64);
+        job.total_bytes = Some(batch.total_bytes);
+        job.study_instance_uids = batch.study_instance_uids.clone();
+        job.calling_ae_titles = batch.calling_ae_titles.clone();
+        job
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum JobStoreError {
+    #[error("job journal I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("job record cannot be encoded or decoded: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("DynamoDB {operation} failed: {message}")]
+    Dynamo { operation: &'static str, message: String },
+    #[error("job {job_id} is {current}; it cannot move to {wanted}")]
+    NotForward { job_id: String, current: String, wanted: JobStatus },
+    #[error("job {0} does not exist")]
+    NotFound(String),
+    #[error("job record is malformed: {0}")]
+    Malformed(String),
+}
+
+/// What a transition sets besides the status.
+#[derive(Debug, Clone, Default)]
+pub struct Transition {
+    pub execution_arn: Option<String>,
+    pub submitted_at: Option<String>,
+    pub message: Option<String>,
+    pub output_s3_uri: Option<String>,
+    pub datastore_id: Option<String>,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Records a batch that has just opened. A job that already exists is left alone.
+    async fn record_open(&self, job: &Job) -> Result<(), JobStoreError>;
+
+    /// Records a closed batch with its counts: moves OPEN to CLOSED, or creates the job as CLOSED if
+    /// the OPEN record never made it. A job already CLOSED or beyond is left alone.
+    async fn record_closed(&self, job: &Job) -> Result<(), JobStoreError>;
+
+    /// Moves a job forward to `to`, setting the fields in `t`. Fails with
+    /// [`JobStoreError::NotForward`] when the job is already at `to` or beyond.
+    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError>;
+
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError>;
+
+    /// Jobs in `status`, oldest first.
+    async fn list_by_status(&self, status: JobStatus) -> Result<Vec<Job>, JobStoreError>;
+
+    /// The most recent jobs (by creation), newest first.
+    async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError>;
+
+    fn describe(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobStatus::*;
+
+    #[test]
+    fn status_only_moves_forward() {
+        assert!(Open.can_move_to(Closed));
+        assert!(Closed.can_move_to(Submitted));
+        assert!(Closed.can_move_to(Importing), "the state machine may record IMPORTING before the gateway records SUBMITTED");
+        assert!(Submitted.can_move_to(Importing));
+        assert!(Importing.can_move_to(Completed));
+        assert!(Importing.can_move_to(CompletedWithErrors));
+        assert!(Submitted.can_move_to(Failed));
+        assert!(!Closed.can_move_to(Open));
+        assert!(!Submitted.can_move_to(Submitted));
+        assert!(!Importing.can_move_to(Submitted));
+        for end in [Completed, CompletedWithErrors, Failed] {
+            assert!(end.is_terminal());
+            for s in JobStatus::ALL {
+                assert!(!end.can_move_to(s), "{end} is final");
+            }
+        }
+    }
+
+    #[test]
+    fn predecessors_are_the_earlier_statuses() {
+        assert_eq!(Closed.predecessors(), vec![Open]);
+        assert_eq!(Submitted.predecessors(), vec![Open, Closed]);
+        assert_eq!(Failed.predecessors(), vec![Open, Closed, Submitted, Importing]);
+        assert!(Open.predecessors().is_empty());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert_eq!(JobStatus::parse("DONE"), None);
+    }
+
+    #[test]
+    fn a_closed_job_carries_the_batch_counts() {
+        let batch = BatchSummary {
+            job_id: "01JD6Y7Z8X9W0V1T2S3R4Q5P6N".into(),
+            created_at: "2026-11-23T10:00:00.000Z".into(),
+            closed_at: "2026-11-23T10:00:30.000Z".into(),
+            close_reason: crate::batch::CloseReason::MaxInstances,
+            instance_count: 3,
+            total_bytes: 99,
+            study_instance_uids: vec!["1.2".into()],
+            calling_ae_titles: vec!["CT1".into()],
+            input_location: "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/".into(),
+        };
+        let job = Job::closed(&batch, "gw-1");
+        assert_eq!(job.status, Closed);
+        assert_eq!(job.instance_count, Some(3));
+        assert_eq!(job.close_reason.as_deref(), Some("max-instances"));
+        assert_eq!(job.gateway_id.as_deref(), Some("gw-1"));
+        let json = serde_json::to_value(&job).unwrap();
+        assert_eq!(json["inputS3Uri"], "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/");
+        assert_eq!(json["status"], "CLOSED");
+        assert!(json.get("executionArn").is_none());
+    }
+}
