@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests need, starts LocalStack (offline, no Docker), runs every test, stops LocalStack.
 #   - DCMTK (storescu, echoscu, dcmdump...) from Debian's dcmtk package, when missing;
+#   - cfn-lint from PyPI (scripts/lint-templates.sh), which lints every template in infra/;
 #   - Java 17 for DynamoDB Local, when missing (installed by the LocalStack script);
 #   - LocalStack 4.8.1 in a venv under $LS_HOME (default ~/.cache/localstack-offline), see scripts/localstack/.
+# Then it deploys infra/gateway.yaml to LocalStack with scripts/deploy.sh (the production template,
+# not a test copy) and hands its outputs to the tests in DICOM_GATEWAY_TEST_STACK_<OutputKey>.
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test local_store).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +17,27 @@ if ! command -v storescu >/dev/null || ! command -v dcmdump >/dev/null; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
 fi
 
+scripts/lint-templates.sh
+
 export LS_HOME="${LS_HOME:-$HOME/.cache/localstack-offline}"
+# HealthImaging is not emulated: its Step Functions tasks are mocked (read by LocalStack per execution).
+mkdir -p "$LS_HOME"
+cp tests/sfn-mock-config.json "$LS_HOME/sfn-mock-config.json"
 scripts/localstack/start-localstack.sh >/dev/null
 trap 'scripts/localstack/stop-localstack.sh >/dev/null 2>&1 || true' EXIT
 
-export AWS_ENDPOINT_URL=http://127.0.0.1:4566 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+export AWS_ENDPOINT_URL=http://127.0.0.1:4566 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export DICOM_GATEWAY_TEST_LOCALSTACK=1 TCP_NODELAY=1
+
+echo "[test] deploying infra/gateway.yaml to LocalStack" >&2
+AWS_CLI="$LS_HOME/venv/bin/aws"
+"$AWS_CLI" s3 mb s3://dicom-gateway-test-artifacts >/dev/null 2>&1 || true
+outputs=$(AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test dicom-gateway-test-artifacts \
+  DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
+  JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>/dev/null)
+while IFS='=' read -r key value; do
+  [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
+done <<<"$outputs"
+[ -n "${DICOM_GATEWAY_TEST_STACK_StateMachineArn:-}" ] || { echo "[test] stack deployment gave no outputs" >&2; exit 1; }
+
 cargo test --locked "$@"

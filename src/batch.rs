@@ -32,7 +32,12 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { idle: Duration::from_secs(30), max_age: Duration::from_secs(300), max_instances: 5000, max_bytes: 9_000_000_000 }
+        BatchLimits {
+            idle: Duration::from_secs(30),
+            max_age: Duration::from_secs(300),
+            max_instances: 5000,
+            max_bytes: 9_000_000_000,
+        }
     }
 }
 
@@ -107,7 +112,10 @@ impl BatchLease {
     /// The instance is durable: count it in its batch.
     pub fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
         if let Some(b) = self.batcher.take() {
-            b.settle(&self.batch_id, Some((size, study_instance_uid, calling_ae_title)));
+            b.settle(
+                &self.batch_id,
+                Some((size, study_instance_uid, calling_ae_title)),
+            );
         }
     }
 }
@@ -123,8 +131,18 @@ impl Drop for BatchLease {
 impl Batcher {
     /// `location` maps a batch id to its import input location; openings and closings are reported
     /// on `events`.
-    pub fn new(limits: BatchLimits, location: impl Fn(&str) -> String + Send + Sync + 'static, events: mpsc::UnboundedSender<BatchEvent>) -> Arc<Self> {
-        Arc::new(Batcher { state: Mutex::new(State::default()), limits, location: Box::new(location), events, settled: Notify::new() })
+    pub fn new(
+        limits: BatchLimits,
+        location: impl Fn(&str) -> String + Send + Sync + 'static,
+        events: mpsc::UnboundedSender<BatchEvent>,
+    ) -> Arc<Self> {
+        Arc::new(Batcher {
+            state: Mutex::new(State::default()),
+            limits,
+            location: Box::new(location),
+            events,
+            settled: Notify::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -165,7 +183,10 @@ impl Batcher {
         batch.leased += 1;
         batch.in_flight += 1;
         batch.last_activity = now;
-        BatchLease { batch_id: batch.id.clone(), batcher: Some(self.clone()) }
+        BatchLease {
+            batch_id: batch.id.clone(),
+            batcher: Some(self.clone()),
+        }
     }
 
     fn limit_reached(&self, b: &Batch, now: Instant) -> Option<CloseReason> {
@@ -186,7 +207,11 @@ impl Batcher {
         let now = Instant::now();
         let mut st = self.lock();
         let is_open = st.open.as_ref().is_some_and(|b| b.id == batch_id);
-        let batch = if is_open { st.open.as_mut() } else { st.closing.get_mut(batch_id) };
+        let batch = if is_open {
+            st.open.as_mut()
+        } else {
+            st.closing.get_mut(batch_id)
+        };
         let Some(batch) = batch else { return };
         batch.in_flight -= 1;
         batch.last_activity = now;
@@ -312,7 +337,10 @@ mod tests {
 
     fn batcher(limits: BatchLimits) -> (Arc<Batcher>, Closed) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Batcher::new(limits, |id| format!("s3://b/p/{id}/"), tx), Closed(rx))
+        (
+            Batcher::new(limits, |id| format!("s3://b/p/{id}/"), tx),
+            Closed(rx),
+        )
     }
 
     #[test]
@@ -321,7 +349,11 @@ mod tests {
         let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
         let lease = b.lease();
         match rx.try_recv().unwrap() {
-            BatchEvent::Opened { job_id, input_location, .. } => {
+            BatchEvent::Opened {
+                job_id,
+                input_location,
+                ..
+            } => {
                 assert_eq!(job_id, lease.batch_id());
                 assert_eq!(input_location, format!("s3://b/p/{job_id}/"));
             }
@@ -332,7 +364,12 @@ mod tests {
     }
 
     fn limits() -> BatchLimits {
-        BatchLimits { idle: Duration::from_secs(3600), max_age: Duration::from_secs(3600), max_instances: 3, max_bytes: 1000 }
+        BatchLimits {
+            idle: Duration::from_secs(3600),
+            max_age: Duration::from_secs(3600),
+            max_instances: 3,
+            max_bytes: 1000,
+        }
     }
 
     #[test]
@@ -348,8 +385,15 @@ mod tests {
         let l4 = b.lease();
         assert_eq!(l4.batch_id(), first, "a failed instance frees its place");
         let l5 = b.lease();
-        assert_ne!(l5.batch_id(), first, "a full batch hands out no more leases");
-        assert!(rx.try_recv().is_err(), "not finalised while leases are in flight");
+        assert_ne!(
+            l5.batch_id(),
+            first,
+            "a full batch hands out no more leases"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "not finalised while leases are in flight"
+        );
         l3.commit(20, "1.2", "AE2 ");
         assert!(rx.try_recv().is_err());
         l4.commit(30, "1.2", "AE1");
@@ -376,10 +420,16 @@ mod tests {
 
     #[test]
     fn idle_close_waits_for_instances_in_flight() {
-        let (b, mut rx) = batcher(BatchLimits { idle: Duration::ZERO, ..limits() });
+        let (b, mut rx) = batcher(BatchLimits {
+            idle: Duration::ZERO,
+            ..limits()
+        });
         let l1 = b.lease();
         b.tick();
-        assert!(rx.try_recv().is_err(), "an instance in flight keeps the batch open");
+        assert!(
+            rx.try_recv().is_err(),
+            "an instance in flight keeps the batch open"
+        );
         l1.commit(1, "1.1", "AE");
         b.tick();
         assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Idle);
@@ -387,7 +437,10 @@ mod tests {
 
     #[test]
     fn age_closes_even_with_instances_in_flight_which_then_finish_into_it() {
-        let (b, mut rx) = batcher(BatchLimits { max_age: Duration::ZERO, ..limits() });
+        let (b, mut rx) = batcher(BatchLimits {
+            max_age: Duration::ZERO,
+            ..limits()
+        });
         let l1 = b.lease();
         b.tick();
         let l2 = b.lease();
@@ -400,7 +453,10 @@ mod tests {
 
     #[test]
     fn empty_batches_are_not_recorded() {
-        let (b, mut rx) = batcher(BatchLimits { idle: Duration::ZERO, ..limits() });
+        let (b, mut rx) = batcher(BatchLimits {
+            idle: Duration::ZERO,
+            ..limits()
+        });
         drop(b.lease());
         b.tick();
         assert!(rx.try_recv().is_err());

@@ -48,7 +48,12 @@ pub struct JobStoreArgs {
     pub job_table: Option<String>,
 
     /// Local store directory, whose jobs/ subdirectory is the job journal when no --job-table is given.
-    #[arg(long, env = "DICOM_GATEWAY_STORE_DIR", default_value = "./dicom-store", global = true)]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_STORE_DIR",
+        default_value = "./dicom-store",
+        global = true
+    )]
     pub store_dir: PathBuf,
 }
 
@@ -97,42 +102,86 @@ pub enum LogFormat {
 pub struct ServeArgs {
     // ---- Network and association -------------------------------------------------------------
     /// Address and port to listen on for DICOM associations.
-    #[arg(long, env = "DICOM_GATEWAY_LISTEN", default_value = "0.0.0.0:11112", help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_LISTEN",
+        default_value = "0.0.0.0:11112",
+        help_heading = "Network"
+    )]
     pub listen: SocketAddr,
 
     /// Our AE title: senders must call it (1-16 characters), unless --accept-any-called-ae.
-    #[arg(long, env = "DICOM_GATEWAY_AE_TITLE", default_value = "DICOM_GATEWAY", help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_AE_TITLE",
+        default_value = "DICOM_GATEWAY",
+        help_heading = "Network"
+    )]
     pub ae_title: String,
 
     /// Accept associations whatever called AE title they use.
-    #[arg(long, env = "DICOM_GATEWAY_ACCEPT_ANY_CALLED_AE", help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_ACCEPT_ANY_CALLED_AE",
+        help_heading = "Network"
+    )]
     pub accept_any_called_ae: bool,
 
     /// Calling AE titles allowed to associate, comma-separated. Empty: any calling AE title.
-    #[arg(long, env = "DICOM_GATEWAY_CALLING_AE_ALLOW", value_delimiter = ',', help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_CALLING_AE_ALLOW",
+        value_delimiter = ',',
+        help_heading = "Network"
+    )]
     pub calling_ae_allow: Vec<String>,
 
     /// Peer networks allowed to connect, comma-separated CIDRs (e.g. 10.0.0.0/8,192.168.1.20/32).
     /// Empty: any address. Others are rejected before negotiation.
-    #[arg(long, env = "DICOM_GATEWAY_PEER_ALLOW", value_delimiter = ',', help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_PEER_ALLOW",
+        value_delimiter = ',',
+        help_heading = "Network"
+    )]
     pub peer_allow: Vec<IpNet>,
 
     /// SOP class UIDs accepted, comma-separated. Default: every storage SOP class in the DICOM
     /// standard, plus Verification (C-ECHO).
-    #[arg(long, env = "DICOM_GATEWAY_SOP_CLASS_ALLOW", value_delimiter = ',', help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_SOP_CLASS_ALLOW",
+        value_delimiter = ',',
+        help_heading = "Network"
+    )]
     pub sop_class_allow: Vec<String>,
 
     /// Transfer syntax UIDs accepted, comma-separated. Default: every transfer syntax the standard
     /// defines, compressed ones included (data is stored as received, never transcoded).
-    #[arg(long, env = "DICOM_GATEWAY_TRANSFER_SYNTAX_ALLOW", value_delimiter = ',', help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TRANSFER_SYNTAX_ALLOW",
+        value_delimiter = ',',
+        help_heading = "Network"
+    )]
     pub transfer_syntax_allow: Vec<String>,
 
     /// Most associations served at once; more are rejected (transient, local limit exceeded).
-    #[arg(long, env = "DICOM_GATEWAY_MAX_ASSOCIATIONS", default_value_t = 32, help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_MAX_ASSOCIATIONS",
+        default_value_t = 32,
+        help_heading = "Network"
+    )]
     pub max_associations: usize,
 
     /// Maximum P-DATA PDU length we accept, in bytes (4096 to 16777216).
-    #[arg(long, env = "DICOM_GATEWAY_MAX_PDU", default_value_t = 131072, help_heading = "Network")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_MAX_PDU",
+        default_value_t = 131072,
+        help_heading = "Network"
+    )]
     pub max_pdu: u32,
 
     /// Time allowed from connection to a complete association request.
@@ -149,7 +198,12 @@ pub struct ServeArgs {
 
     // ---- Storage -----------------------------------------------------------------------------
     /// Local directory store, used when no --s3-bucket is given.
-    #[arg(long, env = "DICOM_GATEWAY_STORE_DIR", default_value = "./dicom-store", help_heading = "Storage")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_STORE_DIR",
+        default_value = "./dicom-store",
+        help_heading = "Storage"
+    )]
     pub store_dir: PathBuf,
 
     /// S3 bucket to store instances in. When set, S3 is used instead of --store-dir. Region,
@@ -159,11 +213,20 @@ pub struct ServeArgs {
     pub s3_bucket: Option<String>,
 
     /// Key prefix for stored instances; objects go to {prefix}{jobId}/{study}/{series}/{sop}.dcm.
-    #[arg(long, env = "DICOM_GATEWAY_S3_PREFIX", default_value = "import/", help_heading = "Storage")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_S3_PREFIX",
+        default_value = "import/",
+        help_heading = "Storage"
+    )]
     pub s3_prefix: String,
 
     /// Use path-style S3 addressing (needed for LocalStack and some S3-compatible stores).
-    #[arg(long, env = "DICOM_GATEWAY_S3_FORCE_PATH_STYLE", help_heading = "Storage")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_S3_FORCE_PATH_STYLE",
+        help_heading = "Storage"
+    )]
     pub s3_force_path_style: bool,
 
     /// Objects up to this size are sent with one PutObject; larger ones with multipart upload in
@@ -172,29 +235,55 @@ pub struct ServeArgs {
     pub part_size: u64,
 
     /// Multipart parts uploaded concurrently per instance (memory per instance ~ part size x (this + 1)).
-    #[arg(long, env = "DICOM_GATEWAY_PARTS_IN_FLIGHT", default_value_t = 4, help_heading = "Storage")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_PARTS_IN_FLIGHT",
+        default_value_t = 4,
+        help_heading = "Storage"
+    )]
     pub parts_in_flight: usize,
 
     // ---- Import ---------------------------------------------------------------------------------
     /// DynamoDB table for import job records. Without it, jobs are recorded in --store-dir/jobs/.
-    #[arg(long, env = "DICOM_GATEWAY_JOB_TABLE", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_JOB_TABLE",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub job_table: Option<String>,
 
     /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
     /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
-    #[arg(long, env = "DICOM_GATEWAY_STATE_MACHINE_ARN", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_STATE_MACHINE_ARN",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub state_machine_arn: Option<String>,
 
     /// HealthImaging data store to import into.
-    #[arg(long, env = "DICOM_GATEWAY_DATASTORE_ID", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_DATASTORE_ID",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub datastore_id: Option<String>,
 
     /// IAM role HealthImaging assumes to read the import prefix and write the results prefix.
-    #[arg(long, env = "DICOM_GATEWAY_DATA_ACCESS_ROLE_ARN", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_DATA_ACCESS_ROLE_ARN",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub data_access_role_arn: Option<String>,
 
     /// Key prefix (in --s3-bucket) for HealthImaging's import results: {prefix}{jobId}/.
-    #[arg(long, env = "DICOM_GATEWAY_RESULTS_PREFIX", default_value = "results/", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_RESULTS_PREFIX",
+        default_value = "results/",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub results_prefix: String,
 
     /// How often the state machine polls a running import job.
@@ -202,12 +291,21 @@ pub struct ServeArgs {
     pub import_poll_interval: Duration,
 
     /// Polls after which a still-running import is recorded FAILED (default: 12 hours at 60 s).
-    #[arg(long, env = "DICOM_GATEWAY_IMPORT_MAX_POLLS", default_value_t = 720, help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_IMPORT_MAX_POLLS",
+        default_value_t = 720,
+        help_heading = "Import (HealthImaging)"
+    )]
     pub import_max_polls: u32,
 
     /// Name of this gateway in job records (start-up recovery resubmits this gateway's jobs at once).
     /// Default: the host name.
-    #[arg(long, env = "DICOM_GATEWAY_GATEWAY_ID", help_heading = "Import (HealthImaging)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_GATEWAY_ID",
+        help_heading = "Import (HealthImaging)"
+    )]
     pub gateway_id: Option<String>,
 
     // ---- Batches ------------------------------------------------------------------------------
@@ -220,7 +318,12 @@ pub struct ServeArgs {
     pub batch_max_age: Duration,
 
     /// A batch closes at this many instances (HealthImaging allows 5000 files per import job).
-    #[arg(long, env = "DICOM_GATEWAY_BATCH_MAX_INSTANCES", default_value_t = 5000, help_heading = "Batches (one HealthImaging import job each)")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_BATCH_MAX_INSTANCES",
+        default_value_t = 5000,
+        help_heading = "Batches (one HealthImaging import job each)"
+    )]
     pub batch_max_instances: u32,
 
     /// A batch closes once its stored bytes reach this (e.g. 9GB). Instances already in flight
@@ -234,11 +337,22 @@ pub struct ServeArgs {
     pub shutdown_deadline: Duration,
 
     /// Log format.
-    #[arg(long, env = "DICOM_GATEWAY_LOG_FORMAT", value_enum, default_value = "text", help_heading = "Operations")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        help_heading = "Operations"
+    )]
     pub log_format: LogFormat,
 
     /// Log filter (tracing EnvFilter syntax, e.g. info or dicom_gateway=debug). RUST_LOG also works.
-    #[arg(long, env = "DICOM_GATEWAY_LOG_LEVEL", default_value = "info", help_heading = "Operations")]
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_LOG_LEVEL",
+        default_value = "info",
+        help_heading = "Operations"
+    )]
     pub log_level: String,
 }
 
@@ -248,7 +362,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 8MiB, 9GB, 1048576)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 8MiB, 9GB, 1048576)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1000,
@@ -257,9 +373,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "kib" | "k" => 1 << 10,
         "mib" | "m" => 1 << 20,
         "gib" | "g" => 1 << 30,
-        other => return Err(format!("unknown size unit '{other}' (use B, KB, MB, GB, KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Checks an AE title: 1-16 characters of the default repertoire, no backslash or control characters.
@@ -268,8 +389,13 @@ pub fn validate_ae_title(ae: &str) -> Result<(), String> {
     if t.is_empty() || t.len() > 16 {
         return Err(format!("'{ae}' must be 1 to 16 characters"));
     }
-    if !t.chars().all(|c| c.is_ascii() && !c.is_ascii_control() && c != '\\') {
-        return Err(format!("'{ae}' may only hold printable ASCII characters other than '\\'"));
+    if !t
+        .chars()
+        .all(|c| c.is_ascii() && !c.is_ascii_control() && c != '\\')
+    {
+        return Err(format!(
+            "'{ae}' may only hold printable ASCII characters other than '\\'"
+        ));
     }
     Ok(())
 }
@@ -291,17 +417,25 @@ impl ServeArgs {
             return Err("--max-associations must be at least 1".into());
         }
         if !(4096..=16 * 1024 * 1024).contains(&self.max_pdu) {
-            return Err(format!("--max-pdu {} is outside 4096..=16777216", self.max_pdu));
+            return Err(format!(
+                "--max-pdu {} is outside 4096..=16777216",
+                self.max_pdu
+            ));
         }
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
-            return Err(format!("--part-size {} is outside S3's limits (5 MiB to 5 GiB)", self.part_size));
+            return Err(format!(
+                "--part-size {} is outside S3's limits (5 MiB to 5 GiB)",
+                self.part_size
+            ));
         }
         if !(1..=64).contains(&self.parts_in_flight) {
             return Err("--parts-in-flight must be between 1 and 64".into());
         }
         if let Some(bucket) = &self.s3_bucket {
             if bucket.is_empty() || bucket.contains('/') {
-                return Err(format!("--s3-bucket '{bucket}' is not a bucket name (give the name only, without s3:// or a path)"));
+                return Err(format!(
+                    "--s3-bucket '{bucket}' is not a bucket name (give the name only, without s3:// or a path)"
+                ));
             }
         }
         if self.s3_prefix.starts_with('/') {
@@ -321,22 +455,39 @@ impl ServeArgs {
                 ("--s3-bucket", self.s3_bucket.is_none()),
                 ("--job-table", self.job_table.is_none()),
                 ("--datastore-id", self.datastore_id.is_none()),
-                ("--data-access-role-arn", self.data_access_role_arn.is_none()),
+                (
+                    "--data-access-role-arn",
+                    self.data_access_role_arn.is_none(),
+                ),
             ]
             .into_iter()
             .filter_map(|(name, absent)| absent.then_some(name))
             .collect();
             if !missing.is_empty() {
-                return Err(format!("--state-machine-arn also needs {} (the infra/ stack's outputs give them)", missing.join(", ")));
+                return Err(format!(
+                    "--state-machine-arn also needs {} (the infra/ stack's outputs give them)",
+                    missing.join(", ")
+                ));
             }
         }
-        if self.results_prefix.starts_with('/') || (!self.results_prefix.is_empty() && !self.results_prefix.ends_with('/')) {
+        if self.results_prefix.starts_with('/')
+            || (!self.results_prefix.is_empty() && !self.results_prefix.ends_with('/'))
+        {
             return Err("--results-prefix must end with '/' and not start with one".into());
         }
-        if self.s3_bucket.is_some() && self.results_prefix.starts_with(&self.s3_prefix) && !self.s3_prefix.is_empty() {
+        if self.s3_bucket.is_some()
+            && self.results_prefix.starts_with(&self.s3_prefix)
+            && !self.s3_prefix.is_empty()
+        {
             return Err("--results-prefix must not lie under --s3-prefix: HealthImaging reports any non-DICOM file in an import prefix as a failure".into());
         }
-        for (name, d) in [("--association-timeout", self.association_timeout), ("--idle-timeout", self.idle_timeout), ("--io-timeout", self.io_timeout), ("--batch-idle", self.batch_idle), ("--batch-max-age", self.batch_max_age)] {
+        for (name, d) in [
+            ("--association-timeout", self.association_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--io-timeout", self.io_timeout),
+            ("--batch-idle", self.batch_idle),
+            ("--batch-max-age", self.batch_max_age),
+        ] {
             if d.is_zero() {
                 return Err(format!("{name} must be greater than zero"));
             }
@@ -350,13 +501,22 @@ impl ServeArgs {
             std::env::var("HOSTNAME")
                 .ok()
                 .filter(|h| !h.is_empty())
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
                 .unwrap_or_else(|| "dicom-gateway".into())
         })
     }
 
     pub fn batch_limits(&self) -> BatchLimits {
-        BatchLimits { idle: self.batch_idle, max_age: self.batch_max_age, max_instances: self.batch_max_instances, max_bytes: self.batch_max_bytes }
+        BatchLimits {
+            idle: self.batch_idle,
+            max_age: self.batch_max_age,
+            max_instances: self.batch_max_instances,
+            max_bytes: self.batch_max_bytes,
+        }
     }
 }
 
@@ -368,7 +528,9 @@ mod tests {
         let mut full = vec!["dicom-gateway", "serve"];
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        let Command::Serve(a) = cli.command else { panic!("serve") };
+        let Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
         a.validate()?;
         Ok(*a)
     }
@@ -387,33 +549,97 @@ mod tests {
 
     #[test]
     fn lists_are_comma_separated() {
-        let a = parse(&["--calling-ae-allow", "CT1,MR1", "--peer-allow", "10.0.0.0/8,127.0.0.1/32"]).unwrap();
+        let a = parse(&[
+            "--calling-ae-allow",
+            "CT1,MR1",
+            "--peer-allow",
+            "10.0.0.0/8,127.0.0.1/32",
+        ])
+        .unwrap();
         assert_eq!(a.calling_ae_allow, vec!["CT1", "MR1"]);
         assert_eq!(a.peer_allow.len(), 2);
     }
 
     #[test]
     fn errors_name_the_option() {
-        assert!(parse(&["--ae-title", "THIS_TITLE_IS_WAY_TOO_LONG"]).unwrap_err().contains("--ae-title"));
-        assert!(parse(&["--sop-class-allow", "1.2.x"]).unwrap_err().contains("--sop-class-allow"));
-        assert!(parse(&["--part-size", "1MiB"]).unwrap_err().contains("--part-size"));
-        assert!(parse(&["--max-pdu", "100"]).unwrap_err().contains("--max-pdu"));
-        assert!(parse(&["--batch-max-instances", "6000"]).unwrap_err().contains("5000"));
-        assert!(parse(&["--s3-bucket", "s3://bucket/x"]).unwrap_err().contains("--s3-bucket"));
+        assert!(
+            parse(&["--ae-title", "THIS_TITLE_IS_WAY_TOO_LONG"])
+                .unwrap_err()
+                .contains("--ae-title")
+        );
+        assert!(
+            parse(&["--sop-class-allow", "1.2.x"])
+                .unwrap_err()
+                .contains("--sop-class-allow")
+        );
+        assert!(
+            parse(&["--part-size", "1MiB"])
+                .unwrap_err()
+                .contains("--part-size")
+        );
+        assert!(
+            parse(&["--max-pdu", "100"])
+                .unwrap_err()
+                .contains("--max-pdu")
+        );
+        assert!(
+            parse(&["--batch-max-instances", "6000"])
+                .unwrap_err()
+                .contains("5000")
+        );
+        assert!(
+            parse(&["--s3-bucket", "s3://bucket/x"])
+                .unwrap_err()
+                .contains("--s3-bucket")
+        );
         assert!(parse(&["--peer-allow", "not-a-cidr"]).is_err());
-        let e = parse(&["--state-machine-arn", "arn:aws:states:us-east-1:1:stateMachine:x", "--s3-bucket", "b"]).unwrap_err();
-        assert!(e.contains("--job-table") && e.contains("--datastore-id") && e.contains("--data-access-role-arn"), "{e}");
-        assert!(parse(&["--s3-bucket", "b", "--s3-prefix", "data/", "--results-prefix", "data/results/"]).unwrap_err().contains("--results-prefix"));
+        let e = parse(&[
+            "--state-machine-arn",
+            "arn:aws:states:us-east-1:1:stateMachine:x",
+            "--s3-bucket",
+            "b",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--job-table")
+                && e.contains("--datastore-id")
+                && e.contains("--data-access-role-arn"),
+            "{e}"
+        );
+        assert!(
+            parse(&[
+                "--s3-bucket",
+                "b",
+                "--s3-prefix",
+                "data/",
+                "--results-prefix",
+                "data/results/"
+            ])
+            .unwrap_err()
+            .contains("--results-prefix")
+        );
     }
 
     #[test]
     fn jobs_subcommands_parse() {
-        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "show", "01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "--job-table", "t"]).unwrap();
-        let Command::Jobs(j) = cli.command else { panic!() };
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "show",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "--job-table",
+            "t",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
         assert_eq!(j.store.job_table.as_deref(), Some("t"));
         assert!(matches!(j.command, JobsCommand::Show { .. }));
         let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--limit", "5"]).unwrap();
-        let Command::Jobs(j) = cli.command else { panic!() };
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
         assert!(matches!(j.command, JobsCommand::List { limit: 5, .. }));
     }
 

@@ -62,8 +62,9 @@ pub struct Command {
 
 impl Command {
     pub fn parse(bytes: &[u8]) -> Result<Command, CommandError> {
-        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-            .map_err(|e| CommandError::Decode(e.to_string()))?;
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .map_err(|e| CommandError::Decode(e.to_string()))?;
         let u16_of = |tag: Tag, name: &'static str| -> Result<u16, CommandError> {
             obj.element_opt(tag)
                 .ok()
@@ -78,9 +79,16 @@ impl Command {
         };
         let command_field = u16_of(tags::COMMAND_FIELD, "Command Field (0000,0100)")?;
         // A C-CANCEL carries Message ID Being Responded To instead of Message ID.
-        let message_id = u16_of(tags::MESSAGE_ID, "Message ID (0000,0110)")
-            .or_else(|_| u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO, "Message ID (0000,0110)"))?;
-        let data_set_type = u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type (0000,0800)")?;
+        let message_id = u16_of(tags::MESSAGE_ID, "Message ID (0000,0110)").or_else(|_| {
+            u16_of(
+                tags::MESSAGE_ID_BEING_RESPONDED_TO,
+                "Message ID (0000,0110)",
+            )
+        })?;
+        let data_set_type = u16_of(
+            tags::COMMAND_DATA_SET_TYPE,
+            "Command Data Set Type (0000,0800)",
+        )?;
         Ok(Command {
             command_field,
             message_id,
@@ -95,20 +103,48 @@ impl Command {
 /// (0000,0902) for failures so the sender's log says why (never patient data, at most 64 chars).
 pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8> {
     let mut elements = vec![
-        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(request.command_field | command_field::RESPONSE_BIT)),
-        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, PrimitiveValue::from(request.message_id)),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, PrimitiveValue::from(NO_DATASET)),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(request.command_field | command_field::RESPONSE_BIT),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            PrimitiveValue::from(request.message_id),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(NO_DATASET),
+        ),
         DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
     ];
     if let Some(uid) = &request.affected_sop_class_uid {
-        elements.push(DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(uid.as_str()),
+        ));
     }
     if let Some(uid) = &request.affected_sop_instance_uid {
-        elements.push(DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(uid.as_str()),
+        ));
     }
     if let (Some(comment), true) = (comment, status != status::SUCCESS) {
-        let comment: String = comment.chars().filter(|c| c.is_ascii() && *c != '\\').take(64).collect();
-        elements.push(DataElement::new(tags::ERROR_COMMENT, VR::LO, PrimitiveValue::from(comment)));
+        let comment: String = comment
+            .chars()
+            .filter(|c| c.is_ascii() && *c != '\\')
+            .take(64)
+            .collect();
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(comment),
+        ));
     }
     let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::with_capacity(256);
@@ -118,18 +154,44 @@ pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8
 }
 
 /// A request command set, as a sender would build it. Used by the `echo` client and by tests.
-pub fn request(command_field: u16, message_id: u16, sop_class: &str, sop_instance: Option<&str>, has_dataset: bool) -> Vec<u8> {
+pub fn request(
+    command_field: u16,
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: Option<&str>,
+    has_dataset: bool,
+) -> Vec<u8> {
     let mut elements = vec![
-        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(sop_class)),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(command_field)),
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(command_field),
+        ),
         DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, PrimitiveValue::from(if has_dataset { 0x0000 } else { NO_DATASET })),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(if has_dataset { 0x0000 } else { NO_DATASET }),
+        ),
     ];
     if command_field == command_field::C_STORE_RQ {
-        elements.push(DataElement::new(tags::PRIORITY, VR::US, PrimitiveValue::from(0u16)));
+        elements.push(DataElement::new(
+            tags::PRIORITY,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        ));
     }
     if let Some(uid) = sop_instance {
-        elements.push(DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid)));
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(uid),
+        ));
     }
     let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::new();
@@ -184,7 +246,14 @@ mod tests {
 
     #[test]
     fn parses_a_c_echo_request() {
-        let cmd = Command::parse(&request(command_field::C_ECHO_RQ, 1, crate::policy::VERIFICATION, None, false)).unwrap();
+        let cmd = Command::parse(&request(
+            command_field::C_ECHO_RQ,
+            1,
+            crate::policy::VERIFICATION,
+            None,
+            false,
+        ))
+        .unwrap();
         assert_eq!(cmd.command_field, command_field::C_ECHO_RQ);
         assert!(!cmd.has_dataset);
         assert_eq!(cmd.affected_sop_instance_uid, None);
@@ -194,31 +263,70 @@ mod tests {
     fn rejects_garbage_and_incomplete_commands() {
         assert!(Command::parse(&[0xde, 0xad, 0xbe, 0xef, 0x01]).is_err());
         // A command set with a group length only.
-        let obj = InMemDicomObject::command_from_element_iter([DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(1u16))]);
+        let obj = InMemDicomObject::command_from_element_iter([DataElement::new(
+            tags::MESSAGE_ID,
+            VR::US,
+            PrimitiveValue::from(1u16),
+        )]);
         let mut out = Vec::new();
-        obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
-        assert!(matches!(Command::parse(&out), Err(CommandError::Missing(_))));
+        obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        assert!(matches!(
+            Command::parse(&out),
+            Err(CommandError::Missing(_))
+        ));
     }
 
     #[test]
     fn builds_responses_with_status_and_comment() {
-        let cmd = Command::parse(&request(command_field::C_STORE_RQ, 9, CT, Some("1.2.3"), true)).unwrap();
+        let cmd = Command::parse(&request(
+            command_field::C_STORE_RQ,
+            9,
+            CT,
+            Some("1.2.3"),
+            true,
+        ))
+        .unwrap();
         let ok = response(&cmd, status::SUCCESS, Some("ignored"));
         assert_eq!(response_status(&ok).unwrap(), 0);
         let rsp = Command::parse(&ok).unwrap();
         assert_eq!(rsp.command_field, command_field::C_STORE_RSP);
         assert!(!rsp.has_dataset);
-        let failed = response(&cmd, status::OUT_OF_RESOURCES, Some("object store unavailable"));
+        let failed = response(
+            &cmd,
+            status::OUT_OF_RESOURCES,
+            Some("object store unavailable"),
+        );
         assert_eq!(response_status(&failed).unwrap(), 0xA700);
-        let obj = InMemDicomObject::read_dataset_with_ts(&failed[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
-        assert_eq!(obj.element(tags::ERROR_COMMENT).unwrap().to_str().unwrap().trim(), "object store unavailable");
-        assert_eq!(obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap().to_int::<u16>().unwrap(), 9);
+        let obj = InMemDicomObject::read_dataset_with_ts(
+            &failed[..],
+            &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        assert_eq!(
+            obj.element(tags::ERROR_COMMENT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim(),
+            "object store unavailable"
+        );
+        assert_eq!(
+            obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            9
+        );
     }
 
     #[test]
     fn status_descriptions() {
         assert_eq!(describe_status(0xA700), "Refused: out of resources");
         assert_eq!(describe_status(0xC000), "Error: cannot understand");
-        assert_eq!(describe_status(0xA900), "Error: data set does not match SOP class");
+        assert_eq!(
+            describe_status(0xA900),
+            "Error: data set does not match SOP class"
+        );
     }
 }

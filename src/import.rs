@@ -28,7 +28,11 @@ use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 /// What the batcher reports.
 #[derive(Debug, Clone)]
 pub enum BatchEvent {
-    Opened { job_id: String, created_at: String, input_location: String },
+    Opened {
+        job_id: String,
+        created_at: String,
+        input_location: String,
+    },
     Closed(BatchSummary),
 }
 
@@ -74,14 +78,25 @@ pub struct StepFunctionsTrigger {
 }
 
 impl StepFunctionsTrigger {
-    pub fn new(client: aws_sdk_sfn::Client, state_machine_arn: String, settings: ImportSettings) -> Self {
-        StepFunctionsTrigger { client, state_machine_arn, settings }
+    pub fn new(
+        client: aws_sdk_sfn::Client,
+        state_machine_arn: String,
+        settings: ImportSettings,
+    ) -> Self {
+        StepFunctionsTrigger {
+            client,
+            state_machine_arn,
+            settings,
+        }
     }
 }
 
 /// The output location of a job's import: `s3://{bucket}/{resultsPrefix}{jobId}/`.
 pub fn output_s3_uri(settings: &ImportSettings, job_id: &str) -> String {
-    format!("s3://{}/{}{job_id}/", settings.results_bucket, settings.results_prefix)
+    format!(
+        "s3://{}/{}{job_id}/",
+        settings.results_bucket, settings.results_prefix
+    )
 }
 
 /// The execution input: everything the state machine needs, so its definition stays generic.
@@ -103,8 +118,14 @@ pub fn execution_input(job: &Job, settings: &ImportSettings) -> serde_json::Valu
 /// The ARN of execution `name` of a state machine. A `#TestCase` suffix (LocalStack's mocked
 /// service integrations) is dropped.
 pub fn execution_arn(state_machine_arn: &str, name: &str) -> String {
-    let base = state_machine_arn.split('#').next().unwrap_or(state_machine_arn);
-    format!("{}:{name}", base.replacen(":stateMachine:", ":execution:", 1))
+    let base = state_machine_arn
+        .split('#')
+        .next()
+        .unwrap_or(state_machine_arn);
+    format!(
+        "{}:{name}",
+        base.replacen(":stateMachine:", ":execution:", 1)
+    )
 }
 
 #[async_trait]
@@ -116,12 +137,31 @@ impl ImportTrigger for StepFunctionsTrigger {
             output_s3_uri: output_s3_uri(&self.settings, &job.job_id),
             datastore_id: self.settings.datastore_id.clone(),
         };
-        let r = self.client.start_execution().state_machine_arn(&self.state_machine_arn).name(&job.job_id).input(input.to_string()).send().await;
+        let r = self
+            .client
+            .start_execution()
+            .state_machine_arn(&self.state_machine_arn)
+            .name(&job.job_id)
+            .input(input.to_string())
+            .send()
+            .await;
         match r {
-            Ok(out) => Ok(Started { execution_arn: out.execution_arn().to_string(), ..started }),
-            Err(e) if e.as_service_error().and_then(|se| se.code()) == Some("ExecutionAlreadyExists") => Ok(started),
+            Ok(out) => Ok(Started {
+                execution_arn: out.execution_arn().to_string(),
+                ..started
+            }),
+            Err(e)
+                if e.as_service_error().and_then(|se| se.code())
+                    == Some("ExecutionAlreadyExists") =>
+            {
+                Ok(started)
+            }
             Err(e) => Err(ImportError::StartExecution(match e.as_service_error() {
-                Some(se) => format!("{}: {}", se.code().unwrap_or("error"), se.message().unwrap_or("no message")),
+                Some(se) => format!(
+                    "{}: {}",
+                    se.code().unwrap_or("error"),
+                    se.message().unwrap_or("no message")
+                ),
                 None => DisplayErrorContext(&e).to_string(),
             })),
         }
@@ -143,7 +183,11 @@ pub fn should_resubmit(job: &Job, gateway_id: &str, now: SystemTime, grace: Dura
     if job.gateway_id.as_deref() == Some(gateway_id) {
         return true;
     }
-    let closed = job.closed_at.as_deref().or(Some(job.created_at.as_str())).and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    let closed = job
+        .closed_at
+        .as_deref()
+        .or(Some(job.created_at.as_str()))
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
     match closed {
         Some(t) => now.duration_since(t).is_ok_and(|age| age >= grace),
         None => true, // no usable timestamp: better an idempotent start than a job stuck forever
@@ -163,8 +207,18 @@ fn now_rfc3339() -> String {
 }
 
 impl Pipeline {
-    pub fn new(jobs: Arc<dyn JobStore>, trigger: Option<Arc<dyn ImportTrigger>>, gateway_id: String, max_backoff: Duration) -> Arc<Self> {
-        Arc::new(Pipeline { jobs, trigger, gateway_id, max_backoff })
+    pub fn new(
+        jobs: Arc<dyn JobStore>,
+        trigger: Option<Arc<dyn ImportTrigger>>,
+        gateway_id: String,
+        max_backoff: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Pipeline {
+            jobs,
+            trigger,
+            gateway_id,
+            max_backoff,
+        })
     }
 
     /// Retries `op` with exponential backoff until it succeeds (or the task is dropped at shutdown).
@@ -201,13 +255,23 @@ impl Pipeline {
 
     async fn handle(&self, event: BatchEvent) {
         match event {
-            BatchEvent::Opened { job_id, created_at, input_location } => {
+            BatchEvent::Opened {
+                job_id,
+                created_at,
+                input_location,
+            } => {
                 let job = Job::opened(&job_id, &created_at, &input_location, &self.gateway_id);
-                self.retry("recording the opened job", &job_id, || self.jobs.record_open(&job)).await;
+                self.retry("recording the opened job", &job_id, || {
+                    self.jobs.record_open(&job)
+                })
+                .await;
             }
             BatchEvent::Closed(batch) => {
                 let job = Job::closed(&batch, &self.gateway_id);
-                self.retry("recording the closed job", &job.job_id, || self.jobs.record_closed(&job)).await;
+                self.retry("recording the closed job", &job.job_id, || {
+                    self.jobs.record_closed(&job)
+                })
+                .await;
                 info!(job_id = %job.job_id, instances = batch.instance_count, "job recorded as CLOSED");
                 self.submit(&job).await;
             }
@@ -218,7 +282,9 @@ impl Pipeline {
     /// the job stays CLOSED (the embedded default).
     pub async fn submit(&self, job: &Job) {
         let Some(trigger) = &self.trigger else { return };
-        let started = self.retry("starting the import", &job.job_id, || trigger.start(job)).await;
+        let started = self
+            .retry("starting the import", &job.job_id, || trigger.start(job))
+            .await;
         let transition = Transition {
             execution_arn: Some(started.execution_arn.clone()),
             submitted_at: Some(now_rfc3339()),
@@ -228,7 +294,11 @@ impl Pipeline {
         };
         let recorded = self
             .retry("recording SUBMITTED", &job.job_id, || async {
-                match self.jobs.transition(&job.job_id, JobStatus::Submitted, transition.clone()).await {
+                match self
+                    .jobs
+                    .transition(&job.job_id, JobStatus::Submitted, transition.clone())
+                    .await
+                {
                     // The state machine got there first (IMPORTING or beyond): nothing to record.
                     Err(JobStoreError::NotForward { .. }) => Ok(false),
                     other => other.map(|()| true),
@@ -246,7 +316,10 @@ impl Pipeline {
         }
         let now = SystemTime::now();
         let closed = self.jobs.list_by_status(JobStatus::Closed).await?;
-        let due: Vec<Job> = closed.into_iter().filter(|j| should_resubmit(j, &self.gateway_id, now, grace)).collect();
+        let due: Vec<Job> = closed
+            .into_iter()
+            .filter(|j| should_resubmit(j, &self.gateway_id, now, grace))
+            .collect();
         for job in &due {
             info!(job_id = %job.job_id, "recovery: job was CLOSED but never submitted; starting its import");
             self.submit(job).await;
@@ -272,7 +345,12 @@ mod tests {
     }
 
     fn closed_job(gateway: &str, closed_at: &str) -> Job {
-        let mut job = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/", gateway);
+        let mut job = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
+            gateway,
+        );
         job.status = JobStatus::Closed;
         job.closed_at = Some(closed_at.into());
         job
@@ -283,9 +361,18 @@ mod tests {
         let job = closed_job("gw", "2026-11-23T10:00:30.000Z");
         let input = execution_input(&job, &settings());
         assert_eq!(input["jobId"], job.job_id);
-        assert_eq!(input["inputS3Uri"], "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/");
-        assert_eq!(input["outputS3Uri"], "s3://bucket/results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/");
-        assert_eq!(input["resultsKeyPrefix"], "results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/");
+        assert_eq!(
+            input["inputS3Uri"],
+            "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
+        );
+        assert_eq!(
+            input["outputS3Uri"],
+            "s3://bucket/results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
+        );
+        assert_eq!(
+            input["resultsKeyPrefix"],
+            "results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
+        );
         assert_eq!(input["datastoreId"], "ds123");
         assert_eq!(input["tableName"], "jobs");
         assert_eq!(input["pollIntervalSeconds"], 30);
@@ -294,19 +381,55 @@ mod tests {
 
     #[test]
     fn execution_arns_follow_the_state_machine() {
-        assert_eq!(execution_arn("arn:aws:states:us-east-1:123:stateMachine:import", "J1"), "arn:aws:states:us-east-1:123:execution:import:J1");
-        assert_eq!(execution_arn("arn:aws:states:us-east-1:123:stateMachine:import#HappyPath", "J1"), "arn:aws:states:us-east-1:123:execution:import:J1");
+        assert_eq!(
+            execution_arn("arn:aws:states:us-east-1:123:stateMachine:import", "J1"),
+            "arn:aws:states:us-east-1:123:execution:import:J1"
+        );
+        assert_eq!(
+            execution_arn(
+                "arn:aws:states:us-east-1:123:stateMachine:import#HappyPath",
+                "J1"
+            ),
+            "arn:aws:states:us-east-1:123:execution:import:J1"
+        );
     }
 
     #[test]
     fn recovery_decision() {
         let now = humantime::parse_rfc3339("2026-11-23T10:10:00Z").unwrap();
         let grace = Duration::from_secs(300);
-        assert!(should_resubmit(&closed_job("me", "2026-11-23T10:09:59.000Z"), "me", now, grace), "our own CLOSED job: at once");
-        assert!(!should_resubmit(&closed_job("other", "2026-11-23T10:09:00.000Z"), "me", now, grace), "another gateway's recent job: not yet");
-        assert!(should_resubmit(&closed_job("other", "2026-11-23T10:01:00.000Z"), "me", now, grace), "another gateway's old job: yes");
+        assert!(
+            should_resubmit(
+                &closed_job("me", "2026-11-23T10:09:59.000Z"),
+                "me",
+                now,
+                grace
+            ),
+            "our own CLOSED job: at once"
+        );
+        assert!(
+            !should_resubmit(
+                &closed_job("other", "2026-11-23T10:09:00.000Z"),
+                "me",
+                now,
+                grace
+            ),
+            "another gateway's recent job: not yet"
+        );
+        assert!(
+            should_resubmit(
+                &closed_job("other", "2026-11-23T10:01:00.000Z"),
+                "me",
+                now,
+                grace
+            ),
+            "another gateway's old job: yes"
+        );
         let mut submitted = closed_job("me", "2026-11-23T10:00:00.000Z");
         submitted.status = JobStatus::Submitted;
-        assert!(!should_resubmit(&submitted, "me", now, grace), "only CLOSED jobs");
+        assert!(
+            !should_resubmit(&submitted, "me", now, grace),
+            "only CLOSED jobs"
+        );
     }
 }

@@ -33,7 +33,10 @@ pub struct Outcome {
 
 impl Outcome {
     fn failure(status: u16, comment: impl Into<String>) -> Self {
-        Outcome { status, comment: Some(comment.into()) }
+        Outcome {
+            status,
+            comment: Some(comment.into()),
+        }
     }
 }
 
@@ -61,13 +64,28 @@ pub struct InstanceReceiver {
 
 impl InstanceReceiver {
     /// Starts receiving the data set of `command`, negotiated with `transfer_syntax_uid`.
-    pub fn new(store: Arc<dyn ObjectStore>, batcher: Arc<Batcher>, command: &Command, transfer_syntax_uid: &str, calling_ae_title: &str) -> Self {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        batcher: Arc<Batcher>,
+        command: &Command,
+        transfer_syntax_uid: &str,
+        calling_ae_title: &str,
+    ) -> Self {
         let sop_class_uid = command.affected_sop_class_uid.clone().unwrap_or_default();
-        let sop_instance_uid = command.affected_sop_instance_uid.clone().unwrap_or_default();
+        let sop_instance_uid = command
+            .affected_sop_instance_uid
+            .clone()
+            .unwrap_or_default();
         let failure = if let Err(e) = validate_uid(&sop_class_uid) {
-            Some(Outcome::failure(status::CANNOT_UNDERSTAND, format!("Affected SOP Class UID: {e}")))
+            Some(Outcome::failure(
+                status::CANNOT_UNDERSTAND,
+                format!("Affected SOP Class UID: {e}"),
+            ))
         } else if let Err(e) = validate_uid(&sop_instance_uid) {
-            Some(Outcome::failure(status::CANNOT_UNDERSTAND, format!("Affected SOP Instance UID: {e}")))
+            Some(Outcome::failure(
+                status::CANNOT_UNDERSTAND,
+                format!("Affected SOP Instance UID: {e}"),
+            ))
         } else {
             None
         };
@@ -78,7 +96,9 @@ impl InstanceReceiver {
             sop_instance_uid,
             transfer_syntax_uid: transfer_syntax_uid.to_string(),
             calling_ae_title: calling_ae_title.to_string(),
-            sniffer: Some(HeaderSniffer::new(DatasetEncoding::of_transfer_syntax(transfer_syntax_uid))),
+            sniffer: Some(HeaderSniffer::new(DatasetEncoding::of_transfer_syntax(
+                transfer_syntax_uid,
+            ))),
             prefix: Vec::new(),
             upload: None,
             failure,
@@ -107,23 +127,40 @@ impl InstanceReceiver {
         }
         if let Some(up) = self.upload.as_mut() {
             if let Err(e) = up.upload.write(data).await {
-                self.fail(Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"), &e.to_string()).await;
+                self.fail(
+                    Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"),
+                    &e.to_string(),
+                )
+                .await;
             }
             return;
         }
-        let Some(sniffer) = self.sniffer.as_mut() else { return };
+        let Some(sniffer) = self.sniffer.as_mut() else {
+            return;
+        };
         match sniffer.feed(data) {
             Err(e) => {
                 let reason = format!("data set header: {e}");
-                self.fail(Outcome::failure(status::CANNOT_UNDERSTAND, &reason), &reason).await;
+                self.fail(
+                    Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
+                    &reason,
+                )
+                .await;
             }
             Ok(done) => {
                 self.prefix.extend_from_slice(data);
                 if done {
                     self.start_upload().await;
                 } else if self.prefix.len() > HEADER_LIMIT {
-                    let reason = format!("identifying UIDs not found in the first {} MiB of the data set", HEADER_LIMIT >> 20);
-                    self.fail(Outcome::failure(status::CANNOT_UNDERSTAND, &reason), &reason).await;
+                    let reason = format!(
+                        "identifying UIDs not found in the first {} MiB of the data set",
+                        HEADER_LIMIT >> 20
+                    );
+                    self.fail(
+                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
+                        &reason,
+                    )
+                    .await;
                 }
             }
         }
@@ -131,12 +168,19 @@ impl InstanceReceiver {
 
     /// Checks the sniffed UIDs and opens the upload with the prefix written.
     async fn start_upload(&mut self) {
-        let Some(sniffer) = self.sniffer.take() else { return };
+        let Some(sniffer) = self.sniffer.take() else {
+            return;
+        };
         let ids = match sniffer.finish().and_then(|ids| ids.require()) {
             Ok(ids) => ids,
             Err(e) => {
                 let reason = format!("data set header: {e}");
-                return self.fail(Outcome::failure(status::CANNOT_UNDERSTAND, &reason), &reason).await;
+                return self
+                    .fail(
+                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
+                        &reason,
+                    )
+                    .await;
             }
         };
         if let Err(outcome) = self.check_ids(&ids) {
@@ -144,11 +188,21 @@ impl InstanceReceiver {
             return self.fail(outcome, &reason).await;
         }
         let lease = self.batcher.lease();
-        let key = match ObjectKey::new(lease.batch_id(), &ids.study_instance_uid, &ids.series_instance_uid, &ids.sop_instance_uid) {
+        let key = match ObjectKey::new(
+            lease.batch_id(),
+            &ids.study_instance_uid,
+            &ids.series_instance_uid,
+            &ids.sop_instance_uid,
+        ) {
             Ok(key) => key,
             Err(e) => {
                 let reason = e.to_string();
-                return self.fail(Outcome::failure(status::CANNOT_UNDERSTAND, &reason), &reason).await;
+                return self
+                    .fail(
+                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
+                        &reason,
+                    )
+                    .await;
             }
         };
         let meta = FileMeta {
@@ -161,36 +215,69 @@ impl InstanceReceiver {
             Ok(m) => m,
             Err(e) => {
                 let reason = format!("file meta group: {e}");
-                return self.fail(Outcome::failure(status::CANNOT_UNDERSTAND, &reason), &reason).await;
+                return self
+                    .fail(
+                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
+                        &reason,
+                    )
+                    .await;
             }
         };
         let mut upload = match self.store.begin(&key).await {
             Ok(u) => u,
-            Err(e) => return self.fail(Outcome::failure(status::OUT_OF_RESOURCES, "object store unavailable"), &e.to_string()).await,
+            Err(e) => {
+                return self
+                    .fail(
+                        Outcome::failure(status::OUT_OF_RESOURCES, "object store unavailable"),
+                        &e.to_string(),
+                    )
+                    .await;
+            }
         };
         let prefix = std::mem::take(&mut self.prefix);
         let written = match upload.write(&meta).await {
             Ok(()) => upload.write(&prefix).await,
             Err(e) => Err(e),
         };
-        self.upload = Some(Upload { upload, lease, key, study_instance_uid: ids.study_instance_uid });
+        self.upload = Some(Upload {
+            upload,
+            lease,
+            key,
+            study_instance_uid: ids.study_instance_uid,
+        });
         if let Err(e) = written {
-            self.fail(Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"), &e.to_string()).await;
+            self.fail(
+                Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"),
+                &e.to_string(),
+            )
+            .await;
         }
     }
 
     fn check_ids(&self, ids: &RequiredIds) -> Result<(), Outcome> {
         if ids.sop_instance_uid != self.sop_instance_uid {
-            return Err(Outcome::failure(status::DATASET_DOES_NOT_MATCH, "SOP Instance UID in data set differs from the command"));
+            return Err(Outcome::failure(
+                status::DATASET_DOES_NOT_MATCH,
+                "SOP Instance UID in data set differs from the command",
+            ));
         }
         if let Some(class) = &ids.sop_class_uid {
             if *class != self.sop_class_uid {
-                return Err(Outcome::failure(status::DATASET_DOES_NOT_MATCH, "SOP Class UID in data set differs from the command"));
+                return Err(Outcome::failure(
+                    status::DATASET_DOES_NOT_MATCH,
+                    "SOP Class UID in data set differs from the command",
+                ));
             }
         }
-        for (which, uid) in [("Study Instance UID", &ids.study_instance_uid), ("Series Instance UID", &ids.series_instance_uid)] {
+        for (which, uid) in [
+            ("Study Instance UID", &ids.study_instance_uid),
+            ("Series Instance UID", &ids.series_instance_uid),
+        ] {
             if let Err(e) = validate_uid(uid) {
-                return Err(Outcome::failure(status::CANNOT_UNDERSTAND, format!("{which}: {e}")));
+                return Err(Outcome::failure(
+                    status::CANNOT_UNDERSTAND,
+                    format!("{which}: {e}"),
+                ));
             }
         }
         Ok(())
@@ -220,7 +307,8 @@ impl InstanceReceiver {
         };
         match up.upload.commit().await {
             Ok(stored) => {
-                up.lease.commit(stored.size, &up.study_instance_uid, &self.calling_ae_title);
+                up.lease
+                    .commit(stored.size, &up.study_instance_uid, &self.calling_ae_title);
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,
                     size = stored.size,
@@ -228,11 +316,17 @@ impl InstanceReceiver {
                     duration_ms = self.started.elapsed().as_millis() as u64,
                     "instance stored"
                 );
-                Outcome { status: status::SUCCESS, comment: None }
+                Outcome {
+                    status: status::SUCCESS,
+                    comment: None,
+                }
             }
             Err(e) => {
                 warn!(sop_instance_uid = %self.sop_instance_uid, status = "0xA700", reason = %e, "instance not stored");
-                Outcome::failure(status::OUT_OF_RESOURCES, "object store did not confirm the object")
+                Outcome::failure(
+                    status::OUT_OF_RESOURCES,
+                    "object store did not confirm the object",
+                )
             }
         }
     }

@@ -46,7 +46,12 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn new(listener: TcpListener, services: Arc<Services>, max_associations: usize, peer_allow: Vec<IpNet>) -> Self {
+    pub fn new(
+        listener: TcpListener,
+        services: Arc<Services>,
+        max_associations: usize,
+        peer_allow: Vec<IpNet>,
+    ) -> Self {
         Listener {
             listener,
             services,
@@ -91,8 +96,14 @@ impl Listener {
         if active > 0 {
             info!(active, deadline = ?deadline, "no longer accepting; waiting for associations to finish");
         }
-        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_err() {
-            warn!(active = self.tracker.len(), "shutdown deadline passed; aborting remaining associations");
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                active = self.tracker.len(),
+                "shutdown deadline passed; aborting remaining associations"
+            );
             self.hard_stop.cancel();
             self.tracker.wait().await;
         }
@@ -102,9 +113,16 @@ impl Listener {
         // Nagle's algorithm would hold back every small C-STORE-RSP for ~40 ms.
         let _ = socket.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if !self.peer_allow.is_empty() && !self.peer_allow.iter().any(|net| net.contains(&peer.ip())) {
+        if !self.peer_allow.is_empty()
+            && !self.peer_allow.iter().any(|net| net.contains(&peer.ip()))
+        {
             warn!(association = id, peer = %peer, reason = "peer address not in --peer-allow", "association rejected");
-            let rj = AssociationRJ { result: AssociationRJResult::Permanent, source: AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven) };
+            let rj = AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::NoReasonGiven,
+                ),
+            };
             self.reject(socket, rj);
             return;
         }
@@ -112,7 +130,9 @@ impl Listener {
             warn!(association = id, peer = %peer, reason = "association limit reached (--max-associations)", "association rejected");
             let rj = AssociationRJ {
                 result: AssociationRJResult::Transient,
-                source: AssociationRJSource::ServiceProviderPresentation(AssociationRJServiceProviderPresentationReason::LocalLimitExceeded),
+                source: AssociationRJSource::ServiceProviderPresentation(
+                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
             };
             self.reject(socket, rj);
             return;

@@ -72,11 +72,17 @@ mod tests {
         bytes.extend_from_slice(&[0x08, 0x00, 0x16, 0x00]); // start of a data set
         let (table, offset) = split_part10(&bytes).unwrap();
         assert_eq!(offset, bytes.len() - 4);
-        assert_eq!(table.media_storage_sop_class_uid(), "1.2.840.10008.5.1.4.1.1.2");
+        assert_eq!(
+            table.media_storage_sop_class_uid(),
+            "1.2.840.10008.5.1.4.1.1.2"
+        );
         assert_eq!(table.media_storage_sop_instance_uid(), "1.2.3.4.5");
         assert_eq!(table.transfer_syntax(), "1.2.840.10008.1.2");
         assert_eq!(table.implementation_class_uid(), IMPLEMENTATION_CLASS_UID);
-        assert_eq!(table.implementation_version_name(), Some(IMPLEMENTATION_VERSION_NAME));
+        assert_eq!(
+            table.implementation_version_name(),
+            Some(IMPLEMENTATION_VERSION_NAME)
+        );
         assert_eq!(table.source_application_entity_title(), Some("MODALITY1"));
         assert!(IMPLEMENTATION_VERSION_NAME.len() <= 16);
     }

@@ -36,7 +36,9 @@ impl PduError {
     pub fn abort_reason(&self) -> AbortRQServiceProviderReason {
         match self {
             PduError::UnknownType(_) => AbortRQServiceProviderReason::UnrecognizedPdu,
-            PduError::TooLarge { .. } | PduError::Malformed(_) | PduError::Decode(_) => AbortRQServiceProviderReason::InvalidPduParameter,
+            PduError::TooLarge { .. } | PduError::Malformed(_) | PduError::Decode(_) => {
+                AbortRQServiceProviderReason::InvalidPduParameter
+            }
             _ => AbortRQServiceProviderReason::ReasonNotSpecified,
         }
     }
@@ -59,21 +61,30 @@ pub enum Incoming {
 
 /// Reads the next PDU. `Ok(None)` means the peer closed the connection between PDUs.
 /// `max_pdata` is the largest P-DATA-TF body accepted (our negotiated maximum length).
-pub async fn read_pdu<R: AsyncRead + Unpin>(r: &mut R, max_pdata: u32) -> Result<Option<Incoming>, PduError> {
+pub async fn read_pdu<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_pdata: u32,
+) -> Result<Option<Incoming>, PduError> {
     read_pdu_into(r, max_pdata, &mut BytesMut::new()).await
 }
 
 /// [`read_pdu`] with a caller-owned buffer for PDU bodies. Once the PDVs of the previous PDU have
 /// been dropped, the buffer's memory is reused instead of allocating (and page-faulting in) a fresh
 /// max-PDU-sized block for every PDU, which dominated CPU time under load.
-pub async fn read_pdu_into<R: AsyncRead + Unpin>(r: &mut R, max_pdata: u32, scratch: &mut BytesMut) -> Result<Option<Incoming>, PduError> {
+pub async fn read_pdu_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_pdata: u32,
+    scratch: &mut BytesMut,
+) -> Result<Option<Incoming>, PduError> {
     let mut header = [0u8; HEADER_LEN];
     let n = r.read(&mut header).await?;
     if n == 0 {
         return Ok(None);
     }
     if n < HEADER_LEN {
-        r.read_exact(&mut header[n..]).await.map_err(eof_is_truncation)?;
+        r.read_exact(&mut header[n..])
+            .await
+            .map_err(eof_is_truncation)?;
     }
     let pdu_type = header[0];
     let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
@@ -83,11 +94,17 @@ pub async fn read_pdu_into<R: AsyncRead + Unpin>(r: &mut R, max_pdata: u32, scra
         other => return Err(PduError::UnknownType(other)),
     };
     if length > max {
-        return Err(PduError::TooLarge { pdu_type, length, max });
+        return Err(PduError::TooLarge {
+            pdu_type,
+            length,
+            max,
+        });
     }
     scratch.clear();
     scratch.resize(length as usize, 0);
-    r.read_exact(&mut scratch[..]).await.map_err(eof_is_truncation)?;
+    r.read_exact(&mut scratch[..])
+        .await
+        .map_err(eof_is_truncation)?;
     let body = scratch.split().freeze();
     if pdu_type == PDATA_TF {
         return split_pdvs(body).map(|p| Some(Incoming::PData(p)));
@@ -103,7 +120,11 @@ pub async fn read_pdu_into<R: AsyncRead + Unpin>(r: &mut R, max_pdata: u32, scra
 }
 
 fn eof_is_truncation(e: std::io::Error) -> PduError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof { PduError::Truncated } else { PduError::Io(e) }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        PduError::Truncated
+    } else {
+        PduError::Io(e)
+    }
 }
 
 /// Splits a P-DATA-TF body into PDVs (PS3.8 §9.3.5.1), sharing the body's memory.
@@ -123,10 +144,17 @@ pub fn split_pdvs(mut body: Bytes) -> Result<Vec<Pdv>, PduError> {
         let context_id = body.get_u8();
         let control = body.get_u8();
         if control & !0x03 != 0 {
-            return Err(PduError::Malformed("PDV message control header has reserved bits set"));
+            return Err(PduError::Malformed(
+                "PDV message control header has reserved bits set",
+            ));
         }
         let data = body.split_to(item_len - 2);
-        pdvs.push(Pdv { context_id, is_command: control & 0x01 != 0, is_last: control & 0x02 != 0, data });
+        pdvs.push(Pdv {
+            context_id,
+            is_command: control & 0x01 != 0,
+            is_last: control & 0x02 != 0,
+            data,
+        });
     }
     Ok(pdvs)
 }
@@ -146,15 +174,27 @@ pub fn encode_pdata(context_id: u8, is_command: bool, is_last: bool, data: &[u8]
 
 /// Sends a message part (a command set or a data set) as PDVs no larger than the peer accepts.
 /// `peer_max` is the peer's Maximum Length Received; 0 means unlimited.
-pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, context_id: u8, is_command: bool, data: &[u8], peer_max: u32) -> Result<(), PduError> {
-    let max_chunk = if peer_max == 0 { usize::MAX } else { (peer_max as usize).saturating_sub(6).max(1) };
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    context_id: u8,
+    is_command: bool,
+    data: &[u8],
+    peer_max: u32,
+) -> Result<(), PduError> {
+    let max_chunk = if peer_max == 0 {
+        usize::MAX
+    } else {
+        (peer_max as usize).saturating_sub(6).max(1)
+    };
     let mut chunks = data.chunks(max_chunk).peekable();
     if data.is_empty() {
-        w.write_all(&encode_pdata(context_id, is_command, true, &[])).await?;
+        w.write_all(&encode_pdata(context_id, is_command, true, &[]))
+            .await?;
     }
     while let Some(chunk) = chunks.next() {
         let last = chunks.peek().is_none();
-        w.write_all(&encode_pdata(context_id, is_command, last, chunk)).await?;
+        w.write_all(&encode_pdata(context_id, is_command, last, chunk))
+            .await?;
     }
     w.flush().await?;
     Ok(())
@@ -171,7 +211,9 @@ pub async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu) -> Result<()
 
 /// An A-ABORT from the service provider (us) with `reason`.
 pub fn abort(reason: AbortRQServiceProviderReason) -> Pdu {
-    Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(reason) }
+    Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(reason),
+    }
 }
 
 #[cfg(test)]
@@ -192,23 +234,43 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match read_pdu(&mut r, 1024).await.unwrap().unwrap() {
-            Incoming::PData(p) => assert!(!p[0].is_command && !p[0].is_last && p[0].context_id == 3),
+            Incoming::PData(p) => {
+                assert!(!p[0].is_command && !p[0].is_last && p[0].context_id == 3)
+            }
             other => panic!("{other:?}"),
         }
-        assert!(read_pdu(&mut r, 1024).await.unwrap().is_none(), "clean end between PDUs");
+        assert!(
+            read_pdu(&mut r, 1024).await.unwrap().is_none(),
+            "clean end between PDUs"
+        );
     }
 
     #[tokio::test]
     async fn oversized_and_malformed_pdus_are_errors_before_allocation() {
         let huge = [0x04, 0, 0xFF, 0xFF, 0xFF, 0xF0];
-        assert!(matches!(read_pdu(&mut &huge[..], 16384).await, Err(PduError::TooLarge { .. })));
+        assert!(matches!(
+            read_pdu(&mut &huge[..], 16384).await,
+            Err(PduError::TooLarge { .. })
+        ));
         let assoc_huge = [0x01, 0, 0x10, 0, 0, 0];
-        assert!(matches!(read_pdu(&mut &assoc_huge[..], 16384).await, Err(PduError::TooLarge { .. })));
-        assert!(matches!(read_pdu(&mut &[0x09u8, 0, 0, 0, 0, 0][..], 16384).await, Err(PduError::UnknownType(9))));
-        assert!(matches!(read_pdu(&mut &[0x04u8, 0, 0, 0, 0, 10, 1, 2][..], 16384).await, Err(PduError::Truncated)));
+        assert!(matches!(
+            read_pdu(&mut &assoc_huge[..], 16384).await,
+            Err(PduError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            read_pdu(&mut &[0x09u8, 0, 0, 0, 0, 0][..], 16384).await,
+            Err(PduError::UnknownType(9))
+        ));
+        assert!(matches!(
+            read_pdu(&mut &[0x04u8, 0, 0, 0, 0, 10, 1, 2][..], 16384).await,
+            Err(PduError::Truncated)
+        ));
         // PDV item claims more than the PDU holds.
         let bad = [0x04, 0, 0, 0, 0, 8, 0, 0, 0, 50, 1, 3, 0, 0];
-        assert!(matches!(read_pdu(&mut &bad[..], 16384).await, Err(PduError::Malformed(_))));
+        assert!(matches!(
+            read_pdu(&mut &bad[..], 16384).await,
+            Err(PduError::Malformed(_))
+        ));
         assert!(split_pdvs(Bytes::from_static(&[0, 0, 0, 1, 1])).is_err());
         assert!(split_pdvs(Bytes::new()).is_err());
     }
@@ -216,7 +278,9 @@ mod tests {
     #[tokio::test]
     async fn messages_are_fragmented_to_the_peer_maximum() {
         let mut out = Vec::new();
-        write_message(&mut out, 1, false, &[7u8; 100], 46).await.unwrap();
+        write_message(&mut out, 1, false, &[7u8; 100], 46)
+            .await
+            .unwrap();
         let mut r = &out[..];
         let mut total = 0;
         let mut last_seen = false;
@@ -233,9 +297,20 @@ mod tests {
     async fn control_pdus_round_trip_through_dicom_ul() {
         let mut out = Vec::new();
         write_pdu(&mut out, &Pdu::ReleaseRQ).await.unwrap();
-        write_pdu(&mut out, &abort(AbortRQServiceProviderReason::UnexpectedPdu)).await.unwrap();
+        write_pdu(
+            &mut out,
+            &abort(AbortRQServiceProviderReason::UnexpectedPdu),
+        )
+        .await
+        .unwrap();
         let mut r = &out[..];
-        assert!(matches!(read_pdu(&mut r, 4096).await.unwrap(), Some(Incoming::Other(Pdu::ReleaseRQ))));
-        assert!(matches!(read_pdu(&mut r, 4096).await.unwrap(), Some(Incoming::Other(Pdu::AbortRQ { .. }))));
+        assert!(matches!(
+            read_pdu(&mut r, 4096).await.unwrap(),
+            Some(Incoming::Other(Pdu::ReleaseRQ))
+        ));
+        assert!(matches!(
+            read_pdu(&mut r, 4096).await.unwrap(),
+            Some(Incoming::Other(Pdu::AbortRQ { .. }))
+        ));
     }
 }

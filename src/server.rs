@@ -37,8 +37,13 @@ async fn aws_config() -> aws_config::SdkConfig {
 /// The job store the options ask for: DynamoDB with --job-table, else the local journal.
 pub async fn open_job_store(args: &JobStoreArgs) -> Arc<dyn JobStore> {
     match &args.job_table {
-        Some(table) => Arc::new(DynamoJobStore::new(aws_sdk_dynamodb::Client::new(&aws_config().await), table.clone())),
-        None => Arc::new(LocalJournal::new(args.store_dir.join(LocalJournal::DIR_NAME))),
+        Some(table) => Arc::new(DynamoJobStore::new(
+            aws_sdk_dynamodb::Client::new(&aws_config().await),
+            table.clone(),
+        )),
+        None => Arc::new(LocalJournal::new(
+            args.store_dir.join(LocalJournal::DIR_NAME),
+        )),
     }
 }
 
@@ -47,14 +52,25 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
     match &args.s3_bucket {
         Some(bucket) => {
             let conf = aws_config().await;
-            let s3_conf = aws_sdk_s3::config::Builder::from(&conf).force_path_style(args.s3_force_path_style).build();
+            let s3_conf = aws_sdk_s3::config::Builder::from(&conf)
+                .force_path_style(args.s3_force_path_style)
+                .build();
             let client = aws_sdk_s3::Client::from_conf(s3_conf);
-            Ok(Arc::new(S3Store::new(client, bucket.clone(), args.s3_prefix.clone(), args.part_size as usize, args.parts_in_flight)))
+            Ok(Arc::new(S3Store::new(
+                client,
+                bucket.clone(),
+                args.s3_prefix.clone(),
+                args.part_size as usize,
+                args.parts_in_flight,
+            )))
         }
         None => {
-            let store = LocalStore::open(&args.store_dir)
-                .await
-                .with_context(|| format!("cannot use --store-dir {}: check that it is writable", args.store_dir.display()))?;
+            let store = LocalStore::open(&args.store_dir).await.with_context(|| {
+                format!(
+                    "cannot use --store-dir {}: check that it is writable",
+                    args.store_dir.display()
+                )
+            })?;
             Ok(Arc::new(store))
         }
     }
@@ -72,23 +88,43 @@ async fn open_trigger(args: &ServeArgs) -> Option<Arc<dyn ImportTrigger>> {
         poll_interval: args.import_poll_interval,
         max_polls: args.import_max_polls,
     };
-    Some(Arc::new(StepFunctionsTrigger::new(aws_sdk_sfn::Client::new(&aws_config().await), arn, settings)))
+    Some(Arc::new(StepFunctionsTrigger::new(
+        aws_sdk_sfn::Client::new(&aws_config().await),
+        arn,
+        settings,
+    )))
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = open_store(&args).await?;
-    let jobs = open_job_store(&JobStoreArgs { job_table: args.job_table.clone(), store_dir: args.store_dir.clone() }).await;
+    let jobs = open_job_store(&JobStoreArgs {
+        job_table: args.job_table.clone(),
+        store_dir: args.store_dir.clone(),
+    })
+    .await;
     let trigger = open_trigger(&args).await;
     let gateway_id = args.gateway_id();
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen): is another process using the port?", args.listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (--listen): is another process using the port?",
+            args.listen
+        )
+    })?;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let location_store = store.clone();
-    let batcher = Batcher::new(args.batch_limits(), move |id| location_store.batch_location(id), events_tx);
-    let pipeline = Pipeline::new(jobs.clone(), trigger.clone(), gateway_id.clone(), MAX_RETRY_BACKOFF);
+    let batcher = Batcher::new(
+        args.batch_limits(),
+        move |id| location_store.batch_location(id),
+        events_tx,
+    );
+    let pipeline = Pipeline::new(
+        jobs.clone(),
+        trigger.clone(),
+        gateway_id.clone(),
+        MAX_RETRY_BACKOFF,
+    );
     let pipeline_task = tokio::spawn(pipeline.clone().run(events_rx));
     // Recovery runs beside the listener: a slow or unreachable job store must not delay receiving.
     let recovery = {
@@ -97,7 +133,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             match pipeline.recover(RECOVERY_GRACE).await {
                 Ok(0) => {}
                 Ok(n) => info!(jobs = n, "recovery: imports started for jobs left CLOSED"),
-                Err(e) => warn!(error = %e, "recovery: could not list CLOSED jobs; they will be retried at the next start"),
+                Err(e) => {
+                    warn!(error = %e, "recovery: could not list CLOSED jobs; they will be retried at the next start")
+                }
             }
         })
     };
@@ -105,7 +143,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
     let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
-    let policy = Policy::new(non_empty(&args.sop_class_allow).as_deref(), non_empty(&args.transfer_syntax_allow).as_deref());
+    let policy = Policy::new(
+        non_empty(&args.sop_class_allow).as_deref(),
+        non_empty(&args.transfer_syntax_allow).as_deref(),
+    );
     let services = Arc::new(Services {
         acceptance: AcceptancePolicy {
             ae_title: args.ae_title.trim().to_string(),
@@ -114,11 +155,20 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             policy,
             max_pdu: args.max_pdu,
         },
-        timeouts: Timeouts { request: args.association_timeout, idle: args.idle_timeout, io: args.io_timeout },
+        timeouts: Timeouts {
+            request: args.association_timeout,
+            idle: args.idle_timeout,
+            io: args.io_timeout,
+        },
         store: store.clone(),
         batcher: batcher.clone(),
     });
-    let listener = Listener::new(listener, services, args.max_associations, args.peer_allow.clone());
+    let listener = Listener::new(
+        listener,
+        services,
+        args.max_associations,
+        args.peer_allow.clone(),
+    );
     info!(
         listen = %listener.local_addr()?,
         ae_title = %args.ae_title,
@@ -138,8 +188,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     batcher.close_all(Duration::from_secs(5)).await;
     drop(batcher);
     recovery.abort();
-    if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task).await.is_err() {
-        warn!("job store or import trigger still unavailable at shutdown; CLOSED jobs are started by recovery at the next start");
+    if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task)
+        .await
+        .is_err()
+    {
+        warn!(
+            "job store or import trigger still unavailable at shutdown; CLOSED jobs are started by recovery at the next start"
+        );
     }
     info!("dicom-gateway stopped");
     Ok(())

@@ -64,9 +64,15 @@ pub struct RequiredIds {
 impl DatasetIds {
     pub fn require(self) -> Result<RequiredIds, SniffError> {
         Ok(RequiredIds {
-            sop_instance_uid: self.sop_instance_uid.ok_or(SniffError::Missing("SOP Instance UID (0008,0018)"))?,
-            study_instance_uid: self.study_instance_uid.ok_or(SniffError::Missing("Study Instance UID (0020,000D)"))?,
-            series_instance_uid: self.series_instance_uid.ok_or(SniffError::Missing("Series Instance UID (0020,000E)"))?,
+            sop_instance_uid: self
+                .sop_instance_uid
+                .ok_or(SniffError::Missing("SOP Instance UID (0008,0018)"))?,
+            study_instance_uid: self
+                .study_instance_uid
+                .ok_or(SniffError::Missing("Study Instance UID (0020,000D)"))?,
+            series_instance_uid: self
+                .series_instance_uid
+                .ok_or(SniffError::Missing("Series Instance UID (0020,000E)"))?,
             sop_class_uid: self.sop_class_uid,
             modality: self.modality,
         })
@@ -79,7 +85,10 @@ struct Syntax {
     big_endian: bool,
 }
 
-const IMPLICIT_LE: Syntax = Syntax { explicit: false, big_endian: false };
+const IMPLICIT_LE: Syntax = Syntax {
+    explicit: false,
+    big_endian: false,
+};
 
 /// Where the parser is in the nesting of undefined-length sequences and items.
 #[derive(Debug, Clone, Copy)]
@@ -114,13 +123,38 @@ impl HeaderSniffer {
     pub fn new(encoding: DatasetEncoding) -> Self {
         let (base, inflater) = match encoding {
             DatasetEncoding::ImplicitVrLittleEndian => (IMPLICIT_LE, None),
-            DatasetEncoding::ExplicitVrLittleEndian => (Syntax { explicit: true, big_endian: false }, None),
-            DatasetEncoding::ExplicitVrBigEndian => (Syntax { explicit: true, big_endian: true }, None),
-            DatasetEncoding::DeflatedExplicitVrLittleEndian => {
-                (Syntax { explicit: true, big_endian: false }, Some(Decompress::new(false)))
-            }
+            DatasetEncoding::ExplicitVrLittleEndian => (
+                Syntax {
+                    explicit: true,
+                    big_endian: false,
+                },
+                None,
+            ),
+            DatasetEncoding::ExplicitVrBigEndian => (
+                Syntax {
+                    explicit: true,
+                    big_endian: true,
+                },
+                None,
+            ),
+            DatasetEncoding::DeflatedExplicitVrLittleEndian => (
+                Syntax {
+                    explicit: true,
+                    big_endian: false,
+                },
+                Some(Decompress::new(false)),
+            ),
         };
-        HeaderSniffer { base, inflater, buf: Vec::new(), skip: 0, stack: Vec::new(), pending: None, ids: DatasetIds::default(), done: false }
+        HeaderSniffer {
+            base,
+            inflater,
+            buf: Vec::new(),
+            skip: 0,
+            stack: Vec::new(),
+            pending: None,
+            ids: DatasetIds::default(),
+            done: false,
+        }
     }
 
     /// True once everything of interest has been seen; further input is ignored.
@@ -205,7 +239,11 @@ impl HeaderSniffer {
         }
         let syntax = self.syntax();
         let tag = read_tag(&self.buf, syntax.big_endian);
-        if syntax.explicit && tag >> 16 != 0xFFFE && has_long_header(&self.buf[4..6]) { 12 } else { 8 }
+        if syntax.explicit && tag >> 16 != 0xFFFE && has_long_header(&self.buf[4..6]) {
+            12
+        } else {
+            8
+        }
     }
 
     fn step(&mut self) -> Result<(), SniffError> {
@@ -222,7 +260,9 @@ impl HeaderSniffer {
         } else if syntax.explicit {
             let vr = [header[4], header[5]];
             if !vr.iter().all(u8::is_ascii_uppercase) {
-                return Err(SniffError::Malformed("explicit VR is not two upper-case letters"));
+                return Err(SniffError::Malformed(
+                    "explicit VR is not two upper-case letters",
+                ));
             }
             if has_long_header(&vr) {
                 (Some(vr), read_u32(&header[8..12], syntax.big_endian))
@@ -244,7 +284,11 @@ impl HeaderSniffer {
             (Some(Frame::Sequence(_)), SEQUENCE_DELIMITATION) => {
                 self.stack.pop();
             }
-            (Some(Frame::Sequence(_)), _) => return Err(SniffError::Malformed("sequence holds something other than items")),
+            (Some(Frame::Sequence(_)), _) => {
+                return Err(SniffError::Malformed(
+                    "sequence holds something other than items",
+                ));
+            }
             (Some(Frame::Item(_)), ITEM_DELIMITATION) => {
                 self.stack.pop();
             }
@@ -263,7 +307,11 @@ impl HeaderSniffer {
                     let inner = match vr {
                         Some(vr) if &vr == b"UN" => IMPLICIT_LE,
                         Some(vr) if &vr == b"SQ" || &vr == b"OB" || &vr == b"OW" => syntax,
-                        Some(_) => return Err(SniffError::Malformed("undefined length on a VR that cannot have one")),
+                        Some(_) => {
+                            return Err(SniffError::Malformed(
+                                "undefined length on a VR that cannot have one",
+                            ));
+                        }
                         None => syntax,
                     };
                     self.stack.push(Frame::Sequence(inner));
@@ -271,7 +319,10 @@ impl HeaderSniffer {
                     if len > MAX_VALUE_LEN {
                         return Err(SniffError::ValueTooLong(name_of(tag)));
                     }
-                    self.pending = Some(Pending { tag, len: len as usize });
+                    self.pending = Some(Pending {
+                        tag,
+                        len: len as usize,
+                    });
                     if len == 0 {
                         self.step()?;
                     }
@@ -301,7 +352,10 @@ impl HeaderSniffer {
 }
 
 fn is_interesting(tag: u32) -> bool {
-    matches!(tag, SOP_CLASS_UID | SOP_INSTANCE_UID | MODALITY | STUDY_INSTANCE_UID | SERIES_INSTANCE_UID)
+    matches!(
+        tag,
+        SOP_CLASS_UID | SOP_INSTANCE_UID | MODALITY | STUDY_INSTANCE_UID | SERIES_INSTANCE_UID
+    )
 }
 
 fn name_of(tag: u32) -> &'static str {
@@ -316,17 +370,40 @@ fn name_of(tag: u32) -> &'static str {
 
 /// VRs whose explicit-VR header has two reserved bytes and a 32-bit length (PS3.5 §7.1.2).
 fn has_long_header(vr: &[u8]) -> bool {
-    matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV")
+    matches!(
+        vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
 }
 
 fn read_u16(b: &[u8], big: bool) -> u16 {
     let a = [b[0], b[1]];
-    if big { u16::from_be_bytes(a) } else { u16::from_le_bytes(a) }
+    if big {
+        u16::from_be_bytes(a)
+    } else {
+        u16::from_le_bytes(a)
+    }
 }
 
 fn read_u32(b: &[u8], big: bool) -> u32 {
     let a = [b[0], b[1], b[2], b[3]];
-    if big { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) }
+    if big {
+        u32::from_be_bytes(a)
+    } else {
+        u32::from_le_bytes(a)
+    }
 }
 
 fn read_tag(b: &[u8], big: bool) -> u32 {
@@ -347,13 +424,25 @@ pub(crate) mod tests {
 
     impl Enc {
         pub fn new(explicit: bool, big: bool) -> Self {
-            Enc { explicit, big, out: Vec::new() }
+            Enc {
+                explicit,
+                big,
+                out: Vec::new(),
+            }
         }
         fn u16(&mut self, v: u16) {
-            self.out.extend(if self.big { v.to_be_bytes() } else { v.to_le_bytes() });
+            self.out.extend(if self.big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            });
         }
         fn u32(&mut self, v: u32) {
-            self.out.extend(if self.big { v.to_be_bytes() } else { v.to_le_bytes() });
+            self.out.extend(if self.big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            });
         }
         pub fn header(&mut self, tag: u32, vr: &[u8; 2], len: u32) -> &mut Self {
             self.u16((tag >> 16) as u16);
@@ -394,16 +483,21 @@ pub(crate) mod tests {
         let mut inner = Enc::new(explicit, big);
         inner.el(0x0008_0100, b"SH", b"T-1");
         let item_len = inner.out.len() as u32;
-        e.header(0x0008_1032, b"SQ", item_len + 8).header(ITEM, b"  ", item_len);
+        e.header(0x0008_1032, b"SQ", item_len + 8)
+            .header(ITEM, b"  ", item_len);
         e.out.extend(inner.out.clone());
         // Undefined-length sequence, undefined-length item, nested undefined-length sequence.
-        e.header(0x0008_1140, b"SQ", UNDEFINED_LENGTH).header(ITEM, b"  ", UNDEFINED_LENGTH);
+        e.header(0x0008_1140, b"SQ", UNDEFINED_LENGTH)
+            .header(ITEM, b"  ", UNDEFINED_LENGTH);
         e.el(0x0008_1150, b"UI", b"9.9.9");
         e.el(0x0008_1155, b"UI", b"9.9.9.1");
-        e.header(0x0008_9215, b"SQ", UNDEFINED_LENGTH).header(ITEM, b"  ", UNDEFINED_LENGTH);
+        e.header(0x0008_9215, b"SQ", UNDEFINED_LENGTH)
+            .header(ITEM, b"  ", UNDEFINED_LENGTH);
         e.el(0x0008_0100, b"SH", b"X");
-        e.header(ITEM_DELIMITATION, b"  ", 0).header(SEQUENCE_DELIMITATION, b"  ", 0);
-        e.header(ITEM_DELIMITATION, b"  ", 0).header(SEQUENCE_DELIMITATION, b"  ", 0);
+        e.header(ITEM_DELIMITATION, b"  ", 0)
+            .header(SEQUENCE_DELIMITATION, b"  ", 0);
+        e.header(ITEM_DELIMITATION, b"  ", 0)
+            .header(SEQUENCE_DELIMITATION, b"  ", 0);
         e.el(0x0010_0010, b"PN", b"DOE^JANE");
         e.el(0x0018_0050, b"DS", b"1.25");
         // Private element with a big value, skipped without being held.
@@ -412,7 +506,10 @@ pub(crate) mod tests {
             // UN of undefined length: content is implicit VR little endian whatever the syntax.
             e.header(0x0019_1010, b"UN", UNDEFINED_LENGTH);
             let mut un = Enc::new(false, false);
-            un.header(ITEM, b"  ", UNDEFINED_LENGTH).el(0x0019_0010, b"LO", b"PRIV").header(ITEM_DELIMITATION, b"  ", 0).header(SEQUENCE_DELIMITATION, b"  ", 0);
+            un.header(ITEM, b"  ", UNDEFINED_LENGTH)
+                .el(0x0019_0010, b"LO", b"PRIV")
+                .header(ITEM_DELIMITATION, b"  ", 0)
+                .header(SEQUENCE_DELIMITATION, b"  ", 0);
             e.out.extend(un.out);
         }
         e.el(0x0020_000D, b"UI", b"1.2.3.4.100");
@@ -433,7 +530,11 @@ pub(crate) mod tests {
         }
     }
 
-    fn sniff_in_chunks(enc: DatasetEncoding, data: &[u8], chunk: usize) -> Result<DatasetIds, SniffError> {
+    fn sniff_in_chunks(
+        enc: DatasetEncoding,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<DatasetIds, SniffError> {
         let mut s = HeaderSniffer::new(enc);
         for c in data.chunks(chunk) {
             if s.feed(c)? {
@@ -446,10 +547,18 @@ pub(crate) mod tests {
     #[test]
     fn every_encoding_in_any_fragmentation() {
         use DatasetEncoding::*;
-        for (enc, explicit, big) in [(ImplicitVrLittleEndian, false, false), (ExplicitVrLittleEndian, true, false), (ExplicitVrBigEndian, true, true)] {
+        for (enc, explicit, big) in [
+            (ImplicitVrLittleEndian, false, false),
+            (ExplicitVrLittleEndian, true, false),
+            (ExplicitVrBigEndian, true, true),
+        ] {
             let data = sample_dataset(explicit, big);
             for chunk in [1, 3, 7, 8, 12, 100, 16384, data.len()] {
-                assert_eq!(sniff_in_chunks(enc, &data, chunk).unwrap(), expected(), "{enc:?} chunk {chunk}");
+                assert_eq!(
+                    sniff_in_chunks(enc, &data, chunk).unwrap(),
+                    expected(),
+                    "{enc:?} chunk {chunk}"
+                );
             }
         }
     }
@@ -461,7 +570,15 @@ pub(crate) mod tests {
         z.write_all(&plain).unwrap();
         let deflated = z.finish().unwrap();
         for chunk in [1, 5, 1000, deflated.len()] {
-            assert_eq!(sniff_in_chunks(DatasetEncoding::DeflatedExplicitVrLittleEndian, &deflated, chunk).unwrap(), expected());
+            assert_eq!(
+                sniff_in_chunks(
+                    DatasetEncoding::DeflatedExplicitVrLittleEndian,
+                    &deflated,
+                    chunk
+                )
+                .unwrap(),
+                expected()
+            );
         }
     }
 
@@ -469,8 +586,15 @@ pub(crate) mod tests {
     fn stops_before_pixel_data_and_ignores_the_rest() {
         let mut data = sample_dataset(true, false);
         let mut s = HeaderSniffer::new(DatasetEncoding::ExplicitVrLittleEndian);
-        let pos = data.windows(13).position(|w| w == b"1.2.3.4.100.1").unwrap() + 14;
-        assert!(s.feed(&data[..pos]).unwrap(), "done right after Series Instance UID");
+        let pos = data
+            .windows(13)
+            .position(|w| w == b"1.2.3.4.100.1")
+            .unwrap()
+            + 14;
+        assert!(
+            s.feed(&data[..pos]).unwrap(),
+            "done right after Series Instance UID"
+        );
         data.truncate(pos);
         assert!(s.feed(b"garbage that is never parsed").unwrap());
         assert_eq!(s.finish().unwrap(), expected());
@@ -479,40 +603,75 @@ pub(crate) mod tests {
     #[test]
     fn data_set_ending_after_the_uids_is_complete() {
         let mut e = Enc::new(true, false);
-        e.el(0x0008_0018, b"UI", b"1.2").el(0x0020_000D, b"UI", b"1.3").el(0x0020_000E, b"UI", b"1.4");
-        let ids = sniff_in_chunks(DatasetEncoding::ExplicitVrLittleEndian, &e.out, 4).unwrap().require().unwrap();
+        e.el(0x0008_0018, b"UI", b"1.2")
+            .el(0x0020_000D, b"UI", b"1.3")
+            .el(0x0020_000E, b"UI", b"1.4");
+        let ids = sniff_in_chunks(DatasetEncoding::ExplicitVrLittleEndian, &e.out, 4)
+            .unwrap()
+            .require()
+            .unwrap();
         assert_eq!(ids.series_instance_uid, "1.4");
     }
 
     #[test]
     fn missing_uids_are_reported() {
         let mut e = Enc::new(true, false);
-        e.el(0x0008_0018, b"UI", b"1.2").el(0x0028_0010, b"US", &[0, 2]);
+        e.el(0x0008_0018, b"UI", b"1.2")
+            .el(0x0028_0010, b"US", &[0, 2]);
         let ids = sniff_in_chunks(DatasetEncoding::ExplicitVrLittleEndian, &e.out, 64).unwrap();
-        assert_eq!(ids.require(), Err(SniffError::Missing("Study Instance UID (0020,000D)")));
+        assert_eq!(
+            ids.require(),
+            Err(SniffError::Missing("Study Instance UID (0020,000D)"))
+        );
     }
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
         // Lower-case VR.
-        assert!(sniff_in_chunks(DatasetEncoding::ExplicitVrLittleEndian, &[0x08, 0, 0x18, 0, b'u', b'i', 2, 0, b'1', 0], 3).is_err());
+        assert!(
+            sniff_in_chunks(
+                DatasetEncoding::ExplicitVrLittleEndian,
+                &[0x08, 0, 0x18, 0, b'u', b'i', 2, 0, b'1', 0],
+                3
+            )
+            .is_err()
+        );
         // Oversized UID.
         let mut e = Enc::new(false, false);
         e.header(0x0008_0018, b"UI", 4000);
         e.out.extend(vec![b'1'; 4000]);
-        assert_eq!(sniff_in_chunks(DatasetEncoding::ImplicitVrLittleEndian, &e.out, 64), Err(SniffError::ValueTooLong("SOP Instance UID (0008,0018)")));
+        assert_eq!(
+            sniff_in_chunks(DatasetEncoding::ImplicitVrLittleEndian, &e.out, 64),
+            Err(SniffError::ValueTooLong("SOP Instance UID (0008,0018)"))
+        );
         // Truncated value.
         let mut e = Enc::new(false, false);
         e.header(0x0008_0018, b"UI", 20);
         e.out.extend(b"1.2.3");
         assert!(sniff_in_chunks(DatasetEncoding::ImplicitVrLittleEndian, &e.out, 64).is_err());
         // Not deflate at all.
-        assert_eq!(sniff_in_chunks(DatasetEncoding::DeflatedExplicitVrLittleEndian, &[0xFF; 64], 64), Err(SniffError::Inflate));
+        assert_eq!(
+            sniff_in_chunks(
+                DatasetEncoding::DeflatedExplicitVrLittleEndian,
+                &[0xFF; 64],
+                64
+            ),
+            Err(SniffError::Inflate)
+        );
         // Random bytes never panic.
         let mut x: u32 = 12345;
         for _ in 0..200 {
-            let data: Vec<u8> = (0..300).map(|_| { x = x.wrapping_mul(1103515245).wrapping_add(12345); (x >> 16) as u8 }).collect();
-            for enc in [DatasetEncoding::ImplicitVrLittleEndian, DatasetEncoding::ExplicitVrBigEndian, DatasetEncoding::DeflatedExplicitVrLittleEndian] {
+            let data: Vec<u8> = (0..300)
+                .map(|_| {
+                    x = x.wrapping_mul(1103515245).wrapping_add(12345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            for enc in [
+                DatasetEncoding::ImplicitVrLittleEndian,
+                DatasetEncoding::ExplicitVrBigEndian,
+                DatasetEncoding::DeflatedExplicitVrLittleEndian,
+            ] {
                 let _ = sniff_in_chunks(enc, &data, 7);
             }
         }

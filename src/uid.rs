@@ -51,8 +51,21 @@ mod tests {
     fn accepts_well_formed_uids() {
         assert_eq!(validate_uid("1.2.840.10008.5.1.4.1.1.2"), Ok(()));
         assert_eq!(validate_uid("2.25.1234567890"), Ok(()));
-        assert_eq!(validate_uid(&"1.".repeat(31).chars().chain("12".chars()).collect::<String>()), Ok(()));
-        assert_eq!(validate_uid("1.2.03"), Ok(()), "leading zeros are tolerated");
+        assert_eq!(
+            validate_uid(
+                &"1."
+                    .repeat(31)
+                    .chars()
+                    .chain("12".chars())
+                    .collect::<String>()
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            validate_uid("1.2.03"),
+            Ok(()),
+            "leading zeros are tolerated"
+        );
     }
 
     #[test]
@@ -60,7 +73,10 @@ mod tests {
         assert_eq!(validate_uid(""), Err(UidError::Empty));
         assert_eq!(validate_uid(&"1".repeat(65)), Err(UidError::TooLong(65)));
         assert_eq!(validate_uid("1.2.abc"), Err(UidError::BadCharacter));
-        assert_eq!(validate_uid("../../etc/passwd"), Err(UidError::BadCharacter));
+        assert_eq!(
+            validate_uid("../../etc/passwd"),
+            Err(UidError::BadCharacter)
+        );
         assert_eq!(validate_uid("1.2/3"), Err(UidError::BadCharacter));
         assert_eq!(validate_uid("1..2"), Err(UidError::EmptyComponent));
         assert_eq!(validate_uid(".1.2"), Err(UidError::EmptyComponent));

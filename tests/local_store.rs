@@ -17,7 +17,10 @@ fn local_gateway(extra: &[&str]) -> (Gateway, tempfile::TempDir) {
 }
 
 fn stored_objects(store: &std::path::Path) -> Vec<std::path::PathBuf> {
-    files_under(store).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dcm")).collect()
+    files_under(store)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect()
 }
 
 #[test]
@@ -33,23 +36,45 @@ fn a_study_in_five_transfer_syntaxes_arrives_byte_for_byte_and_its_batch_is_reco
     send_testdata(gw.port);
     let objects = stored_objects(store.path());
     assert_eq!(objects.len(), 5, "{objects:?}");
-    let mut matched: Vec<_> = objects.iter().map(|p| assert_matches_a_sent_file(&std::fs::read(p).unwrap())).collect();
+    let mut matched: Vec<_> = objects
+        .iter()
+        .map(|p| assert_matches_a_sent_file(&std::fs::read(p).unwrap()))
+        .collect();
     matched.sort();
     let mut expected = TESTDATA_FILES.to_vec();
     expected.sort();
     assert_eq!(matched, expected);
     // Key layout: {jobId}/{study}/{series}/{sop}.dcm, all in one batch.
-    let rel: Vec<_> = objects.iter().map(|p| p.strip_prefix(store.path()).unwrap().to_path_buf()).collect();
-    let job_id = rel[0].components().next().unwrap().as_os_str().to_str().unwrap().to_string();
-    assert!(rel.iter().all(|r| r.components().count() == 4 && r.starts_with(&job_id)));
+    let rel: Vec<_> = objects
+        .iter()
+        .map(|p| p.strip_prefix(store.path()).unwrap().to_path_buf())
+        .collect();
+    let job_id = rel[0]
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        rel.iter()
+            .all(|r| r.components().count() == 4 && r.starts_with(&job_id))
+    );
     // Written atomically: nothing left in the incoming directory.
     assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty());
 
     // Graceful shutdown closes the open batch and records it.
     let log = gw.stop();
     let journal = store.path().join("jobs").join(format!("{job_id}.json"));
-    let job: serde_json::Value = serde_json::from_slice(&std::fs::read(&journal).unwrap_or_else(|_| panic!("no job file; log:\n{log}"))).unwrap();
-    assert_eq!(job["status"], "CLOSED", "no state machine configured: the job stays CLOSED");
+    let job: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&journal).unwrap_or_else(|_| panic!("no job file; log:\n{log}")),
+    )
+    .unwrap();
+    assert_eq!(
+        job["status"], "CLOSED",
+        "no state machine configured: the job stays CLOSED"
+    );
     assert_eq!(job["instanceCount"], 5);
     assert_eq!(job["closeReason"], "shutdown");
     assert_eq!(job["callingAeTitles"][0], "STORESCU");
@@ -57,33 +82,72 @@ fn a_study_in_five_transfer_syntaxes_arrives_byte_for_byte_and_its_batch_is_reco
 
     // The operator commands read the same journal.
     let dir = store.path().to_str().unwrap();
-    let list = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "list", "--store-dir", dir]).output().unwrap();
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args(["jobs", "list", "--store-dir", dir])
+        .output()
+        .unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(list.contains(&job_id) && list.contains("CLOSED"), "{list}");
-    let show = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "show", &job_id, "--store-dir", dir]).output().unwrap();
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args(["jobs", "show", &job_id, "--store-dir", dir])
+        .output()
+        .unwrap();
     assert!(show.status.success());
     let show = String::from_utf8_lossy(&show.stdout);
-    assert!(show.contains("instanceCount") && show.contains("import has not started"), "{show}");
-    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["jobs", "show", "01AAAAAAAAAAAAAAAAAAAAAAAA", "--store-dir", dir]).output().unwrap();
+    assert!(
+        show.contains("instanceCount") && show.contains("import has not started"),
+        "{show}"
+    );
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args([
+            "jobs",
+            "show",
+            "01AAAAAAAAAAAAAAAAAAAAAAAA",
+            "--store-dir",
+            dir,
+        ])
+        .output()
+        .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("jobs list"));
 }
 
 #[test]
-fn wrong_called_ae_disallowed_calling_ae_and_disallowed_sop_class_are_rejected_and_nothing_is_stored() {
-    let (gw, store) = local_gateway(&["--calling-ae-allow", "STORESCU,ECHOSCU", "--sop-class-allow", "1.2.840.10008.5.1.4.1.1.4,1.2.840.10008.1.1"]);
+fn wrong_called_ae_disallowed_calling_ae_and_disallowed_sop_class_are_rejected_and_nothing_is_stored()
+ {
+    let (gw, store) = local_gateway(&[
+        "--calling-ae-allow",
+        "STORESCU,ECHOSCU",
+        "--sop-class-allow",
+        "1.2.840.10008.5.1.4.1.1.4,1.2.840.10008.1.1",
+    ]);
 
     let out = echoscu(gw.port, "NOT_THE_GATEWAY", "ECHOSCU");
     assert!(!out.status.success());
-    assert!(text(&out).contains("Called AE Title Not Recognized"), "{}", text(&out));
+    assert!(
+        text(&out).contains("Called AE Title Not Recognized"),
+        "{}",
+        text(&out)
+    );
 
     let out = echoscu(gw.port, AE, "INTRUDER");
     assert!(!out.status.success());
-    assert!(text(&out).contains("Calling AE Title Not Recognized"), "{}", text(&out));
+    assert!(
+        text(&out).contains("Calling AE Title Not Recognized"),
+        "{}",
+        text(&out)
+    );
 
     // CT is outside the SOP class allow-list: its presentation context is rejected.
     let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
-    assert!(!out.status.success() || text(&out).to_lowercase().contains("no presentation context"), "{}", text(&out));
+    assert!(
+        !out.status.success()
+            || text(&out)
+                .to_lowercase()
+                .contains("no presentation context"),
+        "{}",
+        text(&out)
+    );
     assert!(stored_objects(store.path()).is_empty());
 
     let log = gw.log_text();
@@ -108,9 +172,17 @@ fn over_the_association_limit_the_extra_peer_gets_a_transient_rejection_and_the_
     let out = echoscu(gw.port, AE, "ECHOSCU");
     assert!(!out.status.success());
     let t = text(&out);
-    assert!(t.contains("Rejected Transient") && t.contains("Local Limit Exceeded"), "{t}");
+    assert!(
+        t.contains("Rejected Transient") && t.contains("Local Limit Exceeded"),
+        "{t}"
+    );
     // The association holding the slot is unaffected.
-    let status = holder.store(1, "1.2.3.4.1", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 1000), 16000);
+    let status = holder.store(
+        1,
+        "1.2.3.4.1",
+        &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 1000),
+        16000,
+    );
     assert_eq!(status, 0x0000);
     holder.release();
     assert_eq!(stored_objects(store.path()).len(), 1);
@@ -131,15 +203,50 @@ fn mismatched_and_invalid_uids_get_failure_statuses_and_the_association_stays_us
     let (gw, store) = local_gateway(&[]);
     let mut scu = RawScu::associate(gw.port, AE);
     // Data set SOP Instance UID differs from the command's: 0xA900.
-    assert_eq!(scu.store(1, "1.2.3.4.99", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 500), 100), 0xA900);
+    assert_eq!(
+        scu.store(
+            1,
+            "1.2.3.4.99",
+            &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 500),
+            100
+        ),
+        0xA900
+    );
     // Study Instance UID is not a UID (a path traversal attempt): 0xC000, nothing written.
-    assert_eq!(scu.store(2, "1.2.3.4.2", &ct_dataset("1.2.3.4.2", "../../etc", "1.2.3.1", 500), 100), 0xC000);
+    assert_eq!(
+        scu.store(
+            2,
+            "1.2.3.4.2",
+            &ct_dataset("1.2.3.4.2", "../../etc", "1.2.3.1", 500),
+            100
+        ),
+        0xC000
+    );
     // Command UID that is not a UID: 0xC000.
-    assert_eq!(scu.store(3, "1.2.x", &ct_dataset("1.2.x", "1.2.3", "1.2.3.1", 500), 100), 0xC000);
+    assert_eq!(
+        scu.store(
+            3,
+            "1.2.x",
+            &ct_dataset("1.2.x", "1.2.3", "1.2.3.1", 500),
+            100
+        ),
+        0xC000
+    );
     // Garbage instead of a data set: 0xC000.
-    assert_eq!(scu.store(4, "1.2.3.4.4", b"\x08\x00\x18\x00xx\xff\xff", 100), 0xC000);
+    assert_eq!(
+        scu.store(4, "1.2.3.4.4", b"\x08\x00\x18\x00xx\xff\xff", 100),
+        0xC000
+    );
     // The same association then stores a good instance.
-    assert_eq!(scu.store(5, "1.2.3.4.5", &ct_dataset("1.2.3.4.5", "1.2.3", "1.2.3.1", 70_000), 16_000), 0x0000);
+    assert_eq!(
+        scu.store(
+            5,
+            "1.2.3.4.5",
+            &ct_dataset("1.2.3.4.5", "1.2.3", "1.2.3.1", 70_000),
+            16_000
+        ),
+        0x0000
+    );
     scu.release();
     let objects = stored_objects(store.path());
     assert_eq!(objects.len(), 1, "{objects:?}");
@@ -155,17 +262,26 @@ fn malformed_pdus_get_an_abort_while_a_parallel_association_is_served_normally()
     // A PDU of an unknown type before any association.
     let mut bad = RawScu::connect(gw.port);
     bad.send_raw(&[0x42, 0, 0, 0, 0, 4, 1, 2, 3, 4]);
-    assert!(matches!(bad.read(), Some(Pdu::AbortRQ { .. })), "unknown PDU type is aborted");
+    assert!(
+        matches!(bad.read(), Some(Pdu::AbortRQ { .. })),
+        "unknown PDU type is aborted"
+    );
 
     // An associated peer announcing an absurd PDU length.
     let mut absurd = RawScu::associate(gw.port, AE);
     absurd.send_raw(&[0x04, 0, 0xFF, 0xFF, 0xFF, 0xF0]);
-    assert!(matches!(absurd.read(), Some(Pdu::AbortRQ { .. })), "oversized PDU is aborted");
+    assert!(
+        matches!(absurd.read(), Some(Pdu::AbortRQ { .. })),
+        "oversized PDU is aborted"
+    );
 
     // A truncated PDV item inside a P-DATA-TF.
     let mut truncated = RawScu::associate(gw.port, AE);
     truncated.send_raw(&[0x04, 0, 0, 0, 0, 8, 0, 0, 0, 50, 1, 3, 0, 0]);
-    assert!(matches!(truncated.read(), Some(Pdu::AbortRQ { .. })), "truncated PDV is aborted");
+    assert!(
+        matches!(truncated.read(), Some(Pdu::AbortRQ { .. })),
+        "truncated PDV is aborted"
+    );
 
     // A data set fragment before any command, and a PDV on a context that was never accepted.
     let mut out_of_order = RawScu::associate(gw.port, AE);
@@ -177,19 +293,41 @@ fn malformed_pdus_get_an_abort_while_a_parallel_association_is_served_normally()
 
     // A peer that disappears in the middle of an instance leaves nothing behind.
     let mut vanishing = RawScu::associate(gw.port, AE);
-    let cmd = dicom_gateway::dimse::request(dicom_gateway::dimse::command_field::C_STORE_RQ, 1, CT, Some("1.2.3.9"), true);
+    let cmd = dicom_gateway::dimse::request(
+        dicom_gateway::dimse::command_field::C_STORE_RQ,
+        1,
+        CT,
+        Some("1.2.3.9"),
+        true,
+    );
     vanishing.send_raw(&dicom_gateway::pdu::encode_pdata(1, true, true, &cmd));
-    vanishing.send_raw(&dicom_gateway::pdu::encode_pdata(1, false, false, &ct_dataset("1.2.3.9", "1.2.3", "1.2.3.1", 50_000)[..30_000]));
+    vanishing.send_raw(&dicom_gateway::pdu::encode_pdata(
+        1,
+        false,
+        false,
+        &ct_dataset("1.2.3.9", "1.2.3", "1.2.3.1", 50_000)[..30_000],
+    ));
     drop(vanishing);
 
     // Meanwhile the good association and a DCMTK client are served normally.
-    assert_eq!(good.store(1, "1.2.3.4.1", &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 10_000), 4096), 0x0000);
+    assert_eq!(
+        good.store(
+            1,
+            "1.2.3.4.1",
+            &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 10_000),
+            4096
+        ),
+        0x0000
+    );
     good.release();
     let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
     assert!(out.status.success(), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(stored_objects(store.path()).len(), 2);
-    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty(), "the vanished peer's partial upload was removed");
+    assert!(
+        files_under(&store.path().join(INCOMING_DIR)).is_empty(),
+        "the vanished peer's partial upload was removed"
+    );
     let log = gw.log_text();
     assert!(log.contains("association aborted"), "{log}");
 }
@@ -202,9 +340,21 @@ fn bad_options_are_refused_with_a_message_naming_the_option() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ae-title"));
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).args(["serve", "--help"]).output().unwrap();
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for opt in ["--listen", "--ae-title", "--calling-ae-allow", "--peer-allow", "--s3-bucket", "--part-size", "--batch-max-instances", "DICOM_GATEWAY_AE_TITLE"] {
+    for opt in [
+        "--listen",
+        "--ae-title",
+        "--calling-ae-allow",
+        "--peer-allow",
+        "--s3-bucket",
+        "--part-size",
+        "--batch-max-instances",
+        "DICOM_GATEWAY_AE_TITLE",
+    ] {
         assert!(help.contains(opt), "--help mentions {opt}");
     }
 }

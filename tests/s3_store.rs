@@ -17,30 +17,61 @@ fn localstack() -> Option<String> {
 }
 
 async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(endpoint).load().await;
-    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build())
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    )
 }
 
 async fn new_bucket(s3: &aws_sdk_s3::Client) -> String {
-    let bucket = format!("gw-test-{}", ulid::Ulid::generate().to_string().to_lowercase());
-    s3.create_bucket().bucket(&bucket).send().await.expect("bucket created in LocalStack");
+    let bucket = format!(
+        "gw-test-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket created in LocalStack");
     bucket
 }
 
 async fn keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
     let out = s3.list_objects_v2().bucket(bucket).send().await.unwrap();
-    let mut keys: Vec<String> = out.contents().iter().filter_map(|o| o.key().map(String::from)).collect();
+    let mut keys: Vec<String> = out
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(String::from))
+        .collect();
     keys.sort();
     keys
 }
 
 async fn get(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, range: Option<String>) -> Vec<u8> {
-    let out = s3.get_object().bucket(bucket).key(key).set_range(range).send().await.unwrap();
+    let out = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .set_range(range)
+        .send()
+        .await
+        .unwrap();
     out.body.collect().await.unwrap().into_bytes().to_vec()
 }
 
 fn s3_gateway(bucket: &str, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
-    let mut args = vec!["--s3-bucket", bucket, "--s3-prefix", "import/", "--s3-force-path-style"];
+    let mut args = vec![
+        "--s3-bucket",
+        bucket,
+        "--s3-prefix",
+        "import/",
+        "--s3-force-path-style",
+    ];
     args.extend_from_slice(extra);
     Gateway::start(&args, env)
 }
@@ -63,9 +94,19 @@ async fn a_study_in_five_transfer_syntaxes_lands_in_s3_byte_for_byte() {
         assert!(parts[4].ends_with(".dcm"));
         let object = get(&s3, &bucket, key, None).await;
         matched.push(assert_matches_a_sent_file(&object));
-        let head = s3.head_object().bucket(&bucket).key(key).send().await.unwrap();
+        let head = s3
+            .head_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(head.content_type(), Some("application/dicom"));
-        assert_eq!(head.content_encoding(), None, "no content encoding: HealthImaging cannot read it");
+        assert_eq!(
+            head.content_encoding(),
+            None,
+            "no content encoding: HealthImaging cannot read it"
+        );
     }
     matched.sort();
     let mut expected = TESTDATA_FILES.to_vec();
@@ -75,7 +116,9 @@ async fn a_study_in_five_transfer_syntaxes_lands_in_s3_byte_for_byte() {
 
 #[tokio::test]
 async fn with_s3_unreachable_every_instance_gets_a_failure_status_and_the_association_continues() {
-    let Some(_endpoint) = localstack() else { return };
+    let Some(_endpoint) = localstack() else {
+        return;
+    };
     // An endpoint where nothing listens.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let gw = s3_gateway("unreachable-bucket", &[], &[("AWS_ENDPOINT_URL", &dead)]);
@@ -83,7 +126,12 @@ async fn with_s3_unreachable_every_instance_gets_a_failure_status_and_the_associ
     let refs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
     let out = storescu(gw.port, "-xb", &refs);
     let t = text(&out);
-    assert_eq!(t.matches("Received Store Response (Refused: OutOfResources)").count(), 3, "one failure status per instance, all in one association:\n{t}");
+    assert_eq!(
+        t.matches("Received Store Response (Refused: OutOfResources)")
+            .count(),
+        3,
+        "one failure status per instance, all in one association:\n{t}"
+    );
     assert!(!t.contains("Received Store Response (Success)"), "{t}");
     assert!(gw.log_text().contains("instance not stored"));
 }
@@ -96,16 +144,32 @@ async fn a_missing_bucket_gets_a_failure_status_not_a_success() {
     let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
     let t = text(&out);
     assert!(t.contains("Refused: OutOfResources"), "{t}");
-    assert!(s3.head_bucket().bucket("no-such-bucket-for-dicom-gateway").send().await.is_err());
+    assert!(
+        s3.head_bucket()
+            .bucket("no-such-bucket-for-dicom-gateway")
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 /// Writes a Part-10 CT instance whose pixel data is `pixel_bytes` long, without holding it in memory.
 fn write_large_instance(path: &std::path::Path, sop: &str, pixel_bytes: u64) -> u64 {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let meta = dicom_gateway::part10::FileMeta { sop_class_uid: CT, sop_instance_uid: sop, transfer_syntax_uid: EXPLICIT_LE, source_ae_title: "TEST" };
+    let meta = dicom_gateway::part10::FileMeta {
+        sop_class_uid: CT,
+        sop_instance_uid: sop,
+        transfer_syntax_uid: EXPLICIT_LE,
+        source_ae_title: "TEST",
+    };
     let meta = meta.encode().unwrap();
     f.write_all(&meta).unwrap();
-    let header = ct_dataset(sop, "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.1.1", 0);
+    let header = ct_dataset(
+        sop,
+        "1.2.826.0.1.3680043.2.1125.1",
+        "1.2.826.0.1.3680043.2.1125.1.1",
+        0,
+    );
     f.write_all(&header[..header.len() - 4]).unwrap();
     f.write_all(&(pixel_bytes as u32).to_le_bytes()).unwrap();
     let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
@@ -131,27 +195,67 @@ async fn a_one_gigabyte_instance_goes_through_multipart_with_bounded_memory() {
     let size = write_large_instance(&file, sop, pixel_bytes);
     let gw = s3_gateway(&bucket, &["--part-size", "8MiB"], &[]);
     let out = storescu(gw.port, "-xe", &[&file]);
-    assert!(out.status.success() && text(&out).contains("Received Store Response (Success)"), "{}\n{}", text(&out), gw.log_text());
+    assert!(
+        out.status.success() && text(&out).contains("Received Store Response (Success)"),
+        "{}\n{}",
+        text(&out),
+        gw.log_text()
+    );
     let peak = gw.peak_rss();
     std::fs::remove_file(&file).unwrap();
 
     let keys = keys(&s3, &bucket).await;
     assert_eq!(keys.len(), 1);
-    let head = s3.head_object().bucket(&bucket).key(&keys[0]).send().await.unwrap();
+    let head = s3
+        .head_object()
+        .bucket(&bucket)
+        .key(&keys[0])
+        .send()
+        .await
+        .unwrap();
     // The stored object is our meta group + the data set as sent; the sent file had the same meta
     // group apart from the implementation fields, so compare the data set length and its tail.
     let object_len = head.content_length().unwrap() as u64;
     let start = get(&s3, &bucket, &keys[0], Some("bytes=0-4095".into())).await;
     let (meta, offset) = dicom_gateway::part10::split_part10(&start).unwrap();
     assert_eq!(meta.media_storage_sop_instance_uid(), sop);
-    let sent_meta_len = dicom_gateway::part10::FileMeta { sop_class_uid: CT, sop_instance_uid: sop, transfer_syntax_uid: EXPLICIT_LE, source_ae_title: "TEST" }.encode().unwrap().len() as u64;
-    assert_eq!(object_len - offset as u64, size - sent_meta_len, "data set length");
-    let tail = get(&s3, &bucket, &keys[0], Some(format!("bytes={}-{}", object_len - 1000, object_len - 1))).await;
-    let expected: Vec<u8> = (pixel_bytes - 1000..pixel_bytes).map(|i| ((i % (1 << 20)) % 251) as u8).collect();
+    let sent_meta_len = dicom_gateway::part10::FileMeta {
+        sop_class_uid: CT,
+        sop_instance_uid: sop,
+        transfer_syntax_uid: EXPLICIT_LE,
+        source_ae_title: "TEST",
+    }
+    .encode()
+    .unwrap()
+    .len() as u64;
+    assert_eq!(
+        object_len - offset as u64,
+        size - sent_meta_len,
+        "data set length"
+    );
+    let tail = get(
+        &s3,
+        &bucket,
+        &keys[0],
+        Some(format!("bytes={}-{}", object_len - 1000, object_len - 1)),
+    )
+    .await;
+    let expected: Vec<u8> = (pixel_bytes - 1000..pixel_bytes)
+        .map(|i| ((i % (1 << 20)) % 251) as u8)
+        .collect();
     assert_eq!(tail, expected, "last bytes of the pixel data");
-    assert!(peak < 256 << 20, "gateway peak RSS {} MiB for a 1 GiB instance", peak >> 20);
+    assert!(
+        peak < 256 << 20,
+        "gateway peak RSS {} MiB for a 1 GiB instance",
+        peak >> 20
+    );
     eprintln!("1 GiB instance stored; gateway peak RSS {} MiB", peak >> 20);
     // No multipart upload left open.
-    let uploads = s3.list_multipart_uploads().bucket(&bucket).send().await.unwrap();
+    let uploads = s3
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
     assert!(uploads.uploads().is_empty());
 }

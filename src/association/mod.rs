@@ -8,7 +8,9 @@
 
 mod negotiate;
 
-pub use negotiate::{AcceptancePolicy, AcceptedContext, Negotiation, ae_matches, negotiate, rejection};
+pub use negotiate::{
+    AcceptancePolicy, AcceptedContext, Negotiation, ae_matches, negotiate, rejection,
+};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,8 +52,17 @@ pub struct Services {
 
 enum Dimse {
     Idle,
-    Command { context_id: u8, buf: Vec<u8> },
-    Data { context_id: u8, command: Command, receiver: Option<Box<InstanceReceiver>>, discard: Option<Outcome>, span: Span },
+    Command {
+        context_id: u8,
+        buf: Vec<u8>,
+    },
+    Data {
+        context_id: u8,
+        command: Command,
+        receiver: Option<Box<InstanceReceiver>>,
+        discard: Option<Outcome>,
+        span: Span,
+    },
 }
 
 /// Why the DIMSE loop ended.
@@ -73,8 +84,19 @@ pub struct Handler<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
-    pub fn new(stream: S, peer: SocketAddr, services: Arc<Services>, hard_stop: CancellationToken) -> Self {
-        Handler { stream: BufStream::with_capacity(64 * 1024, 16 * 1024, stream), peer, services, hard_stop, scratch: bytes::BytesMut::new() }
+    pub fn new(
+        stream: S,
+        peer: SocketAddr,
+        services: Arc<Services>,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Handler {
+            stream: BufStream::with_capacity(64 * 1024, 16 * 1024, stream),
+            peer,
+            services,
+            hard_stop,
+            scratch: bytes::BytesMut::new(),
+        }
     }
 
     /// Runs the association to its end. Errors are logged here, once, with the association's span.
@@ -94,7 +116,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 warn!(reason, result = ?rj.result, source = ?rj.source, "association rejected");
                 let _ = self.send(&Pdu::AssociationRJ(rj)).await;
             }
-            Negotiation::Accepted { ac, contexts, peer_max_pdu, rejected } => {
+            Negotiation::Accepted {
+                ac,
+                contexts,
+                peer_max_pdu,
+                rejected,
+            } => {
                 for (abstract_syntax, reason) in &rejected {
                     info!(abstract_syntax = %abstract_syntax, name = crate::policy::uid_name(abstract_syntax).unwrap_or("unknown"), reason = %reason, "presentation context rejected");
                 }
@@ -102,7 +129,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     warn!(error = %e, "could not send A-ASSOCIATE-AC");
                     return;
                 }
-                info!(accepted_contexts = contexts.len(), rejected_contexts = rejected.len(), "association accepted");
+                info!(
+                    accepted_contexts = contexts.len(),
+                    rejected_contexts = rejected.len(),
+                    "association accepted"
+                );
                 let calling_ae = rq.calling_ae_title.trim().to_string();
                 match self.serve(&contexts, peer_max_pdu, &calling_ae).await {
                     End::Released => info!("association released"),
@@ -121,7 +152,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq))))) => Ok(rq),
             Ok(Ok(None)) => Err("connection closed before an A-ASSOCIATE-RQ".into()),
             Ok(Ok(Some(_))) => {
-                let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu)).await;
+                let _ = self
+                    .send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu))
+                    .await;
                 Err("first PDU is not an A-ASSOCIATE-RQ".into())
             }
             Ok(Err(e)) => {
@@ -132,22 +165,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 
     async fn send(&mut self, p: &Pdu) -> Result<(), PduError> {
-        match tokio::time::timeout(self.services.timeouts.io, pdu::write_pdu(&mut self.stream, p)).await {
+        match tokio::time::timeout(
+            self.services.timeouts.io,
+            pdu::write_pdu(&mut self.stream, p),
+        )
+        .await
+        {
             Ok(r) => r,
-            Err(_) => Err(PduError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))),
+            Err(_) => Err(PduError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            ))),
         }
     }
 
-    async fn respond(&mut self, context_id: u8, command: &Command, outcome: &Outcome, peer_max_pdu: u32) -> Result<(), PduError> {
+    async fn respond(
+        &mut self,
+        context_id: u8,
+        command: &Command,
+        outcome: &Outcome,
+        peer_max_pdu: u32,
+    ) -> Result<(), PduError> {
         let rsp = dimse::response(command, outcome.status, outcome.comment.as_deref());
-        match tokio::time::timeout(self.services.timeouts.io, pdu::write_message(&mut self.stream, context_id, true, &rsp, peer_max_pdu)).await {
+        match tokio::time::timeout(
+            self.services.timeouts.io,
+            pdu::write_message(&mut self.stream, context_id, true, &rsp, peer_max_pdu),
+        )
+        .await
+        {
             Ok(r) => r,
-            Err(_) => Err(PduError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))),
+            Err(_) => Err(PduError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            ))),
         }
     }
 
     /// The DIMSE loop.
-    async fn serve(&mut self, contexts: &HashMap<u8, AcceptedContext>, peer_max_pdu: u32, calling_ae: &str) -> End {
+    async fn serve(
+        &mut self,
+        contexts: &HashMap<u8, AcceptedContext>,
+        peer_max_pdu: u32,
+        calling_ae: &str,
+    ) -> End {
         let mut state = Dimse::Idle;
         let end = loop {
             let next = tokio::select! {
@@ -160,7 +220,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             };
             let incoming = match next {
                 Err(_) => {
-                    let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::ReasonNotSpecified)).await;
+                    let _ = self
+                        .send(&pdu::abort(
+                            AbortRQServiceProviderReason::ReasonNotSpecified,
+                        ))
+                        .await;
                     break End::Aborted("idle timeout");
                 }
                 Ok(Ok(Some(i))) => i,
@@ -179,11 +243,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             match incoming {
                 Incoming::PData(pdvs) => {
                     for pdv in pdvs {
-                        match self.on_pdv(pdv, &mut state, contexts, peer_max_pdu, calling_ae).await {
+                        match self
+                            .on_pdv(pdv, &mut state, contexts, peer_max_pdu, calling_ae)
+                            .await
+                        {
                             Ok(()) => {}
                             Err(Violation::Protocol(why)) => {
                                 warn!(reason = why, "DIMSE protocol violation");
-                                let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPduParameter)).await;
+                                let _ = self
+                                    .send(&pdu::abort(
+                                        AbortRQServiceProviderReason::UnexpectedPduParameter,
+                                    ))
+                                    .await;
                                 abandon(state).await;
                                 return End::Aborted(why);
                             }
@@ -197,7 +268,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 }
                 Incoming::Other(Pdu::ReleaseRQ) => {
                     if !matches!(state, Dimse::Idle) {
-                        warn!("release requested in the middle of a message; the incomplete instance is discarded");
+                        warn!(
+                            "release requested in the middle of a message; the incomplete instance is discarded"
+                        );
                     }
                     let _ = self.send(&Pdu::ReleaseRP).await;
                     break End::Released;
@@ -205,7 +278,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 Incoming::Other(Pdu::AbortRQ { .. }) => break End::AbortedByPeer,
                 Incoming::Other(other) => {
                     warn!(pdu = %other.short_description(), "unexpected PDU during association");
-                    let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu)).await;
+                    let _ = self
+                        .send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu))
+                        .await;
                     break End::Aborted("unexpected PDU");
                 }
             }
@@ -214,19 +289,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         end
     }
 
-    async fn on_pdv(&mut self, pdv: Pdv, state: &mut Dimse, contexts: &HashMap<u8, AcceptedContext>, peer_max_pdu: u32, calling_ae: &str) -> Result<(), Violation> {
+    async fn on_pdv(
+        &mut self,
+        pdv: Pdv,
+        state: &mut Dimse,
+        contexts: &HashMap<u8, AcceptedContext>,
+        peer_max_pdu: u32,
+        calling_ae: &str,
+    ) -> Result<(), Violation> {
         let Some(context) = contexts.get(&pdv.context_id) else {
-            return Err(Violation::Protocol("PDV on a presentation context that was not accepted"));
+            return Err(Violation::Protocol(
+                "PDV on a presentation context that was not accepted",
+            ));
         };
         if pdv.is_command {
             let buf = match state {
                 Dimse::Idle => {
-                    *state = Dimse::Command { context_id: pdv.context_id, buf: Vec::with_capacity(pdv.data.len()) };
-                    let Dimse::Command { buf, .. } = state else { unreachable!() };
+                    *state = Dimse::Command {
+                        context_id: pdv.context_id,
+                        buf: Vec::with_capacity(pdv.data.len()),
+                    };
+                    let Dimse::Command { buf, .. } = state else {
+                        unreachable!()
+                    };
                     buf
                 }
                 Dimse::Command { context_id, buf } if *context_id == pdv.context_id => buf,
-                _ => return Err(Violation::Protocol("command fragment while another message is in progress")),
+                _ => {
+                    return Err(Violation::Protocol(
+                        "command fragment while another message is in progress",
+                    ));
+                }
             };
             if buf.len() + pdv.data.len() > MAX_COMMAND_SET {
                 return Err(Violation::Protocol("command set larger than 64 KiB"));
@@ -235,16 +328,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             if !pdv.is_last {
                 return Ok(());
             }
-            let Dimse::Command { buf, .. } = std::mem::replace(state, Dimse::Idle) else { unreachable!() };
-            let command = Command::parse(&buf).map_err(|_| Violation::Protocol("command set cannot be decoded"))?;
-            return self.on_command(pdv.context_id, context, command, state, peer_max_pdu, calling_ae).await;
+            let Dimse::Command { buf, .. } = std::mem::replace(state, Dimse::Idle) else {
+                unreachable!()
+            };
+            let command = Command::parse(&buf)
+                .map_err(|_| Violation::Protocol("command set cannot be decoded"))?;
+            return self
+                .on_command(
+                    pdv.context_id,
+                    context,
+                    command,
+                    state,
+                    peer_max_pdu,
+                    calling_ae,
+                )
+                .await;
         }
 
-        let Dimse::Data { context_id, receiver, span, .. } = state else {
+        let Dimse::Data {
+            context_id,
+            receiver,
+            span,
+            ..
+        } = state
+        else {
             return Err(Violation::Protocol("data set fragment without a command"));
         };
         if *context_id != pdv.context_id {
-            return Err(Violation::Protocol("data set fragment on a different presentation context than its command"));
+            return Err(Violation::Protocol(
+                "data set fragment on a different presentation context than its command",
+            ));
         }
         if let Some(r) = receiver.as_mut() {
             r.feed(&pdv.data).instrument(span.clone()).await;
@@ -252,44 +365,110 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         if !pdv.is_last {
             return Ok(());
         }
-        let Dimse::Data { context_id, command, receiver, discard, span } = std::mem::replace(state, Dimse::Idle) else { unreachable!() };
+        let Dimse::Data {
+            context_id,
+            command,
+            receiver,
+            discard,
+            span,
+        } = std::mem::replace(state, Dimse::Idle)
+        else {
+            unreachable!()
+        };
         let outcome = match (receiver, discard) {
             (Some(r), _) => r.finish().instrument(span).await,
             (None, Some(outcome)) => outcome,
-            (None, None) => Outcome { status: status::SUCCESS, comment: None },
+            (None, None) => Outcome {
+                status: status::SUCCESS,
+                comment: None,
+            },
         };
-        self.respond(context_id, &command, &outcome, peer_max_pdu).await.map_err(Violation::Io)
+        self.respond(context_id, &command, &outcome, peer_max_pdu)
+            .await
+            .map_err(Violation::Io)
     }
 
-    async fn on_command(&mut self, context_id: u8, context: &AcceptedContext, command: Command, state: &mut Dimse, peer_max_pdu: u32, calling_ae: &str) -> Result<(), Violation> {
-        let unrecognized = Outcome { status: status::UNRECOGNIZED_OPERATION, comment: Some("only C-ECHO and C-STORE are supported".into()) };
+    async fn on_command(
+        &mut self,
+        context_id: u8,
+        context: &AcceptedContext,
+        command: Command,
+        state: &mut Dimse,
+        peer_max_pdu: u32,
+        calling_ae: &str,
+    ) -> Result<(), Violation> {
+        let unrecognized = Outcome {
+            status: status::UNRECOGNIZED_OPERATION,
+            comment: Some("only C-ECHO and C-STORE are supported".into()),
+        };
         match command.command_field {
             command_field::C_STORE_RQ if command.has_dataset => {
-                let span = tracing::info_span!("instance", sop_instance_uid = command.affected_sop_instance_uid.as_deref().unwrap_or("?"));
-                let mut receiver = InstanceReceiver::new(self.services.store.clone(), self.services.batcher.clone(), &command, &context.transfer_syntax, calling_ae);
-                if command.affected_sop_class_uid.as_deref() != Some(context.abstract_syntax.as_str()) {
-                    receiver.fail_with(status::DATASET_DOES_NOT_MATCH, "Affected SOP Class UID differs from the presentation context");
+                let span = tracing::info_span!(
+                    "instance",
+                    sop_instance_uid = command.affected_sop_instance_uid.as_deref().unwrap_or("?")
+                );
+                let mut receiver = InstanceReceiver::new(
+                    self.services.store.clone(),
+                    self.services.batcher.clone(),
+                    &command,
+                    &context.transfer_syntax,
+                    calling_ae,
+                );
+                if command.affected_sop_class_uid.as_deref()
+                    != Some(context.abstract_syntax.as_str())
+                {
+                    receiver.fail_with(
+                        status::DATASET_DOES_NOT_MATCH,
+                        "Affected SOP Class UID differs from the presentation context",
+                    );
                 }
-                *state = Dimse::Data { context_id, command, receiver: Some(Box::new(receiver)), discard: None, span };
+                *state = Dimse::Data {
+                    context_id,
+                    command,
+                    receiver: Some(Box::new(receiver)),
+                    discard: None,
+                    span,
+                };
                 Ok(())
             }
             command_field::C_STORE_RQ => {
-                let outcome = Outcome { status: status::CANNOT_UNDERSTAND, comment: Some("C-STORE-RQ without a data set".into()) };
-                self.respond(context_id, &command, &outcome, peer_max_pdu).await.map_err(Violation::Io)
+                let outcome = Outcome {
+                    status: status::CANNOT_UNDERSTAND,
+                    comment: Some("C-STORE-RQ without a data set".into()),
+                };
+                self.respond(context_id, &command, &outcome, peer_max_pdu)
+                    .await
+                    .map_err(Violation::Io)
             }
             command_field::C_ECHO_RQ if !command.has_dataset => {
                 debug!("C-ECHO");
-                let outcome = Outcome { status: status::SUCCESS, comment: None };
-                self.respond(context_id, &command, &outcome, peer_max_pdu).await.map_err(Violation::Io)
+                let outcome = Outcome {
+                    status: status::SUCCESS,
+                    comment: None,
+                };
+                self.respond(context_id, &command, &outcome, peer_max_pdu)
+                    .await
+                    .map_err(Violation::Io)
             }
             command_field::C_CANCEL_RQ => Ok(()), // nothing is cancellable here: C-STORE has no pending responses
             _ if command.has_dataset => {
-                *state = Dimse::Data { context_id, command, receiver: None, discard: Some(unrecognized), span: Span::none() };
+                *state = Dimse::Data {
+                    context_id,
+                    command,
+                    receiver: None,
+                    discard: Some(unrecognized),
+                    span: Span::none(),
+                };
                 Ok(())
             }
             field => {
-                info!(command_field = format_args!("{field:#06X}"), "unsupported DIMSE command");
-                self.respond(context_id, &command, &unrecognized, peer_max_pdu).await.map_err(Violation::Io)
+                info!(
+                    command_field = format_args!("{field:#06X}"),
+                    "unsupported DIMSE command"
+                );
+                self.respond(context_id, &command, &unrecognized, peer_max_pdu)
+                    .await
+                    .map_err(Violation::Io)
             }
         }
     }
@@ -302,16 +481,28 @@ enum Violation {
 
 /// Discards the instance in flight, if any: its upload is aborted and it never counts in a batch.
 async fn abandon(state: Dimse) {
-    if let Dimse::Data { receiver: Some(r), span, .. } = state {
+    if let Dimse::Data {
+        receiver: Some(r),
+        span,
+        ..
+    } = state
+    {
         r.abort().instrument(span).await;
     }
 }
 
 /// Reads an A-ASSOCIATE-RQ (briefly) and answers it with `rj`. Used for peers turned away before
 /// negotiation: outside the address allow-list, or over the association limit.
-pub async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(stream: S, rj: AssociationRJ, wait: Duration) {
+pub async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    rj: AssociationRJ,
+    wait: Duration,
+) {
     let mut stream = BufStream::new(stream);
-    if let Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(_))))) = tokio::time::timeout(wait, pdu::read_pdu(&mut stream, pdu::MAX_CONTROL_PDU)).await {
-        let _ = tokio::time::timeout(wait, pdu::write_pdu(&mut stream, &Pdu::AssociationRJ(rj))).await;
+    if let Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(_))))) =
+        tokio::time::timeout(wait, pdu::read_pdu(&mut stream, pdu::MAX_CONTROL_PDU)).await
+    {
+        let _ =
+            tokio::time::timeout(wait, pdu::write_pdu(&mut stream, &Pdu::AssociationRJ(rj))).await;
     }
 }

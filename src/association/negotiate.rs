@@ -54,8 +54,15 @@ pub fn ae_matches(a: &str, b: &str) -> bool {
     a.trim() == b.trim()
 }
 
-pub fn rejection(result: AssociationRJResult, source: AssociationRJSource, reason: &'static str) -> Negotiation {
-    Negotiation::Rejected { rj: AssociationRJ { result, source }, reason }
+pub fn rejection(
+    result: AssociationRJResult,
+    source: AssociationRJSource,
+    reason: &'static str,
+) -> Negotiation {
+    Negotiation::Rejected {
+        rj: AssociationRJ { result, source },
+        reason,
+    }
 }
 
 pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
@@ -63,28 +70,41 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
     if rq.protocol_version & 1 == 0 {
         return rejection(
             Permanent,
-            AssociationRJSource::ServiceProviderASCE(AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported),
+            AssociationRJSource::ServiceProviderASCE(
+                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+            ),
             "protocol version not supported",
         );
     }
     if trim_uid(&rq.application_context_name) != APPLICATION_CONTEXT {
         return rejection(
             Permanent,
-            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::ApplicationContextNameNotSupported),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+            ),
             "application context name not supported",
         );
     }
     if !cfg.accept_any_called_ae && !ae_matches(&rq.called_ae_title, &cfg.ae_title) {
         return rejection(
             Permanent,
-            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ),
             "called AE title not recognized",
         );
     }
-    if !cfg.calling_ae_allow.is_empty() && !cfg.calling_ae_allow.iter().any(|a| ae_matches(a, &rq.calling_ae_title)) {
+    if !cfg.calling_ae_allow.is_empty()
+        && !cfg
+            .calling_ae_allow
+            .iter()
+            .any(|a| ae_matches(a, &rq.calling_ae_title))
+    {
         return rejection(
             Permanent,
-            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
             "calling AE title not recognized",
         );
     }
@@ -95,21 +115,40 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
     for pc in &rq.presentation_contexts {
         let abstract_syntax = trim_uid(&pc.abstract_syntax).to_string();
         let (reason, ts) = if !cfg.policy.accepts_sop_class(&abstract_syntax) {
-            (PresentationContextResultReason::AbstractSyntaxNotSupported, None)
+            (
+                PresentationContextResultReason::AbstractSyntaxNotSupported,
+                None,
+            )
         } else {
             match cfg.policy.choose_transfer_syntax(&pc.transfer_syntaxes) {
-                Some(ts) => (PresentationContextResultReason::Acceptance, Some(ts.to_string())),
-                None => (PresentationContextResultReason::TransferSyntaxesNotSupported, None),
+                Some(ts) => (
+                    PresentationContextResultReason::Acceptance,
+                    Some(ts.to_string()),
+                ),
+                None => (
+                    PresentationContextResultReason::TransferSyntaxesNotSupported,
+                    None,
+                ),
             }
         };
         match &ts {
             Some(ts) => {
-                contexts.insert(pc.id, AcceptedContext { abstract_syntax: abstract_syntax.clone(), transfer_syntax: ts.clone() });
+                contexts.insert(
+                    pc.id,
+                    AcceptedContext {
+                        abstract_syntax: abstract_syntax.clone(),
+                        transfer_syntax: ts.clone(),
+                    },
+                );
             }
             None => rejected.push((abstract_syntax, reason.clone())),
         }
         // For a rejected context the transfer syntax field is not significant (PS3.8 §9.3.3.2).
-        results.push(PresentationContextResult { id: pc.id, reason, transfer_syntax: ts.unwrap_or_else(|| IMPLICIT_VR_LE.to_string()) });
+        results.push(PresentationContextResult {
+            id: pc.id,
+            reason,
+            transfer_syntax: ts.unwrap_or_else(|| IMPLICIT_VR_LE.to_string()),
+        });
     }
 
     let peer_max_pdu = rq
@@ -132,7 +171,12 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
         ],
     };
-    Negotiation::Accepted { ac, contexts, peer_max_pdu, rejected }
+    Negotiation::Accepted {
+        ac,
+        contexts,
+        peer_max_pdu,
+        rejected,
+    }
 }
 
 #[cfg(test)]
@@ -144,7 +188,13 @@ mod tests {
     const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 
     fn cfg() -> AcceptancePolicy {
-        AcceptancePolicy { ae_title: "GATEWAY".into(), accept_any_called_ae: false, calling_ae_allow: vec![], policy: Policy::standard(), max_pdu: 65536 }
+        AcceptancePolicy {
+            ae_title: "GATEWAY".into(),
+            accept_any_called_ae: false,
+            calling_ae_allow: vec![],
+            policy: Policy::standard(),
+            max_pdu: 65536,
+        }
     }
 
     fn rq(called: &str, calling: &str, contexts: Vec<(&str, Vec<&str>)>) -> AssociationRQ {
@@ -156,7 +206,11 @@ mod tests {
             presentation_contexts: contexts
                 .into_iter()
                 .enumerate()
-                .map(|(i, (a, ts))| PresentationContextProposed { id: (i * 2 + 1) as u8, abstract_syntax: a.into(), transfer_syntaxes: ts.into_iter().map(String::from).collect() })
+                .map(|(i, (a, ts))| PresentationContextProposed {
+                    id: (i * 2 + 1) as u8,
+                    abstract_syntax: a.into(),
+                    transfer_syntaxes: ts.into_iter().map(String::from).collect(),
+                })
                 .collect(),
             user_variables: vec![UserVariableItem::MaxLength(16384)],
         }
@@ -171,24 +225,61 @@ mod tests {
 
     #[test]
     fn wrong_called_ae_is_rejected_permanently_by_the_service_user() {
-        let (result, source) = reason_of(negotiate(&rq("OTHER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]), &cfg()));
+        let (result, source) = reason_of(negotiate(
+            &rq("OTHER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+            &cfg(),
+        ));
         assert_eq!(result, AssociationRJResult::Permanent);
-        assert_eq!(source, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        assert_eq!(
+            source,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized
+            )
+        );
     }
 
     #[test]
     fn called_ae_matches_without_padding_or_with_accept_any() {
-        assert!(matches!(negotiate(&rq("GATEWAY         ", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]), &cfg()), Negotiation::Accepted { .. }));
-        let any = AcceptancePolicy { accept_any_called_ae: true, ..cfg() };
-        assert!(matches!(negotiate(&rq("WHATEVER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]), &any), Negotiation::Accepted { .. }));
+        assert!(matches!(
+            negotiate(
+                &rq("GATEWAY         ", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &cfg()
+            ),
+            Negotiation::Accepted { .. }
+        ));
+        let any = AcceptancePolicy {
+            accept_any_called_ae: true,
+            ..cfg()
+        };
+        assert!(matches!(
+            negotiate(
+                &rq("WHATEVER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &any
+            ),
+            Negotiation::Accepted { .. }
+        ));
     }
 
     #[test]
     fn calling_ae_outside_the_allow_list_is_rejected() {
-        let c = AcceptancePolicy { calling_ae_allow: vec!["CT1".into(), "MR1".into()], ..cfg() };
-        let (_, source) = reason_of(negotiate(&rq("GATEWAY", "EVIL", vec![(CT, vec![EXPLICIT_VR_LE])]), &c));
-        assert_eq!(source, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized));
-        assert!(matches!(negotiate(&rq("GATEWAY", "MR1 ", vec![(CT, vec![EXPLICIT_VR_LE])]), &c), Negotiation::Accepted { .. }));
+        let c = AcceptancePolicy {
+            calling_ae_allow: vec!["CT1".into(), "MR1".into()],
+            ..cfg()
+        };
+        let (_, source) = reason_of(negotiate(
+            &rq("GATEWAY", "EVIL", vec![(CT, vec![EXPLICIT_VR_LE])]),
+            &c,
+        ));
+        assert_eq!(
+            source,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized
+            )
+        );
+        assert!(matches!(
+            negotiate(&rq("GATEWAY", "MR1 ", vec![(CT, vec![EXPLICIT_VR_LE])]), &c),
+            Negotiation::Accepted { .. }
+        ));
     }
 
     #[test]
@@ -196,37 +287,84 @@ mod tests {
         let mut r = rq("GATEWAY", "SCU", vec![]);
         r.application_context_name = "1.2.3".into();
         let (_, source) = reason_of(negotiate(&r, &cfg()));
-        assert_eq!(source, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::ApplicationContextNameNotSupported));
+        assert_eq!(
+            source,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported
+            )
+        );
         let mut r = rq("GATEWAY", "SCU", vec![]);
         r.protocol_version = 2;
         let (_, source) = reason_of(negotiate(&r, &cfg()));
-        assert_eq!(source, AssociationRJSource::ServiceProviderASCE(AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported));
+        assert_eq!(
+            source,
+            AssociationRJSource::ServiceProviderASCE(
+                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported
+            )
+        );
     }
 
     #[test]
     fn contexts_are_accepted_or_rejected_one_by_one() {
-        let restricted = AcceptancePolicy { policy: Policy::new(None, Some(&[EXPLICIT_VR_LE.to_string()])), ..cfg() };
+        let restricted = AcceptancePolicy {
+            policy: Policy::new(None, Some(&[EXPLICIT_VR_LE.to_string()])),
+            ..cfg()
+        };
         let n = negotiate(
-            &rq("GATEWAY", "SCU", vec![
-                (CT, vec!["1.2.840.10008.1.2.4.50", EXPLICIT_VR_LE]),
-                ("1.2.840.10008.5.1.4.1.2.1.1", vec![EXPLICIT_VR_LE]), // Q/R FIND: not a storage class
-                (CT, vec!["1.2.840.10008.1.2.4.50"]),
-                (VERIFICATION, vec![EXPLICIT_VR_LE]),
-            ]),
+            &rq(
+                "GATEWAY",
+                "SCU",
+                vec![
+                    (CT, vec!["1.2.840.10008.1.2.4.50", EXPLICIT_VR_LE]),
+                    ("1.2.840.10008.5.1.4.1.2.1.1", vec![EXPLICIT_VR_LE]), // Q/R FIND: not a storage class
+                    (CT, vec!["1.2.840.10008.1.2.4.50"]),
+                    (VERIFICATION, vec![EXPLICIT_VR_LE]),
+                ],
+            ),
             &restricted,
         );
-        let Negotiation::Accepted { ac, contexts, peer_max_pdu, rejected } = n else { panic!() };
+        let Negotiation::Accepted {
+            ac,
+            contexts,
+            peer_max_pdu,
+            rejected,
+        } = n
+        else {
+            panic!()
+        };
         assert_eq!(peer_max_pdu, 16384);
-        let reasons: Vec<_> = ac.presentation_contexts.iter().map(|r| (r.id, r.reason.clone())).collect();
-        assert_eq!(reasons, vec![
-            (1, PresentationContextResultReason::Acceptance),
-            (3, PresentationContextResultReason::AbstractSyntaxNotSupported),
-            (5, PresentationContextResultReason::TransferSyntaxesNotSupported),
-            (7, PresentationContextResultReason::Acceptance),
-        ]);
-        assert_eq!(contexts[&1], AcceptedContext { abstract_syntax: CT.into(), transfer_syntax: EXPLICIT_VR_LE.into() });
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| (r.id, r.reason.clone()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (1, PresentationContextResultReason::Acceptance),
+                (
+                    3,
+                    PresentationContextResultReason::AbstractSyntaxNotSupported
+                ),
+                (
+                    5,
+                    PresentationContextResultReason::TransferSyntaxesNotSupported
+                ),
+                (7, PresentationContextResultReason::Acceptance),
+            ]
+        );
+        assert_eq!(
+            contexts[&1],
+            AcceptedContext {
+                abstract_syntax: CT.into(),
+                transfer_syntax: EXPLICIT_VR_LE.into()
+            }
+        );
         assert_eq!(contexts.len(), 2);
         assert_eq!(rejected.len(), 2);
-        assert!(ac.user_variables.contains(&UserVariableItem::MaxLength(65536)));
+        assert!(
+            ac.user_variables
+                .contains(&UserVariableItem::MaxLength(65536))
+        );
     }
 }

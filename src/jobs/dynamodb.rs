@@ -34,7 +34,11 @@ where
     R: std::fmt::Debug,
 {
     let message = match err.as_service_error() {
-        Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("no message")),
+        Some(e) => format!(
+            "{}: {}",
+            e.code().unwrap_or("error"),
+            e.message().unwrap_or("no message")
+        ),
         None => DisplayErrorContext(&err).to_string(),
     };
     JobStoreError::Dynamo { operation, message }
@@ -76,13 +80,22 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
             item.insert(name.into(), s(v));
         }
     }
-    let numbers = [("instanceCount", job.instance_count), ("totalBytes", job.total_bytes), ("importedCount", job.imported_count), ("failedCount", job.failed_count)];
+    let numbers = [
+        ("instanceCount", job.instance_count),
+        ("totalBytes", job.total_bytes),
+        ("importedCount", job.imported_count),
+        ("failedCount", job.failed_count),
+    ];
     for (name, value) in numbers {
         if let Some(v) = value {
             item.insert(name.into(), n(v));
         }
     }
-    for (name, set) in [("studyInstanceUids", &job.study_instance_uids), ("callingAeTitles", &job.calling_ae_titles), ("imageSetIds", &job.image_set_ids)] {
+    for (name, set) in [
+        ("studyInstanceUids", &job.study_instance_uids),
+        ("callingAeTitles", &job.calling_ae_titles),
+        ("imageSetIds", &job.image_set_ids),
+    ] {
         if !set.is_empty() {
             item.insert(name.into(), AttributeValue::Ss(set.clone()));
         }
@@ -105,12 +118,25 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
         match item.get(name) {
             Some(AttributeValue::Ss(v)) => v.clone(),
             Some(AttributeValue::L(v)) => v.iter().filter_map(|x| x.as_s().ok().cloned()).collect(),
-            Some(AttributeValue::S(x)) => serde_json::from_str(x).unwrap_or_default(),
+            // A JSON array, or a single JSON string: JSONPath engines differ on whether a wildcard
+            // path with one match (`imageSetsSummary[*].imageSetId`) yields a list or the value.
+            Some(AttributeValue::S(x)) => serde_json::from_str::<Vec<String>>(x)
+                .or_else(|_| serde_json::from_str::<String>(x).map(|one| vec![one]))
+                .unwrap_or_else(|_| {
+                    if x.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![x.clone()]
+                    }
+                }),
             _ => Vec::new(),
         }
     };
-    let job_id = get_s("jobId").ok_or_else(|| JobStoreError::Malformed("item has no jobId".into()))?;
-    let status = get_s("status").and_then(|st| JobStatus::parse(&st)).ok_or_else(|| JobStoreError::Malformed(format!("job {job_id} has no valid status")))?;
+    let job_id =
+        get_s("jobId").ok_or_else(|| JobStoreError::Malformed("item has no jobId".into()))?;
+    let status = get_s("status")
+        .and_then(|st| JobStatus::parse(&st))
+        .ok_or_else(|| JobStoreError::Malformed(format!("job {job_id} has no valid status")))?;
     Ok(Job {
         job_id,
         status,
@@ -137,10 +163,19 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
 }
 
 /// The update expression and values for a transition to `to`, conditional on a predecessor status.
-pub fn transition_update(to: JobStatus, t: &Transition) -> (String, String, HashMap<String, AttributeValue>) {
+pub fn transition_update(
+    to: JobStatus,
+    t: &Transition,
+) -> (String, String, HashMap<String, AttributeValue>) {
     let mut sets = vec!["#status = :to".to_string()];
     let mut values = HashMap::from([(":to".to_string(), s(to.as_str()))]);
-    for (name, value) in [("executionArn", &t.execution_arn), ("submittedAt", &t.submitted_at), ("message", &t.message), ("outputS3Uri", &t.output_s3_uri), ("datastoreId", &t.datastore_id)] {
+    for (name, value) in [
+        ("executionArn", &t.execution_arn),
+        ("submittedAt", &t.submitted_at),
+        ("message", &t.message),
+        ("outputS3Uri", &t.output_s3_uri),
+        ("datastoreId", &t.datastore_id),
+    ] {
         if let Some(v) = value {
             sets.push(format!("{name} = :{name}"));
             values.insert(format!(":{name}"), s(v));
@@ -152,7 +187,11 @@ pub fn transition_update(to: JobStatus, t: &Transition) -> (String, String, Hash
         values.insert(format!(":p{i}"), s(p.as_str()));
         names.push(format!(":p{i}"));
     }
-    (format!("SET {}", sets.join(", ")), format!("#status IN ({})", names.join(", ")), values)
+    (
+        format!("SET {}", sets.join(", ")),
+        format!("#status IN ({})", names.join(", ")),
+        values,
+    )
 }
 
 #[async_trait]
@@ -191,7 +230,12 @@ impl JobStore for DynamoJobStore {
         }
     }
 
-    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError> {
+    async fn transition(
+        &self,
+        job_id: &str,
+        to: JobStatus,
+        t: Transition,
+    ) -> Result<(), JobStoreError> {
         let (update, condition, values) = transition_update(to, &t);
         let r = self
             .client
@@ -210,7 +254,11 @@ impl JobStore for DynamoJobStore {
                 let current = self.get(job_id).await?.map(|j| j.status.to_string());
                 match current {
                     None => Err(JobStoreError::NotFound(job_id.to_string())),
-                    Some(current) => Err(JobStoreError::NotForward { job_id: job_id.to_string(), current, wanted: to }),
+                    Some(current) => Err(JobStoreError::NotForward {
+                        job_id: job_id.to_string(),
+                        current,
+                        wanted: to,
+                    }),
                 }
             }
             Err(e) => Err(dynamo_error("UpdateItem", e)),
@@ -277,7 +325,11 @@ impl JobStore for DynamoJobStore {
                 jobs.push(from_item(item)?);
             }
         }
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.job_id.cmp(&a.job_id)));
+        jobs.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then(b.job_id.cmp(&a.job_id))
+        });
         jobs.truncate(limit);
         Ok(jobs)
     }
@@ -292,7 +344,12 @@ mod tests {
     use super::*;
 
     fn sample() -> Job {
-        let mut job = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/", "gw-1");
+        let mut job = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
+            "gw-1",
+        );
         job.status = JobStatus::Closed;
         job.instance_count = Some(12);
         job.total_bytes = Some(6_000_000);
@@ -307,7 +364,10 @@ mod tests {
         let item = to_item(&job);
         assert_eq!(item["status"], AttributeValue::S("CLOSED".into()));
         assert_eq!(item["instanceCount"], AttributeValue::N("12".into()));
-        assert_eq!(item["studyInstanceUids"], AttributeValue::Ss(vec!["1.2.3".into(), "1.2.4".into()]));
+        assert_eq!(
+            item["studyInstanceUids"],
+            AttributeValue::Ss(vec!["1.2.3".into(), "1.2.4".into()])
+        );
         assert!(!item.contains_key("imageSetIds"), "no empty sets");
         assert!(!item.contains_key("executionArn"));
         assert_eq!(from_item(&item).unwrap(), job);
@@ -316,11 +376,24 @@ mod tests {
     #[test]
     fn image_set_ids_written_by_the_state_machine_are_read_back() {
         let mut item = to_item(&sample());
-        item.insert("imageSetIds".into(), AttributeValue::S("[\"a1\",\"b2\"]".into()));
+        item.insert(
+            "imageSetIds".into(),
+            AttributeValue::S("[\"a1\",\"b2\"]".into()),
+        );
         item.insert("importedCount".into(), AttributeValue::N("11".into()));
-        item.insert("status".into(), AttributeValue::S("COMPLETED_WITH_ERRORS".into()));
+        item.insert(
+            "status".into(),
+            AttributeValue::S("COMPLETED_WITH_ERRORS".into()),
+        );
         let job = from_item(&item).unwrap();
         assert_eq!(job.image_set_ids, vec!["a1", "b2"]);
+        let mut one = item.clone();
+        one.insert("imageSetIds".into(), AttributeValue::S("\"a1\"".into()));
+        assert_eq!(
+            from_item(&one).unwrap().image_set_ids,
+            vec!["a1"],
+            "a single match written as a JSON string"
+        );
         assert_eq!(job.imported_count, Some(11));
         assert_eq!(job.status, JobStatus::CompletedWithErrors);
         item.insert("status".into(), AttributeValue::S("WHATEVER".into()));
@@ -329,8 +402,18 @@ mod tests {
 
     #[test]
     fn transitions_are_conditional_on_an_earlier_status() {
-        let (update, condition, values) = transition_update(JobStatus::Submitted, &Transition { execution_arn: Some("arn:e".into()), submitted_at: Some("t".into()), ..Default::default() });
-        assert_eq!(update, "SET #status = :to, executionArn = :executionArn, submittedAt = :submittedAt");
+        let (update, condition, values) = transition_update(
+            JobStatus::Submitted,
+            &Transition {
+                execution_arn: Some("arn:e".into()),
+                submitted_at: Some("t".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            update,
+            "SET #status = :to, executionArn = :executionArn, submittedAt = :submittedAt"
+        );
         assert_eq!(condition, "#status IN (:p0, :p1)");
         assert_eq!(values[":p0"], AttributeValue::S("OPEN".into()));
         assert_eq!(values[":p1"], AttributeValue::S("CLOSED".into()));

@@ -20,7 +20,10 @@ impl LocalJournal {
     pub const DIR_NAME: &'static str = "jobs";
 
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalJournal { dir: dir.into(), lock: Mutex::new(()) }
+        LocalJournal {
+            dir: dir.into(),
+            lock: Mutex::new(()),
+        }
     }
 
     pub fn path_of(&self, job_id: &str) -> PathBuf {
@@ -70,7 +73,11 @@ impl LocalJournal {
                 }
             }
         }
-        jobs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.job_id.cmp(&b.job_id)));
+        jobs.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then(a.job_id.cmp(&b.job_id))
+        });
         Ok(jobs)
     }
 }
@@ -93,11 +100,23 @@ impl JobStore for LocalJournal {
         }
     }
 
-    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError> {
+    async fn transition(
+        &self,
+        job_id: &str,
+        to: JobStatus,
+        t: Transition,
+    ) -> Result<(), JobStoreError> {
         let _guard = self.lock.lock().await;
-        let mut job = self.read(job_id).await?.ok_or_else(|| JobStoreError::NotFound(job_id.to_string()))?;
+        let mut job = self
+            .read(job_id)
+            .await?
+            .ok_or_else(|| JobStoreError::NotFound(job_id.to_string()))?;
         if !job.status.can_move_to(to) {
-            return Err(JobStoreError::NotForward { job_id: job_id.to_string(), current: job.status.to_string(), wanted: to });
+            return Err(JobStoreError::NotForward {
+                job_id: job_id.to_string(),
+                current: job.status.to_string(),
+                wanted: to,
+            });
         }
         job.status = to;
         job.execution_arn = t.execution_arn.or(job.execution_arn);
@@ -109,14 +128,23 @@ impl JobStore for LocalJournal {
     }
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
-        if job_id.is_empty() || !job_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if job_id.is_empty()
+            || !job_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Ok(None);
         }
         self.read(job_id).await
     }
 
     async fn list_by_status(&self, status: JobStatus) -> Result<Vec<Job>, JobStoreError> {
-        Ok(self.all().await?.into_iter().filter(|j| j.status == status).collect())
+        Ok(self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|j| j.status == status)
+            .collect())
     }
 
     async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
@@ -139,17 +167,37 @@ mod tests {
     async fn journal_keeps_statuses_moving_forward() {
         let dir = tempfile::tempdir().unwrap();
         let j = LocalJournal::new(dir.path().join("jobs"));
-        let open = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "/x/", "gw");
+        let open = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "/x/",
+            "gw",
+        );
         j.record_open(&open).await.unwrap();
         let mut closed = open.clone();
         closed.status = JobStatus::Closed;
         closed.instance_count = Some(4);
         j.record_closed(&closed).await.unwrap();
         j.record_open(&open).await.unwrap(); // late duplicate: ignored
-        assert_eq!(j.get(&open.job_id).await.unwrap().unwrap().status, JobStatus::Closed);
+        assert_eq!(
+            j.get(&open.job_id).await.unwrap().unwrap().status,
+            JobStatus::Closed
+        );
         assert_eq!(j.list_by_status(JobStatus::Closed).await.unwrap().len(), 1);
-        j.transition(&open.job_id, JobStatus::Submitted, Transition { execution_arn: Some("arn:x".into()), ..Default::default() }).await.unwrap();
-        let err = j.transition(&open.job_id, JobStatus::Closed, Transition::default()).await.unwrap_err();
+        j.transition(
+            &open.job_id,
+            JobStatus::Submitted,
+            Transition {
+                execution_arn: Some("arn:x".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = j
+            .transition(&open.job_id, JobStatus::Closed, Transition::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, JobStoreError::NotForward { .. }), "{err}");
         j.record_closed(&closed).await.unwrap(); // a retried close does not move it back
         let job = j.get(&open.job_id).await.unwrap().unwrap();

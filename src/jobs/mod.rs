@@ -30,7 +30,15 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 7] = [Self::Open, Self::Closed, Self::Submitted, Self::Importing, Self::Completed, Self::CompletedWithErrors, Self::Failed];
+    pub const ALL: [JobStatus; 7] = [
+        Self::Open,
+        Self::Closed,
+        Self::Submitted,
+        Self::Importing,
+        Self::Completed,
+        Self::CompletedWithErrors,
+        Self::Failed,
+    ];
 
     fn rank(self) -> u8 {
         match self {
@@ -53,7 +61,10 @@ impl JobStatus {
 
     /// The statuses a job may be in for a move to `self` (for conditional updates).
     pub fn predecessors(self) -> Vec<JobStatus> {
-        Self::ALL.into_iter().filter(|s| s.can_move_to(self)).collect()
+        Self::ALL
+            .into_iter()
+            .filter(|s| s.can_move_to(self))
+            .collect()
     }
 
     pub fn as_str(self) -> &'static str {
@@ -154,10 +165,20 @@ impl Job {
 
     /// The job for a closed batch.
     pub fn closed(batch: &BatchSummary, gateway_id: &str) -> Job {
-        let mut job = Job::opened(&batch.job_id, &batch.created_at, &batch.input_location, gateway_id);
+        let mut job = Job::opened(
+            &batch.job_id,
+            &batch.created_at,
+            &batch.input_location,
+            gateway_id,
+        );
         job.status = JobStatus::Closed;
         job.closed_at = Some(batch.closed_at.clone());
-        job.close_reason = Some(serde_json::to_value(batch.close_reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default());
+        job.close_reason = Some(
+            serde_json::to_value(batch.close_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+        );
         job.instance_count = Some(batch.instance_count as u64);
         job.total_bytes = Some(batch.total_bytes);
         job.study_instance_uids = batch.study_instance_uids.clone();
@@ -173,9 +194,16 @@ pub enum JobStoreError {
     #[error("job record cannot be encoded or decoded: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("DynamoDB {operation} failed: {message}")]
-    Dynamo { operation: &'static str, message: String },
+    Dynamo {
+        operation: &'static str,
+        message: String,
+    },
     #[error("job {job_id} is {current}; it cannot move to {wanted}")]
-    NotForward { job_id: String, current: String, wanted: JobStatus },
+    NotForward {
+        job_id: String,
+        current: String,
+        wanted: JobStatus,
+    },
     #[error("job {0} does not exist")]
     NotFound(String),
     #[error("job record is malformed: {0}")]
@@ -203,7 +231,12 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Moves a job forward to `to`, setting the fields in `t`. Fails with
     /// [`JobStoreError::NotForward`] when the job is already at `to` or beyond.
-    async fn transition(&self, job_id: &str, to: JobStatus, t: Transition) -> Result<(), JobStoreError>;
+    async fn transition(
+        &self,
+        job_id: &str,
+        to: JobStatus,
+        t: Transition,
+    ) -> Result<(), JobStoreError>;
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError>;
 
@@ -225,7 +258,10 @@ mod tests {
     fn status_only_moves_forward() {
         assert!(Open.can_move_to(Closed));
         assert!(Closed.can_move_to(Submitted));
-        assert!(Closed.can_move_to(Importing), "the state machine may record IMPORTING before the gateway records SUBMITTED");
+        assert!(
+            Closed.can_move_to(Importing),
+            "the state machine may record IMPORTING before the gateway records SUBMITTED"
+        );
         assert!(Submitted.can_move_to(Importing));
         assert!(Importing.can_move_to(Completed));
         assert!(Importing.can_move_to(CompletedWithErrors));
@@ -245,7 +281,10 @@ mod tests {
     fn predecessors_are_the_earlier_statuses() {
         assert_eq!(Closed.predecessors(), vec![Open]);
         assert_eq!(Submitted.predecessors(), vec![Open, Closed]);
-        assert_eq!(Failed.predecessors(), vec![Open, Closed, Submitted, Importing]);
+        assert_eq!(
+            Failed.predecessors(),
+            vec![Open, Closed, Submitted, Importing]
+        );
         assert!(Open.predecessors().is_empty());
     }
 
@@ -277,7 +316,10 @@ mod tests {
         assert_eq!(job.close_reason.as_deref(), Some("max-instances"));
         assert_eq!(job.gateway_id.as_deref(), Some("gw-1"));
         let json = serde_json::to_value(&job).unwrap();
-        assert_eq!(json["inputS3Uri"], "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/");
+        assert_eq!(
+            json["inputS3Uri"],
+            "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
+        );
         assert_eq!(json["status"], "CLOSED");
         assert!(json.get("executionArn").is_none());
     }

@@ -8,7 +8,10 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 
 /// One line per job, newest first, under a header.
 pub fn table(jobs: &[Job]) -> String {
-    let mut out = format!("{:<26}  {:<21}  {:<24}  {:>9}  {:>12}  {:>8}  {:>6}\n", "JOB ID", "STATUS", "CREATED", "INSTANCES", "BYTES", "IMPORTED", "FAILED");
+    let mut out = format!(
+        "{:<26}  {:<21}  {:<24}  {:>9}  {:>12}  {:>8}  {:>6}\n",
+        "JOB ID", "STATUS", "CREATED", "INSTANCES", "BYTES", "IMPORTED", "FAILED"
+    );
     for j in jobs {
         out.push_str(&format!(
             "{:<26}  {:<21}  {:<24}  {:>9}  {:>12}  {:>8}  {:>6}\n",
@@ -36,7 +39,15 @@ pub fn details(job: &Job) -> String {
         for (k, v) in map {
             let text = match v {
                 serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(", "),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 other => other.to_string(),
             };
             out.push_str(&format!("{k:<width$}  {text}\n"));
@@ -67,7 +78,12 @@ mod tests {
 
     #[test]
     fn table_and_details_show_the_essentials() {
-        let mut job = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", "2026-11-23T10:00:00.000Z", "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/", "gw");
+        let mut job = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
+            "gw",
+        );
         job.status = JobStatus::Failed;
         job.instance_count = Some(3);
         job.message = Some("MedicalImaging.AccessDeniedException: role cannot read".into());

@@ -38,7 +38,9 @@ impl DatasetEncoding {
         match ts {
             IMPLICIT_VR_LE => Self::ImplicitVrLittleEndian,
             EXPLICIT_VR_BE => Self::ExplicitVrBigEndian,
-            DEFLATED_EXPLICIT_VR_LE | JPIP_REFERENCED_DEFLATE => Self::DeflatedExplicitVrLittleEndian,
+            DEFLATED_EXPLICIT_VR_LE | JPIP_REFERENCED_DEFLATE => {
+                Self::DeflatedExplicitVrLittleEndian
+            }
             _ => Self::ExplicitVrLittleEndian,
         }
     }
@@ -69,9 +71,15 @@ impl Policy {
         };
         let transfer_syntaxes = match transfer_syntaxes {
             Some(list) => list.iter().cloned().collect(),
-            None => TRANSFER_SYNTAXES.iter().map(|(uid, _)| uid.to_string()).collect(),
+            None => TRANSFER_SYNTAXES
+                .iter()
+                .map(|(uid, _)| uid.to_string())
+                .collect(),
         };
-        Policy { sop_classes, transfer_syntaxes }
+        Policy {
+            sop_classes,
+            transfer_syntaxes,
+        }
     }
 
     pub fn accepts_sop_class(&self, uid: &str) -> bool {
@@ -115,7 +123,9 @@ mod tests {
     fn generated_tables_agree_with_the_standard_dictionary() {
         assert!(STORAGE_SOP_CLASSES.len() > 150);
         for (uid, name) in STORAGE_SOP_CLASSES {
-            let entry = StandardSopClassDictionary.by_uid(uid).expect("known SOP class");
+            let entry = StandardSopClassDictionary
+                .by_uid(uid)
+                .expect("known SOP class");
             assert_eq!(entry.name(), *name);
             assert!(crate::uid::validate_uid(uid).is_ok());
         }
@@ -131,7 +141,14 @@ mod tests {
         assert!(p.accepts_sop_class(VERIFICATION));
         assert!(!p.accepts_sop_class("1.2.840.10008.5.1.4.1.2.1.1")); // Patient Root Q/R FIND
         assert!(!p.accepts_sop_class("1.2.840.10008.1.20.1")); // Storage Commitment
-        for ts in [IMPLICIT_VR_LE, EXPLICIT_VR_LE, EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE, "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.201"] {
+        for ts in [
+            IMPLICIT_VR_LE,
+            EXPLICIT_VR_LE,
+            EXPLICIT_VR_BE,
+            DEFLATED_EXPLICIT_VR_LE,
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.201",
+        ] {
             assert!(p.accepts_transfer_syntax(ts), "{ts}");
         }
         assert!(!p.accepts_transfer_syntax("1.2.3.4"));
@@ -139,18 +156,40 @@ mod tests {
 
     #[test]
     fn chooses_first_acceptable_in_requestor_order() {
-        let p = Policy::new(None, Some(&[IMPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE.to_string()]));
-        let proposed = vec!["1.2.840.10008.1.2.4.50".to_string(), format!("{EXPLICIT_VR_LE}\0"), IMPLICIT_VR_LE.to_string()];
+        let p = Policy::new(
+            None,
+            Some(&[IMPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE.to_string()]),
+        );
+        let proposed = vec![
+            "1.2.840.10008.1.2.4.50".to_string(),
+            format!("{EXPLICIT_VR_LE}\0"),
+            IMPLICIT_VR_LE.to_string(),
+        ];
         assert_eq!(p.choose_transfer_syntax(&proposed), Some(EXPLICIT_VR_LE));
-        assert_eq!(p.choose_transfer_syntax(&["1.2.840.10008.1.2.4.50".to_string()]), None);
+        assert_eq!(
+            p.choose_transfer_syntax(&["1.2.840.10008.1.2.4.50".to_string()]),
+            None
+        );
     }
 
     #[test]
     fn dataset_encoding_follows_transfer_syntax() {
         use DatasetEncoding::*;
-        assert_eq!(DatasetEncoding::of_transfer_syntax(IMPLICIT_VR_LE), ImplicitVrLittleEndian);
-        assert_eq!(DatasetEncoding::of_transfer_syntax(EXPLICIT_VR_BE), ExplicitVrBigEndian);
-        assert_eq!(DatasetEncoding::of_transfer_syntax(DEFLATED_EXPLICIT_VR_LE), DeflatedExplicitVrLittleEndian);
-        assert_eq!(DatasetEncoding::of_transfer_syntax("1.2.840.10008.1.2.4.50"), ExplicitVrLittleEndian);
+        assert_eq!(
+            DatasetEncoding::of_transfer_syntax(IMPLICIT_VR_LE),
+            ImplicitVrLittleEndian
+        );
+        assert_eq!(
+            DatasetEncoding::of_transfer_syntax(EXPLICIT_VR_BE),
+            ExplicitVrBigEndian
+        );
+        assert_eq!(
+            DatasetEncoding::of_transfer_syntax(DEFLATED_EXPLICIT_VR_LE),
+            DeflatedExplicitVrLittleEndian
+        );
+        assert_eq!(
+            DatasetEncoding::of_transfer_syntax("1.2.840.10008.1.2.4.50"),
+            ExplicitVrLittleEndian
+        );
     }
 }

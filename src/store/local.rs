@@ -34,14 +34,21 @@ impl LocalStore {
     /// (they were never acknowledged, so removing them loses nothing).
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        let root = if root.is_absolute() { root } else { std::env::current_dir()?.join(root) };
+        let root = if root.is_absolute() {
+            root
+        } else {
+            std::env::current_dir()?.join(root)
+        };
         let incoming = root.join(INCOMING_DIR);
         tokio::fs::create_dir_all(&incoming).await?;
         let mut entries = tokio::fs::read_dir(&incoming).await?;
         while let Some(entry) = entries.next_entry().await? {
             let _ = tokio::fs::remove_file(entry.path()).await;
         }
-        Ok(LocalStore { root, buffers: Arc::new(Mutex::new(Vec::new())) })
+        Ok(LocalStore {
+            root,
+            buffers: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -52,13 +59,21 @@ impl LocalStore {
 #[async_trait]
 impl ObjectStore for LocalStore {
     async fn begin(&self, key: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError> {
-        let temp = self.root.join(INCOMING_DIR).join(format!("{}.part", ulid::Ulid::generate()));
+        let temp = self
+            .root
+            .join(INCOMING_DIR)
+            .join(format!("{}.part", ulid::Ulid::generate()));
         let file = blocking({
             let temp = temp.clone();
             move || File::create(temp)
         })
         .await?;
-        let buf = self.buffers.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER));
+        let buf = self
+            .buffers
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop())
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER));
         Ok(Box::new(LocalUpload {
             pool: self.buffers.clone(),
             file: Some(file),
@@ -80,8 +95,12 @@ impl ObjectStore for LocalStore {
 }
 
 /// Runs blocking file-system work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| std::io::Error::other(e.to_string()))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// An upload in progress. Bytes are gathered in `buf` and written in large blocks; the whole commit
@@ -99,7 +118,10 @@ struct LocalUpload {
 
 impl LocalUpload {
     async fn flush_buffer(&mut self) -> std::io::Result<()> {
-        let mut file = self.file.take().ok_or_else(|| std::io::Error::other("upload already finished"))?;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("upload already finished"))?;
         let buf = std::mem::replace(&mut self.buf, Vec::new());
         let (file, mut buf) = blocking(move || {
             file.write_all(&buf)?;
@@ -125,7 +147,10 @@ impl ObjectUpload for LocalUpload {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<StoredObject, StoreError> {
-        let mut file = self.file.take().ok_or_else(|| std::io::Error::other("upload already finished"))?;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("upload already finished"))?;
         let mut buf = std::mem::take(&mut self.buf);
         let (temp, root, dest) = (self.temp.clone(), self.root.clone(), self.dest.clone());
         self.buf = blocking(move || {
@@ -133,7 +158,9 @@ impl ObjectUpload for LocalUpload {
             buf.clear();
             file.sync_all()?;
             drop(file);
-            let parent = dest.parent().ok_or_else(|| std::io::Error::other("object key has no directory"))?;
+            let parent = dest
+                .parent()
+                .ok_or_else(|| std::io::Error::other("object key has no directory"))?;
             // Directories created for this object need their own entries made durable too.
             let mut to_sync = vec![parent.to_path_buf()];
             let mut dir = parent;
@@ -153,7 +180,10 @@ impl ObjectUpload for LocalUpload {
         })
         .await?;
         self.temp = PathBuf::new(); // renamed: nothing left to clean up
-        Ok(StoredObject { location: self.dest.display().to_string(), size: self.size })
+        Ok(StoredObject {
+            location: self.dest.display().to_string(),
+            size: self.size,
+        })
     }
 
     async fn abort(mut self: Box<Self>) {
@@ -195,10 +225,16 @@ mod tests {
         let mut up = store.begin(&key).await.unwrap();
         up.write(b"hello ").await.unwrap();
         up.write(b"world").await.unwrap();
-        assert!(!dir.path().join(key.as_str()).exists(), "not visible before commit");
+        assert!(
+            !dir.path().join(key.as_str()).exists(),
+            "not visible before commit"
+        );
         let stored = up.commit().await.unwrap();
         assert_eq!(stored.size, 11);
-        assert_eq!(std::fs::read(dir.path().join(key.as_str())).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(dir.path().join(key.as_str())).unwrap(),
+            b"hello world"
+        );
 
         let key2 = ObjectKey::new(BATCH, "1.2", "1.2.3", "1.2.3.5").unwrap();
         let mut up = store.begin(&key2).await.unwrap();
@@ -208,7 +244,13 @@ mod tests {
         up.write(b"dropped").await.unwrap();
         drop(up);
         assert!(!dir.path().join(key2.as_str()).exists());
-        assert_eq!(std::fs::read_dir(dir.path().join(INCOMING_DIR)).unwrap().count(), 0, "no temp files left");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(INCOMING_DIR))
+                .unwrap()
+                .count(),
+            0,
+            "no temp files left"
+        );
     }
 
     #[tokio::test]
@@ -217,6 +259,11 @@ mod tests {
         std::fs::create_dir_all(dir.path().join(INCOMING_DIR)).unwrap();
         std::fs::write(dir.path().join(INCOMING_DIR).join("x.part"), b"junk").unwrap();
         LocalStore::open(dir.path()).await.unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join(INCOMING_DIR)).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(INCOMING_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

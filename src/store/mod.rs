@@ -19,7 +19,10 @@ pub enum StoreError {
     #[error("local store I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("S3 {operation} failed: {message}")]
-    S3 { operation: &'static str, message: String },
+    S3 {
+        operation: &'static str,
+        message: String,
+    },
 }
 
 /// The key of one stored instance, relative to the store's root or prefix:
@@ -31,20 +34,34 @@ pub struct ObjectKey(String);
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum KeyError {
     #[error("{which} is not a valid UID: {error}")]
-    Uid { which: &'static str, error: UidError },
+    Uid {
+        which: &'static str,
+        error: UidError,
+    },
     #[error("batch id is not a ULID")]
     BatchId,
 }
 
 impl ObjectKey {
-    pub fn new(batch_id: &str, study: &str, series: &str, sop_instance: &str) -> Result<Self, KeyError> {
+    pub fn new(
+        batch_id: &str,
+        study: &str,
+        series: &str,
+        sop_instance: &str,
+    ) -> Result<Self, KeyError> {
         if batch_id.len() != 26 || !batch_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(KeyError::BatchId);
         }
-        for (which, uid) in [("Study Instance UID", study), ("Series Instance UID", series), ("SOP Instance UID", sop_instance)] {
+        for (which, uid) in [
+            ("Study Instance UID", study),
+            ("Series Instance UID", series),
+            ("SOP Instance UID", sop_instance),
+        ] {
             validate_uid(uid).map_err(|error| KeyError::Uid { which, error })?;
         }
-        Ok(ObjectKey(format!("{batch_id}/{study}/{series}/{sop_instance}.dcm")))
+        Ok(ObjectKey(format!(
+            "{batch_id}/{study}/{series}/{sop_instance}.dcm"
+        )))
     }
 
     pub fn as_str(&self) -> &str {
@@ -99,14 +116,38 @@ mod tests {
     #[test]
     fn key_layout_follows_the_design() {
         let key = ObjectKey::new(BATCH, "1.2.3", "1.2.3.4", "1.2.3.4.5").unwrap();
-        assert_eq!(key.as_str(), "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3/1.2.3.4/1.2.3.4.5.dcm");
+        assert_eq!(
+            key.as_str(),
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+        );
     }
 
     #[test]
     fn keys_refuse_anything_that_is_not_a_uid() {
-        assert!(matches!(ObjectKey::new(BATCH, "../..", "1.2", "1.3"), Err(KeyError::Uid { which: "Study Instance UID", .. })));
-        assert!(matches!(ObjectKey::new(BATCH, "1.2", "1.2/x", "1.3"), Err(KeyError::Uid { which: "Series Instance UID", .. })));
-        assert!(matches!(ObjectKey::new(BATCH, "1.2", "1.2", ""), Err(KeyError::Uid { which: "SOP Instance UID", .. })));
-        assert_eq!(ObjectKey::new("../x", "1.2", "1.2", "1.3"), Err(KeyError::BatchId));
+        assert!(matches!(
+            ObjectKey::new(BATCH, "../..", "1.2", "1.3"),
+            Err(KeyError::Uid {
+                which: "Study Instance UID",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ObjectKey::new(BATCH, "1.2", "1.2/x", "1.3"),
+            Err(KeyError::Uid {
+                which: "Series Instance UID",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ObjectKey::new(BATCH, "1.2", "1.2", ""),
+            Err(KeyError::Uid {
+                which: "SOP Instance UID",
+                ..
+            })
+        ));
+        assert_eq!(
+            ObjectKey::new("../x", "1.2", "1.2", "1.3"),
+            Err(KeyError::BatchId)
+        );
     }
 }

@@ -11,8 +11,8 @@
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::DisplayErrorContext;
-use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
@@ -37,8 +37,20 @@ pub struct S3Store {
 
 impl S3Store {
     /// `prefix` is used as given (include a trailing '/' to make it a folder).
-    pub fn new(client: Client, bucket: String, prefix: String, part_size: usize, parts_in_flight: usize) -> Self {
-        S3Store { client, bucket, prefix, part_size, parts_in_flight: parts_in_flight.max(1) }
+    pub fn new(
+        client: Client,
+        bucket: String,
+        prefix: String,
+        part_size: usize,
+        parts_in_flight: usize,
+    ) -> Self {
+        S3Store {
+            client,
+            bucket,
+            prefix,
+            part_size,
+            parts_in_flight: parts_in_flight.max(1),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -58,7 +70,11 @@ where
     R: std::fmt::Debug,
 {
     let message = match err.as_service_error() {
-        Some(e) => format!("{}: {}", e.code().unwrap_or("error"), e.message().unwrap_or("no message")),
+        Some(e) => format!(
+            "{}: {}",
+            e.code().unwrap_or("error"),
+            e.message().unwrap_or("no message")
+        ),
         None => DisplayErrorContext(&err).to_string(),
     };
     StoreError::S3 { operation, message }
@@ -84,7 +100,12 @@ impl ObjectStore for S3Store {
     }
 
     fn describe(&self) -> String {
-        format!("S3 bucket {} prefix '{}' (part size {} MiB)", self.bucket, self.prefix, self.part_size / (1024 * 1024))
+        format!(
+            "S3 bucket {} prefix '{}' (part size {} MiB)",
+            self.bucket,
+            self.prefix,
+            self.part_size / (1024 * 1024)
+        )
     }
 }
 
@@ -117,7 +138,13 @@ impl S3Upload {
             .send()
             .await
             .map_err(|e| s3_error("CreateMultipartUpload", e))?;
-        let id = out.upload_id().ok_or_else(|| StoreError::S3 { operation: "CreateMultipartUpload", message: "no upload id in the response".into() })?.to_string();
+        let id = out
+            .upload_id()
+            .ok_or_else(|| StoreError::S3 {
+                operation: "CreateMultipartUpload",
+                message: "no upload id in the response".into(),
+            })?
+            .to_string();
         self.upload_id = Some(id.clone());
         Ok(id)
     }
@@ -129,13 +156,20 @@ impl S3Upload {
             self.reap_one().await?;
         }
         if self.next_part > MAX_PARTS {
-            return Err(StoreError::S3 { operation: "UploadPart", message: format!("object needs more than {MAX_PARTS} parts; raise --part-size") });
+            return Err(StoreError::S3 {
+                operation: "UploadPart",
+                message: format!("object needs more than {MAX_PARTS} parts; raise --part-size"),
+            });
         }
         let body: Bytes = self.buf.split().freeze();
         self.buf.reserve(self.store.part_size);
         let part_number = self.next_part;
         self.next_part += 1;
-        let (client, bucket, key) = (self.store.client.clone(), self.store.bucket.clone(), self.key.clone());
+        let (client, bucket, key) = (
+            self.store.client.clone(),
+            self.store.bucket.clone(),
+            self.key.clone(),
+        );
         self.in_flight.spawn(async move {
             let out = client
                 .upload_part()
@@ -164,7 +198,10 @@ impl S3Upload {
                 Ok(())
             }
             Some(Ok(Err(e))) => Err(e),
-            Some(Err(join)) => Err(StoreError::S3 { operation: "UploadPart", message: join.to_string() }),
+            Some(Err(join)) => Err(StoreError::S3 {
+                operation: "UploadPart",
+                message: join.to_string(),
+            }),
             None => Ok(()),
         }
     }
@@ -198,7 +235,11 @@ impl S3Upload {
             .bucket(&self.store.bucket)
             .key(&self.key)
             .upload_id(&upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
@@ -210,7 +251,11 @@ impl S3Upload {
     fn spawn_abort(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         self.in_flight.abort_all();
         let upload_id = self.upload_id.take()?;
-        let (client, bucket, key) = (self.store.client.clone(), self.store.bucket.clone(), self.key.clone());
+        let (client, bucket, key) = (
+            self.store.client.clone(),
+            self.store.bucket.clone(),
+            self.key.clone(),
+        );
         let handle = tokio::runtime::Handle::try_current().ok()?;
         Some(handle.spawn(async move {
             if let Err(e) = client.abort_multipart_upload().bucket(bucket).key(&key).upload_id(upload_id).send().await {
@@ -238,7 +283,10 @@ impl ObjectUpload for S3Upload {
 
     async fn commit(mut self: Box<Self>) -> Result<StoredObject, StoreError> {
         match self.finish().await {
-            Ok(()) => Ok(StoredObject { location: format!("s3://{}/{}", self.store.bucket, self.key), size: self.size }),
+            Ok(()) => Ok(StoredObject {
+                location: format!("s3://{}/{}", self.store.bucket, self.key),
+                size: self.size,
+            }),
             Err(e) => {
                 if let Some(h) = self.spawn_abort() {
                     let _ = h.await;

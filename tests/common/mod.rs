@@ -16,11 +16,17 @@ pub const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
 pub fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -38,19 +44,33 @@ impl Gateway {
         let log = dir.path().join("gateway.log");
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dicom-gateway"));
-        cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).args(args);
-        cmd.env("DICOM_GATEWAY_LOG_LEVEL", "info").env_remove("RUST_LOG");
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args);
+        cmd.env("DICOM_GATEWAY_LOG_LEVEL", "info")
+            .env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("gateway binary starts");
-        let gw = Gateway { child: Some(child), port, log, _dir: dir };
+        let gw = Gateway {
+            child: Some(child),
+            port,
+            log,
+            _dir: dir,
+        };
         let until = Instant::now() + Duration::from_secs(20);
         // Wait for the start-up log line rather than probing the port: a probe connection would
         // itself occupy an association slot for a moment.
         while !gw.log_text().contains("dicom-gateway listening") {
-            assert!(Instant::now() < until, "gateway did not listen; log:\n{}", gw.log_text());
+            assert!(
+                Instant::now() < until,
+                "gateway did not listen; log:\n{}",
+                gw.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         gw
@@ -68,22 +88,37 @@ impl Gateway {
     pub fn peak_rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
     }
 
     /// SIGTERM and wait for a clean exit; returns the log.
     pub fn stop(&mut self) -> String {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let until = Instant::now() + Duration::from_secs(40);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
-                    assert!(status.success(), "gateway exited with {status}; log:\n{}", self.log_text());
+                    assert!(
+                        status.success(),
+                        "gateway exited with {status}; log:\n{}",
+                        self.log_text()
+                    );
                     break;
                 }
                 if Instant::now() > until {
                     let _ = child.kill();
-                    panic!("gateway did not stop within 40 s; log:\n{}", self.log_text());
+                    panic!(
+                        "gateway did not stop within 40 s; log:\n{}",
+                        self.log_text()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -95,7 +130,10 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             std::thread::sleep(Duration::from_millis(200));
             let _ = child.kill();
             let _ = child.wait();
@@ -105,21 +143,51 @@ impl Drop for Gateway {
 
 /// Runs a DCMTK tool with TCP_NODELAY set, as the README advises.
 pub fn dcmtk(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).env("TCP_NODELAY", "1").output().unwrap_or_else(|e| panic!("{tool} runs (is DCMTK installed? scripts/test.sh installs it): {e}"))
+    Command::new(tool)
+        .args(args)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool} runs (is DCMTK installed? scripts/test.sh installs it): {e}")
+        })
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 pub fn echoscu(port: u16, called: &str, calling: &str) -> Output {
-    dcmtk("echoscu", &["-aec", called, "-aet", calling, "127.0.0.1", &port.to_string()])
+    dcmtk(
+        "echoscu",
+        &[
+            "-aec",
+            called,
+            "-aet",
+            calling,
+            "127.0.0.1",
+            &port.to_string(),
+        ],
+    )
 }
 
 /// storescu with `flag` choosing the proposed transfer syntaxes (e.g. -xi, -xe, -xb, -xd, -xy).
 pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
     let port = port.to_string();
-    let mut args = vec!["-v", "-nh", "-aec", AE, "-aet", "STORESCU", flag, "127.0.0.1", port.as_str()];
+    let mut args = vec![
+        "-v",
+        "-nh",
+        "-aec",
+        AE,
+        "-aet",
+        "STORESCU",
+        flag,
+        "127.0.0.1",
+        port.as_str(),
+    ];
     let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     args.extend(files.iter().map(String::as_str));
     dcmtk("storescu", &args)
@@ -137,29 +205,58 @@ pub fn send_testdata(port: u16) {
     ] {
         let out = storescu(port, flag, &[&testdata(file)]);
         assert!(out.status.success(), "storescu {file}: {}", text(&out));
-        assert!(!text(&out).contains("Failed"), "storescu {file}: {}", text(&out));
+        assert!(
+            !text(&out).contains("Failed"),
+            "storescu {file}: {}",
+            text(&out)
+        );
     }
 }
 
-pub const TESTDATA_FILES: [&str; 5] = ["ct-implicit-le.dcm", "ct-explicit-le.dcm", "mr-explicit-be.dcm", "mr-deflated.dcm", "sc-jpeg-baseline.dcm"];
+pub const TESTDATA_FILES: [&str; 5] = [
+    "ct-implicit-le.dcm",
+    "ct-explicit-le.dcm",
+    "mr-explicit-be.dcm",
+    "mr-deflated.dcm",
+    "sc-jpeg-baseline.dcm",
+];
 
 /// Checks that `stored` (a Part-10 object written by the gateway) carries exactly the data set of
 /// the test file with the same SOP Instance UID, and a correct meta group. Returns the file name.
 pub fn assert_matches_a_sent_file(stored: &[u8]) -> &'static str {
-    let (meta, offset) = dicom_gateway::part10::split_part10(stored).expect("stored object is Part-10");
+    let (meta, offset) =
+        dicom_gateway::part10::split_part10(stored).expect("stored object is Part-10");
     for name in TESTDATA_FILES {
         let sent = std::fs::read(testdata(name)).unwrap();
         let (sent_meta, sent_offset) = dicom_gateway::part10::split_part10(&sent).unwrap();
         if sent_meta.media_storage_sop_instance_uid() == meta.media_storage_sop_instance_uid() {
-            assert_eq!(&stored[offset..], &sent[sent_offset..], "data set bytes of {name} differ");
-            assert_eq!(meta.transfer_syntax(), sent_meta.transfer_syntax(), "{name}");
-            assert_eq!(meta.media_storage_sop_class_uid(), sent_meta.media_storage_sop_class_uid(), "{name}");
+            assert_eq!(
+                &stored[offset..],
+                &sent[sent_offset..],
+                "data set bytes of {name} differ"
+            );
+            assert_eq!(
+                meta.transfer_syntax(),
+                sent_meta.transfer_syntax(),
+                "{name}"
+            );
+            assert_eq!(
+                meta.media_storage_sop_class_uid(),
+                sent_meta.media_storage_sop_class_uid(),
+                "{name}"
+            );
             assert_eq!(meta.source_application_entity_title(), Some("STORESCU"));
-            assert_eq!(meta.implementation_class_uid(), dicom_gateway::part10::IMPLEMENTATION_CLASS_UID);
+            assert_eq!(
+                meta.implementation_class_uid(),
+                dicom_gateway::part10::IMPLEMENTATION_CLASS_UID
+            );
             return name;
         }
     }
-    panic!("stored object {} matches no test file", meta.media_storage_sop_instance_uid());
+    panic!(
+        "stored object {} matches no test file",
+        meta.media_storage_sop_instance_uid()
+    );
 }
 
 /// A minimal SCU speaking raw PDUs, for byte-level control.
@@ -170,7 +267,9 @@ pub struct RawScu {
 impl RawScu {
     pub fn connect(port: u16) -> RawScu {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         RawScu { stream }
     }
 
@@ -193,7 +292,9 @@ impl RawScu {
         self.stream.read_exact(&mut body).ok()?;
         let mut whole = header.to_vec();
         whole.extend(body);
-        dicom_ul::pdu::read_pdu(&whole[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false).ok().flatten()
+        dicom_ul::pdu::read_pdu(&whole[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false)
+            .ok()
+            .flatten()
     }
 
     /// Requests an association for CT Image Storage (context 1, explicit VR LE) and Verification
@@ -206,8 +307,16 @@ impl RawScu {
             called_ae_title: called.into(),
             application_context_name: "1.2.840.10008.3.1.1.1".into(),
             presentation_contexts: vec![
-                PresentationContextProposed { id: 1, abstract_syntax: CT.into(), transfer_syntaxes: vec![EXPLICIT_LE.into()] },
-                PresentationContextProposed { id: 3, abstract_syntax: "1.2.840.10008.1.1".into(), transfer_syntaxes: vec![EXPLICIT_LE.into()] },
+                PresentationContextProposed {
+                    id: 1,
+                    abstract_syntax: CT.into(),
+                    transfer_syntaxes: vec![EXPLICIT_LE.into()],
+                },
+                PresentationContextProposed {
+                    id: 3,
+                    abstract_syntax: "1.2.840.10008.1.1".into(),
+                    transfer_syntaxes: vec![EXPLICIT_LE.into()],
+                },
             ],
             user_variables: vec![UserVariableItem::MaxLength(65536)],
         }));
@@ -219,8 +328,20 @@ impl RawScu {
 
     /// Sends a C-STORE on context 1 with `command_uid` in the command and `dataset` as data set,
     /// in fragments of `fragment` bytes; returns the response status.
-    pub fn store(&mut self, message_id: u16, command_uid: &str, dataset: &[u8], fragment: usize) -> u16 {
-        let cmd = dimse::request(dimse::command_field::C_STORE_RQ, message_id, CT, Some(command_uid), true);
+    pub fn store(
+        &mut self,
+        message_id: u16,
+        command_uid: &str,
+        dataset: &[u8],
+        fragment: usize,
+    ) -> u16 {
+        let cmd = dimse::request(
+            dimse::command_field::C_STORE_RQ,
+            message_id,
+            CT,
+            Some(command_uid),
+            true,
+        );
         self.send_raw(&pdu::encode_pdata(1, true, true, &cmd));
         let chunks: Vec<&[u8]> = dataset.chunks(fragment).collect();
         for (i, c) in chunks.iter().enumerate() {
@@ -274,7 +395,11 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let p = e.path();
-            if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+            if p.is_dir() {
+                out.extend(files_under(&p))
+            } else {
+                out.push(p)
+            }
         }
     }
     out.sort();

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Deploys (or updates) the dicom-gateway stack from infra/gateway.yaml.
+#
+#   scripts/deploy.sh STACK_NAME ARTIFACT_BUCKET [ParameterKey=Value ...]
+#   scripts/deploy.sh dicom-gateway my-artifacts-bucket DatastoreId=0123456789abcdef0123456789abcdef
+#
+# ARTIFACT_BUCKET is an existing bucket for the packaged state machine definition (the template
+# loads infra/import-state-machine.asl.json through `aws cloudformation package`).
+# Prints the stack outputs as OutputKey=Value lines on stdout, and on stderr the matching gateway
+# settings. AWS_CLI overrides the CLI command (e.g. "aws --endpoint-url http://127.0.0.1:4566").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 2 ]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+read -r -a AWS <<<"${AWS_CLI:-aws}"
+stack=$1 artifacts=$2
+shift 2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "[deploy] packaging infra/gateway.yaml into s3://$artifacts/$stack/" >&2
+"${AWS[@]}" cloudformation package --template-file infra/gateway.yaml --s3-bucket "$artifacts" --s3-prefix "$stack" \
+  --output-template-file "$tmp/packaged.yaml" >/dev/null
+echo "[deploy] deploying stack $stack" >&2
+deploy_args=(cloudformation deploy --stack-name "$stack" --template-file "$tmp/packaged.yaml" --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset)
+if [ $# -gt 0 ]; then deploy_args+=(--parameter-overrides "$@"); fi
+"${AWS[@]}" "${deploy_args[@]}" >&2
+"${AWS[@]}" cloudformation describe-stacks --stack-name "$stack" --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text \
+  | awk -F'\t' '{print $1 "=" $2}' > "$tmp/outputs"
+cat "$tmp/outputs"
+
+declare -A opt=([BucketName]=S3_BUCKET [ImportPrefix]=S3_PREFIX [ResultsPrefix]=RESULTS_PREFIX [JobTableName]=JOB_TABLE
+                [StateMachineArn]=STATE_MACHINE_ARN [DataAccessRoleArn]=DATA_ACCESS_ROLE_ARN [DatastoreId]=DATASTORE_ID)
+{
+  echo
+  echo "Gateway settings for this stack:"
+  while IFS='=' read -r key value; do
+    [ -n "${opt[$key]:-}" ] && echo "  DICOM_GATEWAY_${opt[$key]}=$value"
+  done < "$tmp/outputs"
+} >&2

@@ -1,0 +1,351 @@
+//! End-to-end tests of the import path on LocalStack: the stack from infra/gateway.yaml (deployed by
+//! scripts/test.sh through scripts/deploy.sh), the gateway started against its bucket, table and
+//! state machine, a study sent with DCMTK storescu, and the real state machine definition running
+//! to its end. Only the HealthImaging API is mocked, through LocalStack's Step Functions mocked
+//! service integrations (tests/sfn-mock-config.json, selected by the `#TestCase` suffix of the state
+//! machine ARN). The mocked import writes nothing, so each test puts the job-output-manifest.json a
+//! real import would have written.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use common::*;
+use dicom_gateway::jobs::dynamodb::{from_item, to_item};
+use dicom_gateway::jobs::{Job, JobStatus};
+
+/// Mocked HealthImaging import job id (tests/sfn-mock-config.json).
+const IMPORT_JOB_ID: &str = "import-job-0001";
+
+struct Stack {
+    bucket: String,
+    table: String,
+    state_machine_arn: String,
+    role_arn: String,
+    datastore_id: String,
+}
+
+fn stack() -> Option<Stack> {
+    let get = |k: &str| std::env::var(format!("DICOM_GATEWAY_TEST_STACK_{k}")).ok();
+    let (Some(bucket), Some(table), Some(state_machine_arn), Some(role_arn), Some(datastore_id)) = (
+        get("BucketName"),
+        get("JobTableName"),
+        get("StateMachineArn"),
+        get("DataAccessRoleArn"),
+        get("DatastoreId"),
+    ) else {
+        eprintln!("skipped: needs the LocalStack test stack; run scripts/test.sh");
+        return None;
+    };
+    Some(Stack {
+        bucket,
+        table,
+        state_machine_arn,
+        role_arn,
+        datastore_id,
+    })
+}
+
+async fn clients() -> (aws_sdk_s3::Client, aws_sdk_dynamodb::Client) {
+    let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    );
+    (s3, aws_sdk_dynamodb::Client::new(&conf))
+}
+
+fn gateway(stack: &Stack, case: &str, gateway_id: &str) -> Gateway {
+    let arn = format!("{}#{case}", stack.state_machine_arn);
+    Gateway::start(
+        &[
+            "--s3-bucket",
+            &stack.bucket,
+            "--s3-prefix",
+            "import/",
+            "--s3-force-path-style",
+            "--job-table",
+            &stack.table,
+            "--state-machine-arn",
+            &arn,
+            "--datastore-id",
+            &stack.datastore_id,
+            "--data-access-role-arn",
+            &stack.role_arn,
+            "--results-prefix",
+            "results/",
+            "--batch-idle",
+            "1s",
+            "--import-poll-interval",
+            "2s",
+            "--gateway-id",
+            gateway_id,
+        ],
+        &[],
+    )
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    )
+}
+
+/// Waits for the job recorded by `gateway_id` to appear; returns its id.
+async fn job_of_gateway(db: &aws_sdk_dynamodb::Client, table: &str, gateway_id: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = db
+            .scan()
+            .table_name(table)
+            .filter_expression("gatewayId = :g")
+            .expression_attribute_values(":g", AttributeValue::S(gateway_id.into()))
+            .send()
+            .await
+            .unwrap();
+        if let Some(item) = out.items().first() {
+            return from_item(item).unwrap().job_id;
+        }
+        assert!(
+            Instant::now() < until,
+            "no job recorded for gateway {gateway_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get_job(db: &aws_sdk_dynamodb::Client, table: &str, job_id: &str) -> Option<Job> {
+    let out = db
+        .get_item()
+        .table_name(table)
+        .key("jobId", AttributeValue::S(job_id.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap();
+    out.item().map(|i| from_item(i).unwrap())
+}
+
+async fn wait_for_final(
+    db: &aws_sdk_dynamodb::Client,
+    table: &str,
+    job_id: &str,
+    gw: &Gateway,
+) -> Job {
+    let until = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(job) = get_job(db, table, job_id).await {
+            if job.status.is_terminal() {
+                return job;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "job {job_id} did not finish: {:?}\ngateway log:\n{}",
+            get_job(db, table, job_id).await,
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Puts the manifest HealthImaging writes at the end of an import.
+async fn put_manifest(
+    s3: &aws_sdk_s3::Client,
+    stack: &Stack,
+    job_id: &str,
+    imported: u32,
+    customer_errors: u32,
+) {
+    let manifest = serde_json::json!({
+        "jobSummary": {
+            "jobId": IMPORT_JOB_ID,
+            "datastoreId": stack.datastore_id,
+            "inputS3Uri": format!("s3://{}/import/{job_id}/", stack.bucket),
+            "outputS3Uri": format!("s3://{}/results/{job_id}/", stack.bucket),
+            "numberOfScannedFiles": imported + customer_errors,
+            "numberOfImportedFiles": imported,
+            "numberOfFilesWithCustomerError": customer_errors,
+            "numberOfFilesWithServerError": 0,
+            "numberOfGeneratedImageSets": 1,
+            "imageSetsSummary": [{ "imageSetId": "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "numberOfMatchedSOPInstances": imported }]
+        }
+    });
+    s3.put_object()
+        .bucket(&stack.bucket)
+        .key(format!(
+            "results/{job_id}/{}-DicomImport-{IMPORT_JOB_ID}/job-output-manifest.json",
+            stack.datastore_id
+        ))
+        .body(manifest.to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+}
+
+/// Sends two instances, lets the batch close, and returns the job id (manifest already in place).
+async fn send_study(
+    stack: &Stack,
+    s3: &aws_sdk_s3::Client,
+    db: &aws_sdk_dynamodb::Client,
+    gw: &Gateway,
+    gateway_id: &str,
+    manifest: Option<(u32, u32)>,
+) -> String {
+    let out = storescu(
+        gw.port,
+        "-xb",
+        &[
+            &testdata("ct-implicit-le.dcm"),
+            &testdata("mr-explicit-be.dcm"),
+        ],
+    );
+    assert!(
+        text(&out)
+            .matches("Received Store Response (Success)")
+            .count()
+            == 2,
+        "{}",
+        text(&out)
+    );
+    let job_id = job_of_gateway(db, &stack.table, gateway_id).await;
+    if let Some((imported, failed)) = manifest {
+        put_manifest(s3, stack, &job_id, imported, failed).await;
+    }
+    job_id
+}
+
+#[tokio::test]
+async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
+    let Some(stack) = stack() else { return };
+    let (s3, db) = clients().await;
+    let id = unique("gw-completed");
+    let gw = gateway(&stack, "Completed", &id);
+    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((2, 0))).await;
+    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+    assert_eq!(job.instance_count, Some(2));
+    assert_eq!(job.imported_count, Some(2));
+    assert_eq!(job.failed_count, Some(0));
+    assert_eq!(job.image_set_ids, vec!["0a1b2c3d4e5f60718293a4b5c6d7e8f9"]);
+    assert_eq!(job.import_job_id.as_deref(), Some(IMPORT_JOB_ID));
+    assert_eq!(
+        job.input_s3_uri,
+        format!("s3://{}/import/{job_id}/", stack.bucket)
+    );
+    assert!(
+        job.execution_arn
+            .as_deref()
+            .is_some_and(|a| a.ends_with(&job_id)),
+        "{job:?}"
+    );
+    assert!(job.ended_at.is_some());
+
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args(["jobs", "show", &job_id, "--job-table", &stack.table])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert!(
+        text.contains("COMPLETED")
+            && text.contains("importedCount")
+            && text.contains("every file reached HealthImaging"),
+        "{text}"
+    );
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+        .args([
+            "jobs",
+            "list",
+            "--job-table",
+            &stack.table,
+            "--limit",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&job_id));
+}
+
+#[tokio::test]
+async fn failed_files_in_a_completed_import_end_completed_with_errors() {
+    let Some(stack) = stack() else { return };
+    let (s3, db) = clients().await;
+    let id = unique("gw-errors");
+    let gw = gateway(&stack, "CompletedWithErrors", &id);
+    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((1, 1))).await;
+    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    assert_eq!(job.status, JobStatus::CompletedWithErrors, "{job:?}");
+    assert_eq!((job.imported_count, job.failed_count), (Some(1), Some(1)));
+    assert!(
+        job.message
+            .as_deref()
+            .is_some_and(|m| m.contains("1 file(s) failed")),
+        "{job:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_import_ends_failed_with_its_message() {
+    let Some(stack) = stack() else { return };
+    let (s3, db) = clients().await;
+    let id = unique("gw-failed");
+    let gw = gateway(&stack, "Failed", &id);
+    let job_id = send_study(&stack, &s3, &db, &gw, &id, None).await;
+    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    let message = job.message.unwrap_or_default();
+    assert!(
+        message.contains("FAILED") && message.contains("cannot read the input prefix"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_throttled_start_is_retried_and_the_import_completes() {
+    let Some(stack) = stack() else { return };
+    let (s3, db) = clients().await;
+    let id = unique("gw-throttled");
+    let gw = gateway(&stack, "ThrottledThenStarted", &id);
+    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((2, 0))).await;
+    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+}
+
+#[tokio::test]
+async fn a_job_left_closed_without_an_execution_is_submitted_at_start_up() {
+    let Some(stack) = stack() else { return };
+    let (s3, db) = clients().await;
+    let id = unique("gw-recovery");
+    // A batch whose gateway crashed after recording CLOSED and before starting the import.
+    let job_id = ulid::Ulid::generate().to_string();
+    let mut job = Job::opened(
+        &job_id,
+        &humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        &format!("s3://{}/import/{job_id}/", stack.bucket),
+        &id,
+    );
+    job.status = JobStatus::Closed;
+    job.closed_at = Some(job.created_at.clone());
+    job.instance_count = Some(3);
+    db.put_item()
+        .table_name(&stack.table)
+        .set_item(Some(to_item(&job)))
+        .send()
+        .await
+        .unwrap();
+    put_manifest(&s3, &stack, &job_id, 3, 0).await;
+
+    let gw = gateway(&stack, "Completed", &id);
+    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+    assert_eq!(job.imported_count, Some(3));
+    assert!(gw.log_text().contains("recovery"), "{}", gw.log_text());
+}
