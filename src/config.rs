@@ -38,6 +38,27 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Inspect import jobs (one per batch): where a study is, and whether it reached HealthImaging.
     Jobs(JobsArgs),
+    /// Send a C-ECHO to a DICOM peer (this gateway or any SCP); exit 0 on Success. Used by the
+    /// container health check.
+    Echo(EchoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EchoArgs {
+    /// The peer, as host:port (e.g. 127.0.0.1:11112 or gateway.example.org:11112).
+    pub peer: String,
+
+    /// Our (calling) AE title.
+    #[arg(long, default_value = "DICOMGW_ECHO")]
+    pub ae_title: String,
+
+    /// The peer's (called) AE title. Defaults to this gateway's configured AE title.
+    #[arg(long, env = "DICOM_GATEWAY_AE_TITLE", default_value = "DICOM_GATEWAY")]
+    pub called_ae: String,
+
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Where the job records are: the same options (and environment variables) as `serve`.

@@ -6,6 +6,7 @@
 //! - [`association`]: negotiation and the per-association DIMSE loop;
 //! - [`pdu`]: Upper Layer PDU framing on an async socket;
 //! - [`dimse`]: command sets and statuses;
+//! - [`echo`]: the C-ECHO client behind `dicom-gateway echo`;
 //! - [`instance`]: one C-STORE data set, streamed from the wire to the store;
 //! - [`sniff`]: identifying UIDs read from the start of a data set in any transfer syntax;
 //! - [`part10`]: the file meta group written in front of the data set;
@@ -20,6 +21,7 @@ pub mod association;
 pub mod batch;
 pub mod config;
 pub mod dimse;
+pub mod echo;
 pub mod import;
 pub mod instance;
 pub mod jobs;

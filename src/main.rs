@@ -2,7 +2,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use dicom_gateway::config::{Cli, Command, JobsArgs, JobsCommand, LogFormat};
+use dicom_gateway::config::{Cli, Command, EchoArgs, JobsArgs, JobsCommand, LogFormat};
 use dicom_gateway::jobs::{JobStatus, report};
 
 fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
@@ -84,6 +84,30 @@ fn jobs(args: JobsArgs) -> std::process::ExitCode {
     })
 }
 
+/// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
+fn echo(args: EchoArgs) -> std::process::ExitCode {
+    for (name, ae) in [("--ae-title", &args.ae_title), ("--called-ae", &args.called_ae)] {
+        if let Err(e) = dicom_gateway::config::validate_ae_title(ae) {
+            eprintln!("error: {name} {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(dicom_gateway::echo::echo(&args.peer, &args.ae_title, &args.called_ae, args.timeout)) {
+        Ok(ok) => {
+            println!("C-ECHO {} (called AE {}): Success in {} ms", args.peer, args.called_ae, ok.round_trip.as_millis());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("C-ECHO {} (called AE {}) failed: {e}", args.peer, args.called_ae);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -118,5 +142,6 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Jobs(args) => jobs(args),
+        Command::Echo(args) => echo(args),
     }
 }

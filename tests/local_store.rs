@@ -358,3 +358,21 @@ fn bad_options_are_refused_with_a_message_naming_the_option() {
         assert!(help.contains(opt), "--help mentions {opt}");
     }
 }
+
+#[test]
+fn the_echo_subcommand_succeeds_against_a_gateway_and_fails_clearly_when_rejected_or_down() {
+    let (gw, _store) = local_gateway(&[]);
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).arg("echo").args(args).env_remove("DICOM_GATEWAY_AE_TITLE").output().unwrap();
+    let peer = format!("127.0.0.1:{}", gw.port);
+    let ok = run(&[&peer]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("Success"));
+
+    let rejected = run(&[&peer, "--called-ae", "SOMEONE_ELSE"]);
+    assert_eq!(rejected.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&rejected.stderr).contains("called AE title not recognized"));
+
+    let down = run(&[&format!("127.0.0.1:{}", free_port()), "--timeout", "5s"]);
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot connect"));
+}
