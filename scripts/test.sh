@@ -23,6 +23,8 @@ export LS_HOME="${LS_HOME:-$HOME/.cache/localstack-offline}"
 # HealthImaging is not emulated: its Step Functions tasks are mocked (read by LocalStack per execution).
 mkdir -p "$LS_HOME"
 cp tests/sfn-mock-config.json "$LS_HOME/sfn-mock-config.json"
+# A clean emulator for every run (LocalStack keeps its state in memory only).
+scripts/localstack/stop-localstack.sh >/dev/null 2>&1 || true
 scripts/localstack/start-localstack.sh >/dev/null
 trap 'scripts/localstack/stop-localstack.sh >/dev/null 2>&1 || true' EXIT
 
@@ -32,9 +34,10 @@ export DICOM_GATEWAY_TEST_LOCALSTACK=1 TCP_NODELAY=1
 echo "[test] deploying infra/gateway.yaml to LocalStack" >&2
 AWS_CLI="$LS_HOME/venv/bin/aws"
 "$AWS_CLI" s3 mb s3://dicom-gateway-test-artifacts >/dev/null 2>&1 || true
+deploy_log=$(mktemp)
 outputs=$(AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test dicom-gateway-test-artifacts \
   DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
-  JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>/dev/null)
+  JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
 while IFS='=' read -r key value; do
   [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
 done <<<"$outputs"
