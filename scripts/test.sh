@@ -25,7 +25,10 @@ mkdir -p "$LS_HOME"
 cp tests/sfn-mock-config.json "$LS_HOME/sfn-mock-config.json"
 # A clean emulator for every run (LocalStack keeps its state in memory only).
 scripts/localstack/stop-localstack.sh >/dev/null 2>&1 || true
-scripts/localstack/start-localstack.sh >/dev/null
+# LocalStack 4.8.1's default (v2) CloudFormation engine resolves Fn::Sub and Fn::GetAtt inside
+# resources whose Condition is false, so the full template with DeployService=false fails there
+# ("No deployed instances of resource ..."); its legacy engine evaluates conditions correctly.
+LS_EXTRA_ENV="${LS_EXTRA_ENV:-} PROVIDER_OVERRIDE_CLOUDFORMATION=engine-legacy" scripts/localstack/start-localstack.sh >/dev/null
 trap 'scripts/localstack/stop-localstack.sh >/dev/null 2>&1 || true' EXIT
 
 export AWS_ENDPOINT_URL=http://127.0.0.1:4566 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
@@ -36,7 +39,7 @@ AWS_CLI="$LS_HOME/venv/bin/aws"
 "$AWS_CLI" s3 mb s3://dicom-gateway-test-artifacts >/dev/null 2>&1 || true
 deploy_log=$(mktemp)
 outputs=$(AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test dicom-gateway-test-artifacts \
-  DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
+  DeployService=false DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
   JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
 while IFS='=' read -r key value; do
   [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
