@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResultReason, UserVariableItem};
+use dicom_ul::pdu::{
+    AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResultReason,
+    UserVariableItem,
+};
 use thiserror::Error;
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
@@ -19,11 +22,17 @@ use crate::policy::{APPLICATION_CONTEXT, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFIC
 #[derive(Debug, Error)]
 pub enum EchoError {
     #[error("cannot connect to {peer}: {source}")]
-    Connect { peer: String, source: std::io::Error },
+    Connect {
+        peer: String,
+        source: std::io::Error,
+    },
     #[error("no answer from {0} within the timeout")]
     Timeout(String),
     #[error("association rejected ({result:?}): {reason}")]
-    Rejected { result: dicom_ul::pdu::AssociationRJResult, reason: String },
+    Rejected {
+        result: dicom_ul::pdu::AssociationRJResult,
+        reason: String,
+    },
     #[error("association aborted by the peer")]
     Aborted,
     #[error("the peer does not accept the Verification SOP class")]
@@ -47,7 +56,12 @@ pub struct EchoOk {
 }
 
 /// Runs one C-ECHO against `peer` (host:port), calling `called_ae` as `calling_ae`.
-pub async fn echo(peer: &str, calling_ae: &str, called_ae: &str, timeout: Duration) -> Result<EchoOk, EchoError> {
+pub async fn echo(
+    peer: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    timeout: Duration,
+) -> Result<EchoOk, EchoError> {
     match tokio::time::timeout(timeout, run(peer, calling_ae, called_ae)).await {
         Ok(r) => r,
         Err(_) => Err(EchoError::Timeout(peer.to_string())),
@@ -64,7 +78,12 @@ async fn read(stream: &mut BufStream<TcpStream>) -> Result<Incoming, EchoError> 
 
 async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, EchoError> {
     let started = Instant::now();
-    let socket = TcpStream::connect(peer).await.map_err(|source| EchoError::Connect { peer: peer.to_string(), source })?;
+    let socket = TcpStream::connect(peer)
+        .await
+        .map_err(|source| EchoError::Connect {
+            peer: peer.to_string(),
+            source,
+        })?;
     let _ = socket.set_nodelay(true);
     let mut stream = BufStream::new(socket);
     let rq = AssociationRQ {
@@ -86,15 +105,40 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
     pdu::write_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
     let peer_max = match read(&mut stream).await? {
         Incoming::Other(Pdu::AssociationAC(ac)) => {
-            let accepted = ac.presentation_contexts.iter().any(|pc| pc.id == 1 && pc.reason == PresentationContextResultReason::Acceptance);
+            let accepted = ac
+                .presentation_contexts
+                .iter()
+                .any(|pc| pc.id == 1 && pc.reason == PresentationContextResultReason::Acceptance);
             if !accepted {
-                let _ = pdu::write_pdu(&mut stream, &pdu::abort(dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified)).await;
+                let _ = pdu::write_pdu(
+                    &mut stream,
+                    &pdu::abort(dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified),
+                )
+                .await;
                 return Err(EchoError::VerificationNotAccepted);
             }
-            ac.user_variables.iter().find_map(|v| if let UserVariableItem::MaxLength(n) = v { Some(*n) } else { None }).unwrap_or(0)
+            ac.user_variables
+                .iter()
+                .find_map(|v| {
+                    if let UserVariableItem::MaxLength(n) = v {
+                        Some(*n)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(0)
         }
-        Incoming::Other(Pdu::AssociationRJ(rj)) => return Err(EchoError::Rejected { result: rj.result, reason: rj.source.to_string() }),
-        other => return Err(EchoError::Protocol(format!("unexpected answer to A-ASSOCIATE-RQ: {other:?}"))),
+        Incoming::Other(Pdu::AssociationRJ(rj)) => {
+            return Err(EchoError::Rejected {
+                result: rj.result,
+                reason: rj.source.to_string(),
+            });
+        }
+        other => {
+            return Err(EchoError::Protocol(format!(
+                "unexpected answer to A-ASSOCIATE-RQ: {other:?}"
+            )));
+        }
     };
     let rq = dimse::request(command_field::C_ECHO_RQ, 1, VERIFICATION, None, false);
     pdu::write_message(&mut stream, 1, true, &rq, peer_max).await?;
@@ -111,10 +155,15 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
                     break;
                 }
             }
-            other => return Err(EchoError::Protocol(format!("unexpected PDU instead of C-ECHO-RSP: {other:?}"))),
+            other => {
+                return Err(EchoError::Protocol(format!(
+                    "unexpected PDU instead of C-ECHO-RSP: {other:?}"
+                )));
+            }
         }
     }
-    let status = dimse::response_status(&command).map_err(|e| EchoError::Protocol(e.to_string()))?;
+    let status =
+        dimse::response_status(&command).map_err(|e| EchoError::Protocol(e.to_string()))?;
     let round_trip = started.elapsed();
     let _ = pdu::write_pdu(&mut stream, &Pdu::ReleaseRQ).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), read(&mut stream)).await;

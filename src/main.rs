@@ -16,11 +16,12 @@ fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
+        // The span list puts the association fields (peer, calling and called AE) on every line.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .with_current_span(false)
+            .with_span_list(true)
             .init(),
     }
     Ok(())
@@ -86,7 +87,10 @@ fn jobs(args: JobsArgs) -> std::process::ExitCode {
 
 /// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
 fn echo(args: EchoArgs) -> std::process::ExitCode {
-    for (name, ae) in [("--ae-title", &args.ae_title), ("--called-ae", &args.called_ae)] {
+    for (name, ae) in [
+        ("--ae-title", &args.ae_title),
+        ("--called-ae", &args.called_ae),
+    ] {
         if let Err(e) = dicom_gateway::config::validate_ae_title(ae) {
             eprintln!("error: {name} {e}");
             return std::process::ExitCode::from(2);
@@ -96,13 +100,26 @@ fn echo(args: EchoArgs) -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(dicom_gateway::echo::echo(&args.peer, &args.ae_title, &args.called_ae, args.timeout)) {
+    match rt.block_on(dicom_gateway::echo::echo(
+        &args.peer,
+        &args.ae_title,
+        &args.called_ae,
+        args.timeout,
+    )) {
         Ok(ok) => {
-            println!("C-ECHO {} (called AE {}): Success in {} ms", args.peer, args.called_ae, ok.round_trip.as_millis());
+            println!(
+                "C-ECHO {} (called AE {}): Success in {} ms",
+                args.peer,
+                args.called_ae,
+                ok.round_trip.as_millis()
+            );
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("C-ECHO {} (called AE {}) failed: {e}", args.peer, args.called_ae);
+            eprintln!(
+                "C-ECHO {} (called AE {}) failed: {e}",
+                args.peer, args.called_ae
+            );
             std::process::ExitCode::FAILURE
         }
     }

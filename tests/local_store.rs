@@ -362,10 +362,21 @@ fn bad_options_are_refused_with_a_message_naming_the_option() {
 #[test]
 fn the_echo_subcommand_succeeds_against_a_gateway_and_fails_clearly_when_rejected_or_down() {
     let (gw, _store) = local_gateway(&[]);
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway")).arg("echo").args(args).env_remove("DICOM_GATEWAY_AE_TITLE").output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dicom-gateway"))
+            .arg("echo")
+            .args(args)
+            .env_remove("DICOM_GATEWAY_AE_TITLE")
+            .output()
+            .unwrap()
+    };
     let peer = format!("127.0.0.1:{}", gw.port);
     let ok = run(&[&peer]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("Success"));
 
     let rejected = run(&[&peer, "--called-ae", "SOMEONE_ELSE"]);
@@ -375,4 +386,47 @@ fn the_echo_subcommand_succeeds_against_a_gateway_and_fails_clearly_when_rejecte
     let down = run(&[&format!("127.0.0.1:{}", free_port()), "--timeout", "5s"]);
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_association_fields() {
+    let (mut gw, _store) = {
+        let store = tempfile::tempdir().unwrap();
+        let gw = Gateway::start(
+            &[
+                "--store-dir",
+                store.path().to_str().unwrap(),
+                "--log-format",
+                "json",
+            ],
+            &[],
+        );
+        (gw, store)
+    };
+    let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
+    assert!(out.status.success());
+    let log = gw.stop();
+    let mut stored = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["message"] == "instance stored" {
+            stored = true;
+            assert_eq!(
+                v["sop_instance_uid"],
+                "2.25.311420171180473612498023164377015521.2.1.1"
+            );
+            assert!(v["key"].as_str().unwrap().ends_with(".dcm"));
+            let spans = v["spans"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no span list: {line}"));
+            assert!(
+                spans.iter().any(|s| s["name"] == "association"
+                    && s["calling_ae"] == "STORESCU"
+                    && s["peer"].is_string()),
+                "{line}"
+            );
+        }
+    }
+    assert!(stored, "{log}");
 }
