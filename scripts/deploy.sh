@@ -37,6 +37,18 @@ declare -A opt=([BucketName]=S3_BUCKET [ImportPrefix]=S3_PREFIX [ResultsPrefix]=
   echo
   echo "Gateway settings for this stack:"
   while IFS='=' read -r key value; do
-    [ -n "${opt[$key]:-}" ] && echo "  DICOM_GATEWAY_${opt[$key]}=$value"
+    if [ -n "${opt[$key]:-}" ]; then echo "  DICOM_GATEWAY_${opt[$key]}=$value"; fi
   done < "$tmp/outputs"
+  host=$(sed -n 's/^LoadBalancerDnsName=//p' "$tmp/outputs")
+  port=$(sed -n 's/^DicomPort=//p' "$tmp/outputs")
+  ae=$(sed -n 's/^AeTitle=//p' "$tmp/outputs")
+  if [ -n "$host" ]; then
+    echo
+    echo "Test the deployment (from an allowed network; DCMTK installed):"
+    echo "  export TCP_NODELAY=1"
+    echo "  echoscu -aec $ae $host $port"
+    echo "  storescu -aec $ae -nh +sd +r $host $port path/to/study/"
+    echo "  scripts/replay.sh -n 4 -a $ae $host $port path/to/studies/"
+    echo "Then follow the batch: dicom-gateway jobs list --job-table $(sed -n 's/^JobTableName=//p' "$tmp/outputs")"
+  fi
 } >&2

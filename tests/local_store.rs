@@ -153,7 +153,10 @@ fn wrong_called_ae_disallowed_calling_ae_and_disallowed_sop_class_are_rejected_a
     let log = gw.log_text();
     assert!(log.contains("called AE title not recognized"), "{log}");
     assert!(log.contains("calling AE title not recognized"), "{log}");
-    assert!(log.contains("abstract syntax not supported"), "{log}");
+    assert!(
+        log.contains("presentation contexts rejected abstract_syntax_not_supported="),
+        "{log}"
+    );
 }
 
 #[test]

@@ -122,8 +122,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 peer_max_pdu,
                 rejected,
             } => {
-                for (abstract_syntax, reason) in &rejected {
-                    info!(abstract_syntax = %abstract_syntax, name = crate::policy::uid_name(abstract_syntax).unwrap_or("unknown"), reason = %reason, "presentation context rejected");
+                if !rejected.is_empty() {
+                    log_rejected_contexts(&rejected);
                 }
                 if let Err(e) = self.send(&Pdu::AssociationAC(ac)).await {
                     warn!(error = %e, "could not send A-ASSOCIATE-AC");
@@ -477,6 +477,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
 enum Violation {
     Protocol(&'static str),
     Io(PduError),
+}
+
+/// One line for the rejected presentation contexts of an association (senders such as storescu
+/// propose dozens speculatively), naming the first few SOP classes; every context at DEBUG.
+fn log_rejected_contexts(rejected: &[(String, dicom_ul::pdu::PresentationContextResultReason)]) {
+    use dicom_ul::pdu::PresentationContextResultReason as R;
+    for (abstract_syntax, reason) in rejected {
+        debug!(abstract_syntax = %abstract_syntax, name = crate::policy::uid_name(abstract_syntax).unwrap_or("unknown"), reason = %reason, "presentation context rejected");
+    }
+    let count = |r: R| rejected.iter().filter(|(_, x)| *x == r).count();
+    let first: Vec<String> = rejected
+        .iter()
+        .take(5)
+        .map(|(uid, _)| {
+            format!(
+                "{uid} ({})",
+                crate::policy::uid_name(uid).unwrap_or("unknown")
+            )
+        })
+        .collect();
+    info!(
+        abstract_syntax_not_supported = count(R::AbstractSyntaxNotSupported),
+        transfer_syntaxes_not_supported = count(R::TransferSyntaxesNotSupported),
+        first = %first.join(", "),
+        "presentation contexts rejected"
+    );
 }
 
 /// Discards the instance in flight, if any: its upload is aborted and it never counts in a batch.
