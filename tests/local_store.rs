@@ -433,3 +433,44 @@ fn json_logs_are_one_object_per_line_with_the_association_fields() {
     }
     assert!(stored, "{log}");
 }
+
+#[test]
+fn no_patient_data_reaches_the_log_even_at_trace_level() {
+    let store = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(
+        &[
+            "--store-dir",
+            store.path().to_str().unwrap(),
+            "--log-level",
+            "trace",
+        ],
+        &[],
+    );
+    send_testdata(gw.port);
+    let mut scu = RawScu::associate(gw.port, AE);
+    assert_eq!(
+        scu.store(
+            1,
+            "1.2.3.4.1",
+            &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 2000),
+            700
+        ),
+        0x0000
+    );
+    assert_eq!(
+        scu.store(
+            2,
+            "1.2.3.4.9",
+            &ct_dataset("1.2.3.4.2", "1.2.3", "1.2.3.1", 2000),
+            700
+        ),
+        0xA900
+    );
+    scu.release();
+    let log = gw.stop();
+    assert!(
+        log.contains("DEBUG") && log.contains("C-STORE request"),
+        "the log level took effect"
+    );
+    assert_no_patient_data(&log);
+}

@@ -259,3 +259,15 @@ async fn a_one_gigabyte_instance_goes_through_multipart_with_bounded_memory() {
         .unwrap();
     assert!(uploads.uploads().is_empty());
 }
+
+#[tokio::test]
+async fn no_patient_data_reaches_the_log_even_at_trace_level_with_s3() {
+    let Some(endpoint) = localstack() else { return };
+    let s3 = s3_client(&endpoint).await;
+    let bucket = new_bucket(&s3).await;
+    let mut gw = s3_gateway(&bucket, &["--log-level", "trace"], &[]);
+    send_testdata(gw.port);
+    let log = gw.stop();
+    assert_eq!(keys(&s3, &bucket).await.len(), 5);
+    assert_no_patient_data(&log);
+}

@@ -186,6 +186,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         outcome: &Outcome,
         peer_max_pdu: u32,
     ) -> Result<(), PduError> {
+        debug!(
+            message_id = command.message_id,
+            status = format_args!("{:#06X}", outcome.status),
+            "response sent"
+        );
         let rsp = dimse::response(command, outcome.status, outcome.comment.as_deref());
         match tokio::time::timeout(
             self.services.timeouts.io,
@@ -407,6 +412,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     "instance",
                     sop_instance_uid = command.affected_sop_instance_uid.as_deref().unwrap_or("?")
                 );
+                span.in_scope(|| {
+                    debug!(
+                        message_id = command.message_id,
+                        sop_class = command.affected_sop_class_uid.as_deref().unwrap_or("?"),
+                        transfer_syntax = %context.transfer_syntax,
+                        context_id,
+                        "C-STORE request"
+                    )
+                });
                 let mut receiver = InstanceReceiver::new(
                     self.services.store.clone(),
                     self.services.batcher.clone(),

@@ -405,3 +405,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The synthetic patient data in testdata/ and in `ct_dataset`: none of it may ever reach a log.
+pub const PATIENT_DATA: [&str; 4] = ["SYNTHETIC^PATIENT", "SYNTH-0001", "19700101", "RAW^SCU"];
+
+pub fn assert_no_patient_data(log: &str) {
+    assert!(!log.is_empty());
+    for needle in PATIENT_DATA {
+        let at = log.find(needle);
+        assert!(
+            at.is_none(),
+            "log contains patient data '{needle}': …{}…",
+            &log[at.unwrap().saturating_sub(200)..(at.unwrap() + 100).min(log.len())]
+        );
+    }
+}
