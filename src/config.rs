@@ -462,6 +462,9 @@ impl ServeArgs {
         if self.s3_prefix.starts_with('/') {
             return Err("--s3-prefix must not start with '/'".into());
         }
+        if self.batch_max_age > Duration::from_secs(1800) {
+            return Err("--batch-max-age must be at most 30m (start-up recovery treats batches open for an hour as abandoned)".into());
+        }
         if !(1..=5000).contains(&self.batch_max_instances) {
             return Err("--batch-max-instances must be between 1 and 5000 (HealthImaging accepts at most 5000 files per import job)".into());
         }

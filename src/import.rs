@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::batch::BatchSummary;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
+use crate::store::ObjectStore;
 
 /// What the batcher reports.
 #[derive(Debug, Clone)]
@@ -194,12 +195,41 @@ pub fn should_resubmit(job: &Job, gateway_id: &str, now: SystemTime, grace: Dura
     }
 }
 
+/// How long another gateway's batch may stay OPEN before recovery takes it over. Far above any
+/// allowed `--batch-max-age` (at most 30 minutes), so a live gateway's open batch is never touched.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+/// Whether an OPEN job was left behind by a gateway that stopped without closing its batch
+/// (SIGKILL, out of memory, lost host). This gateway's own OPEN jobs from before this process
+/// started are orphans at once; another gateway's only after [`ORPHAN_AGE`].
+pub fn is_orphaned_open(
+    job: &Job,
+    gateway_id: &str,
+    process_started: SystemTime,
+    now: SystemTime,
+) -> bool {
+    if job.status != JobStatus::Open {
+        return false;
+    }
+    let Ok(created) = humantime::parse_rfc3339_weak(&job.created_at) else {
+        return false;
+    };
+    if job.gateway_id.as_deref() == Some(gateway_id) {
+        created < process_started
+    } else {
+        now.duration_since(created)
+            .is_ok_and(|age| age >= ORPHAN_AGE)
+    }
+}
+
 /// Records batches and starts their imports. One per process.
 pub struct Pipeline {
     jobs: Arc<dyn JobStore>,
     trigger: Option<Arc<dyn ImportTrigger>>,
+    store: Arc<dyn ObjectStore>,
     gateway_id: String,
     max_backoff: Duration,
+    started: SystemTime,
 }
 
 fn now_rfc3339() -> String {
@@ -210,14 +240,17 @@ impl Pipeline {
     pub fn new(
         jobs: Arc<dyn JobStore>,
         trigger: Option<Arc<dyn ImportTrigger>>,
+        store: Arc<dyn ObjectStore>,
         gateway_id: String,
         max_backoff: Duration,
     ) -> Arc<Self> {
         Arc::new(Pipeline {
             jobs,
             trigger,
+            store,
             gateway_id,
             max_backoff,
+            started: SystemTime::now(),
         })
     }
 
@@ -308,11 +341,61 @@ impl Pipeline {
         info!(job_id = %job.job_id, execution_arn = %started.execution_arn, recorded, "import started");
     }
 
-    /// Start-up recovery: starts the imports of jobs left CLOSED (see [`should_resubmit`]).
-    /// Returns how many were started.
+    /// Closes batches whose gateway stopped while they were open: their counts are recomputed
+    /// from the objects under the batch's prefix (every listed object was acknowledged, since
+    /// uploads in progress are never visible), and this gateway adopts them. Returns how many.
+    async fn close_orphans(&self) -> Result<usize, JobStoreError> {
+        let now = SystemTime::now();
+        let orphans: Vec<Job> = self
+            .jobs
+            .list_by_status(JobStatus::Open)
+            .await?
+            .into_iter()
+            .filter(|j| is_orphaned_open(j, &self.gateway_id, self.started, now))
+            .collect();
+        for job in &orphans {
+            let contents = match self.store.batch_contents(&job.job_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(job_id = %job.job_id, error = %e, "recovery: cannot list the batch's objects; will retry at the next start");
+                    continue;
+                }
+            };
+            if contents.instance_count == 0 {
+                let t = Transition {
+                    message: Some(
+                        "the batch was left open by a gateway that stopped, and holds no instance"
+                            .into(),
+                    ),
+                    ..Default::default()
+                };
+                let _ = self
+                    .jobs
+                    .transition(&job.job_id, JobStatus::Failed, t)
+                    .await;
+                info!(job_id = %job.job_id, "recovery: empty batch left open by a stopped gateway recorded FAILED");
+                continue;
+            }
+            let mut closed = job.clone();
+            closed.status = JobStatus::Closed;
+            closed.closed_at = Some(now_rfc3339());
+            closed.close_reason = Some("recovered".into());
+            closed.instance_count = Some(contents.instance_count);
+            closed.total_bytes = Some(contents.total_bytes);
+            closed.study_instance_uids = contents.study_instance_uids;
+            closed.gateway_id = Some(self.gateway_id.clone());
+            self.jobs.record_closed(&closed).await?;
+            info!(job_id = %job.job_id, instances = contents.instance_count, "recovery: batch left open by a stopped gateway closed from its stored objects");
+        }
+        Ok(orphans.len())
+    }
+
+    /// Start-up recovery: closes batches left OPEN by a stopped gateway, then starts the imports
+    /// of jobs left CLOSED (see [`should_resubmit`]). Returns how many jobs it acted on.
     pub async fn recover(&self, grace: Duration) -> Result<usize, JobStoreError> {
+        let adopted = self.close_orphans().await?;
         if self.trigger.is_none() {
-            return Ok(0);
+            return Ok(adopted);
         }
         let now = SystemTime::now();
         let closed = self.jobs.list_by_status(JobStatus::Closed).await?;
@@ -324,7 +407,7 @@ impl Pipeline {
             info!(job_id = %job.job_id, "recovery: job was CLOSED but never submitted; starting its import");
             self.submit(job).await;
         }
-        Ok(due.len())
+        Ok(adopted + due.len())
     }
 }
 
@@ -431,5 +514,42 @@ mod tests {
             !should_resubmit(&submitted, "me", now, grace),
             "only CLOSED jobs"
         );
+    }
+
+    #[test]
+    fn orphaned_open_batches() {
+        let started = humantime::parse_rfc3339("2026-11-23T10:10:00Z").unwrap();
+        let now = humantime::parse_rfc3339("2026-11-23T10:10:05Z").unwrap();
+        let open =
+            |gw: &str, created: &str| Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", created, "/x/", gw);
+        assert!(
+            is_orphaned_open(&open("me", "2026-11-23T10:09:00.000Z"), "me", started, now),
+            "ours, from before this process"
+        );
+        assert!(
+            !is_orphaned_open(&open("me", "2026-11-23T10:10:03.000Z"), "me", started, now),
+            "ours, opened by this process"
+        );
+        assert!(
+            !is_orphaned_open(
+                &open("other", "2026-11-23T10:00:00.000Z"),
+                "me",
+                started,
+                now
+            ),
+            "another gateway's, possibly live"
+        );
+        assert!(
+            is_orphaned_open(
+                &open("other", "2026-11-23T09:00:00.000Z"),
+                "me",
+                started,
+                now
+            ),
+            "another gateway's, open for over an hour"
+        );
+        let mut closed = open("me", "2026-11-23T09:00:00.000Z");
+        closed.status = JobStatus::Closed;
+        assert!(!is_orphaned_open(&closed, "me", started, now));
     }
 }

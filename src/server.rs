@@ -122,6 +122,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let pipeline = Pipeline::new(
         jobs.clone(),
         trigger.clone(),
+        store.clone(),
         gateway_id.clone(),
         MAX_RETRY_BACKOFF,
     );
@@ -132,7 +133,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         tokio::spawn(async move {
             match pipeline.recover(RECOVERY_GRACE).await {
                 Ok(0) => {}
-                Ok(n) => info!(jobs = n, "recovery: imports started for jobs left CLOSED"),
+                Ok(n) => info!(
+                    jobs = n,
+                    "recovery: finished jobs left behind by a previous run"
+                ),
                 Err(e) => {
                     warn!(error = %e, "recovery: could not list CLOSED jobs; they will be retried at the next start")
                 }

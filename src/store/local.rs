@@ -12,7 +12,7 @@ use std::io::Write;
 
 use async_trait::async_trait;
 
-use super::{ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
+use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
 
 /// Name of the directory holding uploads in progress; never part of a batch.
 pub const INCOMING_DIR: &str = ".incoming";
@@ -87,6 +87,33 @@ impl ObjectStore for LocalStore {
 
     fn batch_location(&self, batch_id: &str) -> String {
         format!("{}/{batch_id}/", self.root.display())
+    }
+
+    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
+        let dir = self.root.join(batch_id);
+        Ok(blocking(move || {
+            let mut contents = BatchContents::default();
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if meta.is_dir() {
+                        stack.push(entry.path());
+                    } else if let Ok(rel) = entry.path().strip_prefix(&dir) {
+                        contents.add(&rel.to_string_lossy(), meta.len());
+                    }
+                }
+            }
+            contents.study_instance_uids.sort();
+            Ok(contents)
+        })
+        .await?)
     }
 
     fn describe(&self) -> String {

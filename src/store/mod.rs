@@ -75,6 +75,30 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+/// What a batch's prefix holds, recomputed from the store (start-up recovery of batches whose
+/// gateway stopped before closing them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchContents {
+    pub instance_count: u64,
+    pub total_bytes: u64,
+    pub study_instance_uids: Vec<String>,
+}
+
+impl BatchContents {
+    /// Adds one object found under the batch, given its key relative to the batch
+    /// (`{study}/{series}/{sop}.dcm`). Anything else under the prefix is ignored.
+    pub fn add(&mut self, relative_key: &str, size: u64) {
+        let parts: Vec<&str> = relative_key.split('/').collect();
+        if parts.len() == 3 && parts[2].ends_with(".dcm") {
+            self.instance_count += 1;
+            self.total_bytes += size;
+            if !self.study_instance_uids.iter().any(|s| s == parts[0]) {
+                self.study_instance_uids.push(parts[0].to_string());
+            }
+        }
+    }
+}
+
 /// Where a committed object lives, for logs and traceability.
 #[derive(Debug, Clone)]
 pub struct StoredObject {
@@ -90,6 +114,9 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// The location of a batch's objects: the import input of that batch (always ends with '/').
     fn batch_location(&self, batch_id: &str) -> String;
+
+    /// Counts the committed objects of a batch (uploads in progress are never listed).
+    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError>;
 
     /// A short description for the start-up log line.
     fn describe(&self) -> String;
@@ -119,6 +146,24 @@ mod tests {
         assert_eq!(
             key.as_str(),
             "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+        );
+    }
+
+    #[test]
+    fn batch_contents_count_only_instance_objects() {
+        let mut c = BatchContents::default();
+        c.add("1.2/1.2.3/1.2.3.4.dcm", 10);
+        c.add("1.2/1.2.3/1.2.3.5.dcm", 20);
+        c.add("1.3/1.3.1/1.3.1.1.dcm", 5);
+        c.add("stray.json", 99);
+        c.add("1.2/1.2.3/notes.txt", 99);
+        assert_eq!(
+            c,
+            BatchContents {
+                instance_count: 3,
+                total_bytes: 35,
+                study_instance_uids: vec!["1.2".into(), "1.3".into()]
+            }
         );
     }
 

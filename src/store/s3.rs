@@ -17,7 +17,7 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPa
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
-use super::{ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
+use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
 
 /// S3's smallest allowed part (except the last one).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -97,6 +97,34 @@ impl ObjectStore for S3Store {
 
     fn batch_location(&self, batch_id: &str) -> String {
         format!("s3://{}/{}{batch_id}/", self.bucket, self.prefix)
+    }
+
+    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
+        let prefix = format!("{}{batch_id}/", self.prefix);
+        let mut contents = BatchContents::default();
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", e))?;
+            for obj in out.contents() {
+                if let Some(key) = obj.key().and_then(|k| k.strip_prefix(&prefix)) {
+                    contents.add(key, obj.size().unwrap_or(0).max(0) as u64);
+                }
+            }
+            token = out.next_continuation_token().map(String::from);
+            if token.is_none() {
+                break;
+            }
+        }
+        contents.study_instance_uids.sort();
+        Ok(contents)
     }
 
     fn describe(&self) -> String {
