@@ -4,57 +4,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Writes `n` small CT instances with distinct SOP Instance UIDs; returns their paths in order.
-fn corpus(dir: &Path, n: usize) -> Vec<PathBuf> {
-    (0..n)
-        .map(|i| {
-            let sop = format!("1.2.826.0.1.3680043.2.1125.7.{}", i + 1);
-            let meta = dicom_gateway::part10::FileMeta {
-                sop_class_uid: CT,
-                sop_instance_uid: &sop,
-                transfer_syntax_uid: EXPLICIT_LE,
-                source_ae_title: "TEST",
-            };
-            let mut bytes = meta.encode().unwrap();
-            bytes.extend(ct_dataset(
-                &sop,
-                "1.2.826.0.1.3680043.2.1125.7",
-                "1.2.826.0.1.3680043.2.1125.7.0",
-                16_000,
-            ));
-            let path = dir.join(format!("ct{i:05}.dcm"));
-            std::fs::write(&path, bytes).unwrap();
-            path
-        })
-        .collect()
-}
+const ROOT: &str = "1.2.826.0.1.3680043.2.1125.7";
 
-/// Starts storescu on `files` in the background, its verbose output going to `log`.
-fn storescu_background(port: u16, files: &[PathBuf], log: &Path) -> std::process::Child {
-    Command::new("storescu")
-        .args([
-            "-v",
-            "-nh",
-            "-aec",
-            AE,
-            "-aet",
-            "STORESCU",
-            "-xe",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .args(files)
-        .env("TCP_NODELAY", "1")
-        // DCMTK logs to stderr.
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+fn corpus(dir: &Path, n: usize) -> Vec<PathBuf> {
+    write_corpus(dir, ROOT, n, 16_000)
 }
 
 fn successes(log: &Path) -> usize {

@@ -420,3 +420,159 @@ pub fn assert_no_patient_data(log: &str) {
         );
     }
 }
+
+/// A TCP proxy to `target` that a test can take down (connections refused, open ones cut) and bring
+/// back, to inject a network failure between the gateway and an AWS service.
+pub struct FaultProxy {
+    pub port: u16,
+    target: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: Option<std::thread::JoinHandle<()>>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl FaultProxy {
+    pub fn start(target: &str) -> FaultProxy {
+        let mut p = FaultProxy {
+            port: free_port(),
+            target: target.to_string(),
+            stop: Default::default(),
+            accept: None,
+            conns: Default::default(),
+        };
+        p.up();
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn up(&mut self) {
+        use std::sync::atomic::Ordering;
+        let until = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < until, "proxy cannot bind again: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        self.stop = Default::default();
+        let (stop, target, conns) = (self.stop.clone(), self.target.clone(), self.conns.clone());
+        self.accept = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        conns
+                            .lock()
+                            .unwrap()
+                            .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+    }
+
+    /// New connections are refused and open ones are cut.
+    pub fn down(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            t.join().unwrap();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Writes `n` small CT instances (distinct SOP Instance UIDs under `root`) into `dir`; returns their
+/// paths in order. File `ctNNNNN.dcm` holds SOP Instance UID `{root}.{NNNNN + 1}`.
+pub fn write_corpus(dir: &Path, root: &str, n: usize, pixel_bytes: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let sop = format!("{root}.{}", i + 1);
+            let meta = dicom_gateway::part10::FileMeta {
+                sop_class_uid: CT,
+                sop_instance_uid: &sop,
+                transfer_syntax_uid: EXPLICIT_LE,
+                source_ae_title: "TEST",
+            };
+            let mut bytes = meta.encode().unwrap();
+            bytes.extend(ct_dataset(&sop, root, &format!("{root}.0"), pixel_bytes));
+            let path = dir.join(format!("ct{i:05}.dcm"));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// storescu on `files` in the background (-nh: it goes on after failures); its log (DCMTK logs to
+/// stderr) goes to `log`.
+pub fn storescu_background(port: u16, files: &[PathBuf], log: &Path) -> std::process::Child {
+    Command::new("storescu")
+        .args([
+            "-v",
+            "-nh",
+            "-aec",
+            AE,
+            "-aet",
+            "STORESCU",
+            "-xe",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .args(files)
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// From a storescu -v log: (file name, response) for each file sent, in order; response is e.g.
+/// "Success" or "Refused: OutOfResources", or None if no response came.
+pub fn storescu_outcomes(log: &Path) -> Vec<(String, Option<String>)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(f) = line.strip_prefix("I: Sending file: ") {
+            out.push((
+                Path::new(f)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+                None,
+            ));
+        } else if let Some(rest) = line.split("Received Store Response (").nth(1) {
+            if let Some(last) = out.last_mut() {
+                last.1 = Some(rest.trim_end_matches(')').to_string());
+            }
+        }
+    }
+    out
+}
