@@ -68,8 +68,27 @@ pub struct BatchSummary {
     pub input_location: String,
 }
 
+/// What the batch already holds of a SOP Instance UID when a lease is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First time in this batch.
+    New,
+    /// Another copy is being received right now.
+    InFlight,
+    /// A copy is already durable in this batch.
+    Stored,
+}
+
+#[derive(Debug, Default)]
+struct InstanceState {
+    committed_size: Option<u64>,
+    in_flight: u32,
+}
+
 struct Batch {
     id: String,
+    /// Per SOP Instance UID, so a repeated instance counts once and its bytes are replaced.
+    instances: HashMap<String, InstanceState>,
     created: SystemTime,
     opened_at: Instant,
     last_activity: Instant,
@@ -101,6 +120,8 @@ pub struct Batcher {
 /// A reserved place in a batch for one instance in flight.
 pub struct BatchLease {
     batch_id: String,
+    sop_instance_uid: String,
+    seen: Seen,
     batcher: Option<Arc<Batcher>>,
 }
 
@@ -109,11 +130,17 @@ impl BatchLease {
         &self.batch_id
     }
 
+    /// Whether this SOP Instance UID was already in the batch when the lease was taken.
+    pub fn seen(&self) -> Seen {
+        self.seen
+    }
+
     /// The instance is durable: count it in its batch.
     pub fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
         if let Some(b) = self.batcher.take() {
             b.settle(
                 &self.batch_id,
+                &self.sop_instance_uid,
                 Some((size, study_instance_uid, calling_ae_title)),
             );
         }
@@ -123,7 +150,7 @@ impl BatchLease {
 impl Drop for BatchLease {
     fn drop(&mut self) {
         if let Some(b) = self.batcher.take() {
-            b.settle(&self.batch_id, None);
+            b.settle(&self.batch_id, &self.sop_instance_uid, None);
         }
     }
 }
@@ -150,8 +177,9 @@ impl Batcher {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves a place for one instance in the open batch, opening a new batch when needed.
-    pub fn lease(self: &Arc<Self>) -> BatchLease {
+    /// Reserves a place for one instance in the open batch, opening a new batch when needed. A
+    /// SOP Instance UID already in the batch takes no new place: it will replace or be dropped.
+    pub fn lease(self: &Arc<Self>, sop_instance_uid: &str) -> BatchLease {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(reason) = st.open.as_ref().and_then(|b| self.limit_reached(b, now)) {
@@ -168,6 +196,7 @@ impl Batcher {
             });
             Batch {
                 id,
+                instances: HashMap::new(),
                 created,
                 opened_at: now,
                 last_activity: now,
@@ -180,11 +209,25 @@ impl Batcher {
                 close_reason: None,
             }
         });
-        batch.leased += 1;
+        let state = batch
+            .instances
+            .entry(sop_instance_uid.to_string())
+            .or_default();
+        let seen = match (state.committed_size, state.in_flight) {
+            (Some(_), _) => Seen::Stored,
+            (None, 0) => Seen::New,
+            (None, _) => Seen::InFlight,
+        };
+        state.in_flight += 1;
+        if seen == Seen::New {
+            batch.leased += 1;
+        }
         batch.in_flight += 1;
         batch.last_activity = now;
         BatchLease {
             batch_id: batch.id.clone(),
+            sop_instance_uid: sop_instance_uid.to_string(),
+            seen,
             batcher: Some(self.clone()),
         }
     }
@@ -203,7 +246,7 @@ impl Batcher {
         }
     }
 
-    fn settle(&self, batch_id: &str, committed: Option<(u64, &str, &str)>) {
+    fn settle(&self, batch_id: &str, sop_instance_uid: &str, committed: Option<(u64, &str, &str)>) {
         let now = Instant::now();
         let mut st = self.lock();
         let is_open = st.open.as_ref().is_some_and(|b| b.id == batch_id);
@@ -215,10 +258,21 @@ impl Batcher {
         let Some(batch) = batch else { return };
         batch.in_flight -= 1;
         batch.last_activity = now;
+        let state = batch
+            .instances
+            .entry(sop_instance_uid.to_string())
+            .or_default();
+        state.in_flight = state.in_flight.saturating_sub(1);
         match committed {
             Some((size, study, ae)) => {
-                batch.committed += 1;
-                batch.bytes += size;
+                match state.committed_size.replace(size) {
+                    None => {
+                        batch.committed += 1;
+                        batch.bytes += size;
+                    }
+                    // A repeated instance replaced the earlier copy: it counts once.
+                    Some(old) => batch.bytes = batch.bytes - old + size,
+                }
                 if !batch.studies.contains(study) {
                     batch.studies.insert(study.to_string());
                 }
@@ -227,7 +281,12 @@ impl Batcher {
                     batch.calling_aes.insert(ae.to_string());
                 }
             }
-            None => batch.leased -= 1,
+            None => {
+                if state.committed_size.is_none() && state.in_flight == 0 {
+                    batch.instances.remove(sop_instance_uid);
+                    batch.leased -= 1;
+                }
+            }
         }
         if is_open {
             if let Some(b) = st.open.as_ref() {
@@ -320,6 +379,15 @@ impl Batcher {
 mod tests {
     use super::*;
 
+    /// A fresh SOP Instance UID for each lease.
+    fn uid() -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        format!(
+            "1.2.3.{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
     /// Closed batches only (openings are checked in their own test).
     struct Closed(mpsc::UnboundedReceiver<BatchEvent>);
 
@@ -347,7 +415,7 @@ mod tests {
     fn opening_a_batch_is_reported_with_its_location() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
-        let lease = b.lease();
+        let lease = b.lease(&uid());
         match rx.try_recv().unwrap() {
             BatchEvent::Opened {
                 job_id,
@@ -359,7 +427,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        drop(b.lease());
+        drop(b.lease(&uid()));
         assert!(rx.try_recv().is_err(), "one opening per batch");
     }
 
@@ -375,16 +443,16 @@ mod tests {
     #[test]
     fn closes_at_the_instance_limit_and_counts_only_committed() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease();
-        let l2 = b.lease();
-        let l3 = b.lease();
+        let l1 = b.lease(&uid());
+        let l2 = b.lease(&uid());
+        let l3 = b.lease(&uid());
         let first = l1.batch_id().to_string();
         assert_eq!(l3.batch_id(), first);
         l1.commit(10, "1.1", "AE1");
         drop(l2); // store failed: it never counts, and its place is free again
-        let l4 = b.lease();
+        let l4 = b.lease(&uid());
         assert_eq!(l4.batch_id(), first, "a failed instance frees its place");
-        let l5 = b.lease();
+        let l5 = b.lease(&uid());
         assert_ne!(
             l5.batch_id(),
             first,
@@ -411,7 +479,7 @@ mod tests {
     #[test]
     fn closes_when_bytes_reach_the_limit() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease();
+        let l1 = b.lease(&uid());
         let id = l1.batch_id().to_string();
         l1.commit(1000, "1.1", "AE");
         let s = rx.try_recv().unwrap();
@@ -424,7 +492,7 @@ mod tests {
             idle: Duration::ZERO,
             ..limits()
         });
-        let l1 = b.lease();
+        let l1 = b.lease(&uid());
         b.tick();
         assert!(
             rx.try_recv().is_err(),
@@ -441,9 +509,9 @@ mod tests {
             max_age: Duration::ZERO,
             ..limits()
         });
-        let l1 = b.lease();
+        let l1 = b.lease(&uid());
         b.tick();
-        let l2 = b.lease();
+        let l2 = b.lease(&uid());
         assert_ne!(l1.batch_id(), l2.batch_id());
         l1.commit(5, "1.1", "AE");
         let s = rx.try_recv().unwrap();
@@ -457,7 +525,7 @@ mod tests {
             idle: Duration::ZERO,
             ..limits()
         });
-        drop(b.lease());
+        drop(b.lease(&uid()));
         b.tick();
         assert!(rx.try_recv().is_err());
     }
@@ -465,7 +533,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_closes_the_open_batch_after_its_leases_settle() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease();
+        let l1 = b.lease(&uid());
         let b2 = b.clone();
         let closer = tokio::spawn(async move { b2.close_all(Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -473,5 +541,51 @@ mod tests {
         l1.commit(7, "1.1", "AE");
         closer.await.unwrap();
         assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn a_repeated_instance_counts_once_and_replaces_its_bytes() {
+        let (b, mut rx) = batcher(limits());
+        let first = b.lease("1.9.1");
+        assert_eq!(first.seen(), Seen::New);
+        let concurrent = b.lease("1.9.1");
+        assert_eq!(concurrent.seen(), Seen::InFlight);
+        first.commit(100, "1.1", "AE");
+        let again = b.lease("1.9.1");
+        assert_eq!(again.seen(), Seen::Stored);
+        concurrent.commit(120, "1.1", "AE");
+        drop(again); // e.g. kept-first: not stored
+        let other = b.lease("1.9.2");
+        let other_id = other.batch_id().to_string();
+        other.commit(10, "1.1", "AE");
+        b.tick();
+        drop(b.lease(&uid())); // nothing
+        b.close_open(&mut b.lock(), CloseReason::Shutdown);
+        let s = rx.try_recv().unwrap();
+        assert_eq!(s.job_id, other_id);
+        assert_eq!(s.instance_count, 2, "two distinct instances");
+        assert_eq!(s.total_bytes, 130, "the second copy replaced the first");
+    }
+
+    #[test]
+    fn a_failed_first_copy_frees_its_place_unless_another_copy_is_in_flight() {
+        let (b, mut rx) = batcher(BatchLimits {
+            max_instances: 2,
+            ..limits()
+        });
+        let a = b.lease("1.8.1");
+        let a2 = b.lease("1.8.1");
+        drop(a); // the first copy failed while a second is in flight
+        let c = b.lease("1.8.2");
+        let id = c.batch_id().to_string();
+        assert_eq!(
+            b.lease("1.8.3").batch_id() != id,
+            true,
+            "two places taken: 1.8.1 (in flight) and 1.8.2"
+        );
+        a2.commit(5, "1.1", "AE");
+        c.commit(5, "1.1", "AE");
+        let s = rx.try_recv().unwrap();
+        assert_eq!((s.job_id, s.instance_count), (id, 2));
     }
 }

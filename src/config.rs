@@ -111,6 +111,17 @@ pub enum JobsCommand {
     },
 }
 
+/// What to do with a SOP Instance UID received again within the same batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DuplicatePolicy {
+    /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).
+    Overwrite,
+    /// Keep the stored copy; answer Success without storing the new one.
+    KeepFirst,
+    /// Answer 0x0111 (duplicate SOP instance); the stored copy stays.
+    Reject,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -351,6 +362,17 @@ pub struct ServeArgs {
     /// still join it, so keep it below HealthImaging's 10 GB per job by the largest study in flight.
     #[arg(long, env = "DICOM_GATEWAY_BATCH_MAX_BYTES", default_value = "9GB", value_parser = parse_bytes, help_heading = "Batches (one HealthImaging import job each)")]
     pub batch_max_bytes: u64,
+
+    /// A SOP Instance UID received twice within a batch is stored once: overwrite (the new copy
+    /// replaces the earlier one), keep-first (Success, the new copy is dropped) or reject (0x0111).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_DUPLICATE_POLICY",
+        value_enum,
+        default_value = "overwrite",
+        help_heading = "Batches (one HealthImaging import job each)"
+    )]
+    pub duplicate_policy: DuplicatePolicy,
 
     // ---- Operations -----------------------------------------------------------------------------
     /// On SIGTERM/SIGINT, time given to running associations before they are aborted.

@@ -29,6 +29,8 @@ pub mod status {
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     /// Refused: not authorized.
     pub const NOT_AUTHORIZED: u16 = 0x0124;
+    /// Failure: duplicate SOP instance (PS3.7 Annex C), for `--duplicate-policy reject`.
+    pub const DUPLICATE_SOP_INSTANCE: u16 = 0x0111;
     /// Unrecognized operation.
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     /// Refused: out of resources (the store could not make the object durable).
@@ -219,6 +221,7 @@ pub fn describe_status(code: u16) -> &'static str {
         status::SOP_CLASS_NOT_SUPPORTED => "Refused: SOP class not supported",
         status::NOT_AUTHORIZED => "Refused: not authorized",
         status::UNRECOGNIZED_OPERATION => "Unrecognized operation",
+        status::DUPLICATE_SOP_INSTANCE => "Failure: duplicate SOP instance",
         status::OUT_OF_RESOURCES => "Refused: out of resources",
         status::DATASET_DOES_NOT_MATCH => "Error: data set does not match SOP class",
         status::CANNOT_UNDERSTAND => "Error: cannot understand",

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
-use crate::batch::{BatchLease, Batcher};
+use crate::batch::{BatchLease, Batcher, Seen};
+use crate::config::DuplicatePolicy;
 use crate::dimse::{Command, status};
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
@@ -57,9 +58,12 @@ pub struct InstanceReceiver {
     sniffer: Option<HeaderSniffer>,
     prefix: Vec<u8>,
     upload: Option<Upload>,
-    failure: Option<Outcome>,
+    /// The outcome, once known before the data set ends (a failure, or a kept-first duplicate);
+    /// the rest of the data set is then consumed without being stored.
+    decided: Option<Outcome>,
     received: u64,
     started: Instant,
+    duplicates: DuplicatePolicy,
 }
 
 impl InstanceReceiver {
@@ -70,6 +74,7 @@ impl InstanceReceiver {
         command: &Command,
         transfer_syntax_uid: &str,
         calling_ae_title: &str,
+        duplicates: DuplicatePolicy,
     ) -> Self {
         let sop_class_uid = command.affected_sop_class_uid.clone().unwrap_or_default();
         let sop_instance_uid = command
@@ -101,17 +106,18 @@ impl InstanceReceiver {
             ))),
             prefix: Vec::new(),
             upload: None,
-            failure,
+            decided: failure,
             received: 0,
             started: Instant::now(),
+            duplicates,
         }
     }
 
     /// Marks the instance failed up front (e.g. a command that does not fit its context); the data
     /// set is still consumed.
     pub fn fail_with(&mut self, status: u16, comment: &str) {
-        if self.failure.is_none() {
-            self.failure = Some(Outcome::failure(status, comment));
+        if self.decided.is_none() {
+            self.decided = Some(Outcome::failure(status, comment));
         }
     }
 
@@ -122,7 +128,7 @@ impl InstanceReceiver {
     /// Takes the next fragment of the data set.
     pub async fn feed(&mut self, data: &[u8]) {
         self.received += data.len() as u64;
-        if self.failure.is_some() {
+        if self.decided.is_some() {
             return;
         }
         if let Some(up) = self.upload.as_mut() {
@@ -187,7 +193,33 @@ impl InstanceReceiver {
             let reason = outcome.comment.clone().unwrap_or_default();
             return self.fail(outcome, &reason).await;
         }
-        let lease = self.batcher.lease();
+        let lease = self.batcher.lease(&ids.sop_instance_uid);
+        match (self.duplicates, lease.seen()) {
+            (DuplicatePolicy::Reject, Seen::InFlight | Seen::Stored) => {
+                let outcome = Outcome::failure(
+                    status::DUPLICATE_SOP_INSTANCE,
+                    "SOP Instance UID already received in this batch",
+                );
+                return self
+                    .fail(
+                        outcome,
+                        "duplicate SOP Instance UID (--duplicate-policy reject)",
+                    )
+                    .await;
+            }
+            // Only a copy that is already durable may stand in for this one: a copy still in
+            // flight could yet fail, and then Success would have been sent for nothing stored.
+            (DuplicatePolicy::KeepFirst, Seen::Stored) => {
+                info!(sop_instance_uid = %self.sop_instance_uid, job_id = %lease.batch_id(), "duplicate SOP Instance UID: the stored copy is kept (--duplicate-policy keep-first)");
+                self.decided = Some(Outcome {
+                    status: status::SUCCESS,
+                    comment: None,
+                });
+                self.prefix = Vec::new();
+                return;
+            }
+            _ => {}
+        }
         let key = match ObjectKey::new(
             lease.batch_id(),
             &ids.study_instance_uid,
@@ -285,7 +317,7 @@ impl InstanceReceiver {
 
     async fn fail(&mut self, outcome: Outcome, detail: &str) {
         warn!(sop_instance_uid = %self.sop_instance_uid, status = format_args!("{:#06X}", outcome.status), reason = %detail, "instance not stored");
-        self.failure = Some(outcome);
+        self.decided = Some(outcome);
         self.prefix = Vec::new();
         self.sniffer = None;
         if let Some(up) = self.upload.take() {
@@ -295,11 +327,11 @@ impl InstanceReceiver {
 
     /// The data set is complete: make the object durable and return the status to answer with.
     pub async fn finish(mut self) -> Outcome {
-        if self.failure.is_none() && self.upload.is_none() {
+        if self.decided.is_none() && self.upload.is_none() {
             // Small data set: it ended before the sniffer passed Series Instance UID.
             self.start_upload().await;
         }
-        if let Some(outcome) = self.failure.take() {
+        if let Some(outcome) = self.decided.take() {
             return outcome;
         }
         let Some(up) = self.upload.take() else {

@@ -166,6 +166,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         },
         store: store.clone(),
         batcher: batcher.clone(),
+        duplicates: args.duplicate_policy,
     });
     let listener = Listener::new(
         listener,

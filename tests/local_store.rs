@@ -474,3 +474,60 @@ fn no_patient_data_reaches_the_log_even_at_trace_level() {
     );
     assert_no_patient_data(&log);
 }
+
+#[test]
+fn a_sop_instance_uid_sent_twice_in_a_batch_is_stored_once_by_the_duplicate_policy() {
+    // (policy, status of the second copy, pixel bytes of the copy that ends up stored)
+    for (policy, second_status, kept_pixels) in [
+        ("overwrite", 0x0000, 2000),
+        ("keep-first", 0x0000, 1000),
+        ("reject", 0x0111, 1000),
+    ] {
+        let store = tempfile::tempdir().unwrap();
+        let mut gw = Gateway::start(
+            &[
+                "--store-dir",
+                store.path().to_str().unwrap(),
+                "--duplicate-policy",
+                policy,
+            ],
+            &[],
+        );
+        let mut scu = RawScu::associate(gw.port, AE);
+        assert_eq!(
+            scu.store(
+                1,
+                "1.2.3.4.7",
+                &ct_dataset("1.2.3.4.7", "1.2.3", "1.2.3.1", 1000),
+                4096
+            ),
+            0x0000,
+            "{policy}"
+        );
+        assert_eq!(
+            scu.store(
+                2,
+                "1.2.3.4.7",
+                &ct_dataset("1.2.3.4.7", "1.2.3", "1.2.3.1", 2000),
+                4096
+            ),
+            second_status,
+            "{policy}"
+        );
+        scu.release();
+        let objects = stored_objects(store.path());
+        assert_eq!(objects.len(), 1, "{policy}: {objects:?}");
+        let bytes = std::fs::read(&objects[0]).unwrap();
+        let (_, offset) = dicom_gateway::part10::split_part10(&bytes).unwrap();
+        assert_eq!(
+            &bytes[offset..],
+            &ct_dataset("1.2.3.4.7", "1.2.3", "1.2.3.1", kept_pixels)[..],
+            "{policy}: the expected copy is stored"
+        );
+        let log = gw.stop();
+        let journal = files_under(&store.path().join("jobs"));
+        let job: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&journal[0]).unwrap()).unwrap();
+        assert_eq!(job["instanceCount"], 1, "{policy}: counted once\n{log}");
+    }
+}

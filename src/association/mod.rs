@@ -48,6 +48,7 @@ pub struct Services {
     pub timeouts: Timeouts,
     pub store: Arc<dyn ObjectStore>,
     pub batcher: Arc<Batcher>,
+    pub duplicates: crate::config::DuplicatePolicy,
 }
 
 enum Dimse {
@@ -427,6 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     &command,
                     &context.transfer_syntax,
                     calling_ae,
+                    self.services.duplicates,
                 );
                 if command.affected_sop_class_uid.as_deref()
                     != Some(context.abstract_syntax.as_str())
