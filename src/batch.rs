@@ -189,6 +189,7 @@ impl Batcher {
             let id = ulid::Ulid::generate().to_string();
             let created = SystemTime::now();
             info!(job_id = %id, "batch opened");
+            crate::metrics::metrics().batches_open.inc();
             let _ = self.events.send(BatchEvent::Opened {
                 job_id: id.clone(),
                 created_at: humantime::format_rfc3339_millis(created).to_string(),
@@ -303,6 +304,8 @@ impl Batcher {
 
     fn close_open(&self, st: &mut State, reason: CloseReason) {
         if let Some(mut b) = st.open.take() {
+            crate::metrics::metrics().batches_open.dec();
+            crate::metrics::metrics().batches_closed.inc();
             b.close_reason = Some(reason);
             if b.in_flight == 0 {
                 self.finalize(b);

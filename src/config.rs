@@ -379,6 +379,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DICOM_GATEWAY_SHUTDOWN_DEADLINE", default_value = "25s", value_parser = humantime::parse_duration, help_heading = "Operations")]
     pub shutdown_deadline: Duration,
 
+    /// Address for the HTTP health and metrics endpoints (/healthz, /readyz, /metrics), e.g.
+    /// 0.0.0.0:9090. Off unless given (the container image turns it on).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_METRICS_LISTEN",
+        help_heading = "Operations"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log format.
     #[arg(
         long,

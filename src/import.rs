@@ -24,7 +24,9 @@ use tracing::{info, warn};
 
 use crate::batch::BatchSummary;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
+use crate::metrics::metrics;
 use crate::store::ObjectStore;
+use prometheus_client::metrics::counter::Counter;
 
 /// What the batcher reports.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub enum BatchEvent {
 pub enum ImportError {
     #[error("Step Functions StartExecution failed: {0}")]
     StartExecution(String),
+    #[error("Step Functions DescribeStateMachine failed: {0}")]
+    Describe(String),
 }
 
 /// What a started import is recorded with.
@@ -55,6 +59,8 @@ pub struct Started {
 pub trait ImportTrigger: Send + Sync + 'static {
     /// Starts the import of `job`. Starting the same job twice must be harmless.
     async fn start(&self, job: &Job) -> Result<Started, ImportError>;
+    /// A cheap call that succeeds only if the trigger is reachable and usable (readiness).
+    async fn check(&self) -> Result<(), ImportError>;
     fn describe(&self) -> String;
 }
 
@@ -168,6 +174,30 @@ impl ImportTrigger for StepFunctionsTrigger {
         }
     }
 
+    async fn check(&self) -> Result<(), ImportError> {
+        let arn = self
+            .state_machine_arn
+            .split('#')
+            .next()
+            .unwrap_or(&self.state_machine_arn);
+        self.client
+            .describe_state_machine()
+            .state_machine_arn(arn)
+            .send()
+            .await
+            .map_err(|e| {
+                ImportError::Describe(match e.as_service_error() {
+                    Some(se) => format!(
+                        "{}: {}",
+                        se.code().unwrap_or("error"),
+                        se.message().unwrap_or("no message")
+                    ),
+                    None => DisplayErrorContext(&e).to_string(),
+                })
+            })?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("Step Functions state machine {}", self.state_machine_arn)
     }
@@ -255,7 +285,13 @@ impl Pipeline {
     }
 
     /// Retries `op` with exponential backoff until it succeeds (or the task is dropped at shutdown).
-    async fn retry<T, E: std::fmt::Display, F, Fut>(&self, what: &str, job_id: &str, mut op: F) -> T
+    async fn retry<T, E: std::fmt::Display, F, Fut>(
+        &self,
+        what: &str,
+        job_id: &str,
+        errors: &Counter,
+        mut op: F,
+    ) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
@@ -266,6 +302,7 @@ impl Pipeline {
             match op().await {
                 Ok(v) => return v,
                 Err(e) => {
+                    errors.inc();
                     warn!(job_id, attempt, error = %e, retry_in = ?delay, "{what} failed; will retry");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.max_backoff);
@@ -294,16 +331,22 @@ impl Pipeline {
                 input_location,
             } => {
                 let job = Job::opened(&job_id, &created_at, &input_location, &self.gateway_id);
-                self.retry("recording the opened job", &job_id, || {
-                    self.jobs.record_open(&job)
-                })
+                self.retry(
+                    "recording the opened job",
+                    &job_id,
+                    &metrics().job_store_errors,
+                    || self.jobs.record_open(&job),
+                )
                 .await;
             }
             BatchEvent::Closed(batch) => {
                 let job = Job::closed(&batch, &self.gateway_id);
-                self.retry("recording the closed job", &job.job_id, || {
-                    self.jobs.record_closed(&job)
-                })
+                self.retry(
+                    "recording the closed job",
+                    &job.job_id,
+                    &metrics().job_store_errors,
+                    || self.jobs.record_closed(&job),
+                )
                 .await;
                 info!(job_id = %job.job_id, instances = batch.instance_count, "job recorded as CLOSED");
                 self.submit(&job).await;
@@ -316,7 +359,12 @@ impl Pipeline {
     pub async fn submit(&self, job: &Job) {
         let Some(trigger) = &self.trigger else { return };
         let started = self
-            .retry("starting the import", &job.job_id, || trigger.start(job))
+            .retry(
+                "starting the import",
+                &job.job_id,
+                &metrics().import_trigger_errors,
+                || trigger.start(job),
+            )
             .await;
         let transition = Transition {
             execution_arn: Some(started.execution_arn.clone()),
@@ -326,18 +374,24 @@ impl Pipeline {
             message: None,
         };
         let recorded = self
-            .retry("recording SUBMITTED", &job.job_id, || async {
-                match self
-                    .jobs
-                    .transition(&job.job_id, JobStatus::Submitted, transition.clone())
-                    .await
-                {
-                    // The state machine got there first (IMPORTING or beyond): nothing to record.
-                    Err(JobStoreError::NotForward { .. }) => Ok(false),
-                    other => other.map(|()| true),
-                }
-            })
+            .retry(
+                "recording SUBMITTED",
+                &job.job_id,
+                &metrics().job_store_errors,
+                || async {
+                    match self
+                        .jobs
+                        .transition(&job.job_id, JobStatus::Submitted, transition.clone())
+                        .await
+                    {
+                        // The state machine got there first (IMPORTING or beyond): nothing to record.
+                        Err(JobStoreError::NotForward { .. }) => Ok(false),
+                        other => other.map(|()| true),
+                    }
+                },
+            )
             .await;
+        metrics().batches_submitted.inc();
         info!(job_id = %job.job_id, execution_arn = %started.execution_arn, recorded, "import started");
     }
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::batch::{BatchLease, Batcher, Seen};
 use crate::config::DuplicatePolicy;
 use crate::dimse::{Command, status};
+use crate::metrics::metrics;
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
 use crate::sniff::{HeaderSniffer, RequiredIds};
@@ -128,6 +129,7 @@ impl InstanceReceiver {
     /// Takes the next fragment of the data set.
     pub async fn feed(&mut self, data: &[u8]) {
         self.received += data.len() as u64;
+        metrics().bytes_received.inc_by(data.len() as u64);
         if self.decided.is_some() {
             return;
         }
@@ -332,13 +334,21 @@ impl InstanceReceiver {
             self.start_upload().await;
         }
         if let Some(outcome) = self.decided.take() {
+            if outcome.status != status::SUCCESS {
+                metrics().failed(outcome.status);
+            }
             return outcome;
         }
         let Some(up) = self.upload.take() else {
             return Outcome::failure(status::CANNOT_UNDERSTAND, "empty data set");
         };
+        let committing = Instant::now();
         match up.upload.commit().await {
             Ok(stored) => {
+                metrics().instances_stored.inc();
+                metrics()
+                    .store_seconds
+                    .observe(committing.elapsed().as_secs_f64());
                 up.lease
                     .commit(stored.size, &up.study_instance_uid, &self.calling_ae_title);
                 info!(
@@ -354,6 +364,7 @@ impl InstanceReceiver {
                 }
             }
             Err(e) => {
+                metrics().failed(status::OUT_OF_RESOURCES);
                 warn!(sop_instance_uid = %self.sop_instance_uid, status = "0xA700", reason = %e, "instance not stored");
                 Outcome::failure(
                     status::OUT_OF_RESOURCES,

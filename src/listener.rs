@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
 use crate::association::{Handler, Services, reject_early};
+use crate::metrics::metrics;
 
 /// How many early rejections may be in progress at once; beyond that, connections are closed.
 const MAX_REJECTIONS_IN_FLIGHT: usize = 16;
@@ -117,6 +118,7 @@ impl Listener {
             && !self.peer_allow.iter().any(|net| net.contains(&peer.ip()))
         {
             warn!(association = id, peer = %peer, reason = "peer address not in --peer-allow", "association rejected");
+            metrics().reject("peer address not allowed");
             let rj = AssociationRJ {
                 result: AssociationRJResult::Permanent,
                 source: AssociationRJSource::ServiceUser(
@@ -128,6 +130,7 @@ impl Listener {
         }
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             warn!(association = id, peer = %peer, reason = "association limit reached (--max-associations)", "association rejected");
+            metrics().reject("association limit reached");
             let rj = AssociationRJ {
                 result: AssociationRJResult::Transient,
                 source: AssociationRJSource::ServiceProviderPresentation(

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::association::{AcceptancePolicy, Services, Timeouts};
 use crate::batch::Batcher;
 use crate::config::{JobStoreArgs, ServeArgs};
+use crate::health::Readiness;
 use crate::import::{ImportSettings, ImportTrigger, Pipeline, StepFunctionsTrigger};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
@@ -185,6 +186,30 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         max_associations = args.max_associations,
         "dicom-gateway listening"
     );
+    let health_stop = CancellationToken::new();
+    let health = match args.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let http = TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on {addr} (--metrics-listen): is another process using the port?"
+                )
+            })?;
+            let readiness = Readiness::new(store.clone(), jobs.clone(), trigger.clone());
+            info!(listen = %http.local_addr()?, "health and metrics on /healthz, /readyz, /metrics");
+            let (r, s) = (readiness.clone(), shutdown.clone());
+            // Unready as soon as shutdown begins, so load balancers send no new associations.
+            tokio::spawn(async move {
+                s.cancelled().await;
+                r.shutting_down();
+            });
+            Some(tokio::spawn(crate::health::serve(
+                http,
+                readiness,
+                health_stop.clone(),
+            )))
+        }
+    };
     listener.run(shutdown, args.shutdown_deadline).await;
 
     // Every association has ended: close the open batch and record what is left.
@@ -200,6 +225,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         warn!(
             "job store or import trigger still unavailable at shutdown; CLOSED jobs are started by recovery at the next start"
         );
+    }
+    health_stop.cancel();
+    if let Some(h) = health {
+        let _ = h.await;
     }
     info!("dicom-gateway stopped");
     Ok(())

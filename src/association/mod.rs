@@ -115,6 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         match negotiate(&rq, &self.services.acceptance) {
             Negotiation::Rejected { rj, reason } => {
                 warn!(reason, result = ?rj.result, source = ?rj.source, "association rejected");
+                crate::metrics::metrics().reject(reason);
                 let _ = self.send(&Pdu::AssociationRJ(rj)).await;
             }
             Negotiation::Accepted {
@@ -136,7 +137,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     "association accepted"
                 );
                 let calling_ae = rq.calling_ae_title.trim().to_string();
-                match self.serve(&contexts, peer_max_pdu, &calling_ae).await {
+                let m = crate::metrics::metrics();
+                m.associations.inc();
+                m.associations_active.inc();
+                let end = self.serve(&contexts, peer_max_pdu, &calling_ae).await;
+                m.associations_active.dec();
+                match end {
                     End::Released => info!("association released"),
                     End::AbortedByPeer => info!("association aborted by peer"),
                     End::Closed => info!("connection closed by peer without release"),

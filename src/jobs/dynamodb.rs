@@ -334,6 +334,17 @@ impl JobStore for DynamoJobStore {
         Ok(jobs)
     }
 
+    async fn check(&self) -> Result<(), JobStoreError> {
+        self.client
+            .get_item()
+            .table_name(&self.table)
+            .key("jobId", s("readiness-check"))
+            .send()
+            .await
+            .map_err(|e| dynamo_error("GetItem", e))?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("DynamoDB table {}", self.table)
     }

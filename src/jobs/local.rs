@@ -154,6 +154,11 @@ impl JobStore for LocalJournal {
         Ok(jobs)
     }
 
+    async fn check(&self) -> Result<(), JobStoreError> {
+        tokio::fs::create_dir_all(&self.dir).await?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("local job journal {}", self.dir.display())
     }

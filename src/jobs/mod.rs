@@ -246,6 +246,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// The most recent jobs (by creation), newest first.
     async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError>;
 
+    /// A cheap call that succeeds only if the store is reachable and usable (readiness).
+    async fn check(&self) -> Result<(), JobStoreError>;
+
     fn describe(&self) -> String;
 }
 

@@ -89,6 +89,14 @@ impl ObjectStore for LocalStore {
         format!("{}/{batch_id}/", self.root.display())
     }
 
+    async fn check(&self) -> Result<(), StoreError> {
+        let meta = tokio::fs::metadata(self.root.join(INCOMING_DIR)).await?;
+        if meta.permissions().readonly() {
+            return Err(std::io::Error::other("store directory is read-only").into());
+        }
+        Ok(())
+    }
+
     async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
         let dir = self.root.join(batch_id);
         Ok(blocking(move || {

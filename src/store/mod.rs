@@ -115,6 +115,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// The location of a batch's objects: the import input of that batch (always ends with '/').
     fn batch_location(&self, batch_id: &str) -> String;
 
+    /// A cheap call that succeeds only if the store is reachable and usable (readiness).
+    async fn check(&self) -> Result<(), StoreError>;
+
     /// Counts the committed objects of a batch (uploads in progress are never listed).
     async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError>;
 

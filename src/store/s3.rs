@@ -99,6 +99,18 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}{batch_id}/", self.bucket, self.prefix)
     }
 
+    async fn check(&self) -> Result<(), StoreError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| s3_error("ListObjectsV2", e))?;
+        Ok(())
+    }
+
     async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
         let prefix = format!("{}{batch_id}/", self.prefix);
         let mut contents = BatchContents::default();

@@ -1,0 +1,150 @@
+//! Health and metrics over HTTP (`--metrics-listen`): `/healthz`, `/readyz` and `/metrics`.
+//!
+//! `/healthz` answers as long as the process serves requests. `/readyz` answers 200 only if the
+//! DICOM listener is up (this server starts after it) and the configured object store, job store and
+//! import trigger actually answer a cheap call, not merely if a port is open. The result is cached
+//! for a few seconds so a busy scraper cannot load AWS. Once shutdown begins, `/readyz` answers 503
+//! so load balancers stop sending new associations. `/metrics` is the Prometheus text exposition
+//! of [`crate::metrics`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::import::ImportTrigger;
+use crate::jobs::JobStore;
+use crate::store::ObjectStore;
+
+/// How long a readiness result is reused.
+pub const READINESS_CACHE: Duration = Duration::from_secs(3);
+/// Longest each dependency check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Readiness {
+    store: Arc<dyn ObjectStore>,
+    jobs: Arc<dyn JobStore>,
+    trigger: Option<Arc<dyn ImportTrigger>>,
+    shutting_down: AtomicBool,
+    cache: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Readiness {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        jobs: Arc<dyn JobStore>,
+        trigger: Option<Arc<dyn ImportTrigger>>,
+    ) -> Arc<Self> {
+        Arc::new(Readiness {
+            store,
+            jobs,
+            trigger,
+            shutting_down: AtomicBool::new(false),
+            cache: Mutex::new(None),
+        })
+    }
+
+    pub fn shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Ok when every dependency answers; otherwise what failed, one clause per dependency.
+    pub async fn check(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        let mut cache = self.cache.lock().await;
+        if let Some((at, result)) = cache.as_ref() {
+            if at.elapsed() < READINESS_CACHE {
+                return result.clone();
+            }
+        }
+        let result = self.probe().await;
+        *cache = Some((Instant::now(), result.clone()));
+        result
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        let timed =
+            |what: &'static str, r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{what}: {e}")),
+                Err(_) => Some(format!("{what}: no answer within {CHECK_TIMEOUT:?}")),
+            };
+        let store = tokio::time::timeout(CHECK_TIMEOUT, async {
+            self.store.check().await.map_err(|e| e.to_string())
+        });
+        let jobs = tokio::time::timeout(CHECK_TIMEOUT, async {
+            self.jobs.check().await.map_err(|e| e.to_string())
+        });
+        let trigger = tokio::time::timeout(CHECK_TIMEOUT, async {
+            match &self.trigger {
+                Some(t) => t.check().await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        });
+        let (store, jobs, trigger) = tokio::join!(store, jobs, trigger);
+        let problems: Vec<String> = [
+            timed("object store", store),
+            timed("job store", jobs),
+            timed("import trigger", trigger),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, String) {
+    match readiness.check().await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::metrics().encode(),
+    )
+}
+
+/// Serves the three endpoints on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Arc<Readiness>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(readiness);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}

@@ -1,0 +1,176 @@
+//! /healthz, /readyz and /metrics on --metrics-listen.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn health_readiness_and_metrics_follow_a_study() {
+    let store = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let gw = Gateway::start(
+        &[
+            "--store-dir",
+            store.path().to_str().unwrap(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &[],
+    );
+    assert_eq!(get(http, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(http, "/readyz"), (200, "ready\n".into()));
+    let (_, before) = get(http, "/metrics");
+    assert_eq!(metric(&before, "dicom_gateway_instances_stored_total"), 0.0);
+
+    send_testdata(gw.port);
+    let _ = echoscu(gw.port, "NOT_THE_GATEWAY", "ECHOSCU");
+    let mut scu = RawScu::associate(gw.port, AE);
+    assert_eq!(
+        scu.store(
+            1,
+            "1.2.3.4.99",
+            &ct_dataset("1.2.3.4.1", "1.2.3", "1.2.3.1", 100),
+            4096
+        ),
+        0xA900
+    );
+    scu.release();
+
+    let (status, after) = get(http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&after, "dicom_gateway_instances_stored_total"),
+        5.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "dicom_gateway_instances_failed_total{status=\"0xA900\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "dicom_gateway_associations_total"),
+        6.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "dicom_gateway_associations_rejected_total{reason=\"called AE title not recognized\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "dicom_gateway_associations_active"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(metric(&after, "dicom_gateway_batches_open"), 1.0, "{after}");
+    assert_eq!(
+        metric(&after, "dicom_gateway_store_seconds_count"),
+        5.0,
+        "{after}"
+    );
+    let sent: u64 = TESTDATA_FILES
+        .iter()
+        .map(|f| {
+            let b = std::fs::read(testdata(f)).unwrap();
+            (b.len() - dicom_gateway::part10::split_part10(&b).unwrap().1) as u64
+        })
+        .sum();
+    assert!(
+        metric(&after, "dicom_gateway_bytes_received_total") >= sent as f64,
+        "{after}"
+    );
+}
+
+#[test]
+fn readiness_turns_unready_when_s3_is_unreachable_and_ready_again_when_it_returns() {
+    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
+        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
+        return;
+    }
+    let endpoint =
+        std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into());
+    let bucket = format!(
+        "gw-ready-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .load()
+            .await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&conf)
+                .force_path_style(true)
+                .build(),
+        );
+        s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    });
+    let mut proxy = FaultProxy::start(endpoint.trim_start_matches("http://"));
+    let http = free_port();
+    let _gw = Gateway::start(
+        &[
+            "--s3-bucket",
+            &bucket,
+            "--s3-force-path-style",
+            "--metrics-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &[("AWS_ENDPOINT_URL", &proxy.url())],
+    );
+    let wait_for = |want: u16| {
+        let until = Instant::now() + Duration::from_secs(40);
+        loop {
+            let (status, body) = get(http, "/readyz");
+            if status == want {
+                return body;
+            }
+            assert!(Instant::now() < until, "/readyz stayed {status}: {body}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    wait_for(200);
+    proxy.down();
+    let body = wait_for(503);
+    assert!(body.contains("object store"), "{body}");
+    assert_eq!(get(http, "/healthz").0, 200, "alive while unready");
+    proxy.up();
+    wait_for(200);
+}
