@@ -11,10 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v storescu >/dev/null || ! command -v dcmdump >/dev/null; then
-  echo "[test] installing DCMTK from Debian" >&2
+missing=()
+command -v storescu >/dev/null && command -v dcmdump >/dev/null || missing+=(dcmtk)
+command -v openssl >/dev/null || missing+=(openssl)   # test certificates for the TLS tests
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[test] installing ${missing[*]} from Debian" >&2
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 scripts/lint-templates.sh

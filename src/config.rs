@@ -228,6 +228,43 @@ pub struct ServeArgs {
     #[arg(long, env = "DICOM_GATEWAY_IO_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, help_heading = "Network")]
     pub io_timeout: Duration,
 
+    // ---- TLS ---------------------------------------------------------------------------------
+    /// Address and port of the DICOM TLS listener (2762 is the DICOM TLS port). Used when
+    /// --tls-cert is given, beside the plain listener (or instead of it, with --tls-only).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TLS_LISTEN",
+        default_value = "0.0.0.0:2762",
+        help_heading = "TLS"
+    )]
+    pub tls_listen: SocketAddr,
+
+    /// Server certificate chain (PEM). Turns the TLS listener on. Reloaded on SIGHUP.
+    #[arg(long, env = "DICOM_GATEWAY_TLS_CERT", help_heading = "TLS")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of the server certificate (PEM).
+    #[arg(long, env = "DICOM_GATEWAY_TLS_KEY", help_heading = "TLS")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) that client certificates must chain to: turns on mutual TLS.
+    #[arg(long, env = "DICOM_GATEWAY_TLS_CLIENT_CA", help_heading = "TLS")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Bind calling AE titles to client certificate subjects, comma-separated AE=CN pairs
+    /// (e.g. CT1=ct1.hospital.example): that AE title is accepted only from that certificate.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TLS_AE_BINDING",
+        value_delimiter = ',',
+        help_heading = "TLS"
+    )]
+    pub tls_ae_binding: Vec<String>,
+
+    /// Serve DICOM on the TLS listener only (no plain listener).
+    #[arg(long, env = "DICOM_GATEWAY_TLS_ONLY", help_heading = "TLS")]
+    pub tls_only: bool,
+
     // ---- Storage -----------------------------------------------------------------------------
     /// Local directory store, used when no --s3-bucket is given.
     #[arg(
@@ -465,6 +502,21 @@ impl ServeArgs {
         for uid in &self.transfer_syntax_allow {
             validate_uid(uid).map_err(|e| format!("--transfer-syntax-allow: '{uid}': {e}"))?;
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
+        if self.tls_cert.is_none()
+            && (self.tls_client_ca.is_some() || self.tls_only || !self.tls_ae_binding.is_empty())
+        {
+            return Err(
+                "--tls-client-ca, --tls-only and --tls-ae-binding need --tls-cert and --tls-key"
+                    .into(),
+            );
+        }
+        if !self.tls_ae_binding.is_empty() && self.tls_client_ca.is_none() {
+            return Err("--tls-ae-binding needs --tls-client-ca (client certificates must be verified to be trusted)".into());
+        }
+        self.ae_bindings()?;
         if self.max_associations == 0 {
             return Err("--max-associations must be at least 1".into());
         }
@@ -548,6 +600,20 @@ impl ServeArgs {
             }
         }
         Ok(())
+    }
+
+    /// The --tls-ae-binding pairs, as (AE title, certificate common name).
+    pub fn ae_bindings(&self) -> Result<Vec<(String, String)>, String> {
+        self.tls_ae_binding
+            .iter()
+            .map(|pair| match pair.split_once('=') {
+                Some((ae, cn)) if !cn.is_empty() => {
+                    validate_ae_title(ae).map_err(|e| format!("--tls-ae-binding {e}"))?;
+                    Ok((ae.trim().to_string(), cn.to_string()))
+                }
+                _ => Err(format!("--tls-ae-binding '{pair}' is not AE=CN")),
+            })
+            .collect()
     }
 
     /// This gateway's name in job records.

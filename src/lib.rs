@@ -34,4 +34,5 @@ pub mod policy;
 pub mod server;
 pub mod sniff;
 pub mod store;
+pub mod tls;
 pub mod uid;

@@ -22,6 +22,7 @@ use crate::policy::Policy;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
+use crate::tls::{TlsFiles, TlsSwitch};
 
 /// How long start-up recovery leaves another gateway's CLOSED job alone.
 const RECOVERY_GRACE: Duration = Duration::from_secs(300);
@@ -106,12 +107,37 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     .await;
     let trigger = open_trigger(&args).await;
     let gateway_id = args.gateway_id();
-    let listener = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (--listen): is another process using the port?",
-            args.listen
-        )
-    })?;
+    let plain = if args.tls_only {
+        None
+    } else {
+        Some(TcpListener::bind(args.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} (--listen): is another process using the port?",
+                args.listen
+            )
+        })?)
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            };
+            let switch = TlsSwitch::load(files).map_err(|e| {
+                anyhow::anyhow!("TLS configuration (--tls-cert, --tls-key, --tls-client-ca): {e}")
+            })?;
+            let l = TcpListener::bind(args.tls_listen).await.with_context(|| {
+                format!(
+                    "cannot listen on {} (--tls-listen): is another process using the port?",
+                    args.tls_listen
+                )
+            })?;
+            spawn_tls_reloader(switch.clone());
+            Some((l, switch))
+        }
+        _ => None,
+    };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let location_store = store.clone();
@@ -159,6 +185,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             calling_ae_allow: args.calling_ae_allow.clone(),
             policy,
             max_pdu: args.max_pdu,
+            ae_bindings: args.ae_bindings().map_err(anyhow::Error::msg)?,
         },
         timeouts: Timeouts {
             request: args.association_timeout,
@@ -170,13 +197,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         duplicates: args.duplicate_policy,
     });
     let listener = Listener::new(
-        listener,
+        plain,
+        tls,
         services,
         args.max_associations,
         args.peer_allow.clone(),
     );
     info!(
-        listen = %listener.local_addr()?,
+        listen = %listener.local_addrs().0.map(|a| a.to_string()).unwrap_or_else(|| "off (--tls-only)".into()),
+        tls_listen = %listener.local_addrs().1.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        mutual_tls = args.tls_client_ca.is_some(),
         ae_title = %args.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
@@ -232,6 +262,28 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     }
     info!("dicom-gateway stopped");
     Ok(())
+}
+
+/// Reloads the TLS certificate, key and client CA on every SIGHUP; a failed reload keeps the
+/// previous configuration, and running associations are never touched.
+fn spawn_tls_reloader(switch: Arc<TlsSwitch>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match switch.reload() {
+                Ok(()) => {
+                    info!("SIGHUP: TLS certificate and key reloaded; new associations use them")
+                }
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: TLS reload failed; the previous certificate stays in use")
+                }
+            }
+        }
+    });
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -82,6 +82,8 @@ pub struct Handler<S> {
     hard_stop: CancellationToken,
     /// Reused for PDU bodies (see [`pdu::read_pdu_into`]).
     scratch: bytes::BytesMut,
+    /// Subject common name of the client's TLS certificate, on the TLS port with client certificates.
+    peer_cn: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
@@ -97,7 +99,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             services,
             hard_stop,
             scratch: bytes::BytesMut::new(),
+            peer_cn: None,
         }
+    }
+
+    /// Records the client certificate's subject common name (TLS with client certificates).
+    pub fn with_peer_cn(mut self, cn: Option<String>) -> Self {
+        self.peer_cn = cn;
+        self
     }
 
     /// Runs the association to its end. Errors are logged here, once, with the association's span.
@@ -112,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let span = Span::current();
         span.record("calling_ae", rq.calling_ae_title.trim());
         span.record("called_ae", rq.called_ae_title.trim());
-        match negotiate(&rq, &self.services.acceptance) {
+        match negotiate(&rq, &self.services.acceptance, self.peer_cn.as_deref()) {
             Negotiation::Rejected { rj, reason } => {
                 warn!(reason, result = ?rj.result, source = ?rj.source, "association rejected");
                 crate::metrics::metrics().reject(reason);

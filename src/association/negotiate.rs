@@ -24,6 +24,9 @@ pub struct AcceptancePolicy {
     pub policy: Policy,
     /// Our Maximum Length Received for P-DATA-TF PDUs.
     pub max_pdu: u32,
+    /// (calling AE title, client certificate subject CN) pairs: on TLS, a calling AE title listed
+    /// here is accepted only from a client whose certificate carries that common name.
+    pub ae_bindings: Vec<(String, String)>,
 }
 
 /// A presentation context accepted for this association.
@@ -65,7 +68,8 @@ pub fn rejection(
     }
 }
 
-pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
+/// `peer_cn` is the subject common name of the client's TLS certificate, if any.
+pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&str>) -> Negotiation {
     use AssociationRJResult::Permanent;
     if rq.protocol_version & 1 == 0 {
         return rejection(
@@ -107,6 +111,22 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy) -> Negotiation {
             ),
             "calling AE title not recognized",
         );
+    }
+
+    if let Some((_, cn)) = cfg
+        .ae_bindings
+        .iter()
+        .find(|(ae, _)| ae_matches(ae, &rq.calling_ae_title))
+    {
+        if peer_cn != Some(cn.as_str()) {
+            return rejection(
+                Permanent,
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+                "calling AE title not bound to the client certificate",
+            );
+        }
     }
 
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
@@ -194,7 +214,45 @@ mod tests {
             calling_ae_allow: vec![],
             policy: Policy::standard(),
             max_pdu: 65536,
+            ae_bindings: vec![],
         }
+    }
+
+    #[test]
+    fn a_bound_calling_ae_needs_the_matching_client_certificate() {
+        let c = AcceptancePolicy {
+            ae_bindings: vec![("CT1".into(), "ct1.hospital.example".into())],
+            ..cfg()
+        };
+        let req = rq("GATEWAY", "CT1", vec![(CT, vec![EXPLICIT_VR_LE])]);
+        assert!(matches!(
+            negotiate(&req, &c, Some("ct1.hospital.example")),
+            Negotiation::Accepted { .. }
+        ));
+        for cn in [None, Some("mr1.hospital.example")] {
+            let Negotiation::Rejected { rj, reason } = negotiate(&req, &c, cn) else {
+                panic!("{cn:?} must be rejected")
+            };
+            assert_eq!(
+                rj.source,
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized
+                )
+            );
+            assert_eq!(
+                reason,
+                "calling AE title not bound to the client certificate"
+            );
+        }
+        // AE titles without a binding are unaffected.
+        assert!(matches!(
+            negotiate(
+                &rq("GATEWAY", "MR1", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &c,
+                None
+            ),
+            Negotiation::Accepted { .. }
+        ));
     }
 
     fn rq(called: &str, calling: &str, contexts: Vec<(&str, Vec<&str>)>) -> AssociationRQ {
@@ -228,6 +286,7 @@ mod tests {
         let (result, source) = reason_of(negotiate(
             &rq("OTHER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
             &cfg(),
+            None,
         ));
         assert_eq!(result, AssociationRJResult::Permanent);
         assert_eq!(
@@ -243,7 +302,8 @@ mod tests {
         assert!(matches!(
             negotiate(
                 &rq("GATEWAY         ", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
-                &cfg()
+                &cfg(),
+                None
             ),
             Negotiation::Accepted { .. }
         ));
@@ -254,7 +314,8 @@ mod tests {
         assert!(matches!(
             negotiate(
                 &rq("WHATEVER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
-                &any
+                &any,
+                None
             ),
             Negotiation::Accepted { .. }
         ));
@@ -269,6 +330,7 @@ mod tests {
         let (_, source) = reason_of(negotiate(
             &rq("GATEWAY", "EVIL", vec![(CT, vec![EXPLICIT_VR_LE])]),
             &c,
+            None,
         ));
         assert_eq!(
             source,
@@ -277,7 +339,11 @@ mod tests {
             )
         );
         assert!(matches!(
-            negotiate(&rq("GATEWAY", "MR1 ", vec![(CT, vec![EXPLICIT_VR_LE])]), &c),
+            negotiate(
+                &rq("GATEWAY", "MR1 ", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &c,
+                None
+            ),
             Negotiation::Accepted { .. }
         ));
     }
@@ -286,7 +352,7 @@ mod tests {
     fn wrong_application_context_and_protocol_version_are_rejected() {
         let mut r = rq("GATEWAY", "SCU", vec![]);
         r.application_context_name = "1.2.3".into();
-        let (_, source) = reason_of(negotiate(&r, &cfg()));
+        let (_, source) = reason_of(negotiate(&r, &cfg(), None));
         assert_eq!(
             source,
             AssociationRJSource::ServiceUser(
@@ -295,7 +361,7 @@ mod tests {
         );
         let mut r = rq("GATEWAY", "SCU", vec![]);
         r.protocol_version = 2;
-        let (_, source) = reason_of(negotiate(&r, &cfg()));
+        let (_, source) = reason_of(negotiate(&r, &cfg(), None));
         assert_eq!(
             source,
             AssociationRJSource::ServiceProviderASCE(
@@ -322,6 +388,7 @@ mod tests {
                 ],
             ),
             &restricted,
+            None,
         );
         let Negotiation::Accepted {
             ac,
