@@ -298,3 +298,123 @@ async fn dynamodb_and_step_functions_down_at_batch_close_delay_the_job_but_fail_
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery_submits_the_batch()
+{
+    let Some(endpoint) = localstack() else { return };
+    let s3 = s3_client(&endpoint).await;
+    let bucket = format!(
+        "gw-kill-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let root = "1.2.826.0.1.3680043.2.1125.9";
+    let work = tempfile::tempdir().unwrap();
+    let files = write_corpus(work.path(), root, 800, 4_000);
+    let journal = tempfile::tempdir().unwrap();
+    let gateway_id = format!(
+        "gw-kill-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    let args = [
+        "--s3-bucket",
+        bucket.as_str(),
+        "--s3-force-path-style",
+        "--store-dir",
+        journal.path().to_str().unwrap(),
+        "--gateway-id",
+        gateway_id.as_str(),
+        "--batch-idle",
+        "1h",
+    ];
+    let mut gw = Gateway::start(&args, &[]);
+    let log = work.path().join("storescu.log");
+    let mut sender = storescu_background(gw.port, &files, &log);
+    let until = Instant::now() + Duration::from_secs(60);
+    while storescu_outcomes(&log)
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Some("Success"))
+        .count()
+        < 50
+    {
+        assert!(Instant::now() < until, "no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut child = gw.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    tokio::task::block_in_place(|| sender.wait()).unwrap();
+
+    let sop_of = |file: &str| {
+        format!(
+            "{root}.{}",
+            file.trim_start_matches("ct")
+                .trim_end_matches(".dcm")
+                .parse::<usize>()
+                .unwrap()
+                + 1
+        )
+    };
+    let acked: Vec<String> = storescu_outcomes(&log)
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Some("Success"))
+        .map(|(f, _)| sop_of(f))
+        .collect();
+    assert!(acked.len() >= 50 && acked.len() < files.len());
+    let keys = keys(&s3, &bucket).await;
+    let stored = stored_sops(&keys);
+    for sop in &acked {
+        assert!(
+            stored.contains(sop),
+            "acknowledged {sop} is not in the bucket"
+        );
+    }
+    assert!(
+        stored.len() <= acked.len() + 1,
+        "no object appears beyond the one being answered at the kill"
+    );
+    // Every visible object is whole (a multipart or PutObject in progress is never visible).
+    for key in &keys {
+        let body = s3
+            .get_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        let (meta, offset) = dicom_gateway::part10::split_part10(&body).unwrap();
+        let sop = meta.media_storage_sop_instance_uid().to_string();
+        assert_eq!(
+            &body[offset..],
+            &ct_dataset(&sop, root, &format!("{root}.0"), 4_000)[..],
+            "{key} is partial"
+        );
+    }
+
+    // The next start closes the batch the kill left OPEN, from what is in the bucket.
+    let gw = Gateway::start(&args, &[]);
+    let until = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let jobs: Vec<serde_json::Value> = files_under(&journal.path().join("jobs"))
+            .iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect();
+        if jobs.len() == 1 && jobs[0]["status"] == "CLOSED" {
+            break jobs[0].clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "recovery did not close the batch: {jobs:?}\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["instanceCount"], keys.len() as u64);
+    assert_eq!(job["closeReason"], "recovered");
+}
