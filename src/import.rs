@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use aws_sdk_sfn::error::{DisplayErrorContext, ProvideErrorMetadata};
 use serde_json::json;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -157,20 +156,9 @@ impl ImportTrigger for StepFunctionsTrigger {
                 execution_arn: out.execution_arn().to_string(),
                 ..started
             }),
-            Err(e)
-                if e.as_service_error().and_then(|se| se.code())
-                    == Some("ExecutionAlreadyExists") =>
-            {
-                Ok(started)
-            }
-            Err(e) => Err(ImportError::StartExecution(match e.as_service_error() {
-                Some(se) => format!(
-                    "{}: {}",
-                    se.code().unwrap_or("error"),
-                    se.message().unwrap_or("no message")
-                ),
-                None => DisplayErrorContext(&e).to_string(),
-            })),
+            // The same job was started before: the idempotent name makes that a success.
+            Err(e) if crate::aws::code(&e) == Some("ExecutionAlreadyExists") => Ok(started),
+            Err(e) => Err(ImportError::StartExecution(crate::aws::describe(&e))),
         }
     }
 
@@ -185,16 +173,7 @@ impl ImportTrigger for StepFunctionsTrigger {
             .state_machine_arn(arn)
             .send()
             .await
-            .map_err(|e| {
-                ImportError::Describe(match e.as_service_error() {
-                    Some(se) => format!(
-                        "{}: {}",
-                        se.code().unwrap_or("error"),
-                        se.message().unwrap_or("no message")
-                    ),
-                    None => DisplayErrorContext(&e).to_string(),
-                })
-            })?;
+            .map_err(|e| ImportError::Describe(crate::aws::describe(&e)))?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@
 //! - [`server`]: wiring for `dicom-gateway serve`.
 
 pub mod association;
+pub mod aws;
 pub mod batch;
 pub mod config;
 pub mod dimse;

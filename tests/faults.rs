@@ -9,26 +9,6 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 
-fn localstack() -> Option<String> {
-    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
-        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
-        return None;
-    }
-    Some(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into()))
-}
-
-async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    )
-}
-
 async fn keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut token = None;
@@ -177,15 +157,14 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
 #[tokio::test]
 async fn dynamodb_and_step_functions_down_at_batch_close_delay_the_job_but_fail_no_c_store() {
     let Some(endpoint) = localstack() else { return };
-    let get = |k: &str| std::env::var(format!("DICOM_GATEWAY_TEST_STACK_{k}")).ok();
-    let (Some(bucket), Some(table), Some(arn), Some(role), Some(datastore)) = (
-        get("BucketName"),
-        get("JobTableName"),
-        get("StateMachineArn"),
-        get("DataAccessRoleArn"),
-        get("DatastoreId"),
-    ) else {
-        eprintln!("skipped: needs the LocalStack test stack; run scripts/test.sh");
+    let Some(Stack {
+        bucket,
+        table,
+        state_machine_arn: arn,
+        role_arn: role,
+        datastore_id: datastore,
+    }) = stack()
+    else {
         return;
     };
     let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;

@@ -18,35 +18,6 @@ use dicom_gateway::jobs::{Job, JobStatus};
 /// Mocked HealthImaging import job id (tests/sfn-mock-config.json).
 const IMPORT_JOB_ID: &str = "import-job-0001";
 
-struct Stack {
-    bucket: String,
-    table: String,
-    state_machine_arn: String,
-    role_arn: String,
-    datastore_id: String,
-}
-
-fn stack() -> Option<Stack> {
-    let get = |k: &str| std::env::var(format!("DICOM_GATEWAY_TEST_STACK_{k}")).ok();
-    let (Some(bucket), Some(table), Some(state_machine_arn), Some(role_arn), Some(datastore_id)) = (
-        get("BucketName"),
-        get("JobTableName"),
-        get("StateMachineArn"),
-        get("DataAccessRoleArn"),
-        get("DatastoreId"),
-    ) else {
-        eprintln!("skipped: needs the LocalStack test stack; run scripts/test.sh");
-        return None;
-    };
-    Some(Stack {
-        bucket,
-        table,
-        state_machine_arn,
-        role_arn,
-        datastore_id,
-    })
-}
-
 async fn clients() -> (aws_sdk_s3::Client, aws_sdk_dynamodb::Client) {
     let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let s3 = aws_sdk_s3::Client::from_conf(

@@ -7,27 +7,6 @@ use std::io::Write;
 
 use common::*;
 
-/// LocalStack's endpoint, or None (and the test is skipped with a note) outside scripts/test.sh.
-fn localstack() -> Option<String> {
-    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
-        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
-        return None;
-    }
-    Some(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into()))
-}
-
-async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    )
-}
-
 async fn new_bucket(s3: &aws_sdk_s3::Client) -> String {
     let bucket = format!(
         "gw-test-{}",

@@ -62,22 +62,15 @@ impl S3Store {
     }
 }
 
-/// A one-line description: the service's error code and message when S3 answered, otherwise the
-/// transport error (connection refused, timeout) with its causes.
 fn s3_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let message = match err.as_service_error() {
-        Some(e) => format!(
-            "{}: {}",
-            e.code().unwrap_or("error"),
-            e.message().unwrap_or("no message")
-        ),
-        None => DisplayErrorContext(&err).to_string(),
-    };
-    StoreError::S3 { operation, message }
+    StoreError::S3 {
+        operation,
+        message: crate::aws::describe(&err),
+    }
 }
 
 #[async_trait]

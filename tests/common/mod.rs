@@ -576,3 +576,55 @@ pub fn storescu_outcomes(log: &Path) -> Vec<(String, Option<String>)> {
     }
     out
 }
+
+/// LocalStack's endpoint, or None (the test is then skipped, with a note) outside scripts/test.sh.
+pub fn localstack() -> Option<String> {
+    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
+        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
+        return None;
+    }
+    Some(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into()))
+}
+
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// The outputs of the infra/ stack that scripts/test.sh deployed to LocalStack.
+pub struct Stack {
+    pub bucket: String,
+    pub table: String,
+    pub state_machine_arn: String,
+    pub role_arn: String,
+    pub datastore_id: String,
+}
+
+/// The deployed stack, or None (the test is then skipped, with a note) outside scripts/test.sh.
+pub fn stack() -> Option<Stack> {
+    let get = |k: &str| std::env::var(format!("DICOM_GATEWAY_TEST_STACK_{k}")).ok();
+    let (Some(bucket), Some(table), Some(state_machine_arn), Some(role_arn), Some(datastore_id)) = (
+        get("BucketName"),
+        get("JobTableName"),
+        get("StateMachineArn"),
+        get("DataAccessRoleArn"),
+        get("DatastoreId"),
+    ) else {
+        eprintln!("skipped: needs the LocalStack test stack; run scripts/test.sh");
+        return None;
+    };
+    Some(Stack {
+        bucket,
+        table,
+        state_machine_arn,
+        role_arn,
+        datastore_id,
+    })
+}
