@@ -50,3 +50,7 @@ done <<<"$outputs"
 [ -n "${DICOM_GATEWAY_TEST_STACK_StateMachineArn:-}" ] || { echo "[test] stack deployment gave no outputs" >&2; exit 1; }
 
 cargo test --locked "$@"
+
+# The fuzz targets must keep building (scripts/fuzz.sh runs them; that needs cargo-fuzz and time).
+echo "[test] building the fuzz targets" >&2
+cargo build --locked --quiet --manifest-path fuzz/Cargo.toml --target-dir target

@@ -1,9 +1,10 @@
 //! DIMSE command sets (PS3.7 §9, §E): parsing requests and building responses.
 //!
-//! Command sets are always implicit VR little endian and small, so they are parsed whole with
-//! dicom-object; only data sets are streamed.
+//! Command sets are always implicit VR little endian and small. Incoming ones are parsed by a
+//! bounded element walk (see [`Command::parse`]); responses are built with dicom-object. Only data
+//! sets are streamed.
 
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -62,40 +63,70 @@ pub struct Command {
     pub has_dataset: bool,
 }
 
+/// The elements of an implicit VR little endian command set, as (element number, value) pairs.
+/// Every tag must be in the command group (0000,xxxx) (PS3.7 §6.3) and every value must fit in the
+/// bytes received, so nothing is ever allocated beyond the command set itself. Command sets come
+/// from the network and are parsed here rather than with a general data set decoder: fuzzing
+/// (fuzz/command) made dicom-object allocate gigabytes for a few bytes announcing a large element
+/// or holding item tags.
+fn command_elements(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, CommandError> {
+    let mut elements = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 8 {
+            return Err(CommandError::Decode(
+                "command set ends inside an element header".into(),
+            ));
+        }
+        if bytes[0] != 0 || bytes[1] != 0 {
+            return Err(CommandError::Decode(
+                "command set holds an element outside group 0000".into(),
+            ));
+        }
+        let element = u16::from_le_bytes([bytes[2], bytes[3]]);
+        let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        if len > bytes.len() - 8 {
+            return Err(CommandError::Decode(format!(
+                "element announces {len} bytes, more than the command set holds"
+            )));
+        }
+        elements.push((element, &bytes[8..8 + len]));
+        bytes = &bytes[8 + len..];
+    }
+    Ok(elements)
+}
+
+/// An US (unsigned short) value of a command element.
+fn us_of(elements: &[(u16, &[u8])], element: u16, name: &'static str) -> Result<u16, CommandError> {
+    match elements.iter().find(|(e, _)| *e == element) {
+        None => Err(CommandError::Missing(name)),
+        Some((_, v)) if v.len() == 2 => Ok(u16::from_le_bytes([v[0], v[1]])),
+        Some(_) => Err(CommandError::Decode(format!(
+            "{name} is not an unsigned short"
+        ))),
+    }
+}
+
+/// A UI value of a command element, without its padding.
+fn ui_of(elements: &[(u16, &[u8])], element: u16) -> Option<String> {
+    elements
+        .iter()
+        .find(|(e, _)| *e == element)
+        .map(|(_, v)| trim_uid(&String::from_utf8_lossy(v)).to_string())
+}
+
 impl Command {
     pub fn parse(bytes: &[u8]) -> Result<Command, CommandError> {
-        let obj =
-            InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-                .map_err(|e| CommandError::Decode(e.to_string()))?;
-        let u16_of = |tag: Tag, name: &'static str| -> Result<u16, CommandError> {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .ok_or(CommandError::Missing(name))?
-                .to_int::<u16>()
-                .map_err(|_| CommandError::Decode(format!("{name} is not an unsigned short")))
-        };
-        let uid_of = |tag: Tag| -> Option<String> {
-            let el = obj.element_opt(tag).ok().flatten()?;
-            el.to_str().ok().map(|s| trim_uid(&s).to_string())
-        };
-        let command_field = u16_of(tags::COMMAND_FIELD, "Command Field (0000,0100)")?;
+        let elements = command_elements(bytes)?;
+        let command_field = us_of(&elements, 0x0100, "Command Field (0000,0100)")?;
         // A C-CANCEL carries Message ID Being Responded To instead of Message ID.
-        let message_id = u16_of(tags::MESSAGE_ID, "Message ID (0000,0110)").or_else(|_| {
-            u16_of(
-                tags::MESSAGE_ID_BEING_RESPONDED_TO,
-                "Message ID (0000,0110)",
-            )
-        })?;
-        let data_set_type = u16_of(
-            tags::COMMAND_DATA_SET_TYPE,
-            "Command Data Set Type (0000,0800)",
-        )?;
+        let message_id = us_of(&elements, 0x0110, "Message ID (0000,0110)")
+            .or_else(|_| us_of(&elements, 0x0120, "Message ID (0000,0110)"))?;
+        let data_set_type = us_of(&elements, 0x0800, "Command Data Set Type (0000,0800)")?;
         Ok(Command {
             command_field,
             message_id,
-            affected_sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID),
-            affected_sop_instance_uid: uid_of(tags::AFFECTED_SOP_INSTANCE_UID),
+            affected_sop_class_uid: ui_of(&elements, 0x0002),
+            affected_sop_instance_uid: ui_of(&elements, 0x1000),
             has_dataset: data_set_type != NO_DATASET,
         })
     }
@@ -122,14 +153,17 @@ pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8
         ),
         DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
     ];
-    if let Some(uid) = &request.affected_sop_class_uid {
+    // The request's UIDs are echoed only when they are UIDs: they come from the peer, and anything
+    // else (found by fuzzing: a non-ASCII byte) cannot be encoded as UI.
+    let valid = |uid: &&String| crate::uid::validate_uid(uid).is_ok();
+    if let Some(uid) = request.affected_sop_class_uid.as_ref().filter(valid) {
         elements.push(DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
             PrimitiveValue::from(uid.as_str()),
         ));
     }
-    if let Some(uid) = &request.affected_sop_instance_uid {
+    if let Some(uid) = request.affected_sop_instance_uid.as_ref().filter(valid) {
         elements.push(DataElement::new(
             tags::AFFECTED_SOP_INSTANCE_UID,
             VR::UI,
@@ -204,14 +238,7 @@ pub fn request(
 
 /// Reads Status (0000,0900) from a response command set.
 pub fn response_status(bytes: &[u8]) -> Result<u16, CommandError> {
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .map_err(|e| CommandError::Decode(e.to_string()))?;
-    obj.element_opt(tags::STATUS)
-        .ok()
-        .flatten()
-        .ok_or(CommandError::Missing("Status (0000,0900)"))?
-        .to_int::<u16>()
-        .map_err(|_| CommandError::Decode("Status is not an unsigned short".into()))
+    us_of(&command_elements(bytes)?, 0x0900, "Status (0000,0900)")
 }
 
 /// A short description of a status for logs.
@@ -331,5 +358,68 @@ mod tests {
             describe_status(0xA900),
             "Error: data set does not match SOP class"
         );
+    }
+
+    #[test]
+    fn an_element_length_beyond_the_command_set_is_refused_without_allocating() {
+        // fuzz/command found this: (0000,0002) announcing 0x3F000012 bytes in a 43-byte command set.
+        let input = [
+            0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x38, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x02, 0x00, 0x12, 0x00, 0x00, 0x3f, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x01, 0x10,
+            0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x08, 0x02, 0x00, 0x00, 0xae, 0x01,
+            0x01,
+        ];
+        assert!(
+            matches!(Command::parse(&input), Err(CommandError::Decode(m)) if m.contains("more than the command set holds"))
+        );
+        assert!(Command::parse(&[0, 0, 0, 0, 4]).is_err());
+    }
+
+    #[test]
+    fn elements_outside_the_command_group_are_refused() {
+        // fuzz/command found this: (0300,0000) then item tags (FFFE,...) sent the decoder allocating.
+        let input = [
+            0x00, 0x03, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0xfe, 0xff, 0x01, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x18, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0xfe, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ];
+        assert!(
+            matches!(Command::parse(&input), Err(CommandError::Decode(m)) if m.contains("outside group 0000"))
+        );
+    }
+
+    #[test]
+    fn fuzzed_command_sets_that_exhausted_memory_are_refused_or_parsed_cheaply() {
+        // fuzz/command: well-formed group 0000 elements on which a general decoder allocated gigabytes.
+        let mut input = vec![
+            0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x08, 0x00,
+            0x00, 0x00,
+        ];
+        input.extend([0x00, 0x00, 0x00, 0x00, 0x2f, 0x4f, 0x00, 0x00]);
+        input.extend([0u8; 13]);
+        input.extend([0xff; 25]);
+        input.extend([0x3f, 0x04]);
+        assert!(Command::parse(&input).is_err());
+    }
+
+    #[test]
+    fn responses_to_commands_with_unencodable_uids_do_not_panic() {
+        // fuzz/command: a C-STORE-RQ whose Affected SOP Class UID holds a 0x80 byte.
+        let mut cmd = Command::parse(&request(
+            command_field::C_STORE_RQ,
+            3,
+            CT,
+            Some("1.2.3"),
+            true,
+        ))
+        .unwrap();
+        cmd.affected_sop_class_uid =
+            Some(String::from_utf8_lossy(&[b'1', 0x80, b'2']).into_owned());
+        let rsp = response(&cmd, status::CANNOT_UNDERSTAND, Some("bad UID"));
+        assert_eq!(response_status(&rsp).unwrap(), 0xC000);
+        let parsed = Command::parse(&rsp).unwrap();
+        assert_eq!(parsed.affected_sop_class_uid, None, "not echoed");
+        assert_eq!(parsed.affected_sop_instance_uid.as_deref(), Some("1.2.3"));
     }
 }
