@@ -14,13 +14,6 @@ fn corpus(dir: &Path, n: usize) -> Vec<PathBuf> {
     write_corpus(dir, ROOT, n, 16_000)
 }
 
-fn successes(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches("Received Store Response (Success)")
-        .count()
-}
-
 /// SOP Instance UIDs whose C-STORE got Success, from storescu's log (each response follows its file).
 fn acknowledged(log: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap();
@@ -99,11 +92,7 @@ fn sigkill_mid_association_loses_nothing_acknowledged_and_the_next_start_closes_
     let mut gw = Gateway::start(&args, &[]);
     let log = work.path().join("storescu.log");
     let mut sender = storescu_background(gw.port, &files, &log);
-    let until = Instant::now() + Duration::from_secs(60);
-    while successes(&log) < 100 {
-        assert!(Instant::now() < until, "storescu made no progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_successes(&log, 100);
     let mut child = gw.child.take().unwrap();
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
@@ -171,9 +160,7 @@ fn sigterm_mid_transfer_finishes_or_aborts_cleanly_within_the_deadline() {
     );
     let log = work.path().join("storescu.log");
     let mut sender = storescu_background(gw.port, &files, &log);
-    while successes(&log) < 100 {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_successes(&log, 100);
     let t0 = Instant::now();
     let gw_log = gw.stop(); // SIGTERM, and asserts a clean exit
     let took = t0.elapsed();

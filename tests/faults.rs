@@ -73,17 +73,9 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
     };
 
     // Let part of the study through, then cut S3 off.
-    let until = Instant::now() + Duration::from_secs(60);
-    while storescu_outcomes(&log)
-        .iter()
-        .filter(|(_, r)| r.as_deref() == Some("Success"))
-        .count()
-        < 100
-    {
-        assert!(Instant::now() < until, "no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::task::block_in_place(|| wait_for_successes(&log, 100));
     proxy.down();
+    let until = Instant::now() + Duration::from_secs(60);
     // A few instances fail while it is down; then S3 comes back for the rest.
     while failures(&log) < 5 {
         assert!(
@@ -310,16 +302,7 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
     let mut gw = Gateway::start(&args, &[]);
     let log = work.path().join("storescu.log");
     let mut sender = storescu_background(gw.port, &files, &log);
-    let until = Instant::now() + Duration::from_secs(60);
-    while storescu_outcomes(&log)
-        .iter()
-        .filter(|(_, r)| r.as_deref() == Some("Success"))
-        .count()
-        < 50
-    {
-        assert!(Instant::now() < until, "no progress");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    tokio::task::block_in_place(|| wait_for_successes(&log, 50));
     let mut child = gw.child.take().unwrap();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

@@ -189,6 +189,43 @@ pub fn transition_update(
     )
 }
 
+impl DynamoJobStore {
+    /// Jobs in `status` from the `status-createdAt` index: every one, oldest first, or at most
+    /// `limit` of the newest.
+    async fn query_status(
+        &self,
+        status: JobStatus,
+        newest_first: bool,
+        limit: Option<usize>,
+    ) -> Result<Vec<Job>, JobStoreError> {
+        let mut jobs = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(STATUS_INDEX)
+                .key_condition_expression("#status = :s")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":s", s(status.as_str()))
+                .scan_index_forward(!newest_first)
+                .set_limit(limit.map(|l| l.clamp(1, 1000) as i32))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| dynamo_error("Query", e))?;
+            for item in out.items() {
+                jobs.push(from_item(item)?);
+            }
+            start = out.last_evaluated_key().cloned();
+            if start.is_none() || limit.is_some_and(|l| jobs.len() >= l) {
+                return Ok(jobs);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl JobStore for DynamoJobStore {
     async fn record_open(&self, job: &Job) -> Result<(), JobStoreError> {
@@ -274,51 +311,13 @@ impl JobStore for DynamoJobStore {
     }
 
     async fn list_by_status(&self, status: JobStatus) -> Result<Vec<Job>, JobStoreError> {
-        let mut jobs = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(STATUS_INDEX)
-                .key_condition_expression("#status = :s")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_values(":s", s(status.as_str()))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| dynamo_error("Query", e))?;
-            for item in out.items() {
-                jobs.push(from_item(item)?);
-            }
-            start = out.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
-        Ok(jobs)
+        self.query_status(status, false, None).await
     }
 
     async fn list_recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
         let mut jobs = Vec::new();
         for status in JobStatus::ALL {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(STATUS_INDEX)
-                .key_condition_expression("#status = :s")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_values(":s", s(status.as_str()))
-                .scan_index_forward(false)
-                .limit(limit.clamp(1, 1000) as i32)
-                .send()
-                .await
-                .map_err(|e| dynamo_error("Query", e))?;
-            for item in out.items() {
-                jobs.push(from_item(item)?);
-            }
+            jobs.extend(self.query_status(status, true, Some(limit)).await?);
         }
         jobs.sort_by(|a, b| {
             b.created_at

@@ -628,3 +628,17 @@ pub fn stack() -> Option<Stack> {
         datastore_id,
     })
 }
+
+/// Waits until storescu's log shows `n` Success responses.
+pub fn wait_for_successes(log: &Path, n: usize) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while storescu_outcomes(log)
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Some("Success"))
+        .count()
+        < n
+    {
+        assert!(Instant::now() < until, "storescu made no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
