@@ -122,10 +122,6 @@ impl InstanceReceiver {
         }
     }
 
-    pub fn bytes_received(&self) -> u64 {
-        self.received
-    }
-
     /// Takes the next fragment of the data set.
     pub async fn feed(&mut self, data: &[u8]) {
         self.received += data.len() as u64;

@@ -49,11 +49,7 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
  {
     let Some(endpoint) = localstack() else { return };
     let s3 = s3_client(&endpoint).await;
-    let bucket = format!(
-        "gw-fault-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let bucket = new_bucket(&s3, "gw-fault").await;
     let root = "1.2.826.0.1.3680043.2.1125.8";
     let work = tempfile::tempdir().unwrap();
     let files = write_corpus(work.path(), root, 500, 4_000);
@@ -275,11 +271,7 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
 {
     let Some(endpoint) = localstack() else { return };
     let s3 = s3_client(&endpoint).await;
-    let bucket = format!(
-        "gw-kill-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let bucket = new_bucket(&s3, "gw-kill").await;
     let root = "1.2.826.0.1.3680043.2.1125.9";
     let work = tempfile::tempdir().unwrap();
     let files = write_corpus(work.path(), root, 800, 4_000);

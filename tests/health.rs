@@ -120,29 +120,9 @@ fn health_readiness_and_metrics_follow_a_study() {
 
 #[test]
 fn readiness_turns_unready_when_s3_is_unreachable_and_ready_again_when_it_returns() {
-    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
-        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
-        return;
-    }
-    let endpoint =
-        std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into());
-    let bucket = format!(
-        "gw-ready-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
+    let Some(endpoint) = localstack() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .endpoint_url(&endpoint)
-            .load()
-            .await;
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(true)
-                .build(),
-        );
-        s3.create_bucket().bucket(&bucket).send().await.unwrap();
-    });
+    let bucket = rt.block_on(async { new_bucket(&s3_client(&endpoint).await, "gw-ready").await });
     let mut proxy = FaultProxy::start(endpoint.trim_start_matches("http://"));
     let http = free_port();
     let _gw = Gateway::start(

@@ -7,19 +7,6 @@ use std::io::Write;
 
 use common::*;
 
-async fn new_bucket(s3: &aws_sdk_s3::Client) -> String {
-    let bucket = format!(
-        "gw-test-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
-    s3.create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("bucket created in LocalStack");
-    bucket
-}
-
 async fn keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
     let out = s3.list_objects_v2().bucket(bucket).send().await.unwrap();
     let mut keys: Vec<String> = out
@@ -59,7 +46,7 @@ fn s3_gateway(bucket: &str, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
 async fn a_study_in_five_transfer_syntaxes_lands_in_s3_byte_for_byte() {
     let Some(endpoint) = localstack() else { return };
     let s3 = s3_client(&endpoint).await;
-    let bucket = new_bucket(&s3).await;
+    let bucket = new_bucket(&s3, "gw-test").await;
     let gw = s3_gateway(&bucket, &[], &[]);
     send_testdata(gw.port);
     let keys = keys(&s3, &bucket).await;
@@ -166,7 +153,7 @@ fn write_large_instance(path: &std::path::Path, sop: &str, pixel_bytes: u64) -> 
 async fn a_one_gigabyte_instance_goes_through_multipart_with_bounded_memory() {
     let Some(endpoint) = localstack() else { return };
     let s3 = s3_client(&endpoint).await;
-    let bucket = new_bucket(&s3).await;
+    let bucket = new_bucket(&s3, "gw-test").await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("large.dcm");
     let sop = "1.2.826.0.1.3680043.2.1125.1.1.1";
@@ -243,7 +230,7 @@ async fn a_one_gigabyte_instance_goes_through_multipart_with_bounded_memory() {
 async fn no_patient_data_reaches_the_log_even_at_trace_level_with_s3() {
     let Some(endpoint) = localstack() else { return };
     let s3 = s3_client(&endpoint).await;
-    let bucket = new_bucket(&s3).await;
+    let bucket = new_bucket(&s3, "gw-test").await;
     let mut gw = s3_gateway(&bucket, &["--log-level", "trace"], &[]);
     send_testdata(gw.port);
     let log = gw.stop();

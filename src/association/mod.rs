@@ -8,9 +8,7 @@
 
 mod negotiate;
 
-pub use negotiate::{
-    AcceptancePolicy, AcceptedContext, Negotiation, ae_matches, negotiate, rejection,
-};
+pub use negotiate::{AcceptancePolicy, AcceptedContext, Negotiation, negotiate};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

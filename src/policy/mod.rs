@@ -97,10 +97,6 @@ impl Policy {
             .map(|ts| crate::uid::trim_uid(ts))
             .find(|ts| self.accepts_transfer_syntax(ts))
     }
-
-    pub fn sop_class_count(&self) -> usize {
-        self.sop_classes.len()
-    }
 }
 
 /// A human-readable name for a SOP class or transfer syntax UID, for logs and `--help`.

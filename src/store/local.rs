@@ -4,7 +4,7 @@
 //! file system as the destination), fsync it, rename it into place, then fsync the directories whose
 //! entries changed. A reader of the tree therefore sees whole objects or nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use std::fs::File;
@@ -49,10 +49,6 @@ impl LocalStore {
             root,
             buffers: Arc::new(Mutex::new(Vec::new())),
         })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 }
 

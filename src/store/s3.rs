@@ -53,10 +53,6 @@ impl S3Store {
         }
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     fn full_key(&self, key: &ObjectKey) -> String {
         format!("{}{}", self.prefix, key.as_str())
     }

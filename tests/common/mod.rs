@@ -642,3 +642,17 @@ pub fn wait_for_successes(log: &Path, n: usize) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Creates a bucket with a unique name starting with `prefix` in LocalStack; returns its name.
+pub async fn new_bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
+    let bucket = format!(
+        "{prefix}-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket created in LocalStack");
+    bucket
+}
