@@ -4,7 +4,7 @@
 //! bounded element walk (see [`Command::parse`]); responses are built with dicom-object. Only data
 //! sets are streamed.
 
-use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -23,27 +23,58 @@ pub mod command_field {
     pub const RESPONSE_BIT: u16 = 0x8000;
 }
 
-/// Status (0000,0900) values the gateway sends (PS3.4 Annex B, PS3.7 Annex C).
-pub mod status {
-    pub const SUCCESS: u16 = 0x0000;
-    /// Refused: SOP class not supported.
-    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-    /// Refused: not authorized.
-    pub const NOT_AUTHORIZED: u16 = 0x0124;
+/// A DIMSE status (0000,0900): what every response carries, and what logs and metrics show.
+///
+/// The named values are the ones the gateway sends (PS3.4 Annex B, PS3.7 Annex C); a peer's answer
+/// (in `dicom-gateway echo`) may be any code. It prints as `0xA700`, the form senders' logs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(pub u16);
+
+impl Status {
+    /// Success.
+    pub const SUCCESS: Status = Status(0x0000);
     /// Failure: duplicate SOP instance (PS3.7 Annex C), for `--duplicate-policy reject`.
-    pub const DUPLICATE_SOP_INSTANCE: u16 = 0x0111;
+    pub const DUPLICATE_SOP_INSTANCE: Status = Status(0x0111);
     /// Unrecognized operation.
-    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    pub const UNRECOGNIZED_OPERATION: Status = Status(0x0211);
     /// Refused: out of resources (the store could not make the object durable).
-    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const OUT_OF_RESOURCES: Status = Status(0xA700);
     /// Error: data set does not match SOP class (command and data set UIDs disagree).
-    pub const DATASET_DOES_NOT_MATCH: u16 = 0xA900;
+    pub const DATASET_DOES_NOT_MATCH: Status = Status(0xA900);
     /// Error: cannot understand (unparseable header, invalid UIDs).
-    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    pub const CANNOT_UNDERSTAND: Status = Status(0xC000);
+
+    pub fn is_success(self) -> bool {
+        self == Status::SUCCESS
+    }
+
+    /// A short description for logs and error messages.
+    pub fn description(self) -> &'static str {
+        match self {
+            Status::SUCCESS => "Success",
+            Status::UNRECOGNIZED_OPERATION => "Unrecognized operation",
+            Status::DUPLICATE_SOP_INSTANCE => "Failure: duplicate SOP instance",
+            Status::OUT_OF_RESOURCES => "Refused: out of resources",
+            Status::DATASET_DOES_NOT_MATCH => "Error: data set does not match SOP class",
+            Status::CANNOT_UNDERSTAND => "Error: cannot understand",
+            Status(0x0122) => "Refused: SOP class not supported",
+            Status(0x0124) => "Refused: not authorized",
+            Status(0xB000..=0xBFFF) => "Warning",
+            _ => "Failure",
+        }
+    }
 }
 
-/// Command Data Set Type (0000,0800) value meaning "no data set follows".
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#06X}", self.0)
+    }
+}
+
+/// Command Data Set Type (0000,0800) value meaning "no data set follows" (PS3.7 §E.2).
 const NO_DATASET: u16 = 0x0101;
+/// Command Data Set Type value a sender uses when a data set follows (any value but 0x0101 means so).
+const DATASET_PRESENT: u16 = 0x0000;
 
 #[derive(Debug, Error)]
 pub enum CommandError {
@@ -96,8 +127,8 @@ fn command_elements(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, CommandError>
 }
 
 /// An US (unsigned short) value of a command element.
-fn us_of(elements: &[(u16, &[u8])], element: u16, name: &'static str) -> Result<u16, CommandError> {
-    match elements.iter().find(|(e, _)| *e == element) {
+fn us_of(elements: &[(u16, &[u8])], tag: Tag, name: &'static str) -> Result<u16, CommandError> {
+    match elements.iter().find(|(e, _)| *e == tag.element()) {
         None => Err(CommandError::Missing(name)),
         Some((_, v)) if v.len() == 2 => Ok(u16::from_le_bytes([v[0], v[1]])),
         Some(_) => Err(CommandError::Decode(format!(
@@ -107,26 +138,36 @@ fn us_of(elements: &[(u16, &[u8])], element: u16, name: &'static str) -> Result<
 }
 
 /// A UI value of a command element, without its padding.
-fn ui_of(elements: &[(u16, &[u8])], element: u16) -> Option<String> {
+fn ui_of(elements: &[(u16, &[u8])], tag: Tag) -> Option<String> {
     elements
         .iter()
-        .find(|(e, _)| *e == element)
+        .find(|(e, _)| *e == tag.element())
         .map(|(_, v)| trim_uid(&String::from_utf8_lossy(v)).to_string())
 }
 
 impl Command {
     pub fn parse(bytes: &[u8]) -> Result<Command, CommandError> {
         let elements = command_elements(bytes)?;
-        let command_field = us_of(&elements, 0x0100, "Command Field (0000,0100)")?;
+        let command_field = us_of(&elements, tags::COMMAND_FIELD, "Command Field (0000,0100)")?;
         // A C-CANCEL carries Message ID Being Responded To instead of Message ID.
-        let message_id = us_of(&elements, 0x0110, "Message ID (0000,0110)")
-            .or_else(|_| us_of(&elements, 0x0120, "Message ID (0000,0110)"))?;
-        let data_set_type = us_of(&elements, 0x0800, "Command Data Set Type (0000,0800)")?;
+        let message_id =
+            us_of(&elements, tags::MESSAGE_ID, "Message ID (0000,0110)").or_else(|_| {
+                us_of(
+                    &elements,
+                    tags::MESSAGE_ID_BEING_RESPONDED_TO,
+                    "Message ID (0000,0110)",
+                )
+            })?;
+        let data_set_type = us_of(
+            &elements,
+            tags::COMMAND_DATA_SET_TYPE,
+            "Command Data Set Type (0000,0800)",
+        )?;
         Ok(Command {
             command_field,
             message_id,
-            affected_sop_class_uid: ui_of(&elements, 0x0002),
-            affected_sop_instance_uid: ui_of(&elements, 0x1000),
+            affected_sop_class_uid: ui_of(&elements, tags::AFFECTED_SOP_CLASS_UID),
+            affected_sop_instance_uid: ui_of(&elements, tags::AFFECTED_SOP_INSTANCE_UID),
             has_dataset: data_set_type != NO_DATASET,
         })
     }
@@ -134,7 +175,7 @@ impl Command {
 
 /// Encodes a response command set for `request` with `status`; `comment` goes into Error Comment
 /// (0000,0902) for failures so the sender's log says why (never patient data, at most 64 chars).
-pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8> {
+pub fn response(request: &Command, status: Status, comment: Option<&str>) -> Vec<u8> {
     let mut elements = vec![
         DataElement::new(
             tags::COMMAND_FIELD,
@@ -151,7 +192,7 @@ pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8
             VR::US,
             PrimitiveValue::from(NO_DATASET),
         ),
-        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
+        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status.0)),
     ];
     // The request's UIDs are echoed only when they are UIDs: they come from the peer, and anything
     // else (found by fuzzing: a non-ASCII byte) cannot be encoded as UI.
@@ -170,7 +211,7 @@ pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8
             PrimitiveValue::from(uid.as_str()),
         ));
     }
-    if let (Some(comment), true) = (comment, status != status::SUCCESS) {
+    if let (Some(comment), false) = (comment, status.is_success()) {
         let comment: String = comment
             .chars()
             .filter(|c| c.is_ascii() && *c != '\\')
@@ -212,7 +253,11 @@ pub fn request(
         DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
-            PrimitiveValue::from(if has_dataset { 0x0000 } else { NO_DATASET }),
+            PrimitiveValue::from(if has_dataset {
+                DATASET_PRESENT
+            } else {
+                NO_DATASET
+            }),
         ),
     ];
     if command_field == command_field::C_STORE_RQ {
@@ -237,24 +282,13 @@ pub fn request(
 }
 
 /// Reads Status (0000,0900) from a response command set.
-pub fn response_status(bytes: &[u8]) -> Result<u16, CommandError> {
-    us_of(&command_elements(bytes)?, 0x0900, "Status (0000,0900)")
-}
-
-/// A short description of a status for logs.
-pub fn describe_status(code: u16) -> &'static str {
-    match code {
-        status::SUCCESS => "Success",
-        status::SOP_CLASS_NOT_SUPPORTED => "Refused: SOP class not supported",
-        status::NOT_AUTHORIZED => "Refused: not authorized",
-        status::UNRECOGNIZED_OPERATION => "Unrecognized operation",
-        status::DUPLICATE_SOP_INSTANCE => "Failure: duplicate SOP instance",
-        status::OUT_OF_RESOURCES => "Refused: out of resources",
-        status::DATASET_DOES_NOT_MATCH => "Error: data set does not match SOP class",
-        status::CANNOT_UNDERSTAND => "Error: cannot understand",
-        0xB000..=0xBFFF => "Warning",
-        _ => "Failure",
-    }
+pub fn response_status(bytes: &[u8]) -> Result<Status, CommandError> {
+    us_of(
+        &command_elements(bytes)?,
+        tags::STATUS,
+        "Status (0000,0900)",
+    )
+    .map(Status)
 }
 
 #[cfg(test)]
@@ -279,7 +313,7 @@ mod tests {
         let cmd = Command::parse(&request(
             command_field::C_ECHO_RQ,
             1,
-            crate::policy::VERIFICATION,
+            dicom_dictionary_std::uids::VERIFICATION,
             None,
             false,
         ))
@@ -317,17 +351,17 @@ mod tests {
             true,
         ))
         .unwrap();
-        let ok = response(&cmd, status::SUCCESS, Some("ignored"));
-        assert_eq!(response_status(&ok).unwrap(), 0);
+        let ok = response(&cmd, Status::SUCCESS, Some("ignored"));
+        assert_eq!(response_status(&ok).unwrap(), Status::SUCCESS);
         let rsp = Command::parse(&ok).unwrap();
         assert_eq!(rsp.command_field, command_field::C_STORE_RSP);
         assert!(!rsp.has_dataset);
         let failed = response(
             &cmd,
-            status::OUT_OF_RESOURCES,
+            Status::OUT_OF_RESOURCES,
             Some("object store unavailable"),
         );
-        assert_eq!(response_status(&failed).unwrap(), 0xA700);
+        assert_eq!(response_status(&failed).unwrap(), Status(0xA700));
         let obj = InMemDicomObject::read_dataset_with_ts(
             &failed[..],
             &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
@@ -351,13 +385,16 @@ mod tests {
     }
 
     #[test]
-    fn status_descriptions() {
-        assert_eq!(describe_status(0xA700), "Refused: out of resources");
-        assert_eq!(describe_status(0xC000), "Error: cannot understand");
+    fn status_descriptions_and_display() {
+        assert_eq!(Status(0xA700).description(), "Refused: out of resources");
+        assert_eq!(Status(0xC000).description(), "Error: cannot understand");
         assert_eq!(
-            describe_status(0xA900),
+            Status(0xA900).description(),
             "Error: data set does not match SOP class"
         );
+        assert_eq!(Status(0xB007).description(), "Warning");
+        assert_eq!(Status::OUT_OF_RESOURCES.to_string(), "0xA700");
+        assert_eq!(Status::SUCCESS.to_string(), "0x0000");
     }
 
     #[test]
@@ -416,8 +453,8 @@ mod tests {
         .unwrap();
         cmd.affected_sop_class_uid =
             Some(String::from_utf8_lossy(&[b'1', 0x80, b'2']).into_owned());
-        let rsp = response(&cmd, status::CANNOT_UNDERSTAND, Some("bad UID"));
-        assert_eq!(response_status(&rsp).unwrap(), 0xC000);
+        let rsp = response(&cmd, Status::CANNOT_UNDERSTAND, Some("bad UID"));
+        assert_eq!(response_status(&rsp).unwrap(), Status(0xC000));
         let parsed = Command::parse(&rsp).unwrap();
         assert_eq!(parsed.affected_sop_class_uid, None, "not echoed");
         assert_eq!(parsed.affected_sop_instance_uid.as_deref(), Some("1.2.3"));

@@ -127,10 +127,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn failed(&self, status: u16) {
+    pub fn failed(&self, status: crate::dimse::Status) {
         self.instances_failed
             .get_or_create(&StatusLabel {
-                status: format!("0x{status:04X}"),
+                status: status.to_string(),
             })
             .inc();
     }
@@ -160,7 +160,7 @@ mod tests {
         let m = Metrics::new();
         m.associations.inc();
         m.reject("called AE title not recognized");
-        m.failed(0xA700);
+        m.failed(crate::dimse::Status::OUT_OF_RESOURCES);
         m.store_seconds.observe(0.004);
         let text = m.encode();
         assert!(

@@ -9,21 +9,29 @@
 //! compressed). It stops as soon as it has passed Series Instance UID (0020,000E) at the top level,
 //! long before encapsulated pixel data.
 
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
 use flate2::{Decompress, FlushDecompress, Status};
 use thiserror::Error;
 
 use crate::policy::DatasetEncoding;
 use crate::uid::trim_uid;
 
-const SOP_CLASS_UID: u32 = 0x0008_0016;
-const SOP_INSTANCE_UID: u32 = 0x0008_0018;
-const MODALITY: u32 = 0x0008_0060;
-const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
-const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
+/// A tag as the parser compares it: group in the high half, element in the low half, so that
+/// numeric order is data set order.
+const fn tag_number(tag: Tag) -> u32 {
+    ((tag.0 as u32) << 16) | tag.1 as u32
+}
 
-const ITEM: u32 = 0xFFFE_E000;
-const ITEM_DELIMITATION: u32 = 0xFFFE_E00D;
-const SEQUENCE_DELIMITATION: u32 = 0xFFFE_E0DD;
+const SOP_CLASS_UID: u32 = tag_number(tags::SOP_CLASS_UID);
+const SOP_INSTANCE_UID: u32 = tag_number(tags::SOP_INSTANCE_UID);
+const STUDY_INSTANCE_UID: u32 = tag_number(tags::STUDY_INSTANCE_UID);
+const SERIES_INSTANCE_UID: u32 = tag_number(tags::SERIES_INSTANCE_UID);
+
+// The item and delimiter tags of PS3.5 §7.5 (dicom_dictionary_std has no constants for them).
+const ITEM: u32 = tag_number(Tag(0xFFFE, 0xE000));
+const ITEM_DELIMITATION: u32 = tag_number(Tag(0xFFFE, 0xE00D));
+const SEQUENCE_DELIMITATION: u32 = tag_number(Tag(0xFFFE, 0xE0DD));
 const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
 
 /// Longest value of interest we keep (UIDs are at most 64 bytes, CS at most 16; padding allowed).
@@ -48,7 +56,6 @@ pub struct DatasetIds {
     pub sop_instance_uid: Option<String>,
     pub study_instance_uid: Option<String>,
     pub series_instance_uid: Option<String>,
-    pub modality: Option<String>,
 }
 
 /// The UIDs every stored instance must have, checked to be present.
@@ -58,7 +65,6 @@ pub struct RequiredIds {
     pub study_instance_uid: String,
     pub series_instance_uid: String,
     pub sop_class_uid: Option<String>,
-    pub modality: Option<String>,
 }
 
 impl DatasetIds {
@@ -74,7 +80,6 @@ impl DatasetIds {
                 .series_instance_uid
                 .ok_or(SniffError::Missing("Series Instance UID (0020,000E)"))?,
             sop_class_uid: self.sop_class_uid,
-            modality: self.modality,
         })
     }
 }
@@ -340,7 +345,6 @@ impl HeaderSniffer {
         match tag {
             SOP_CLASS_UID => self.ids.sop_class_uid = value,
             SOP_INSTANCE_UID => self.ids.sop_instance_uid = value,
-            MODALITY => self.ids.modality = value,
             STUDY_INSTANCE_UID => self.ids.study_instance_uid = value,
             SERIES_INSTANCE_UID => {
                 self.ids.series_instance_uid = value;
@@ -354,7 +358,7 @@ impl HeaderSniffer {
 fn is_interesting(tag: u32) -> bool {
     matches!(
         tag,
-        SOP_CLASS_UID | SOP_INSTANCE_UID | MODALITY | STUDY_INSTANCE_UID | SERIES_INSTANCE_UID
+        SOP_CLASS_UID | SOP_INSTANCE_UID | STUDY_INSTANCE_UID | SERIES_INSTANCE_UID
     )
 }
 
@@ -362,7 +366,6 @@ fn name_of(tag: u32) -> &'static str {
     match tag {
         SOP_CLASS_UID => "SOP Class UID (0008,0016)",
         SOP_INSTANCE_UID => "SOP Instance UID (0008,0018)",
-        MODALITY => "Modality (0008,0060)",
         STUDY_INSTANCE_UID => "Study Instance UID (0020,000D)",
         _ => "Series Instance UID (0020,000E)",
     }
@@ -526,7 +529,6 @@ pub(crate) mod tests {
             sop_instance_uid: Some("1.2.3.4.5.6.7".into()),
             study_instance_uid: Some("1.2.3.4.100".into()),
             series_instance_uid: Some("1.2.3.4.100.1".into()),
-            modality: Some("CT".into()),
         }
     }
 

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(cmd) = dicom_gateway::dimse::Command::parse(data) {
-        let rsp = dicom_gateway::dimse::response(&cmd, 0xC000, Some("fuzz"));
+        let rsp = dicom_gateway::dimse::response(&cmd, dicom_gateway::dimse::Status::CANNOT_UNDERSTAND, Some("fuzz"));
         assert!(dicom_gateway::dimse::response_status(&rsp).is_ok());
     }
 });

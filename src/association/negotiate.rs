@@ -9,8 +9,10 @@ use dicom_ul::pdu::{
     PresentationContextResultReason, UserVariableItem,
 };
 
+use dicom_dictionary_std::uids::{DICOM_APPLICATION_CONTEXT, IMPLICIT_VR_LITTLE_ENDIAN};
+
 use crate::part10::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
-use crate::policy::{APPLICATION_CONTEXT, IMPLICIT_VR_LE, Policy};
+use crate::policy::SyntaxPolicy;
 use crate::uid::trim_uid;
 
 /// What an association is checked against.
@@ -21,7 +23,7 @@ pub struct AcceptancePolicy {
     pub accept_any_called_ae: bool,
     /// Calling AE titles allowed to associate; empty means any.
     pub calling_ae_allow: Vec<String>,
-    pub policy: Policy,
+    pub syntaxes: SyntaxPolicy,
     /// Our Maximum Length Received for P-DATA-TF PDUs.
     pub max_pdu: u32,
     /// (calling AE title, client certificate subject CN) pairs: on TLS, a calling AE title listed
@@ -80,7 +82,7 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
             "protocol version not supported",
         );
     }
-    if trim_uid(&rq.application_context_name) != APPLICATION_CONTEXT {
+    if trim_uid(&rq.application_context_name) != DICOM_APPLICATION_CONTEXT {
         return rejection(
             Permanent,
             AssociationRJSource::ServiceUser(
@@ -134,13 +136,13 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
     let mut rejected = Vec::new();
     for pc in &rq.presentation_contexts {
         let abstract_syntax = trim_uid(&pc.abstract_syntax).to_string();
-        let (reason, ts) = if !cfg.policy.accepts_sop_class(&abstract_syntax) {
+        let (reason, ts) = if !cfg.syntaxes.accepts_sop_class(&abstract_syntax) {
             (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
                 None,
             )
         } else {
-            match cfg.policy.choose_transfer_syntax(&pc.transfer_syntaxes) {
+            match cfg.syntaxes.choose_transfer_syntax(&pc.transfer_syntaxes) {
                 Some(ts) => (
                     PresentationContextResultReason::Acceptance,
                     Some(ts.to_string()),
@@ -167,7 +169,7 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
         results.push(PresentationContextResult {
             id: pc.id,
             reason,
-            transfer_syntax: ts.unwrap_or_else(|| IMPLICIT_VR_LE.to_string()),
+            transfer_syntax: ts.unwrap_or_else(|| IMPLICIT_VR_LITTLE_ENDIAN.to_string()),
         });
     }
 
@@ -183,7 +185,7 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
         protocol_version: 1,
         calling_ae_title: rq.calling_ae_title.clone(),
         called_ae_title: rq.called_ae_title.clone(),
-        application_context_name: APPLICATION_CONTEXT.to_string(),
+        application_context_name: DICOM_APPLICATION_CONTEXT.to_string(),
         presentation_contexts: results,
         user_variables: vec![
             UserVariableItem::MaxLength(cfg.max_pdu),
@@ -202,7 +204,7 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{EXPLICIT_VR_LE, VERIFICATION};
+    use dicom_dictionary_std::uids::{EXPLICIT_VR_LITTLE_ENDIAN, VERIFICATION};
     use dicom_ul::pdu::PresentationContextProposed;
 
     const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -212,7 +214,7 @@ mod tests {
             ae_title: "GATEWAY".into(),
             accept_any_called_ae: false,
             calling_ae_allow: vec![],
-            policy: Policy::standard(),
+            syntaxes: SyntaxPolicy::standard(),
             max_pdu: 65536,
             ae_bindings: vec![],
         }
@@ -224,7 +226,11 @@ mod tests {
             ae_bindings: vec![("CT1".into(), "ct1.hospital.example".into())],
             ..cfg()
         };
-        let req = rq("GATEWAY", "CT1", vec![(CT, vec![EXPLICIT_VR_LE])]);
+        let req = rq(
+            "GATEWAY",
+            "CT1",
+            vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])],
+        );
         assert!(matches!(
             negotiate(&req, &c, Some("ct1.hospital.example")),
             Negotiation::Accepted { .. }
@@ -247,7 +253,11 @@ mod tests {
         // AE titles without a binding are unaffected.
         assert!(matches!(
             negotiate(
-                &rq("GATEWAY", "MR1", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &rq(
+                    "GATEWAY",
+                    "MR1",
+                    vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])]
+                ),
                 &c,
                 None
             ),
@@ -260,7 +270,7 @@ mod tests {
             protocol_version: 1,
             calling_ae_title: calling.into(),
             called_ae_title: called.into(),
-            application_context_name: APPLICATION_CONTEXT.into(),
+            application_context_name: DICOM_APPLICATION_CONTEXT.into(),
             presentation_contexts: contexts
                 .into_iter()
                 .enumerate()
@@ -284,7 +294,7 @@ mod tests {
     #[test]
     fn wrong_called_ae_is_rejected_permanently_by_the_service_user() {
         let (result, source) = reason_of(negotiate(
-            &rq("OTHER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+            &rq("OTHER", "SCU", vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])]),
             &cfg(),
             None,
         ));
@@ -301,7 +311,11 @@ mod tests {
     fn called_ae_matches_without_padding_or_with_accept_any() {
         assert!(matches!(
             negotiate(
-                &rq("GATEWAY         ", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &rq(
+                    "GATEWAY         ",
+                    "SCU",
+                    vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])]
+                ),
                 &cfg(),
                 None
             ),
@@ -313,7 +327,11 @@ mod tests {
         };
         assert!(matches!(
             negotiate(
-                &rq("WHATEVER", "SCU", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &rq(
+                    "WHATEVER",
+                    "SCU",
+                    vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])]
+                ),
                 &any,
                 None
             ),
@@ -328,7 +346,11 @@ mod tests {
             ..cfg()
         };
         let (_, source) = reason_of(negotiate(
-            &rq("GATEWAY", "EVIL", vec![(CT, vec![EXPLICIT_VR_LE])]),
+            &rq(
+                "GATEWAY",
+                "EVIL",
+                vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])],
+            ),
             &c,
             None,
         ));
@@ -340,7 +362,11 @@ mod tests {
         );
         assert!(matches!(
             negotiate(
-                &rq("GATEWAY", "MR1 ", vec![(CT, vec![EXPLICIT_VR_LE])]),
+                &rq(
+                    "GATEWAY",
+                    "MR1 ",
+                    vec![(CT, vec![EXPLICIT_VR_LITTLE_ENDIAN])]
+                ),
                 &c,
                 None
             ),
@@ -373,7 +399,7 @@ mod tests {
     #[test]
     fn contexts_are_accepted_or_rejected_one_by_one() {
         let restricted = AcceptancePolicy {
-            policy: Policy::new(None, Some(&[EXPLICIT_VR_LE.to_string()])),
+            syntaxes: SyntaxPolicy::new(None, Some(&[EXPLICIT_VR_LITTLE_ENDIAN.to_string()])),
             ..cfg()
         };
         let n = negotiate(
@@ -381,10 +407,16 @@ mod tests {
                 "GATEWAY",
                 "SCU",
                 vec![
-                    (CT, vec!["1.2.840.10008.1.2.4.50", EXPLICIT_VR_LE]),
-                    ("1.2.840.10008.5.1.4.1.2.1.1", vec![EXPLICIT_VR_LE]), // Q/R FIND: not a storage class
+                    (
+                        CT,
+                        vec!["1.2.840.10008.1.2.4.50", EXPLICIT_VR_LITTLE_ENDIAN],
+                    ),
+                    (
+                        "1.2.840.10008.5.1.4.1.2.1.1",
+                        vec![EXPLICIT_VR_LITTLE_ENDIAN],
+                    ), // Q/R FIND: not a storage class
                     (CT, vec!["1.2.840.10008.1.2.4.50"]),
-                    (VERIFICATION, vec![EXPLICIT_VR_LE]),
+                    (VERIFICATION, vec![EXPLICIT_VR_LITTLE_ENDIAN]),
                 ],
             ),
             &restricted,
@@ -424,7 +456,7 @@ mod tests {
             contexts[&1],
             AcceptedContext {
                 abstract_syntax: CT.into(),
-                transfer_syntax: EXPLICIT_VR_LE.into()
+                transfer_syntax: EXPLICIT_VR_LITTLE_ENDIAN.into()
             }
         );
         assert_eq!(contexts.len(), 2);

@@ -10,16 +10,14 @@ use std::collections::HashSet;
 
 pub use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
 
-/// Verification SOP Class (C-ECHO).
-pub const VERIFICATION: &str = "1.2.840.10008.1.1";
-/// The DICOM application context name, the only one PS3.7 defines.
-pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-
-pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-pub const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
-pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
-pub const JPIP_REFERENCED_DEFLATE: &str = "1.2.840.10008.1.2.4.95";
+// Explicit VR Big Endian is retired (PS3.5 §A.3), hence deprecated in the dictionary, but older
+// equipment still sends it and its data sets must still be read.
+#[allow(deprecated)]
+use dicom_dictionary_std::uids::EXPLICIT_VR_BIG_ENDIAN;
+use dicom_dictionary_std::uids::{
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, JPIP_REFERENCED_DEFLATE,
+    VERIFICATION,
+};
 
 /// How the data set of a transfer syntax is encoded, which is all the header sniffer needs to know.
 /// Every syntax other than the three uncompressed natives and the deflated ones encodes its data set
@@ -34,11 +32,12 @@ pub enum DatasetEncoding {
 }
 
 impl DatasetEncoding {
+    #[allow(deprecated)] // EXPLICIT_VR_BIG_ENDIAN: see its import
     pub fn of_transfer_syntax(ts: &str) -> Self {
         match ts {
-            IMPLICIT_VR_LE => Self::ImplicitVrLittleEndian,
-            EXPLICIT_VR_BE => Self::ExplicitVrBigEndian,
-            DEFLATED_EXPLICIT_VR_LE | JPIP_REFERENCED_DEFLATE => {
+            IMPLICIT_VR_LITTLE_ENDIAN => Self::ImplicitVrLittleEndian,
+            EXPLICIT_VR_BIG_ENDIAN => Self::ExplicitVrBigEndian,
+            DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN | JPIP_REFERENCED_DEFLATE => {
                 Self::DeflatedExplicitVrLittleEndian
             }
             _ => Self::ExplicitVrLittleEndian,
@@ -46,14 +45,15 @@ impl DatasetEncoding {
     }
 }
 
-/// The SOP classes and transfer syntaxes this gateway accepts.
+/// The abstract syntaxes (SOP classes) and transfer syntaxes this gateway accepts in a
+/// presentation context; the rest of what negotiation checks is in `AcceptancePolicy`.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub struct SyntaxPolicy {
     sop_classes: HashSet<String>,
     transfer_syntaxes: HashSet<String>,
 }
 
-impl Policy {
+impl SyntaxPolicy {
     /// All storage SOP classes and Verification; all standard transfer syntaxes.
     pub fn standard() -> Self {
         Self::new(None, None)
@@ -76,7 +76,7 @@ impl Policy {
                 .map(|(uid, _)| uid.to_string())
                 .collect(),
         };
-        Policy {
+        SyntaxPolicy {
             sop_classes,
             transfer_syntaxes,
         }
@@ -110,10 +110,12 @@ pub fn uid_name(uid: &str) -> Option<&'static str> {
 }
 
 #[cfg(test)]
+#[allow(deprecated)] // EXPLICIT_VR_BIG_ENDIAN: see its import
 mod tests {
     use super::*;
     use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
     use dicom_dictionary_std::StandardSopClassDictionary;
+    use dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN;
 
     #[test]
     fn generated_tables_agree_with_the_standard_dictionary() {
@@ -132,16 +134,16 @@ mod tests {
 
     #[test]
     fn standard_policy_accepts_storage_and_verification_only() {
-        let p = Policy::standard();
+        let p = SyntaxPolicy::standard();
         assert!(p.accepts_sop_class("1.2.840.10008.5.1.4.1.1.2")); // CT Image Storage
         assert!(p.accepts_sop_class(VERIFICATION));
         assert!(!p.accepts_sop_class("1.2.840.10008.5.1.4.1.2.1.1")); // Patient Root Q/R FIND
-        assert!(!p.accepts_sop_class("1.2.840.10008.1.20.1")); // Storage Commitment
+        assert!(!p.accepts_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL));
         for ts in [
-            IMPLICIT_VR_LE,
-            EXPLICIT_VR_LE,
-            EXPLICIT_VR_BE,
-            DEFLATED_EXPLICIT_VR_LE,
+            IMPLICIT_VR_LITTLE_ENDIAN,
+            EXPLICIT_VR_LITTLE_ENDIAN,
+            EXPLICIT_VR_BIG_ENDIAN,
+            DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
             "1.2.840.10008.1.2.4.50",
             "1.2.840.10008.1.2.4.201",
         ] {
@@ -152,16 +154,22 @@ mod tests {
 
     #[test]
     fn chooses_first_acceptable_in_requestor_order() {
-        let p = Policy::new(
+        let p = SyntaxPolicy::new(
             None,
-            Some(&[IMPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE.to_string()]),
+            Some(&[
+                IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+                EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            ]),
         );
         let proposed = vec![
             "1.2.840.10008.1.2.4.50".to_string(),
-            format!("{EXPLICIT_VR_LE}\0"),
-            IMPLICIT_VR_LE.to_string(),
+            format!("{EXPLICIT_VR_LITTLE_ENDIAN}\0"),
+            IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
         ];
-        assert_eq!(p.choose_transfer_syntax(&proposed), Some(EXPLICIT_VR_LE));
+        assert_eq!(
+            p.choose_transfer_syntax(&proposed),
+            Some(EXPLICIT_VR_LITTLE_ENDIAN)
+        );
         assert_eq!(
             p.choose_transfer_syntax(&["1.2.840.10008.1.2.4.50".to_string()]),
             None
@@ -172,15 +180,15 @@ mod tests {
     fn dataset_encoding_follows_transfer_syntax() {
         use DatasetEncoding::*;
         assert_eq!(
-            DatasetEncoding::of_transfer_syntax(IMPLICIT_VR_LE),
+            DatasetEncoding::of_transfer_syntax(IMPLICIT_VR_LITTLE_ENDIAN),
             ImplicitVrLittleEndian
         );
         assert_eq!(
-            DatasetEncoding::of_transfer_syntax(EXPLICIT_VR_BE),
+            DatasetEncoding::of_transfer_syntax(EXPLICIT_VR_BIG_ENDIAN),
             ExplicitVrBigEndian
         );
         assert_eq!(
-            DatasetEncoding::of_transfer_syntax(DEFLATED_EXPLICIT_VR_LE),
+            DatasetEncoding::of_transfer_syntax(DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN),
             DeflatedExplicitVrLittleEndian
         );
         assert_eq!(

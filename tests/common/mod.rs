@@ -352,7 +352,7 @@ impl RawScu {
 
     pub fn read_status(&mut self) -> u16 {
         match self.read() {
-            Some(Pdu::PData { data }) => dimse::response_status(&data[0].data).unwrap(),
+            Some(Pdu::PData { data }) => dimse::response_status(&data[0].data).unwrap().0,
             other => panic!("expected a response, got {other:?}"),
         }
     }
