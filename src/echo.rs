@@ -6,18 +6,23 @@
 
 use std::time::{Duration, Instant};
 
+use dicom_dictionary_std::uids::{
+    DICOM_APPLICATION_CONTEXT, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION,
+};
 use dicom_ul::pdu::{
     AssociationRQ, Pdu, PresentationContextProposed, PresentationContextResultReason,
     UserVariableItem,
 };
 use thiserror::Error;
-use tokio::io::BufStream;
 use tokio::net::TcpStream;
 
-use crate::dimse::{self, command_field};
+use crate::connection::Connection;
+use crate::dimse::{self, Status, command_field};
 use crate::part10::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::pdu::{self, Incoming, PduError};
-use crate::policy::{APPLICATION_CONTEXT, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION};
+
+/// The echo runs under one overall timeout ([`echo`]); single reads and writes need none of their own.
+const NO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Error)]
 pub enum EchoError {
@@ -37,8 +42,8 @@ pub enum EchoError {
     Aborted,
     #[error("the peer does not accept the Verification SOP class")]
     VerificationNotAccepted,
-    #[error("C-ECHO answered with status {0:#06X} ({1})")]
-    Status(u16, &'static str),
+    #[error("C-ECHO answered with status {0} ({desc})", desc = .0.description())]
+    Status(Status),
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -68,8 +73,8 @@ pub async fn echo(
     }
 }
 
-async fn read(stream: &mut BufStream<TcpStream>) -> Result<Incoming, EchoError> {
-    match pdu::read_pdu(stream, pdu::MAX_CONTROL_PDU).await? {
+async fn read(connection: &mut Connection<TcpStream>) -> Result<Incoming, EchoError> {
+    match connection.read_pdu(NO_TIMEOUT).await? {
         Some(Incoming::Other(Pdu::AbortRQ { .. })) => Err(EchoError::Aborted),
         Some(i) => Ok(i),
         None => Err(EchoError::Protocol("connection closed by the peer".into())),
@@ -85,16 +90,19 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
             source,
         })?;
     let _ = socket.set_nodelay(true);
-    let mut stream = BufStream::new(socket);
+    let mut connection = Connection::new(socket, pdu::MAX_CONTROL_PDU, NO_TIMEOUT);
     let rq = AssociationRQ {
         protocol_version: 1,
         calling_ae_title: calling_ae.to_string(),
         called_ae_title: called_ae.to_string(),
-        application_context_name: APPLICATION_CONTEXT.to_string(),
+        application_context_name: DICOM_APPLICATION_CONTEXT.to_string(),
         presentation_contexts: vec![PresentationContextProposed {
             id: 1,
             abstract_syntax: VERIFICATION.to_string(),
-            transfer_syntaxes: vec![EXPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE.to_string()],
+            transfer_syntaxes: vec![
+                EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+                IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            ],
         }],
         user_variables: vec![
             UserVariableItem::MaxLength(pdu::MAX_CONTROL_PDU),
@@ -102,19 +110,17 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
         ],
     };
-    pdu::write_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
-    let peer_max = match read(&mut stream).await? {
+    connection.write_pdu(&Pdu::AssociationRQ(rq)).await?;
+    let peer_max = match read(&mut connection).await? {
         Incoming::Other(Pdu::AssociationAC(ac)) => {
             let accepted = ac
                 .presentation_contexts
                 .iter()
                 .any(|pc| pc.id == 1 && pc.reason == PresentationContextResultReason::Acceptance);
             if !accepted {
-                let _ = pdu::write_pdu(
-                    &mut stream,
-                    &pdu::abort(dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified),
-                )
-                .await;
+                connection
+                    .abort(dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified)
+                    .await;
                 return Err(EchoError::VerificationNotAccepted);
             }
             ac.user_variables
@@ -141,10 +147,11 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
         }
     };
     let rq = dimse::request(command_field::C_ECHO_RQ, 1, VERIFICATION, None, false);
-    pdu::write_message(&mut stream, 1, true, &rq, peer_max).await?;
+    connection.set_peer_max_pdu(peer_max);
+    connection.write_message(1, true, &rq).await?;
     let mut command = Vec::new();
     loop {
-        match read(&mut stream).await? {
+        match read(&mut connection).await? {
             Incoming::PData(pdvs) => {
                 let mut last = false;
                 for pdv in pdvs {
@@ -165,10 +172,10 @@ async fn run(peer: &str, calling_ae: &str, called_ae: &str) -> Result<EchoOk, Ec
     let status =
         dimse::response_status(&command).map_err(|e| EchoError::Protocol(e.to_string()))?;
     let round_trip = started.elapsed();
-    let _ = pdu::write_pdu(&mut stream, &Pdu::ReleaseRQ).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), read(&mut stream)).await;
-    if status != dimse::status::SUCCESS {
-        return Err(EchoError::Status(status, dimse::describe_status(status)));
+    let _ = connection.write_pdu(&Pdu::ReleaseRQ).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), read(&mut connection)).await;
+    if !status.is_success() {
+        return Err(EchoError::Status(status));
     }
     Ok(EchoOk { round_trip })
 }

@@ -1,47 +1,102 @@
 //! One C-STORE data set, streamed from the wire into the object store.
 //!
-//! The receiver sees the data set as the PDV fragments arrive. Until the header sniffer has found
-//! the identifying UIDs (normally within the first fragment), fragments are held in a small prefix
-//! buffer, capped at [`HEADER_LIMIT`]; from then on each fragment goes straight to the upload. Once
-//! the receiver has failed (bad UIDs, store error), it keeps consuming the rest of the data set
-//! without storing it, so the association stays in step and the sender gets a proper status for
-//! this instance and can send the next one.
+//! The receiver sees the data set as the PDV fragments arrive, and is always in one of three
+//! states ([`State`]): *sniffing* the header (fragments are held in a small prefix buffer, capped
+//! at [`HEADER_LIMIT`], until the identifying UIDs are known), *uploading* (each fragment goes
+//! straight to the store), or *decided* (the outcome is known before the data set ended: a failure,
+//! or a duplicate whose stored copy is kept; the rest is consumed without being stored, so the
+//! association stays in step and the sender gets a proper status and can send the next instance).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::batch::{BatchLease, Batcher, Seen};
-use crate::config::DuplicatePolicy;
-use crate::dimse::{Command, status};
+use crate::batch::{BatchLease, Batcher, DuplicatePolicy, Seen};
+use crate::dimse::{Command, Status};
 use crate::metrics::metrics;
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
-use crate::sniff::{HeaderSniffer, RequiredIds};
-use crate::store::{ObjectKey, ObjectStore, ObjectUpload};
-use crate::uid::validate_uid;
+use crate::sniff::{HeaderSniffer, RequiredIds, SniffError};
+use crate::store::{KeyError, ObjectKey, ObjectStore, ObjectUpload, StoreError};
+use crate::uid::{UidError, validate_uid};
 
 /// The identifying UIDs must appear within this many bytes of the data set start. Real headers put
 /// them in the first few kilobytes; the cap bounds what a hostile or broken sender can make us hold.
 pub const HEADER_LIMIT: usize = 4 * 1024 * 1024;
 
-/// The status to answer a C-STORE with, and a short, patient-data-free reason for failures.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub status: u16,
-    pub comment: Option<String>,
+/// Why an instance was not stored. Each reason maps to the status its C-STORE is answered with
+/// ([`InstanceError::status`]) and a short, patient-data-free Error Comment.
+#[derive(Debug, Error)]
+pub enum InstanceError {
+    #[error("Affected SOP Class UID: {0}")]
+    CommandSopClassUid(UidError),
+    #[error("Affected SOP Instance UID: {0}")]
+    CommandSopInstanceUid(UidError),
+    #[error("Affected SOP Class UID differs from the presentation context")]
+    ContextMismatch,
+    #[error("data set header: {0}")]
+    Header(#[from] SniffError),
+    #[error("identifying UIDs not found in the first {} MiB of the data set", HEADER_LIMIT >> 20)]
+    HeaderTooLong,
+    #[error("SOP Instance UID in data set differs from the command")]
+    SopInstanceMismatch,
+    #[error("SOP Class UID in data set differs from the command")]
+    SopClassMismatch,
+    #[error("{which}: {error}")]
+    DatasetUid {
+        which: &'static str,
+        error: UidError,
+    },
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("file meta group: {0}")]
+    FileMeta(String),
+    #[error("duplicate SOP Instance UID (--duplicate-policy reject)")]
+    Duplicate,
+    #[error("object store unavailable: {0}")]
+    StoreUnavailable(StoreError),
+    #[error("object store write failed: {0}")]
+    StoreWrite(StoreError),
+    #[error("object store did not confirm the object: {0}")]
+    StoreCommit(StoreError),
 }
 
-impl Outcome {
-    fn failure(status: u16, comment: impl Into<String>) -> Self {
-        Outcome {
-            status,
-            comment: Some(comment.into()),
+impl InstanceError {
+    /// The DIMSE status the C-STORE is answered with (PS3.4 Annex B).
+    pub fn status(&self) -> Status {
+        use InstanceError::*;
+        match self {
+            StoreUnavailable(_) | StoreWrite(_) | StoreCommit(_) => Status::OUT_OF_RESOURCES,
+            ContextMismatch | SopInstanceMismatch | SopClassMismatch => {
+                Status::DATASET_DOES_NOT_MATCH
+            }
+            Duplicate => Status::DUPLICATE_SOP_INSTANCE,
+            CommandSopClassUid(_)
+            | CommandSopInstanceUid(_)
+            | Header(_)
+            | HeaderTooLong
+            | DatasetUid { .. }
+            | Key(_)
+            | FileMeta(_) => Status::CANNOT_UNDERSTAND,
+        }
+    }
+
+    /// The Error Comment sent to the peer. Store errors say what failed, not how: the details
+    /// (bucket, endpoint, errno) are for our log, not for the sender.
+    pub fn comment(&self) -> String {
+        match self {
+            InstanceError::StoreUnavailable(_) => "object store unavailable".into(),
+            InstanceError::StoreWrite(_) => "object store write failed".into(),
+            InstanceError::StoreCommit(_) => "object store did not confirm the object".into(),
+            InstanceError::Duplicate => "SOP Instance UID already received in this batch".into(),
+            other => other.to_string(),
         }
     }
 }
 
+/// An upload in progress and the batch place it will take once durable.
 struct Upload {
     upload: Box<dyn ObjectUpload>,
     lease: BatchLease,
@@ -49,295 +104,274 @@ struct Upload {
     study_instance_uid: String,
 }
 
+/// Where the receiver is in the data set.
+enum State {
+    /// Reading the header: fragments are kept in `prefix` until `sniffer` has the UIDs.
+    Sniffing {
+        sniffer: HeaderSniffer,
+        prefix: Vec<u8>,
+    },
+    /// Fragments stream into the store.
+    Uploading(Upload),
+    /// The outcome is known before the data set ended; the rest is consumed without being stored.
+    /// `Ok` is a duplicate answered Success because its first copy is durable (keep-first).
+    Decided(Result<(), InstanceError>),
+}
+
+/// Receives one C-STORE data set, fragment by fragment, and makes it durable.
 pub struct InstanceReceiver {
-    store: Arc<dyn ObjectStore>,
-    batcher: Arc<Batcher>,
-    sop_class_uid: String,
-    sop_instance_uid: String,
-    transfer_syntax_uid: String,
-    calling_ae_title: String,
-    sniffer: Option<HeaderSniffer>,
-    prefix: Vec<u8>,
-    upload: Option<Upload>,
-    /// The outcome, once known before the data set ends (a failure, or a kept-first duplicate);
-    /// the rest of the data set is then consumed without being stored.
-    decided: Option<Outcome>,
+    target: Target,
+    state: State,
+    /// Data set bytes received so far, for the log of a discarded instance.
     received: u64,
     started: Instant,
+}
+
+/// The instance as its command declares it, and where it goes: everything but the receive state
+/// (kept apart from it so the store calls can borrow it while the state changes).
+struct Target {
+    store: Arc<dyn ObjectStore>,
+    batcher: Arc<Batcher>,
+    /// What to do when this SOP Instance UID is already in the batch.
     duplicates: DuplicatePolicy,
+    /// Affected SOP Class UID of the command: checked against the data set, written to the meta group.
+    sop_class_uid: String,
+    /// Affected SOP Instance UID of the command: checked against the data set, written to the meta group.
+    sop_instance_uid: String,
+    /// The presentation context's transfer syntax, recorded in the meta group.
+    transfer_syntax_uid: String,
+    /// The sender, recorded in the meta group and the batch.
+    calling_ae_title: String,
+}
+
+/// What an instance needs from its association.
+pub struct InstanceContext<'a> {
+    /// The presentation context's abstract syntax: the command's SOP class must match it.
+    pub abstract_syntax: &'a str,
+    pub transfer_syntax: &'a str,
+    pub calling_ae_title: &'a str,
+    pub duplicates: DuplicatePolicy,
 }
 
 impl InstanceReceiver {
-    /// Starts receiving the data set of `command`, negotiated with `transfer_syntax_uid`.
+    /// Starts receiving the data set of `command`. A command that cannot be stored (invalid UIDs,
+    /// a SOP class other than its context's) starts decided: its data set is consumed and refused.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         batcher: Arc<Batcher>,
         command: &Command,
-        transfer_syntax_uid: &str,
-        calling_ae_title: &str,
-        duplicates: DuplicatePolicy,
+        context: InstanceContext<'_>,
     ) -> Self {
         let sop_class_uid = command.affected_sop_class_uid.clone().unwrap_or_default();
         let sop_instance_uid = command
             .affected_sop_instance_uid
             .clone()
             .unwrap_or_default();
-        let failure = if let Err(e) = validate_uid(&sop_class_uid) {
-            Some(Outcome::failure(
-                status::CANNOT_UNDERSTAND,
-                format!("Affected SOP Class UID: {e}"),
-            ))
+        let state = if let Err(e) = validate_uid(&sop_class_uid) {
+            State::Decided(Err(InstanceError::CommandSopClassUid(e)))
         } else if let Err(e) = validate_uid(&sop_instance_uid) {
-            Some(Outcome::failure(
-                status::CANNOT_UNDERSTAND,
-                format!("Affected SOP Instance UID: {e}"),
-            ))
+            State::Decided(Err(InstanceError::CommandSopInstanceUid(e)))
+        } else if sop_class_uid != context.abstract_syntax {
+            State::Decided(Err(InstanceError::ContextMismatch))
         } else {
-            None
+            State::Sniffing {
+                sniffer: HeaderSniffer::new(DatasetEncoding::of_transfer_syntax(
+                    context.transfer_syntax,
+                )),
+                prefix: Vec::new(),
+            }
         };
-        InstanceReceiver {
-            store,
-            batcher,
-            sop_class_uid,
-            sop_instance_uid,
-            transfer_syntax_uid: transfer_syntax_uid.to_string(),
-            calling_ae_title: calling_ae_title.to_string(),
-            sniffer: Some(HeaderSniffer::new(DatasetEncoding::of_transfer_syntax(
-                transfer_syntax_uid,
-            ))),
-            prefix: Vec::new(),
-            upload: None,
-            decided: failure,
+        let receiver = InstanceReceiver {
+            target: Target {
+                store,
+                batcher,
+                duplicates: context.duplicates,
+                sop_class_uid,
+                sop_instance_uid,
+                transfer_syntax_uid: context.transfer_syntax.to_string(),
+                calling_ae_title: context.calling_ae_title.to_string(),
+            },
+            state,
             received: 0,
             started: Instant::now(),
-            duplicates,
+        };
+        if let State::Decided(Err(e)) = &receiver.state {
+            receiver.target.log_failure(e);
         }
-    }
-
-    /// Marks the instance failed up front (e.g. a command that does not fit its context); the data
-    /// set is still consumed.
-    pub fn fail_with(&mut self, status: u16, comment: &str) {
-        if self.decided.is_none() {
-            self.decided = Some(Outcome::failure(status, comment));
-        }
+        receiver
     }
 
     /// Takes the next fragment of the data set.
     pub async fn feed(&mut self, data: &[u8]) {
         self.received += data.len() as u64;
         metrics().bytes_received.inc_by(data.len() as u64);
-        if self.decided.is_some() {
-            return;
-        }
-        if let Some(up) = self.upload.as_mut() {
-            if let Err(e) = up.upload.write(data).await {
-                self.fail(
-                    Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"),
-                    &e.to_string(),
-                )
-                .await;
-            }
-            return;
-        }
-        let Some(sniffer) = self.sniffer.as_mut() else {
-            return;
-        };
-        match sniffer.feed(data) {
-            Err(e) => {
-                let reason = format!("data set header: {e}");
-                self.fail(
-                    Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
-                    &reason,
-                )
-                .await;
-            }
-            Ok(done) => {
-                self.prefix.extend_from_slice(data);
-                if done {
-                    self.start_upload().await;
-                } else if self.prefix.len() > HEADER_LIMIT {
-                    let reason = format!(
-                        "identifying UIDs not found in the first {} MiB of the data set",
-                        HEADER_LIMIT >> 20
-                    );
-                    self.fail(
-                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
-                        &reason,
-                    )
-                    .await;
+        match &mut self.state {
+            State::Decided(_) => {}
+            State::Uploading(up) => {
+                if let Err(e) = up.upload.write(data).await {
+                    self.fail(InstanceError::StoreWrite(e)).await;
                 }
             }
+            State::Sniffing { sniffer, prefix } => match sniffer.feed(data) {
+                Err(e) => self.fail(e.into()).await,
+                Ok(done) => {
+                    prefix.extend_from_slice(data);
+                    if done {
+                        self.start_upload().await;
+                    } else if prefix.len() > HEADER_LIMIT {
+                        self.fail(InstanceError::HeaderTooLong).await;
+                    }
+                }
+            },
         }
     }
 
-    /// Checks the sniffed UIDs and opens the upload with the prefix written.
+    /// Leaves the sniffing state: checks the UIDs, takes the batch lease and opens the upload with
+    /// the meta group and the held prefix written. Does nothing in any other state.
     async fn start_upload(&mut self) {
-        let Some(sniffer) = self.sniffer.take() else {
+        let state = std::mem::replace(&mut self.state, State::Decided(Ok(())));
+        let State::Sniffing { sniffer, prefix } = state else {
+            self.state = state;
             return;
         };
-        let ids = match sniffer.finish().and_then(|ids| ids.require()) {
-            Ok(ids) => ids,
+        self.state = match self.target.open_upload(sniffer, prefix).await {
+            Ok(Some(upload)) => State::Uploading(upload),
+            Ok(None) => State::Decided(Ok(())),
             Err(e) => {
-                let reason = format!("data set header: {e}");
-                return self
-                    .fail(
-                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
-                        &reason,
-                    )
-                    .await;
+                self.target.log_failure(&e);
+                State::Decided(Err(e))
             }
         };
-        if let Err(outcome) = self.check_ids(&ids) {
-            let reason = outcome.comment.clone().unwrap_or_default();
-            return self.fail(outcome, &reason).await;
+    }
+
+    /// Decides the instance failed: an upload in progress is aborted (its lease is dropped with
+    /// it, so the instance never counts), and the rest of the data set will be consumed.
+    async fn fail(&mut self, error: InstanceError) {
+        self.target.log_failure(&error);
+        if let State::Uploading(up) = std::mem::replace(&mut self.state, State::Decided(Err(error)))
+        {
+            up.upload.abort().await;
         }
+    }
+
+    /// The data set is complete: make the object durable. `Ok` means Success may be answered.
+    pub async fn finish(mut self) -> Result<(), InstanceError> {
+        let outcome = match std::mem::replace(&mut self.state, State::Decided(Ok(()))) {
+            State::Decided(outcome) => outcome,
+            State::Uploading(up) => self.target.commit(up, self.started).await,
+            // The data set ended before the sniffer passed Series Instance UID: a small data set,
+            // or one whose header is incomplete (then the sniffer says what is missing).
+            State::Sniffing { sniffer, prefix } => {
+                match self.target.open_upload(sniffer, prefix).await {
+                    Ok(Some(up)) => self.target.commit(up, self.started).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => {
+                        self.target.log_failure(&e);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        if let Err(e) = &outcome {
+            metrics().failed(e.status());
+        }
+        outcome
+    }
+
+    /// The association ended mid-instance: discard everything.
+    pub async fn abort(self) {
+        if let State::Uploading(up) = self.state {
+            up.upload.abort().await;
+        }
+        if self.received > 0 {
+            info!(sop_instance_uid = %self.target.sop_instance_uid, received = self.received, "incomplete instance discarded");
+        }
+    }
+}
+
+impl Target {
+    /// The upload for the sniffed header, or `None` for a duplicate whose stored copy is kept.
+    async fn open_upload(
+        &self,
+        sniffer: HeaderSniffer,
+        prefix: Vec<u8>,
+    ) -> Result<Option<Upload>, InstanceError> {
+        let ids = sniffer.finish().and_then(|ids| ids.require())?;
+        self.check_ids(&ids)?;
         let lease = self.batcher.lease(&ids.sop_instance_uid);
         match (self.duplicates, lease.seen()) {
             (DuplicatePolicy::Reject, Seen::InFlight | Seen::Stored) => {
-                let outcome = Outcome::failure(
-                    status::DUPLICATE_SOP_INSTANCE,
-                    "SOP Instance UID already received in this batch",
-                );
-                return self
-                    .fail(
-                        outcome,
-                        "duplicate SOP Instance UID (--duplicate-policy reject)",
-                    )
-                    .await;
+                return Err(InstanceError::Duplicate);
             }
             // Only a copy that is already durable may stand in for this one: a copy still in
             // flight could yet fail, and then Success would have been sent for nothing stored.
             (DuplicatePolicy::KeepFirst, Seen::Stored) => {
-                info!(sop_instance_uid = %self.sop_instance_uid, job_id = %lease.batch_id(), "duplicate SOP Instance UID: the stored copy is kept (--duplicate-policy keep-first)");
-                self.decided = Some(Outcome {
-                    status: status::SUCCESS,
-                    comment: None,
-                });
-                self.prefix = Vec::new();
-                return;
+                info!(sop_instance_uid = %self.sop_instance_uid, job_id = %lease.job_id(), "duplicate SOP Instance UID: the stored copy is kept (--duplicate-policy keep-first)");
+                return Ok(None);
             }
             _ => {}
         }
-        let key = match ObjectKey::new(
-            lease.batch_id(),
+        let key = ObjectKey::new(
+            lease.job_id(),
             &ids.study_instance_uid,
             &ids.series_instance_uid,
             &ids.sop_instance_uid,
-        ) {
-            Ok(key) => key,
-            Err(e) => {
-                let reason = e.to_string();
-                return self
-                    .fail(
-                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
-                        &reason,
-                    )
-                    .await;
-            }
-        };
+        )?;
         let meta = FileMeta {
             sop_class_uid: &self.sop_class_uid,
             sop_instance_uid: &self.sop_instance_uid,
             transfer_syntax_uid: &self.transfer_syntax_uid,
             source_ae_title: &self.calling_ae_title,
-        };
-        let meta = match meta.encode() {
-            Ok(m) => m,
-            Err(e) => {
-                let reason = format!("file meta group: {e}");
-                return self
-                    .fail(
-                        Outcome::failure(status::CANNOT_UNDERSTAND, &reason),
-                        &reason,
-                    )
-                    .await;
-            }
-        };
-        let mut upload = match self.store.begin(&key).await {
-            Ok(u) => u,
-            Err(e) => {
-                return self
-                    .fail(
-                        Outcome::failure(status::OUT_OF_RESOURCES, "object store unavailable"),
-                        &e.to_string(),
-                    )
-                    .await;
-            }
-        };
-        let prefix = std::mem::take(&mut self.prefix);
+        }
+        .encode()
+        .map_err(|e| InstanceError::FileMeta(e.to_string()))?;
+        let mut upload = self
+            .store
+            .begin(&key)
+            .await
+            .map_err(InstanceError::StoreUnavailable)?;
         let written = match upload.write(&meta).await {
             Ok(()) => upload.write(&prefix).await,
             Err(e) => Err(e),
         };
-        self.upload = Some(Upload {
+        if let Err(e) = written {
+            upload.abort().await; // the lease is dropped with it: the instance never counts
+            return Err(InstanceError::StoreWrite(e));
+        }
+        Ok(Some(Upload {
             upload,
             lease,
             key,
             study_instance_uid: ids.study_instance_uid,
-        });
-        if let Err(e) = written {
-            self.fail(
-                Outcome::failure(status::OUT_OF_RESOURCES, "object store write failed"),
-                &e.to_string(),
-            )
-            .await;
-        }
+        }))
     }
 
-    fn check_ids(&self, ids: &RequiredIds) -> Result<(), Outcome> {
+    fn check_ids(&self, ids: &RequiredIds) -> Result<(), InstanceError> {
         if ids.sop_instance_uid != self.sop_instance_uid {
-            return Err(Outcome::failure(
-                status::DATASET_DOES_NOT_MATCH,
-                "SOP Instance UID in data set differs from the command",
-            ));
+            return Err(InstanceError::SopInstanceMismatch);
         }
-        if let Some(class) = &ids.sop_class_uid {
-            if *class != self.sop_class_uid {
-                return Err(Outcome::failure(
-                    status::DATASET_DOES_NOT_MATCH,
-                    "SOP Class UID in data set differs from the command",
-                ));
-            }
+        if ids
+            .sop_class_uid
+            .as_ref()
+            .is_some_and(|class| *class != self.sop_class_uid)
+        {
+            return Err(InstanceError::SopClassMismatch);
         }
         for (which, uid) in [
             ("Study Instance UID", &ids.study_instance_uid),
             ("Series Instance UID", &ids.series_instance_uid),
         ] {
-            if let Err(e) = validate_uid(uid) {
-                return Err(Outcome::failure(
-                    status::CANNOT_UNDERSTAND,
-                    format!("{which}: {e}"),
-                ));
-            }
+            validate_uid(uid).map_err(|error| InstanceError::DatasetUid { which, error })?;
         }
         Ok(())
     }
 
-    async fn fail(&mut self, outcome: Outcome, detail: &str) {
-        warn!(sop_instance_uid = %self.sop_instance_uid, status = format_args!("{:#06X}", outcome.status), reason = %detail, "instance not stored");
-        self.decided = Some(outcome);
-        self.prefix = Vec::new();
-        self.sniffer = None;
-        if let Some(up) = self.upload.take() {
-            up.upload.abort().await; // the lease is dropped with it: the instance never counts
-        }
+    fn log_failure(&self, error: &InstanceError) {
+        warn!(sop_instance_uid = %self.sop_instance_uid, status = %error.status(), reason = %error, "instance not stored");
     }
 
-    /// The data set is complete: make the object durable and return the status to answer with.
-    pub async fn finish(mut self) -> Outcome {
-        if self.decided.is_none() && self.upload.is_none() {
-            // Small data set: it ended before the sniffer passed Series Instance UID.
-            self.start_upload().await;
-        }
-        if let Some(outcome) = self.decided.take() {
-            if outcome.status != status::SUCCESS {
-                metrics().failed(outcome.status);
-            }
-            return outcome;
-        }
-        let Some(up) = self.upload.take() else {
-            return Outcome::failure(status::CANNOT_UNDERSTAND, "empty data set");
-        };
+    /// Makes the upload durable and counts it in its batch.
+    async fn commit(&self, up: Upload, started: Instant) -> Result<(), InstanceError> {
         let committing = Instant::now();
         match up.upload.commit().await {
             Ok(stored) => {
@@ -351,32 +385,164 @@ impl InstanceReceiver {
                     sop_instance_uid = %self.sop_instance_uid,
                     size = stored.size,
                     key = %up.key,
-                    duration_ms = self.started.elapsed().as_millis() as u64,
+                    duration_ms = started.elapsed().as_millis() as u64,
                     "instance stored"
                 );
-                Outcome {
-                    status: status::SUCCESS,
-                    comment: None,
-                }
+                Ok(())
             }
             Err(e) => {
-                metrics().failed(status::OUT_OF_RESOURCES);
-                warn!(sop_instance_uid = %self.sop_instance_uid, status = "0xA700", reason = %e, "instance not stored");
-                Outcome::failure(
-                    status::OUT_OF_RESOURCES,
-                    "object store did not confirm the object",
-                )
+                let error = InstanceError::StoreCommit(e);
+                self.log_failure(&error);
+                Err(error)
             }
         }
     }
+}
 
-    /// The association ended mid-instance: discard everything.
-    pub async fn abort(mut self) {
-        if let Some(up) = self.upload.take() {
-            up.upload.abort().await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchEvent, BatchLimits};
+    use crate::dimse::command_field;
+    use crate::sniff::tests::sample_dataset;
+    use crate::store::local::LocalStore;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    /// A receiver for the sample data set's command, on a local store in `dir`.
+    async fn receiver(
+        dir: &std::path::Path,
+        sop_instance_uid: &str,
+    ) -> (
+        InstanceReceiver,
+        tokio::sync::mpsc::UnboundedReceiver<BatchEvent>,
+    ) {
+        let store = Arc::new(LocalStore::open(dir).await.unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let batcher = Batcher::new(BatchLimits::default(), |id| format!("/{id}/"), tx);
+        let command = Command::parse(&crate::dimse::request(
+            command_field::C_STORE_RQ,
+            1,
+            CT,
+            Some(sop_instance_uid),
+            true,
+        ))
+        .unwrap();
+        let context = InstanceContext {
+            abstract_syntax: CT,
+            transfer_syntax: dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN,
+            calling_ae_title: "CT1",
+            duplicates: DuplicatePolicy::Overwrite,
+        };
+        (InstanceReceiver::new(store, batcher, &command, context), rx)
+    }
+
+    fn stored_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        fn walk(d: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "dcm") {
+                    out.push(p);
+                }
+            }
         }
-        if self.received > 0 {
-            info!(sop_instance_uid = %self.sop_instance_uid, received = self.received, "incomplete instance discarded");
+        let mut out = Vec::new();
+        walk(dir, &mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_data_set_in_fragments_goes_from_sniffing_to_uploading_to_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample_dataset(true, false);
+        let (mut r, _events) = receiver(dir.path(), "1.2.3.4.5.6.7").await;
+        for chunk in data.chunks(1000) {
+            r.feed(chunk).await;
         }
+        assert!(matches!(r.state, State::Uploading(_)));
+        r.finish().await.unwrap();
+        let files = stored_files(dir.path());
+        assert_eq!(files.len(), 1);
+        assert!(files[0].ends_with("1.2.3.4.100/1.2.3.4.100.1/1.2.3.4.5.6.7.dcm"));
+        let bytes = std::fs::read(&files[0]).unwrap();
+        assert!(bytes.ends_with(&data), "data set stored as received");
+    }
+
+    #[tokio::test]
+    async fn a_data_set_ending_while_sniffing_is_refused_at_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample_dataset(true, false);
+        // Cut inside Series Instance UID: the header never completes.
+        let series = b"1.2.3.4.100.1";
+        let end = data
+            .windows(series.len())
+            .position(|w| w == series)
+            .unwrap();
+        let (mut r, _events) = receiver(dir.path(), "1.2.3.4.5.6.7").await;
+        r.feed(&data[..end]).await;
+        assert!(matches!(r.state, State::Sniffing { .. }));
+        let e = r.finish().await.unwrap_err();
+        assert_eq!(e.status(), Status::CANNOT_UNDERSTAND, "{e}");
+        assert!(stored_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_mismatched_data_set_is_decided_at_once_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, _events) = receiver(dir.path(), "9.9.9").await;
+        r.feed(&sample_dataset(true, false)).await;
+        assert!(matches!(
+            r.state,
+            State::Decided(Err(InstanceError::SopInstanceMismatch))
+        ));
+        let e = r.finish().await.unwrap_err();
+        assert_eq!(e.status(), Status::DATASET_DOES_NOT_MATCH);
+        assert!(stored_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn every_failure_has_the_status_of_its_kind() {
+        let uid_error = validate_uid("1.2.x").unwrap_err();
+        let io = || StoreError::Io(std::io::Error::other("disk full"));
+        for (error, status) in [
+            (
+                InstanceError::CommandSopClassUid(uid_error),
+                Status::CANNOT_UNDERSTAND,
+            ),
+            (InstanceError::HeaderTooLong, Status::CANNOT_UNDERSTAND),
+            (
+                InstanceError::ContextMismatch,
+                Status::DATASET_DOES_NOT_MATCH,
+            ),
+            (
+                InstanceError::SopInstanceMismatch,
+                Status::DATASET_DOES_NOT_MATCH,
+            ),
+            (InstanceError::Duplicate, Status::DUPLICATE_SOP_INSTANCE),
+            (
+                InstanceError::StoreUnavailable(io()),
+                Status::OUT_OF_RESOURCES,
+            ),
+            (InstanceError::StoreWrite(io()), Status::OUT_OF_RESOURCES),
+            (InstanceError::StoreCommit(io()), Status::OUT_OF_RESOURCES),
+        ] {
+            assert_eq!(error.status(), status, "{error}");
+        }
+    }
+
+    #[test]
+    fn store_details_stay_out_of_the_error_comment() {
+        let e = InstanceError::StoreCommit(StoreError::Io(std::io::Error::other("errno 28")));
+        assert_eq!(e.comment(), "object store did not confirm the object");
+        assert!(
+            e.to_string().contains("errno 28"),
+            "the log keeps the detail"
+        );
+        assert_eq!(
+            InstanceError::SopClassMismatch.comment(),
+            "SOP Class UID in data set differs from the command"
+        );
     }
 }

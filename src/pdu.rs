@@ -10,8 +10,18 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// PDU type of P-DATA-TF (PS3.8 §9.3.5), the only one read without dicom-ul.
 pub const PDATA_TF: u8 = 0x04;
-const HEADER_LEN: usize = 6;
+/// Every PDU starts with its type, a reserved byte and a 4-byte big-endian length (PS3.8 §9.3.1).
+pub const PDU_HEADER_SIZE: usize = 6;
+/// A PDV item starts with its 4-byte length, then the presentation context ID and the message
+/// control header (PS3.8 §9.3.5.1).
+pub const PDV_HEADER_SIZE: usize = 6;
+/// The part of a PDV header its item length counts: context ID and message control header.
+const PDV_CONTROL_SIZE: usize = 2;
+/// Message control header bits (PS3.8 Annex E.2).
+const PDV_COMMAND_BIT: u8 = 0x01;
+const PDV_LAST_BIT: u8 = 0x02;
 /// Upper bound for the non-data PDUs (an A-ASSOCIATE-RQ with 128 contexts is far below this).
 pub const MAX_CONTROL_PDU: u32 = 256 * 1024;
 
@@ -29,6 +39,8 @@ pub enum PduError {
     UnknownType(u8),
     #[error("PDU cannot be decoded: {0}")]
     Decode(String),
+    #[error("timed out {0}")]
+    TimedOut(&'static str),
 }
 
 impl PduError {
@@ -76,12 +88,12 @@ pub async fn read_pdu_into<R: AsyncRead + Unpin>(
     max_pdata: u32,
     scratch: &mut BytesMut,
 ) -> Result<Option<Incoming>, PduError> {
-    let mut header = [0u8; HEADER_LEN];
+    let mut header = [0u8; PDU_HEADER_SIZE];
     let n = r.read(&mut header).await?;
     if n == 0 {
         return Ok(None);
     }
-    if n < HEADER_LEN {
+    if n < PDU_HEADER_SIZE {
         r.read_exact(&mut header[n..])
             .await
             .map_err(eof_is_truncation)?;
@@ -109,7 +121,7 @@ pub async fn read_pdu_into<R: AsyncRead + Unpin>(
     if pdu_type == PDATA_TF {
         return split_pdvs(body).map(|p| Some(Incoming::PData(p)));
     }
-    let mut whole = BytesMut::with_capacity(HEADER_LEN + body.len());
+    let mut whole = BytesMut::with_capacity(PDU_HEADER_SIZE + body.len());
     whole.extend_from_slice(&header);
     whole.extend_from_slice(&body);
     match dicom_ul::pdu::read_pdu(whole.freeze(), dicom_ul::pdu::MAXIMUM_PDU_SIZE, false) {
@@ -134,25 +146,25 @@ pub fn split_pdvs(mut body: Bytes) -> Result<Vec<Pdv>, PduError> {
         return Err(PduError::Malformed("P-DATA-TF without any PDV"));
     }
     while !body.is_empty() {
-        if body.len() < 6 {
+        if body.len() < PDV_HEADER_SIZE {
             return Err(PduError::Malformed("PDV item header is truncated"));
         }
         let item_len = body.get_u32() as usize;
-        if item_len < 2 || item_len > body.len() {
+        if item_len < PDV_CONTROL_SIZE || item_len > body.len() {
             return Err(PduError::Malformed("PDV item length does not fit the PDU"));
         }
         let context_id = body.get_u8();
         let control = body.get_u8();
-        if control & !0x03 != 0 {
+        if control & !(PDV_COMMAND_BIT | PDV_LAST_BIT) != 0 {
             return Err(PduError::Malformed(
                 "PDV message control header has reserved bits set",
             ));
         }
-        let data = body.split_to(item_len - 2);
+        let data = body.split_to(item_len - PDV_CONTROL_SIZE);
         pdvs.push(Pdv {
             context_id,
-            is_command: control & 0x01 != 0,
-            is_last: control & 0x02 != 0,
+            is_command: control & PDV_COMMAND_BIT != 0,
+            is_last: control & PDV_LAST_BIT != 0,
             data,
         });
     }
@@ -161,13 +173,20 @@ pub fn split_pdvs(mut body: Bytes) -> Result<Vec<Pdv>, PduError> {
 
 /// Encodes one P-DATA-TF PDU holding one PDV.
 pub fn encode_pdata(context_id: u8, is_command: bool, is_last: bool, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12 + data.len());
+    let mut out = Vec::with_capacity(PDU_HEADER_SIZE + PDV_HEADER_SIZE + data.len());
     out.push(PDATA_TF);
     out.push(0);
-    out.extend_from_slice(&(data.len() as u32 + 6).to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32 + 2).to_be_bytes());
+    out.extend_from_slice(&((PDV_HEADER_SIZE + data.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&((PDV_CONTROL_SIZE + data.len()) as u32).to_be_bytes());
     out.push(context_id);
-    out.push(u8::from(is_command) | (u8::from(is_last) << 1));
+    let mut control = 0;
+    if is_command {
+        control |= PDV_COMMAND_BIT;
+    }
+    if is_last {
+        control |= PDV_LAST_BIT;
+    }
+    out.push(control);
     out.extend_from_slice(data);
     out
 }
@@ -184,7 +203,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     let max_chunk = if peer_max == 0 {
         usize::MAX
     } else {
-        (peer_max as usize).saturating_sub(6).max(1)
+        (peer_max as usize).saturating_sub(PDV_HEADER_SIZE).max(1)
     };
     let mut chunks = data.chunks(max_chunk).peekable();
     if data.is_empty() {

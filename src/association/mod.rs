@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRJ, Pdu};
-use tokio::io::{AsyncRead, AsyncWrite, BufStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
 
-use crate::batch::Batcher;
-use crate::dimse::{self, Command, command_field, status};
-use crate::instance::{InstanceReceiver, Outcome};
+use crate::batch::{Batcher, DuplicatePolicy};
+use crate::connection::Connection;
+use crate::dimse::{self, Command, Status, command_field};
+use crate::instance::{InstanceContext, InstanceError, InstanceReceiver};
 use crate::pdu::{self, Incoming, PduError, Pdv};
 use crate::store::ObjectStore;
 
@@ -40,26 +41,76 @@ pub struct Timeouts {
     pub io: Duration,
 }
 
-/// What every association shares.
+/// What every association shares: the policy it is negotiated under and where instances go.
 pub struct Services {
     pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,
     pub store: Arc<dyn ObjectStore>,
     pub batcher: Arc<Batcher>,
-    pub duplicates: crate::config::DuplicatePolicy,
+    pub duplicates: DuplicatePolicy,
 }
 
+/// The status a request is answered with, and for failures a short, patient-data-free Error
+/// Comment (0000,0902) so the sender's log says why.
+#[derive(Debug)]
+struct Answer {
+    status: Status,
+    comment: Option<String>,
+}
+
+impl Answer {
+    const SUCCESS: Answer = Answer {
+        status: Status::SUCCESS,
+        comment: None,
+    };
+
+    fn failure(status: Status, comment: &str) -> Answer {
+        Answer {
+            status,
+            comment: Some(comment.to_string()),
+        }
+    }
+
+    fn unrecognized() -> Answer {
+        Answer::failure(
+            Status::UNRECOGNIZED_OPERATION,
+            "only C-ECHO and C-STORE are supported",
+        )
+    }
+}
+
+impl From<Result<(), InstanceError>> for Answer {
+    fn from(outcome: Result<(), InstanceError>) -> Answer {
+        match outcome {
+            Ok(()) => Answer::SUCCESS,
+            Err(e) => Answer {
+                status: e.status(),
+                comment: Some(e.comment()),
+            },
+        }
+    }
+}
+
+/// Where a data set being received goes.
+enum DataSet {
+    /// A C-STORE's data set, streamed to the store.
+    Instance(Box<InstanceReceiver>),
+    /// The data set of a request we do not support: consumed, then answered with this.
+    Refused(Answer),
+}
+
+/// Where the DIMSE loop is in the current message (PS3.7 §9, PS3.8 §9.3.5).
 enum Dimse {
+    /// Between messages.
     Idle,
-    Command {
-        context_id: u8,
-        buf: Vec<u8>,
-    },
+    /// Collecting the fragments of a command set (small, bounded by [`MAX_COMMAND_SET`]).
+    Command { context_id: u8, buf: Vec<u8> },
+    /// The command is complete; its data set is arriving.
     Data {
         context_id: u8,
         command: Command,
-        receiver: Option<Box<InstanceReceiver>>,
-        discard: Option<Outcome>,
+        data_set: DataSet,
+        /// The instance's span (SOP Instance UID), for everything done with its fragments.
         span: Span,
     },
 }
@@ -72,14 +123,13 @@ enum End {
     Aborted(&'static str),
 }
 
+/// Runs one association over its [`Connection`]: negotiation, then the DIMSE loop.
 pub struct Handler<S> {
-    stream: BufStream<S>,
+    connection: Connection<S>,
     peer: SocketAddr,
     services: Arc<Services>,
     /// Cancelled when the shutdown deadline passes: abort whatever is in flight.
     hard_stop: CancellationToken,
-    /// Reused for PDU bodies (see [`pdu::read_pdu_into`]).
-    scratch: bytes::BytesMut,
     /// Subject common name of the client's TLS certificate, on the TLS port with client certificates.
     peer_cn: Option<String>,
 }
@@ -91,12 +141,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         services: Arc<Services>,
         hard_stop: CancellationToken,
     ) -> Self {
+        let connection = Connection::new(stream, services.acceptance.max_pdu, services.timeouts.io);
         Handler {
-            stream: BufStream::with_capacity(64 * 1024, 16 * 1024, stream),
+            connection,
             peer,
             services,
             hard_stop,
-            scratch: bytes::BytesMut::new(),
             peer_cn: None,
         }
     }
@@ -123,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             Negotiation::Rejected { rj, reason } => {
                 warn!(reason, result = ?rj.result, source = ?rj.source, "association rejected");
                 crate::metrics::metrics().reject(reason);
-                let _ = self.send(&Pdu::AssociationRJ(rj)).await;
+                let _ = self.connection.write_pdu(&Pdu::AssociationRJ(rj)).await;
             }
             Negotiation::Accepted {
                 ac,
@@ -134,7 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 if !rejected.is_empty() {
                     log_rejected_contexts(&rejected);
                 }
-                if let Err(e) = self.send(&Pdu::AssociationAC(ac)).await {
+                if let Err(e) = self.connection.write_pdu(&Pdu::AssociationAC(ac)).await {
                     warn!(error = %e, "could not send A-ASSOCIATE-AC");
                     return;
                 }
@@ -147,7 +197,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 let m = crate::metrics::metrics();
                 m.associations.inc();
                 m.associations_active.inc();
-                let end = self.serve(&contexts, peer_max_pdu, &calling_ae).await;
+                self.connection.set_peer_max_pdu(peer_max_pdu);
+                let end = self.serve(&contexts, &calling_ae).await;
                 m.associations_active.dec();
                 match end {
                     End::Released => info!("association released"),
@@ -160,36 +211,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 
     async fn read_request(&mut self) -> Result<dicom_ul::pdu::AssociationRQ, String> {
-        let read = pdu::read_pdu(&mut self.stream, self.services.acceptance.max_pdu);
-        match tokio::time::timeout(self.services.timeouts.request, read).await {
-            Err(_) => Err("no A-ASSOCIATE-RQ within the association request timeout".into()),
-            Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq))))) => Ok(rq),
-            Ok(Ok(None)) => Err("connection closed before an A-ASSOCIATE-RQ".into()),
-            Ok(Ok(Some(_))) => {
-                let _ = self
-                    .send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu))
+        match self
+            .connection
+            .read_pdu(self.services.timeouts.request)
+            .await
+        {
+            Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq)))) => Ok(rq),
+            Ok(None) => Err("connection closed before an A-ASSOCIATE-RQ".into()),
+            Ok(Some(_)) => {
+                self.connection
+                    .abort(AbortRQServiceProviderReason::UnexpectedPdu)
                     .await;
                 Err("first PDU is not an A-ASSOCIATE-RQ".into())
             }
-            Ok(Err(e)) => {
-                let _ = self.send(&pdu::abort(e.abort_reason())).await;
+            Err(PduError::TimedOut(_)) => {
+                Err("no A-ASSOCIATE-RQ within the association request timeout".into())
+            }
+            Err(e) => {
+                self.connection.abort(e.abort_reason()).await;
                 Err(e.to_string())
             }
-        }
-    }
-
-    async fn send(&mut self, p: &Pdu) -> Result<(), PduError> {
-        match tokio::time::timeout(
-            self.services.timeouts.io,
-            pdu::write_pdu(&mut self.stream, p),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(PduError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "write timed out",
-            ))),
         }
     }
 
@@ -197,82 +238,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         &mut self,
         context_id: u8,
         command: &Command,
-        outcome: &Outcome,
-        peer_max_pdu: u32,
+        answer: &Answer,
     ) -> Result<(), PduError> {
         debug!(
             message_id = command.message_id,
-            status = format_args!("{:#06X}", outcome.status),
+            status = %answer.status,
             "response sent"
         );
-        let rsp = dimse::response(command, outcome.status, outcome.comment.as_deref());
-        match tokio::time::timeout(
-            self.services.timeouts.io,
-            pdu::write_message(&mut self.stream, context_id, true, &rsp, peer_max_pdu),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(PduError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "write timed out",
-            ))),
-        }
+        let rsp = dimse::response(command, answer.status, answer.comment.as_deref());
+        self.connection.write_message(context_id, true, &rsp).await
     }
 
     /// The DIMSE loop.
-    async fn serve(
-        &mut self,
-        contexts: &HashMap<u8, AcceptedContext>,
-        peer_max_pdu: u32,
-        calling_ae: &str,
-    ) -> End {
+    async fn serve(&mut self, contexts: &HashMap<u8, AcceptedContext>, calling_ae: &str) -> End {
         let mut state = Dimse::Idle;
         let end = loop {
             let next = tokio::select! {
                 biased;
                 _ = self.hard_stop.cancelled() => {
-                    let _ = self.send(&pdu::abort(AbortRQServiceProviderReason::ReasonNotSpecified)).await;
+                    self.connection.abort(AbortRQServiceProviderReason::ReasonNotSpecified).await;
                     break End::Aborted("gateway shutting down: deadline passed");
                 }
-                r = tokio::time::timeout(self.services.timeouts.idle, pdu::read_pdu_into(&mut self.stream, self.services.acceptance.max_pdu, &mut self.scratch)) => r,
+                r = self.connection.read_pdu(self.services.timeouts.idle) => r,
             };
             let incoming = match next {
-                Err(_) => {
-                    let _ = self
-                        .send(&pdu::abort(
-                            AbortRQServiceProviderReason::ReasonNotSpecified,
-                        ))
+                Ok(Some(i)) => i,
+                Ok(None) => break End::Closed,
+                Err(PduError::TimedOut(_)) => {
+                    self.connection
+                        .abort(AbortRQServiceProviderReason::ReasonNotSpecified)
                         .await;
                     break End::Aborted("idle timeout");
                 }
-                Ok(Ok(Some(i))) => i,
-                Ok(Ok(None)) => break End::Closed,
-                Ok(Err(PduError::Io(e))) => {
+                Err(PduError::Io(e)) => {
                     debug!(error = %e, "connection error");
                     break End::Closed;
                 }
-                Ok(Err(PduError::Truncated)) => break End::Closed,
-                Ok(Err(e)) => {
+                Err(PduError::Truncated) => break End::Closed,
+                Err(e) => {
                     warn!(error = %e, "invalid PDU from peer");
-                    let _ = self.send(&pdu::abort(e.abort_reason())).await;
+                    self.connection.abort(e.abort_reason()).await;
                     break End::Aborted("invalid PDU");
                 }
             };
             match incoming {
                 Incoming::PData(pdvs) => {
                     for pdv in pdvs {
-                        match self
-                            .on_pdv(pdv, &mut state, contexts, peer_max_pdu, calling_ae)
-                            .await
-                        {
+                        match self.on_pdv(pdv, &mut state, contexts, calling_ae).await {
                             Ok(()) => {}
                             Err(Violation::Protocol(why)) => {
                                 warn!(reason = why, "DIMSE protocol violation");
-                                let _ = self
-                                    .send(&pdu::abort(
-                                        AbortRQServiceProviderReason::UnexpectedPduParameter,
-                                    ))
+                                self.connection
+                                    .abort(AbortRQServiceProviderReason::UnexpectedPduParameter)
                                     .await;
                                 abandon(state).await;
                                 return End::Aborted(why);
@@ -291,14 +308,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             "release requested in the middle of a message; the incomplete instance is discarded"
                         );
                     }
-                    let _ = self.send(&Pdu::ReleaseRP).await;
+                    let _ = self.connection.write_pdu(&Pdu::ReleaseRP).await;
                     break End::Released;
                 }
                 Incoming::Other(Pdu::AbortRQ { .. }) => break End::AbortedByPeer,
                 Incoming::Other(other) => {
                     warn!(pdu = %other.short_description(), "unexpected PDU during association");
-                    let _ = self
-                        .send(&pdu::abort(AbortRQServiceProviderReason::UnexpectedPdu))
+                    self.connection
+                        .abort(AbortRQServiceProviderReason::UnexpectedPdu)
                         .await;
                     break End::Aborted("unexpected PDU");
                 }
@@ -313,7 +330,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         pdv: Pdv,
         state: &mut Dimse,
         contexts: &HashMap<u8, AcceptedContext>,
-        peer_max_pdu: u32,
         calling_ae: &str,
     ) -> Result<(), Violation> {
         let Some(context) = contexts.get(&pdv.context_id) else {
@@ -353,20 +369,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             let command = Command::parse(&buf)
                 .map_err(|_| Violation::Protocol("command set cannot be decoded"))?;
             return self
-                .on_command(
-                    pdv.context_id,
-                    context,
-                    command,
-                    state,
-                    peer_max_pdu,
-                    calling_ae,
-                )
+                .on_command(pdv.context_id, context, command, state, calling_ae)
                 .await;
         }
 
         let Dimse::Data {
             context_id,
-            receiver,
+            data_set,
             span,
             ..
         } = state
@@ -378,8 +387,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 "data set fragment on a different presentation context than its command",
             ));
         }
-        if let Some(r) = receiver.as_mut() {
-            r.feed(&pdv.data).instrument(span.clone()).await;
+        if let DataSet::Instance(receiver) = data_set {
+            receiver.feed(&pdv.data).instrument(span.clone()).await;
         }
         if !pdv.is_last {
             return Ok(());
@@ -387,22 +396,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let Dimse::Data {
             context_id,
             command,
-            receiver,
-            discard,
+            data_set,
             span,
         } = std::mem::replace(state, Dimse::Idle)
         else {
             unreachable!()
         };
-        let outcome = match (receiver, discard) {
-            (Some(r), _) => r.finish().instrument(span).await,
-            (None, Some(outcome)) => outcome,
-            (None, None) => Outcome {
-                status: status::SUCCESS,
-                comment: None,
-            },
+        let answer = match data_set {
+            DataSet::Instance(receiver) => receiver.finish().instrument(span).await.into(),
+            DataSet::Refused(answer) => answer,
         };
-        self.respond(context_id, &command, &outcome, peer_max_pdu)
+        self.respond(context_id, &command, &answer)
             .await
             .map_err(Violation::Io)
     }
@@ -413,14 +417,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         context: &AcceptedContext,
         command: Command,
         state: &mut Dimse,
-        peer_max_pdu: u32,
         calling_ae: &str,
     ) -> Result<(), Violation> {
-        let unrecognized = Outcome {
-            status: status::UNRECOGNIZED_OPERATION,
-            comment: Some("only C-ECHO and C-STORE are supported".into()),
-        };
-        match command.command_field {
+        let data_set = match command.command_field {
             command_field::C_STORE_RQ if command.has_dataset => {
                 let span = tracing::info_span!(
                     "instance",
@@ -435,74 +434,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                         "C-STORE request"
                     )
                 });
-                let mut receiver = InstanceReceiver::new(
-                    self.services.store.clone(),
-                    self.services.batcher.clone(),
-                    &command,
-                    &context.transfer_syntax,
-                    calling_ae,
-                    self.services.duplicates,
-                );
-                if command.affected_sop_class_uid.as_deref()
-                    != Some(context.abstract_syntax.as_str())
-                {
-                    receiver.fail_with(
-                        status::DATASET_DOES_NOT_MATCH,
-                        "Affected SOP Class UID differs from the presentation context",
-                    );
-                }
-                *state = Dimse::Data {
-                    context_id,
-                    command,
-                    receiver: Some(Box::new(receiver)),
-                    discard: None,
-                    span,
-                };
-                Ok(())
+                let receiver = span.in_scope(|| {
+                    InstanceReceiver::new(
+                        self.services.store.clone(),
+                        self.services.batcher.clone(),
+                        &command,
+                        InstanceContext {
+                            abstract_syntax: &context.abstract_syntax,
+                            transfer_syntax: &context.transfer_syntax,
+                            calling_ae_title: calling_ae,
+                            duplicates: self.services.duplicates,
+                        },
+                    )
+                });
+                (DataSet::Instance(Box::new(receiver)), span)
             }
             command_field::C_STORE_RQ => {
-                let outcome = Outcome {
-                    status: status::CANNOT_UNDERSTAND,
-                    comment: Some("C-STORE-RQ without a data set".into()),
-                };
-                self.respond(context_id, &command, &outcome, peer_max_pdu)
-                    .await
-                    .map_err(Violation::Io)
+                let answer =
+                    Answer::failure(Status::CANNOT_UNDERSTAND, "C-STORE-RQ without a data set");
+                return self.answer(context_id, &command, &answer).await;
             }
             command_field::C_ECHO_RQ if !command.has_dataset => {
                 debug!("C-ECHO");
-                let outcome = Outcome {
-                    status: status::SUCCESS,
-                    comment: None,
-                };
-                self.respond(context_id, &command, &outcome, peer_max_pdu)
-                    .await
-                    .map_err(Violation::Io)
+                return self.answer(context_id, &command, &Answer::SUCCESS).await;
             }
-            command_field::C_CANCEL_RQ => Ok(()), // nothing is cancellable here: C-STORE has no pending responses
-            _ if command.has_dataset => {
-                *state = Dimse::Data {
-                    context_id,
-                    command,
-                    receiver: None,
-                    discard: Some(unrecognized),
-                    span: Span::none(),
-                };
-                Ok(())
-            }
+            // Nothing is cancellable here: C-STORE has no pending responses.
+            command_field::C_CANCEL_RQ => return Ok(()),
+            _ if command.has_dataset => (DataSet::Refused(Answer::unrecognized()), Span::none()),
             field => {
                 info!(
                     command_field = format_args!("{field:#06X}"),
                     "unsupported DIMSE command"
                 );
-                self.respond(context_id, &command, &unrecognized, peer_max_pdu)
-                    .await
-                    .map_err(Violation::Io)
+                return self
+                    .answer(context_id, &command, &Answer::unrecognized())
+                    .await;
             }
-        }
+        };
+        let (data_set, span) = data_set;
+        *state = Dimse::Data {
+            context_id,
+            command,
+            data_set,
+            span,
+        };
+        Ok(())
+    }
+
+    /// Answers a request that has no data set (or whose data set was refused).
+    async fn answer(
+        &mut self,
+        context_id: u8,
+        command: &Command,
+        answer: &Answer,
+    ) -> Result<(), Violation> {
+        self.respond(context_id, command, answer)
+            .await
+            .map_err(Violation::Io)
     }
 }
 
+/// Why a PDV ended the association.
 enum Violation {
     Protocol(&'static str),
     Io(PduError),
@@ -537,12 +529,12 @@ fn log_rejected_contexts(rejected: &[(String, dicom_ul::pdu::PresentationContext
 /// Discards the instance in flight, if any: its upload is aborted and it never counts in a batch.
 async fn abandon(state: Dimse) {
     if let Dimse::Data {
-        receiver: Some(r),
+        data_set: DataSet::Instance(receiver),
         span,
         ..
     } = state
     {
-        r.abort().instrument(span).await;
+        receiver.abort().instrument(span).await;
     }
 }
 
@@ -553,11 +545,8 @@ pub async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(
     rj: AssociationRJ,
     wait: Duration,
 ) {
-    let mut stream = BufStream::new(stream);
-    if let Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(_))))) =
-        tokio::time::timeout(wait, pdu::read_pdu(&mut stream, pdu::MAX_CONTROL_PDU)).await
-    {
-        let _ =
-            tokio::time::timeout(wait, pdu::write_pdu(&mut stream, &Pdu::AssociationRJ(rj))).await;
+    let mut connection = Connection::new(stream, pdu::MAX_CONTROL_PDU, wait);
+    if let Ok(Some(Incoming::Other(Pdu::AssociationRQ(_)))) = connection.read_pdu(wait).await {
+        let _ = connection.write_pdu(&Pdu::AssociationRJ(rj)).await;
     }
 }
