@@ -20,8 +20,31 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info};
 
-use crate::import::BatchEvent;
+/// What the batcher reports to the job recorder ([`crate::import::Pipeline`]), in order.
+#[derive(Debug, Clone)]
+pub enum BatchEvent {
+    /// A batch opened: its job is recorded OPEN, so a crash before it closes can be recovered.
+    Opened {
+        job_id: String,
+        created_at: String,
+        input_s3_uri: String,
+    },
+    /// A batch closed with at least one durable instance: its job is recorded CLOSED and imported.
+    Closed(BatchSummary),
+}
 
+/// What to do with a SOP Instance UID received again within the same batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DuplicatePolicy {
+    /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).
+    Overwrite,
+    /// Keep the stored copy; answer Success without storing the new one.
+    KeepFirst,
+    /// Answer 0x0111 (duplicate SOP instance); the stored copy stays.
+    Reject,
+}
+
+/// When a batch closes (see the module documentation).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub idle: Duration,
@@ -41,7 +64,7 @@ impl Default for BatchLimits {
     }
 }
 
-/// Why a batch closed, recorded in its summary.
+/// Why a batch closed, recorded in its summary and its job (`closeReason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CloseReason {
@@ -50,6 +73,30 @@ pub enum CloseReason {
     MaxInstances,
     MaxBytes,
     Shutdown,
+    /// Closed by start-up recovery from what is stored under its prefix, after its gateway died.
+    Recovered,
+}
+
+impl CloseReason {
+    /// The name recorded in job records (`closeReason`), the same as its serde form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::MaxAge => "max-age",
+            CloseReason::MaxInstances => "max-instances",
+            CloseReason::MaxBytes => "max-bytes",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Recovered => "recovered",
+        }
+    }
+
+    /// The reason a job record names, if it names one this version knows.
+    pub fn parse(name: &str) -> Option<CloseReason> {
+        use CloseReason::*;
+        [Idle, MaxAge, MaxInstances, MaxBytes, Shutdown, Recovered]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
 }
 
 /// A closed batch: what the job store records and the import is started from.
@@ -64,8 +111,9 @@ pub struct BatchSummary {
     pub total_bytes: u64,
     pub study_instance_uids: Vec<String>,
     pub calling_ae_titles: Vec<String>,
-    /// The import input: the batch's prefix (`s3://bucket/prefix/jobId/`, or a directory).
-    pub input_location: String,
+    /// The import input: the batch's prefix, `s3://bucket/prefix/jobId/` (on the local store, its
+    /// directory).
+    pub input_s3_uri: String,
 }
 
 /// What the batch already holds of a SOP Instance UID when a lease is taken.
@@ -85,8 +133,10 @@ struct InstanceState {
     in_flight: u32,
 }
 
+/// One batch, open or closing, as the batcher tracks it.
 struct Batch {
-    id: String,
+    /// The batch's ULID, which is also its job id and the folder of its objects.
+    job_id: String,
     /// Per SOP Instance UID, so a repeated instance counts once and its bytes are replaced.
     instances: HashMap<String, InstanceState>,
     created: SystemTime,
@@ -98,14 +148,13 @@ struct Batch {
     bytes: u64,
     studies: BTreeSet<String>,
     calling_aes: BTreeSet<String>,
-    close_reason: Option<CloseReason>,
 }
 
 #[derive(Default)]
 struct State {
     open: Option<Batch>,
-    /// Batches that reached a limit but still have leases in flight.
-    closing: HashMap<String, Batch>,
+    /// Batches that reached a limit but still have leases in flight, with why they closed.
+    closing: HashMap<String, (Batch, CloseReason)>,
 }
 
 /// Hands out leases and closes batches. One per process, shared by all associations.
@@ -119,15 +168,16 @@ pub struct Batcher {
 
 /// A reserved place in a batch for one instance in flight.
 pub struct BatchLease {
-    batch_id: String,
+    job_id: String,
     sop_instance_uid: String,
     seen: Seen,
     batcher: Option<Arc<Batcher>>,
 }
 
 impl BatchLease {
-    pub fn batch_id(&self) -> &str {
-        &self.batch_id
+    /// The job (batch) this instance belongs to: the first segment of its object key.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
     }
 
     /// Whether this SOP Instance UID was already in the batch when the lease was taken.
@@ -139,7 +189,7 @@ impl BatchLease {
     pub fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
         if let Some(b) = self.batcher.take() {
             b.settle(
-                &self.batch_id,
+                &self.job_id,
                 &self.sop_instance_uid,
                 Some((size, study_instance_uid, calling_ae_title)),
             );
@@ -150,13 +200,13 @@ impl BatchLease {
 impl Drop for BatchLease {
     fn drop(&mut self) {
         if let Some(b) = self.batcher.take() {
-            b.settle(&self.batch_id, &self.sop_instance_uid, None);
+            b.settle(&self.job_id, &self.sop_instance_uid, None);
         }
     }
 }
 
 impl Batcher {
-    /// `location` maps a batch id to its import input location; openings and closings are reported
+    /// `location` maps a job id to its import input (`input_s3_uri`); openings and closings are reported
     /// on `events`.
     pub fn new(
         limits: BatchLimits,
@@ -186,17 +236,17 @@ impl Batcher {
             self.close_open(&mut st, reason);
         }
         let batch = st.open.get_or_insert_with(|| {
-            let id = ulid::Ulid::generate().to_string();
+            let job_id = ulid::Ulid::generate().to_string();
             let created = SystemTime::now();
-            info!(job_id = %id, "batch opened");
+            info!(job_id = %job_id, "batch opened");
             crate::metrics::metrics().batches_open.inc();
             let _ = self.events.send(BatchEvent::Opened {
-                job_id: id.clone(),
+                job_id: job_id.clone(),
                 created_at: humantime::format_rfc3339_millis(created).to_string(),
-                input_location: (self.location)(&id),
+                input_s3_uri: (self.location)(&job_id),
             });
             Batch {
-                id,
+                job_id,
                 instances: HashMap::new(),
                 created,
                 opened_at: now,
@@ -207,7 +257,6 @@ impl Batcher {
                 bytes: 0,
                 studies: BTreeSet::new(),
                 calling_aes: BTreeSet::new(),
-                close_reason: None,
             }
         });
         let state = batch
@@ -226,7 +275,7 @@ impl Batcher {
         batch.in_flight += 1;
         batch.last_activity = now;
         BatchLease {
-            batch_id: batch.id.clone(),
+            job_id: batch.job_id.clone(),
             sop_instance_uid: sop_instance_uid.to_string(),
             seen,
             batcher: Some(self.clone()),
@@ -247,14 +296,14 @@ impl Batcher {
         }
     }
 
-    fn settle(&self, batch_id: &str, sop_instance_uid: &str, committed: Option<(u64, &str, &str)>) {
+    fn settle(&self, job_id: &str, sop_instance_uid: &str, committed: Option<(u64, &str, &str)>) {
         let now = Instant::now();
         let mut st = self.lock();
-        let is_open = st.open.as_ref().is_some_and(|b| b.id == batch_id);
+        let is_open = st.open.as_ref().is_some_and(|b| b.job_id == job_id);
         let batch = if is_open {
             st.open.as_mut()
         } else {
-            st.closing.get_mut(batch_id)
+            st.closing.get_mut(job_id).map(|(b, _)| b)
         };
         let Some(batch) = batch else { return };
         batch.in_flight -= 1;
@@ -296,36 +345,34 @@ impl Batcher {
                 }
             }
         } else if batch.in_flight == 0 {
-            if let Some(b) = st.closing.remove(batch_id) {
-                self.finalize(b);
+            if let Some((b, reason)) = st.closing.remove(job_id) {
+                self.finalize(b, reason);
             }
         }
     }
 
     fn close_open(&self, st: &mut State, reason: CloseReason) {
-        if let Some(mut b) = st.open.take() {
+        if let Some(b) = st.open.take() {
             crate::metrics::metrics().batches_open.dec();
             crate::metrics::metrics().batches_closed.inc();
-            b.close_reason = Some(reason);
             if b.in_flight == 0 {
-                self.finalize(b);
+                self.finalize(b, reason);
             } else {
-                debug!(job_id = %b.id, in_flight = b.in_flight, "batch closing; waiting for instances in flight");
-                st.closing.insert(b.id.clone(), b);
+                debug!(job_id = %b.job_id, in_flight = b.in_flight, "batch closing; waiting for instances in flight");
+                st.closing.insert(b.job_id.clone(), (b, reason));
             }
         }
     }
 
-    fn finalize(&self, b: Batch) {
-        let reason = b.close_reason.unwrap_or(CloseReason::Shutdown);
+    fn finalize(&self, b: Batch, reason: CloseReason) {
         self.settled.notify_waiters();
         if b.committed == 0 {
-            debug!(job_id = %b.id, "batch closed empty (no instance stored); not recorded");
+            debug!(job_id = %b.job_id, "batch closed empty (no instance stored); not recorded");
             return;
         }
         let summary = BatchSummary {
-            input_location: (self.location)(&b.id),
-            job_id: b.id,
+            input_s3_uri: (self.location)(&b.job_id),
+            job_id: b.job_id,
             created_at: humantime::format_rfc3339_millis(b.created).to_string(),
             closed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             close_reason: reason,
@@ -422,11 +469,11 @@ mod tests {
         match rx.try_recv().unwrap() {
             BatchEvent::Opened {
                 job_id,
-                input_location,
+                input_s3_uri,
                 ..
             } => {
-                assert_eq!(job_id, lease.batch_id());
-                assert_eq!(input_location, format!("s3://b/p/{job_id}/"));
+                assert_eq!(job_id, lease.job_id());
+                assert_eq!(input_s3_uri, format!("s3://b/p/{job_id}/"));
             }
             other => panic!("{other:?}"),
         }
@@ -449,18 +496,14 @@ mod tests {
         let l1 = b.lease(&uid());
         let l2 = b.lease(&uid());
         let l3 = b.lease(&uid());
-        let first = l1.batch_id().to_string();
-        assert_eq!(l3.batch_id(), first);
+        let first = l1.job_id().to_string();
+        assert_eq!(l3.job_id(), first);
         l1.commit(10, "1.1", "AE1");
         drop(l2); // store failed: it never counts, and its place is free again
         let l4 = b.lease(&uid());
-        assert_eq!(l4.batch_id(), first, "a failed instance frees its place");
+        assert_eq!(l4.job_id(), first, "a failed instance frees its place");
         let l5 = b.lease(&uid());
-        assert_ne!(
-            l5.batch_id(),
-            first,
-            "a full batch hands out no more leases"
-        );
+        assert_ne!(l5.job_id(), first, "a full batch hands out no more leases");
         assert!(
             rx.try_recv().is_err(),
             "not finalised while leases are in flight"
@@ -475,7 +518,7 @@ mod tests {
         assert_eq!(s.study_instance_uids, vec!["1.1", "1.2"]);
         assert_eq!(s.calling_ae_titles, vec!["AE1", "AE2"]);
         assert_eq!(s.close_reason, CloseReason::MaxInstances);
-        assert_eq!(s.input_location, format!("s3://b/p/{first}/"));
+        assert_eq!(s.input_s3_uri, format!("s3://b/p/{first}/"));
         drop(l5);
     }
 
@@ -483,7 +526,7 @@ mod tests {
     fn closes_when_bytes_reach_the_limit() {
         let (b, mut rx) = batcher(limits());
         let l1 = b.lease(&uid());
-        let id = l1.batch_id().to_string();
+        let id = l1.job_id().to_string();
         l1.commit(1000, "1.1", "AE");
         let s = rx.try_recv().unwrap();
         assert_eq!((s.job_id, s.close_reason), (id, CloseReason::MaxBytes));
@@ -515,7 +558,7 @@ mod tests {
         let l1 = b.lease(&uid());
         b.tick();
         let l2 = b.lease(&uid());
-        assert_ne!(l1.batch_id(), l2.batch_id());
+        assert_ne!(l1.job_id(), l2.job_id());
         l1.commit(5, "1.1", "AE");
         let s = rx.try_recv().unwrap();
         assert_eq!((s.instance_count, s.close_reason), (1, CloseReason::MaxAge));
@@ -559,7 +602,7 @@ mod tests {
         concurrent.commit(120, "1.1", "AE");
         drop(again); // e.g. kept-first: not stored
         let other = b.lease("1.9.2");
-        let other_id = other.batch_id().to_string();
+        let other_id = other.job_id().to_string();
         other.commit(10, "1.1", "AE");
         b.tick();
         drop(b.lease(&uid())); // nothing
@@ -580,9 +623,9 @@ mod tests {
         let a2 = b.lease("1.8.1");
         drop(a); // the first copy failed while a second is in flight
         let c = b.lease("1.8.2");
-        let id = c.batch_id().to_string();
+        let id = c.job_id().to_string();
         assert_eq!(
-            b.lease("1.8.3").batch_id() != id,
+            b.lease("1.8.3").job_id() != id,
             true,
             "two places taken: 1.8.1 (in flight) and 1.8.2"
         );

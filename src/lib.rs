@@ -2,25 +2,28 @@
 //! directory) before it says "stored", and groups what it stored into HealthImaging import batches.
 //!
 //! A reader finds their room by responsibility:
-//! - [`listener`]: the accept loop, the association limit, graceful shutdown;
-//! - [`association`]: negotiation and the per-association DIMSE loop;
-//! - [`pdu`]: Upper Layer PDU framing on an async socket;
-//! - [`dimse`]: command sets and statuses;
-//! - [`echo`]: the C-ECHO client behind `dicom-gateway echo`;
+//! A reader finds their room by responsibility, in the order an instance travels:
+//! - [`listener`]: the accept loop, the association limit, graceful shutdown ([`tls`] on the TLS port);
+//! - [`association`]: negotiation and the per-association DIMSE loop, over a [`connection`];
+//! - [`connection`]: one socket, its buffers, PDU sizes and timeouts;
+//! - [`pdu`]: Upper Layer PDU framing; [`dimse`]: command sets and statuses;
 //! - [`instance`]: one C-STORE data set, streamed from the wire to the store;
 //! - [`sniff`]: identifying UIDs read from the start of a data set in any transfer syntax;
 //! - [`part10`]: the file meta group written in front of the data set;
 //! - [`store`]: the object stores (S3, local directory);
-//! - [`batch`]: grouping stored instances into import batches;
+//! - [`batch`]: grouping stored instances into import batches, one job each;
 //! - [`jobs`]: job records (DynamoDB, local journal) with forward-only status;
 //! - [`import`]: recording batches and starting their HealthImaging imports;
-//! - [`policy`], [`uid`], [`config`]: what is accepted, and how it is configured;
-//! - [`server`]: wiring for `dicom-gateway serve`.
+//! - [`recovery`]: finishing the jobs a stopped gateway left OPEN or CLOSED;
+//! - [`policy`], [`uid`]: what is accepted; [`health`], [`metrics`]: what operators see;
+//! - [`config`], [`server`]: the command line, and the wiring for `dicom-gateway serve`;
+//! - [`echo`]: the C-ECHO client behind `dicom-gateway echo`.
 
 pub mod association;
 pub mod aws;
 pub mod batch;
 pub mod config;
+pub mod connection;
 pub mod dimse;
 pub mod echo;
 pub mod health;
@@ -32,6 +35,7 @@ pub mod metrics;
 pub mod part10;
 pub mod pdu;
 pub mod policy;
+pub mod recovery;
 pub mod server;
 pub mod sniff;
 pub mod store;

@@ -18,7 +18,8 @@ use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
 use crate::listener::Listener;
-use crate::policy::Policy;
+use crate::policy::SyntaxPolicy;
+use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
@@ -149,16 +150,20 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let pipeline = Pipeline::new(
         jobs.clone(),
         trigger.clone(),
-        store.clone(),
         gateway_id.clone(),
         MAX_RETRY_BACKOFF,
     );
     let pipeline_task = tokio::spawn(pipeline.clone().run(events_rx));
     // Recovery runs beside the listener: a slow or unreachable job store must not delay receiving.
     let recovery = {
-        let pipeline = pipeline.clone();
+        let recovery = Recovery::new(
+            pipeline.clone(),
+            jobs.clone(),
+            store.clone(),
+            gateway_id.clone(),
+        );
         tokio::spawn(async move {
-            match pipeline.recover(RECOVERY_GRACE).await {
+            match recovery.run(RECOVERY_GRACE).await {
                 Ok(0) => {}
                 Ok(n) => info!(
                     jobs = n,
@@ -174,7 +179,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
     let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
-    let policy = Policy::new(
+    let syntaxes = SyntaxPolicy::new(
         non_empty(&args.sop_class_allow).as_deref(),
         non_empty(&args.transfer_syntax_allow).as_deref(),
     );
@@ -183,7 +188,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             ae_title: args.ae_title.trim().to_string(),
             accept_any_called_ae: args.accept_any_called_ae,
             calling_ae_allow: args.calling_ae_allow.clone(),
-            policy,
+            syntaxes,
             max_pdu: args.max_pdu,
             ae_bindings: args.ae_bindings().map_err(anyhow::Error::msg)?,
         },

@@ -13,6 +13,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
+use crate::batch::CloseReason;
 
 /// Name of the global secondary index on (status, createdAt).
 pub const STATUS_INDEX: &str = "status-createdAt";
@@ -58,9 +59,11 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
     item.insert("status".into(), s(job.status.as_str()));
     item.insert("createdAt".into(), s(&job.created_at));
     item.insert("inputS3Uri".into(), s(&job.input_s3_uri));
+    if let Some(reason) = job.close_reason {
+        item.insert("closeReason".into(), s(reason.as_str()));
+    }
     let strings = [
         ("closedAt", &job.closed_at),
-        ("closeReason", &job.close_reason),
         ("outputS3Uri", &job.output_s3_uri),
         ("datastoreId", &job.datastore_id),
         ("executionArn", &job.execution_arn),
@@ -137,7 +140,7 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
         status,
         created_at: get_s("createdAt").unwrap_or_default(),
         closed_at: get_s("closedAt"),
-        close_reason: get_s("closeReason"),
+        close_reason: get_s("closeReason").and_then(|r| CloseReason::parse(&r)),
         instance_count: get_n("instanceCount"),
         total_bytes: get_n("totalBytes"),
         study_instance_uids: get_list("studyInstanceUids"),

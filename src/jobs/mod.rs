@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::batch::BatchSummary;
+use crate::batch::{BatchSummary, CloseReason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -100,7 +100,7 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub close_reason: Option<String>,
+    pub close_reason: Option<CloseReason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_count: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,7 +109,8 @@ pub struct Job {
     pub study_instance_uids: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calling_ae_titles: Vec<String>,
-    /// The batch's objects: the import input (`s3://bucket/prefix/jobId/` or a directory).
+    /// The batch's objects: the import input (`s3://bucket/prefix/jobId/`; on the local store, its
+    /// directory). The same name as HealthImaging's `inputS3Uri` and the state machine's input.
     pub input_s3_uri: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_s3_uri: Option<String>,
@@ -168,17 +169,12 @@ impl Job {
         let mut job = Job::opened(
             &batch.job_id,
             &batch.created_at,
-            &batch.input_location,
+            &batch.input_s3_uri,
             gateway_id,
         );
         job.status = JobStatus::Closed;
         job.closed_at = Some(batch.closed_at.clone());
-        job.close_reason = Some(
-            serde_json::to_value(batch.close_reason)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-        );
+        job.close_reason = Some(batch.close_reason);
         job.instance_count = Some(batch.instance_count as u64);
         job.total_bytes = Some(batch.total_bytes);
         job.study_instance_uids = batch.study_instance_uids.clone();
@@ -306,17 +302,17 @@ mod tests {
             job_id: "01JD6Y7Z8X9W0V1T2S3R4Q5P6N".into(),
             created_at: "2026-11-23T10:00:00.000Z".into(),
             closed_at: "2026-11-23T10:00:30.000Z".into(),
-            close_reason: crate::batch::CloseReason::MaxInstances,
+            close_reason: CloseReason::MaxInstances,
             instance_count: 3,
             total_bytes: 99,
             study_instance_uids: vec!["1.2".into()],
             calling_ae_titles: vec!["CT1".into()],
-            input_location: "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/".into(),
+            input_s3_uri: "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/".into(),
         };
         let job = Job::closed(&batch, "gw-1");
         assert_eq!(job.status, Closed);
         assert_eq!(job.instance_count, Some(3));
-        assert_eq!(job.close_reason.as_deref(), Some("max-instances"));
+        assert_eq!(job.close_reason, Some(CloseReason::MaxInstances));
         assert_eq!(job.gateway_id.as_deref(), Some("gw-1"));
         let json = serde_json::to_value(&job).unwrap();
         assert_eq!(
@@ -324,6 +320,7 @@ mod tests {
             "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
         );
         assert_eq!(json["status"], "CLOSED");
+        assert_eq!(json["closeReason"], "max-instances");
         assert!(json.get("executionArn").is_none());
     }
 }
