@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Deploys (or updates) the dicom-gateway stack from infra/gateway.yaml.
-#
-#   scripts/deploy.sh STACK_NAME ARTIFACT_BUCKET [ParameterKey=Value ...]
-#   scripts/deploy.sh dicom-gateway my-artifacts-bucket DatastoreId=0123456789abcdef0123456789abcdef
-#
-# ARTIFACT_BUCKET is an existing bucket for the packaged state machine definition (the template
-# loads infra/import-state-machine.asl.json through `aws cloudformation package`).
-# Prints the stack outputs as OutputKey=Value lines on stdout, and on stderr the matching gateway
-# settings. AWS_CLI overrides the CLI command (e.g. "aws --endpoint-url http://127.0.0.1:4566").
+# Deploys (or updates) the dicom-gateway stack from infra/gateway.yaml (usage below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -lt 2 ]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+usage() {
+  cat >&2 <<'EOT'
+Deploys (or updates) the dicom-gateway stack from infra/gateway.yaml.
+
+  scripts/deploy.sh STACK_NAME ARTIFACT_BUCKET [ParameterKey=Value ...]
+  scripts/deploy.sh dicom-gateway my-artifacts-bucket DatastoreId=0123456789abcdef0123456789abcdef
+
+ARTIFACT_BUCKET is an existing bucket for the packaged state machine definition (the template
+loads infra/import-state-machine.asl.json through `aws cloudformation package`).
+Prints the stack outputs as OutputKey=Value lines on stdout, and on stderr the matching gateway
+settings. AWS_CLI overrides the CLI command (e.g. "aws --endpoint-url http://127.0.0.1:4566").
+EOT
   exit 2
+}
+if [ $# -lt 2 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
+  usage
 fi
 read -r -a AWS <<<"${AWS_CLI:-aws}"
 stack=$1 artifacts=$2

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Replays a directory of DICOM files (or a DICOMDIR tree) to a Store SCP with DCMTK storescu,
-# over N parallel associations, showing progress and ending with a summary.
-#
-#   scripts/replay.sh [-n ASSOCIATIONS] [-a CALLED_AE] [-c CALLING_AE] HOST PORT DIR...
-#   scripts/replay.sh -n 4 gateway.example.org 11112 /data/studies/
-#
-#   -n  parallel associations (default 4)
-#   -a  called AE title (default $DICOM_GATEWAY_AE_TITLE or DICOM_GATEWAY)
-#   -c  calling AE title (default REPLAY)
-#
-# Every file is sent in its own transfer syntax: files are grouped by transfer syntax and each group
-# is sent with the storescu flag that proposes it, so nothing is transcoded on the way (storescu
-# 3.6.7 otherwise proposes uncompressed syntaxes only). Files that are not DICOM, and the DICOMDIR
-# index itself, are skipped and counted. TCP_NODELAY=1 is set (DCMTK leaves Nagle's algorithm on
-# otherwise, ~40 ms per instance). Exit status: 0 if every instance got Success, 1 otherwise.
+# Replays a directory of DICOM files to a Store SCP with DCMTK storescu (usage below).
 set -euo pipefail
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() {
+  cat >&2 <<'EOT'
+Replays a directory of DICOM files (or a DICOMDIR tree) to a Store SCP with DCMTK storescu,
+over N parallel associations, showing progress and ending with a summary.
+
+  scripts/replay.sh [-n ASSOCIATIONS] [-a CALLED_AE] [-c CALLING_AE] HOST PORT DIR...
+  scripts/replay.sh -n 4 gateway.example.org 11112 /data/studies/
+
+  -n  parallel associations (default 4)
+  -a  called AE title (default $DICOM_GATEWAY_AE_TITLE or DICOM_GATEWAY)
+  -c  calling AE title (default REPLAY)
+
+Every file is sent in its own transfer syntax: files are grouped by transfer syntax and each group
+is sent with the storescu flag that proposes it, so nothing is transcoded on the way (storescu
+3.6.7 otherwise proposes uncompressed syntaxes only). Files that are not DICOM, and the DICOMDIR
+index itself, are skipped and counted. TCP_NODELAY=1 is set (DCMTK leaves Nagle's algorithm on
+otherwise, ~40 ms per instance). Exit status: 0 if every instance got Success, 1 otherwise.
+EOT
+  exit 2
+}
 N=4 CALLED=${DICOM_GATEWAY_AE_TITLE:-DICOM_GATEWAY} CALLING=REPLAY
 while getopts "n:a:c:h" opt; do
   case $opt in

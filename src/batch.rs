@@ -7,7 +7,7 @@
 //! recorder as closed, once every lease on it is settled. So a closed batch's summary describes
 //! exactly the durable objects under its prefix, and no object lands in a batch after it closed.
 //!
-//! Limits (DESIGN.md §4): idle time without a new instance, age, instance count, total bytes, and
+//! Limits: idle time without a new instance, age, instance count, total bytes, and
 //! shutdown. Instance count counts leases, so a batch can never exceed it. Bytes are only known once
 //! an object is complete, so instances already in flight when the byte limit is reached still join
 //! the batch; the default leaves HealthImaging's 10 GB quota headroom for that (see `--batch-max-bytes`).

@@ -1,4 +1,4 @@
-//! The DynamoDB job store: one item per job, key `jobId`, attributes as in DESIGN.md §4.
+//! The DynamoDB job store: one item per job, key `jobId`, attributes named as the fields of [`Job`].
 //!
 //! Forward-only status is enforced by DynamoDB itself: every write carries a condition on the
 //! current status. The table has a global secondary index `status-createdAt` (partition key

@@ -1,4 +1,4 @@
-//! Job records: one per batch, one future HealthImaging import job each (DESIGN.md §4).
+//! Job records: one per batch, one future HealthImaging import job each.
 //!
 //! A job's status only moves forward: OPEN → CLOSED → SUBMITTED → IMPORTING → COMPLETED |
 //! COMPLETED_WITH_ERRORS | FAILED. Every store applies a transition only if the current status comes
@@ -90,7 +90,7 @@ impl std::fmt::Display for JobStatus {
     }
 }
 
-/// Everything recorded about one job. Field names are the DynamoDB attribute names (DESIGN.md §4).
+/// Everything recorded about one job. Field names are the DynamoDB attribute names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Job {

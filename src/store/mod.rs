@@ -26,7 +26,7 @@ pub enum StoreError {
 }
 
 /// The key of one stored instance, relative to the store's root or prefix:
-/// `{jobId}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm` (DESIGN.md §3).
+/// `{jobId}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm` (the layout in the README).
 /// Every segment is validated, so nothing from the wire reaches a path unchecked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectKey(String);
