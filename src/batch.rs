@@ -161,7 +161,8 @@ struct State {
 pub struct Batcher {
     state: Mutex<State>,
     limits: BatchLimits,
-    location: Box<dyn Fn(&str) -> String + Send + Sync>,
+    /// Maps a job id to its import input ([`crate::store::ObjectStore::input_s3_uri`]).
+    input_s3_uri: Box<dyn Fn(&str) -> String + Send + Sync>,
     events: mpsc::UnboundedSender<BatchEvent>,
     settled: Notify,
 }
@@ -206,17 +207,17 @@ impl Drop for BatchLease {
 }
 
 impl Batcher {
-    /// `location` maps a job id to its import input (`input_s3_uri`); openings and closings are reported
+    /// `input_s3_uri` maps a job id to its import input; openings and closings are reported
     /// on `events`.
     pub fn new(
         limits: BatchLimits,
-        location: impl Fn(&str) -> String + Send + Sync + 'static,
+        input_s3_uri: impl Fn(&str) -> String + Send + Sync + 'static,
         events: mpsc::UnboundedSender<BatchEvent>,
     ) -> Arc<Self> {
         Arc::new(Batcher {
             state: Mutex::new(State::default()),
             limits,
-            location: Box::new(location),
+            input_s3_uri: Box::new(input_s3_uri),
             events,
             settled: Notify::new(),
         })
@@ -243,7 +244,7 @@ impl Batcher {
             let _ = self.events.send(BatchEvent::Opened {
                 job_id: job_id.clone(),
                 created_at: humantime::format_rfc3339_millis(created).to_string(),
-                input_s3_uri: (self.location)(&job_id),
+                input_s3_uri: (self.input_s3_uri)(&job_id),
             });
             Batch {
                 job_id,
@@ -371,7 +372,7 @@ impl Batcher {
             return;
         }
         let summary = BatchSummary {
-            input_s3_uri: (self.location)(&b.job_id),
+            input_s3_uri: (self.input_s3_uri)(&b.job_id),
             job_id: b.job_id,
             created_at: humantime::format_rfc3339_millis(b.created).to_string(),
             closed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),

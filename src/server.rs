@@ -144,7 +144,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let location_store = store.clone();
     let batcher = Batcher::new(
         args.batch_limits(),
-        move |id| location_store.batch_location(id),
+        move |id| location_store.input_s3_uri(id),
         events_tx,
     );
     let pipeline = Pipeline::new(

@@ -81,8 +81,8 @@ impl ObjectStore for LocalStore {
         }))
     }
 
-    fn batch_location(&self, batch_id: &str) -> String {
-        format!("{}/{batch_id}/", self.root.display())
+    fn input_s3_uri(&self, job_id: &str) -> String {
+        format!("{}/{job_id}/", self.root.display())
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -93,8 +93,8 @@ impl ObjectStore for LocalStore {
         Ok(())
     }
 
-    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
-        let dir = self.root.join(batch_id);
+    async fn batch_contents(&self, job_id: &str) -> Result<BatchContents, StoreError> {
+        let dir = self.root.join(job_id);
         Ok(blocking(move || {
             let mut contents = BatchContents::default();
             let mut stack = vec![dir.clone()];

@@ -38,19 +38,19 @@ pub enum KeyError {
         which: &'static str,
         error: UidError,
     },
-    #[error("batch id is not a ULID")]
-    BatchId,
+    #[error("job id is not a ULID")]
+    JobId,
 }
 
 impl ObjectKey {
     pub fn new(
-        batch_id: &str,
+        job_id: &str,
         study: &str,
         series: &str,
         sop_instance: &str,
     ) -> Result<Self, KeyError> {
-        if batch_id.len() != 26 || !batch_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(KeyError::BatchId);
+        if job_id.len() != 26 || !job_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(KeyError::JobId);
         }
         for (which, uid) in [
             ("Study Instance UID", study),
@@ -60,7 +60,7 @@ impl ObjectKey {
             validate_uid(uid).map_err(|error| KeyError::Uid { which, error })?;
         }
         Ok(ObjectKey(format!(
-            "{batch_id}/{study}/{series}/{sop_instance}.dcm"
+            "{job_id}/{study}/{series}/{sop_instance}.dcm"
         )))
     }
 
@@ -112,14 +112,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Opens an upload that will become the object `key` when committed.
     async fn begin(&self, key: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError>;
 
-    /// The location of a batch's objects: the import input of that batch (always ends with '/').
-    fn batch_location(&self, batch_id: &str) -> String;
+    /// The import input of a batch: where its objects are (always ends with `/`).
+    fn input_s3_uri(&self, job_id: &str) -> String;
 
     /// A cheap call that succeeds only if the store is reachable and usable (readiness).
     async fn check(&self) -> Result<(), StoreError>;
 
     /// Counts the committed objects of a batch (uploads in progress are never listed).
-    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError>;
+    async fn batch_contents(&self, job_id: &str) -> Result<BatchContents, StoreError>;
 
     /// A short description for the start-up log line.
     fn describe(&self) -> String;
@@ -195,7 +195,7 @@ mod tests {
         ));
         assert_eq!(
             ObjectKey::new("../x", "1.2", "1.2", "1.3"),
-            Err(KeyError::BatchId)
+            Err(KeyError::JobId)
         );
     }
 }

@@ -84,8 +84,8 @@ impl ObjectStore for S3Store {
         }))
     }
 
-    fn batch_location(&self, batch_id: &str) -> String {
-        format!("s3://{}/{}{batch_id}/", self.bucket, self.prefix)
+    fn input_s3_uri(&self, job_id: &str) -> String {
+        format!("s3://{}/{}{job_id}/", self.bucket, self.prefix)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -100,8 +100,8 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn batch_contents(&self, batch_id: &str) -> Result<BatchContents, StoreError> {
-        let prefix = format!("{}{batch_id}/", self.prefix);
+    async fn batch_contents(&self, job_id: &str) -> Result<BatchContents, StoreError> {
+        let prefix = format!("{}{job_id}/", self.prefix);
         let mut contents = BatchContents::default();
         let mut token = None;
         loop {
