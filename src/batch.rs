@@ -68,6 +68,18 @@ pub struct BatchSummary {
     pub input_location: String,
 }
 
+/// What to do with a SOP Instance UID received again within the same batch (`--duplicate-policy`).
+/// The batch is where a repeat is detected, so the rule lives beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DuplicatePolicy {
+    /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).
+    Overwrite,
+    /// Keep the stored copy; answer Success without storing the new one.
+    KeepFirst,
+    /// Answer 0x0111 (duplicate SOP instance); the stored copy stays.
+    Reject,
+}
+
 /// What the batch already holds of a SOP Instance UID when a lease is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::batch::BatchLimits;
+use crate::batch::{BatchLimits, DuplicatePolicy};
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::uid::validate_uid;
 
@@ -109,17 +109,6 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// What to do with a SOP Instance UID received again within the same batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DuplicatePolicy {
-    /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).
-    Overwrite,
-    /// Keep the stored copy; answer Success without storing the new one.
-    KeepFirst,
-    /// Answer 0x0111 (duplicate SOP instance); the stored copy stays.
-    Reject,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

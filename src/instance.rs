@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
+use crate::batch::DuplicatePolicy;
 use crate::batch::{BatchLease, Batcher, Seen};
-use crate::config::DuplicatePolicy;
 use crate::dimse::{Command, status};
 use crate::metrics::metrics;
 use crate::part10::FileMeta;

@@ -46,7 +46,7 @@ pub struct Services {
     pub timeouts: Timeouts,
     pub store: Arc<dyn ObjectStore>,
     pub batcher: Arc<Batcher>,
-    pub duplicates: crate::config::DuplicatePolicy,
+    pub duplicates: crate::batch::DuplicatePolicy,
 }
 
 enum Dimse {
