@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::batch::{BatchLimits, DuplicatePolicy};
+use crate::jobs::JobStatus;
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::uid::validate_uid;
 
@@ -94,9 +95,9 @@ pub enum JobsCommand {
         /// How many jobs to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// Only jobs in this status (OPEN, CLOSED, SUBMITTED, IMPORTING, COMPLETED, COMPLETED_WITH_ERRORS, FAILED).
-        #[arg(long)]
-        status: Option<String>,
+        /// Only jobs in this status (any case).
+        #[arg(long, value_enum, ignore_case = true)]
+        status: Option<JobStatus>,
         /// Print JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
