@@ -14,12 +14,14 @@
 //! - [`batch`]: grouping stored instances into import batches;
 //! - [`jobs`]: job records (DynamoDB, local journal) with forward-only status;
 //! - [`import`]: recording batches and starting their HealthImaging imports;
-//! - [`policy`], [`uid`], [`config`]: what is accepted, and how it is configured;
+//! - [`policy`], [`uid`]: what is accepted;
+//! - [`cli`], [`config`]: the command line, turned once into a checked, typed configuration;
 //! - [`server`]: wiring for `dicom-gateway serve`.
 
 pub mod association;
 pub mod aws;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod dimse;
 pub mod echo;
