@@ -33,7 +33,8 @@ pub enum BatchEvent {
     Closed(BatchSummary),
 }
 
-/// What to do with a SOP Instance UID received again within the same batch.
+/// What to do with a SOP Instance UID received again within the same batch (`--duplicate-policy`).
+/// The batch is where a repeat is detected, so the rule lives beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DuplicatePolicy {
     /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).

@@ -16,12 +16,13 @@
 //! - [`import`]: recording batches and starting their HealthImaging imports;
 //! - [`recovery`]: finishing the jobs a stopped gateway left OPEN or CLOSED;
 //! - [`policy`], [`uid`]: what is accepted; [`health`], [`metrics`]: what operators see;
-//! - [`config`], [`server`]: the command line, and the wiring for `dicom-gateway serve`;
-//! - [`echo`]: the C-ECHO client behind `dicom-gateway echo`.
+//! - [`cli`], [`config`]: the command line, turned once into a checked, typed configuration;
+//! - [`server`]: the wiring for `dicom-gateway serve`; [`echo`]: the client behind `dicom-gateway echo`.
 
 pub mod association;
 pub mod aws;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod dimse;

@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::association::{AcceptancePolicy, Services, Timeouts};
+use crate::association::{AcceptancePolicy, Services};
 use crate::batch::Batcher;
-use crate::config::{JobStoreArgs, ServeArgs};
+use crate::config::{ImportConfig, JobStoreConfig, ServeConfig, StoreConfig, TlsConfig};
 use crate::health::Readiness;
-use crate::import::{ImportSettings, ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
@@ -23,7 +23,7 @@ use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
-use crate::tls::{TlsFiles, TlsSwitch};
+use crate::tls::TlsSwitch;
 
 /// How long start-up recovery leaves another gateway's CLOSED job alone.
 const RECOVERY_GRACE: Duration = Duration::from_secs(300);
@@ -37,41 +37,45 @@ async fn aws_config() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }
 
-/// The job store the options ask for: DynamoDB with --job-table, else the local journal.
-pub async fn open_job_store(args: &JobStoreArgs) -> Arc<dyn JobStore> {
-    match &args.job_table {
-        Some(table) => Arc::new(DynamoJobStore::new(
+/// The job store the configuration names: a DynamoDB table, or the local journal.
+pub async fn open_job_store(config: &JobStoreConfig) -> Arc<dyn JobStore> {
+    match config {
+        JobStoreConfig::DynamoDb { table } => Arc::new(DynamoJobStore::new(
             aws_sdk_dynamodb::Client::new(&aws_config().await),
             table.clone(),
         )),
-        None => Arc::new(LocalJournal::new(
-            args.store_dir.join(LocalJournal::DIR_NAME),
-        )),
+        JobStoreConfig::LocalJournal { dir } => Arc::new(LocalJournal::new(dir.clone())),
     }
 }
 
-/// Builds the store the options ask for: S3 when a bucket is given, else the local directory.
-async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
-    match &args.s3_bucket {
-        Some(bucket) => {
+/// Opens the object store the configuration names: an S3 bucket, or the local directory.
+async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    match config {
+        StoreConfig::S3 {
+            bucket,
+            prefix,
+            force_path_style,
+            part_size,
+            parts_in_flight,
+        } => {
             let conf = aws_config().await;
             let s3_conf = aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(args.s3_force_path_style)
+                .force_path_style(*force_path_style)
                 .build();
             let client = aws_sdk_s3::Client::from_conf(s3_conf);
             Ok(Arc::new(S3Store::new(
                 client,
                 bucket.clone(),
-                args.s3_prefix.clone(),
-                args.part_size as usize,
-                args.parts_in_flight,
+                prefix.clone(),
+                *part_size,
+                *parts_in_flight,
             )))
         }
-        None => {
-            let store = LocalStore::open(&args.store_dir).await.with_context(|| {
+        StoreConfig::Local { dir } => {
+            let store = LocalStore::open(dir).await.with_context(|| {
                 format!(
                     "cannot use --store-dir {}: check that it is writable",
-                    args.store_dir.display()
+                    dir.display()
                 )
             })?;
             Ok(Arc::new(store))
@@ -79,71 +83,54 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
     }
 }
 
-async fn open_trigger(args: &ServeArgs) -> Option<Arc<dyn ImportTrigger>> {
-    let arn = args.state_machine_arn.clone()?;
-    // validate() guarantees these are present when a state machine is configured.
-    let settings = ImportSettings {
-        datastore_id: args.datastore_id.clone().unwrap_or_default(),
-        data_access_role_arn: args.data_access_role_arn.clone().unwrap_or_default(),
-        results_bucket: args.s3_bucket.clone().unwrap_or_default(),
-        results_prefix: args.results_prefix.clone(),
-        table_name: args.job_table.clone().unwrap_or_default(),
-        poll_interval: args.import_poll_interval,
-        max_polls: args.import_max_polls,
-    };
-    Some(Arc::new(StepFunctionsTrigger::new(
+/// The Step Functions trigger that starts each closed batch's import.
+async fn open_trigger(config: &ImportConfig) -> Arc<dyn ImportTrigger> {
+    Arc::new(StepFunctionsTrigger::new(
         aws_sdk_sfn::Client::new(&aws_config().await),
-        arn,
-        settings,
-    )))
+        config.state_machine_arn.clone(),
+        config.settings.clone(),
+    ))
+}
+
+/// Loads the TLS material and binds the TLS listener; SIGHUP reloads the material from then on.
+async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwitch>)> {
+    let switch = TlsSwitch::load(config.files.clone()).map_err(|e| {
+        anyhow::anyhow!("TLS configuration (--tls-cert, --tls-key, --tls-client-ca): {e}")
+    })?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (--tls-listen): is another process using the port?",
+            config.listen
+        )
+    })?;
+    spawn_tls_reloader(switch.clone());
+    Ok((listener, switch))
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
-pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = open_store(&args).await?;
-    let jobs = open_job_store(&JobStoreArgs {
-        job_table: args.job_table.clone(),
-        store_dir: args.store_dir.clone(),
-    })
-    .await;
-    let trigger = open_trigger(&args).await;
-    let gateway_id = args.gateway_id();
-    let plain = if args.tls_only {
-        None
-    } else {
-        Some(TcpListener::bind(args.listen).await.with_context(|| {
-            format!(
-                "cannot listen on {} (--listen): is another process using the port?",
-                args.listen
-            )
-        })?)
+pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = open_store(&config.store).await?;
+    let jobs = open_job_store(&config.job_store).await;
+    let trigger = match &config.import {
+        Some(import) => Some(open_trigger(import).await),
+        None => None,
     };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let files = TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: args.tls_client_ca.clone(),
-            };
-            let switch = TlsSwitch::load(files).map_err(|e| {
-                anyhow::anyhow!("TLS configuration (--tls-cert, --tls-key, --tls-client-ca): {e}")
-            })?;
-            let l = TcpListener::bind(args.tls_listen).await.with_context(|| {
-                format!(
-                    "cannot listen on {} (--tls-listen): is another process using the port?",
-                    args.tls_listen
-                )
-            })?;
-            spawn_tls_reloader(switch.clone());
-            Some((l, switch))
-        }
-        _ => None,
+    let gateway_id = config.gateway_id.clone();
+    let plain = match config.listen {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (--listen): is another process using the port?")
+        })?),
+    };
+    let tls = match &config.tls {
+        Some(tls) => Some(open_tls(tls).await?),
+        None => None,
     };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let location_store = store.clone();
     let batcher = Batcher::new(
-        args.batch_limits(),
+        config.batch_limits,
         move |id| location_store.input_s3_uri(id),
         events_tx,
     );
@@ -178,51 +165,52 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
-    let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    let acceptance = &config.acceptance;
     let syntaxes = SyntaxPolicy::new(
-        non_empty(&args.sop_class_allow).as_deref(),
-        non_empty(&args.transfer_syntax_allow).as_deref(),
+        acceptance.sop_class_allow.as_deref(),
+        acceptance.transfer_syntax_allow.as_deref(),
     );
     let services = Arc::new(Services {
         acceptance: AcceptancePolicy {
-            ae_title: args.ae_title.trim().to_string(),
-            accept_any_called_ae: args.accept_any_called_ae,
-            calling_ae_allow: args.calling_ae_allow.clone(),
+            ae_title: acceptance.ae_title.clone(),
+            accept_any_called_ae: acceptance.accept_any_called_ae,
+            calling_ae_allow: acceptance.calling_ae_allow.clone(),
             syntaxes,
-            max_pdu: args.max_pdu,
-            ae_bindings: args.ae_bindings().map_err(anyhow::Error::msg)?,
+            max_pdu: acceptance.max_pdu,
+            // Bindings exist only with TLS: without it, no AE title is bound to a certificate.
+            ae_bindings: config
+                .tls
+                .as_ref()
+                .map(|tls| tls.ae_bindings.clone())
+                .unwrap_or_default(),
         },
-        timeouts: Timeouts {
-            request: args.association_timeout,
-            idle: args.idle_timeout,
-            io: args.io_timeout,
-        },
+        timeouts: config.timeouts,
         store: store.clone(),
         batcher: batcher.clone(),
-        duplicates: args.duplicate_policy,
+        duplicates: config.duplicate_policy,
     });
     let listener = Listener::new(
         plain,
         tls,
         services,
-        args.max_associations,
-        args.peer_allow.clone(),
+        config.max_associations,
+        config.peer_allow.clone(),
     );
     info!(
         listen = %listener.local_addrs().0.map(|a| a.to_string()).unwrap_or_else(|| "off (--tls-only)".into()),
         tls_listen = %listener.local_addrs().1.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
-        mutual_tls = args.tls_client_ca.is_some(),
-        ae_title = %args.ae_title,
+        mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.files.client_ca.is_some()),
+        ae_title = %acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
-        sop_classes = if args.sop_class_allow.is_empty() { "all storage + verification".to_string() } else { args.sop_class_allow.len().to_string() },
-        max_associations = args.max_associations,
+        sop_classes = acceptance.sop_class_allow.as_ref().map(|v| v.len().to_string()).unwrap_or_else(|| "all storage + verification".into()),
+        max_associations = config.max_associations,
         "dicom-gateway listening"
     );
     let health_stop = CancellationToken::new();
-    let health = match args.metrics_listen {
+    let health = match config.metrics_listen {
         None => None,
         Some(addr) => {
             let http = TcpListener::bind(addr).await.with_context(|| {
@@ -245,7 +233,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             )))
         }
     };
-    listener.run(shutdown, args.shutdown_deadline).await;
+    listener.run(shutdown, config.shutdown_deadline).await;
 
     // Every association has ended: close the open batch and record what is left.
     timer_stop.cancel();

@@ -17,8 +17,11 @@ use thiserror::Error;
 
 use crate::batch::{BatchSummary, CloseReason};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a job is in its life. The names (OPEN, ..., COMPLETED_WITH_ERRORS) are the same in job
+/// records, in the state machine and on the command line (`jobs list --status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobStatus {
     Open,
     Closed,
@@ -79,8 +82,9 @@ impl JobStatus {
         }
     }
 
+    /// The status named exactly `s` (as stored in job records).
     pub fn parse(s: &str) -> Option<JobStatus> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
+        <Self as clap::ValueEnum>::from_str(s, false).ok()
     }
 }
 
@@ -292,8 +296,19 @@ mod tests {
         for s in JobStatus::ALL {
             assert_eq!(JobStatus::parse(s.as_str()), Some(s));
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            let value = clap::ValueEnum::to_possible_value(&s).unwrap();
+            assert_eq!(value.get_name(), s.as_str());
         }
         assert_eq!(JobStatus::parse("DONE"), None);
+        assert_eq!(
+            JobStatus::parse("completed"),
+            None,
+            "records hold exact names"
+        );
+        assert_eq!(
+            <JobStatus as clap::ValueEnum>::value_variants(),
+            JobStatus::ALL.as_slice()
+        );
     }
 
     #[test]

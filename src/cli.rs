@@ -1,0 +1,1203 @@
+//! The command line: `dicom-gateway serve | jobs | echo` and their options.
+//!
+//! Every option can also come from an environment variable, `DICOM_GATEWAY_` + the option name in
+//! upper snake case, so the same names work on a command line, in a container and in a template.
+//! This is the only module that knows the options: [`ServeArgs::into_config`] checks them once,
+//! before anything starts, with messages that name the option at fault, and turns them into the
+//! typed [`ServeConfig`] the server runs on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::association::Timeouts;
+use crate::batch::{BatchLimits, DuplicatePolicy};
+use crate::config::{
+    Acceptance, ImportConfig, JobStoreConfig, LogConfig, LogFormat, ServeConfig, StoreConfig,
+    TlsConfig, validate_ae_title,
+};
+use crate::import::ImportSettings;
+use crate::jobs::JobStatus;
+use crate::jobs::local::LocalJournal;
+use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
+use crate::tls::TlsFiles;
+use crate::uid::{UidError, validate_uid};
+
+/// `dicom-gateway` and its subcommands, as given on the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dicom-gateway",
+    version,
+    about = "DICOM Store SCP that lands every instance durably in Amazon S3 (or a local directory) before acknowledging it",
+    long_about = "DICOM Store SCP that lands every instance durably in Amazon S3 (or a local directory) \
+before acknowledging it, and groups what it stored into AWS HealthImaging import batches.\n\n\
+Quick start (local store in ./dicom-store, no cloud needed):\n  dicom-gateway serve\n  \
+echoscu -aec DICOM_GATEWAY localhost 11112\n  storescu -aec DICOM_GATEWAY +sd +r localhost 11112 some/dir\n\n\
+Every option can also be set through an environment variable DICOM_GATEWAY_<OPTION> \
+(for example DICOM_GATEWAY_AE_TITLE); see `dicom-gateway serve --help`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Store SCP: accept associations, store instances, close batches, start imports.
+    Serve(Box<ServeArgs>),
+    /// Inspect import jobs (one per batch): where a study is, and whether it reached HealthImaging.
+    Jobs(JobsArgs),
+    /// Send a C-ECHO to a DICOM peer (this gateway or any SCP); exit 0 on Success. Used by the
+    /// container health check.
+    Echo(EchoArgs),
+}
+
+/// Why the options cannot make a configuration: names the option at fault and what it accepts.
+/// Reported as a usage error (exit status 2).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// One option's value is outside what it accepts.
+    #[error("{option} {problem}")]
+    Invalid {
+        option: &'static str,
+        problem: String,
+    },
+    /// A UID in a list option is not a UID.
+    #[error("{option}: '{uid}': {reason}")]
+    Uid {
+        option: &'static str,
+        uid: String,
+        reason: UidError,
+    },
+    /// Options that only work together were not given together.
+    #[error("{0}")]
+    Combination(&'static str),
+    /// The import state machine was given without what its executions need.
+    #[error(
+        "--state-machine-arn also needs {} (the infra/ stack's outputs give them)",
+        .missing.join(", ")
+    )]
+    ImportNeeds { missing: Vec<&'static str> },
+    /// The log filter is not valid `EnvFilter` syntax.
+    #[error("--log-level: {0}")]
+    LogFilter(String),
+}
+
+impl ConfigError {
+    fn invalid(option: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            option,
+            problem: problem.into(),
+        }
+    }
+}
+
+// ---- echo -------------------------------------------------------------------------------------
+
+/// `dicom-gateway echo`: the peer to ask and the AE titles to use.
+#[derive(Debug, Clone, Args)]
+pub struct EchoArgs {
+    /// The peer, as host:port (e.g. 127.0.0.1:11112 or gateway.example.org:11112).
+    pub peer: String,
+
+    /// Our (calling) AE title.
+    #[arg(long, default_value = "DICOMGW_ECHO")]
+    pub ae_title: String,
+
+    /// The peer's (called) AE title. Defaults to this gateway's configured AE title.
+    #[arg(long, env = "DICOM_GATEWAY_AE_TITLE", default_value = "DICOM_GATEWAY")]
+    pub called_ae: String,
+
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl EchoArgs {
+    /// Checks both AE titles.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_ae_title(&self.ae_title).map_err(|e| ConfigError::invalid("--ae-title", e))?;
+        validate_ae_title(&self.called_ae).map_err(|e| ConfigError::invalid("--called-ae", e))
+    }
+}
+
+// ---- jobs -------------------------------------------------------------------------------------
+
+/// `--store-dir`, shared by `serve` (the local store) and `jobs` (whose journal is in it).
+#[derive(Debug, Clone, Args)]
+pub struct StoreDirArg {
+    /// Local directory store, used when no --s3-bucket is given. Its jobs/ subdirectory is the job
+    /// journal when no --job-table is given.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_STORE_DIR",
+        default_value = "./dicom-store",
+        global = true
+    )]
+    pub store_dir: PathBuf,
+}
+
+/// `--job-table`, shared by `serve` and `jobs`.
+#[derive(Debug, Clone, Args)]
+pub struct JobTableArg {
+    /// DynamoDB table for import job records. Without it, jobs are recorded in --store-dir/jobs/.
+    #[arg(long, env = "DICOM_GATEWAY_JOB_TABLE", global = true)]
+    pub job_table: Option<String>,
+}
+
+/// Where the job records are: the same options (and environment variables) as `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct JobStoreArgs {
+    #[command(flatten)]
+    pub job_table: JobTableArg,
+    #[command(flatten)]
+    pub store_dir: StoreDirArg,
+}
+
+impl JobStoreArgs {
+    /// The job store these options name.
+    pub fn into_config(self) -> JobStoreConfig {
+        job_store_config(self.job_table, &self.store_dir)
+    }
+}
+
+/// DynamoDB with a table, else the journal in the store directory.
+fn job_store_config(table: JobTableArg, store_dir: &StoreDirArg) -> JobStoreConfig {
+    match table.job_table {
+        Some(table) => JobStoreConfig::DynamoDb { table },
+        None => JobStoreConfig::LocalJournal {
+            dir: store_dir.store_dir.join(LocalJournal::DIR_NAME),
+        },
+    }
+}
+
+/// `dicom-gateway jobs`: the job store and what to show from it.
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub store: JobStoreArgs,
+
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+/// `jobs list` or `jobs show`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum JobsCommand {
+    /// Recent jobs, newest first, with status and counts.
+    List {
+        /// How many jobs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Only jobs in this status (any case).
+        #[arg(long, value_enum, ignore_case = true)]
+        status: Option<JobStatus>,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every attribute of one job.
+    Show {
+        /// The job id (the batch's ULID, also the folder name under the import prefix).
+        job_id: String,
+        /// Print JSON instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// ---- serve ------------------------------------------------------------------------------------
+
+/// `dicom-gateway serve`, one flattened struct per `--help` section.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub import: ImportArgs,
+    #[command(flatten)]
+    pub batches: BatchArgs,
+    #[command(flatten)]
+    pub operations: OperationsArgs,
+}
+
+/// Listening, association acceptance and association timeouts.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Network")]
+pub struct NetworkArgs {
+    /// Address and port to listen on for DICOM associations.
+    #[arg(long, env = "DICOM_GATEWAY_LISTEN", default_value = "0.0.0.0:11112")]
+    pub listen: SocketAddr,
+
+    /// Our AE title: senders must call it (1-16 characters), unless --accept-any-called-ae.
+    #[arg(long, env = "DICOM_GATEWAY_AE_TITLE", default_value = "DICOM_GATEWAY")]
+    pub ae_title: String,
+
+    /// Accept associations whatever called AE title they use.
+    #[arg(long, env = "DICOM_GATEWAY_ACCEPT_ANY_CALLED_AE")]
+    pub accept_any_called_ae: bool,
+
+    /// Calling AE titles allowed to associate, comma-separated. Empty: any calling AE title.
+    #[arg(long, env = "DICOM_GATEWAY_CALLING_AE_ALLOW", value_delimiter = ',')]
+    pub calling_ae_allow: Vec<String>,
+
+    /// Peer networks allowed to connect, comma-separated CIDRs (e.g. 10.0.0.0/8,192.168.1.20/32).
+    /// Empty: any address. Others are rejected before negotiation.
+    #[arg(long, env = "DICOM_GATEWAY_PEER_ALLOW", value_delimiter = ',')]
+    pub peer_allow: Vec<IpNet>,
+
+    /// SOP class UIDs accepted, comma-separated. Default: every storage SOP class in the DICOM
+    /// standard, plus Verification (C-ECHO).
+    #[arg(long, env = "DICOM_GATEWAY_SOP_CLASS_ALLOW", value_delimiter = ',')]
+    pub sop_class_allow: Vec<String>,
+
+    /// Transfer syntax UIDs accepted, comma-separated. Default: every transfer syntax the standard
+    /// defines, compressed ones included (data is stored as received, never transcoded).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TRANSFER_SYNTAX_ALLOW",
+        value_delimiter = ','
+    )]
+    pub transfer_syntax_allow: Vec<String>,
+
+    /// Most associations served at once; more are rejected (transient, local limit exceeded).
+    #[arg(long, env = "DICOM_GATEWAY_MAX_ASSOCIATIONS", default_value_t = 32)]
+    pub max_associations: usize,
+
+    /// Maximum P-DATA PDU length we accept, in bytes (4096 to 16777216).
+    #[arg(long, env = "DICOM_GATEWAY_MAX_PDU", default_value_t = 131072)]
+    pub max_pdu: u32,
+
+    /// Time allowed from connection to a complete association request.
+    #[arg(long, env = "DICOM_GATEWAY_ASSOCIATION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub association_timeout: Duration,
+
+    /// An association that sends nothing for this long is aborted.
+    #[arg(long, env = "DICOM_GATEWAY_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest a single network write (e.g. a response) may take.
+    #[arg(long, env = "DICOM_GATEWAY_IO_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub io_timeout: Duration,
+}
+
+/// The DICOM TLS listener.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "TLS")]
+pub struct TlsArgs {
+    /// Address and port of the DICOM TLS listener (2762 is the DICOM TLS port). Used when
+    /// --tls-cert is given, beside the plain listener (or instead of it, with --tls-only).
+    #[arg(long, env = "DICOM_GATEWAY_TLS_LISTEN", default_value = "0.0.0.0:2762")]
+    pub tls_listen: SocketAddr,
+
+    /// Server certificate chain (PEM). Turns the TLS listener on. Reloaded on SIGHUP.
+    #[arg(long, env = "DICOM_GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of the server certificate (PEM).
+    #[arg(long, env = "DICOM_GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) that client certificates must chain to: turns on mutual TLS.
+    #[arg(long, env = "DICOM_GATEWAY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Bind calling AE titles to client certificate subjects, comma-separated AE=CN pairs
+    /// (e.g. CT1=ct1.hospital.example): that AE title is accepted only from that certificate.
+    #[arg(long, env = "DICOM_GATEWAY_TLS_AE_BINDING", value_delimiter = ',')]
+    pub tls_ae_binding: Vec<String>,
+
+    /// Serve DICOM on the TLS listener only (no plain listener).
+    #[arg(long, env = "DICOM_GATEWAY_TLS_ONLY")]
+    pub tls_only: bool,
+}
+
+/// Where instances are stored.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageArgs {
+    #[command(flatten)]
+    pub store_dir: StoreDirArg,
+
+    /// S3 bucket to store instances in. When set, S3 is used instead of --store-dir. Region,
+    /// credentials and endpoint come from the standard AWS configuration (AWS_REGION,
+    /// AWS_ENDPOINT_URL, ...).
+    #[arg(long, env = "DICOM_GATEWAY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix for stored instances; objects go to {prefix}{jobId}/{study}/{series}/{sop}.dcm.
+    #[arg(long, env = "DICOM_GATEWAY_S3_PREFIX", default_value = "import/")]
+    pub s3_prefix: String,
+
+    /// Use path-style S3 addressing (needed for LocalStack and some S3-compatible stores).
+    #[arg(long, env = "DICOM_GATEWAY_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+
+    /// Objects up to this size are sent with one PutObject; larger ones with multipart upload in
+    /// parts of this size (e.g. 8MiB; 5MiB to 5GiB).
+    #[arg(long, env = "DICOM_GATEWAY_PART_SIZE", default_value = "8MiB", value_parser = parse_bytes)]
+    pub part_size: u64,
+
+    /// Multipart parts uploaded concurrently per instance (memory per instance ~ part size x (this + 1)).
+    #[arg(long, env = "DICOM_GATEWAY_PARTS_IN_FLIGHT", default_value_t = 4)]
+    pub parts_in_flight: usize,
+}
+
+/// Job records and the HealthImaging import.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Import (HealthImaging)")]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub job_table: JobTableArg,
+
+    /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
+    /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
+    #[arg(long, env = "DICOM_GATEWAY_STATE_MACHINE_ARN")]
+    pub state_machine_arn: Option<String>,
+
+    /// HealthImaging data store to import into.
+    #[arg(long, env = "DICOM_GATEWAY_DATASTORE_ID")]
+    pub datastore_id: Option<String>,
+
+    /// IAM role HealthImaging assumes to read the import prefix and write the results prefix.
+    #[arg(long, env = "DICOM_GATEWAY_DATA_ACCESS_ROLE_ARN")]
+    pub data_access_role_arn: Option<String>,
+
+    /// Key prefix (in --s3-bucket) for HealthImaging's import results: {prefix}{jobId}/.
+    #[arg(long, env = "DICOM_GATEWAY_RESULTS_PREFIX", default_value = "results/")]
+    pub results_prefix: String,
+
+    /// How often the state machine polls a running import job.
+    #[arg(long, env = "DICOM_GATEWAY_IMPORT_POLL_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub import_poll_interval: Duration,
+
+    /// Polls after which a still-running import is recorded FAILED (default: 12 hours at 60 s).
+    #[arg(long, env = "DICOM_GATEWAY_IMPORT_MAX_POLLS", default_value_t = 720)]
+    pub import_max_polls: u32,
+
+    /// Name of this gateway in job records (start-up recovery resubmits this gateway's jobs at once).
+    /// Default: the host name.
+    #[arg(long, env = "DICOM_GATEWAY_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+}
+
+/// When a batch closes, and what a repeated instance does to it.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Batches (one HealthImaging import job each)")]
+pub struct BatchArgs {
+    /// A batch closes after this long without a new instance.
+    #[arg(long, env = "DICOM_GATEWAY_BATCH_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub batch_idle: Duration,
+
+    /// A batch closes at this age.
+    #[arg(long, env = "DICOM_GATEWAY_BATCH_MAX_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub batch_max_age: Duration,
+
+    /// A batch closes at this many instances (HealthImaging allows 5000 files per import job).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_BATCH_MAX_INSTANCES",
+        default_value_t = 5000
+    )]
+    pub batch_max_instances: u32,
+
+    /// A batch closes once its stored bytes reach this (e.g. 9GB). Instances already in flight
+    /// still join it, so keep it below HealthImaging's 10 GB per job by the largest study in flight.
+    #[arg(long, env = "DICOM_GATEWAY_BATCH_MAX_BYTES", default_value = "9GB", value_parser = parse_bytes)]
+    pub batch_max_bytes: u64,
+
+    /// A SOP Instance UID received twice within a batch is stored once: overwrite (the new copy
+    /// replaces the earlier one), keep-first (Success, the new copy is dropped) or reject (0x0111).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_DUPLICATE_POLICY",
+        value_enum,
+        default_value = "overwrite"
+    )]
+    pub duplicate_policy: DuplicatePolicy,
+}
+
+/// Shutdown, health endpoints and logging.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Operations")]
+pub struct OperationsArgs {
+    /// On SIGTERM/SIGINT, time given to running associations before they are aborted.
+    #[arg(long, env = "DICOM_GATEWAY_SHUTDOWN_DEADLINE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_deadline: Duration,
+
+    /// Address for the HTTP health and metrics endpoints (/healthz, /readyz, /metrics), e.g.
+    /// 0.0.0.0:9090. Off unless given (the container image turns it on).
+    #[arg(long, env = "DICOM_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. info or dicom_gateway=debug). RUST_LOG also works.
+    #[arg(long, env = "DICOM_GATEWAY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parses a byte size: a plain number, or a number with B, KB, MB, GB (powers of 1000) or
+/// KiB, MiB, GiB (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 8MiB, 9GB, 1048576)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl ServeArgs {
+    /// Checks every option and turns them into the configuration `serve` runs on. The error names
+    /// the option and says what is allowed.
+    pub fn into_config(self) -> Result<ServeConfig, ConfigError> {
+        let ServeArgs {
+            network,
+            tls,
+            storage,
+            import,
+            batches,
+            operations,
+        } = self;
+        let acceptance = network.acceptance()?;
+        let tls_only = tls.tls_only;
+        let tls = tls.into_config()?;
+        if network.max_associations == 0 {
+            return Err(ConfigError::invalid(
+                "--max-associations",
+                "must be at least 1",
+            ));
+        }
+        let timeouts = network.timeouts()?;
+        let store = storage.store_config()?;
+        let batch_limits = batches.limits()?;
+        let import_config = import.import_config(&storage)?;
+        let job_store = job_store_config(import.job_table, &storage.store_dir);
+        Ok(ServeConfig {
+            listen: (!tls_only).then_some(network.listen),
+            tls,
+            peer_allow: network.peer_allow,
+            max_associations: network.max_associations,
+            acceptance,
+            timeouts,
+            store,
+            job_store,
+            import: import_config,
+            gateway_id: resolve_gateway_id(import.gateway_id),
+            batch_limits,
+            duplicate_policy: batches.duplicate_policy,
+            shutdown_deadline: operations.shutdown_deadline,
+            metrics_listen: operations.metrics_listen,
+            log: LogConfig {
+                format: operations.log_format,
+                filter: operations.log_level,
+            },
+        })
+    }
+}
+
+/// Fails on a zero duration: every timeout and batch duration needs time to pass.
+fn nonzero(option: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::invalid(option, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// Each UID of a list option, checked; an empty list means "no restriction" (`None`).
+fn uid_allow_list(
+    option: &'static str,
+    uids: &[String],
+) -> Result<Option<Vec<String>>, ConfigError> {
+    for uid in uids {
+        validate_uid(uid).map_err(|reason| ConfigError::Uid {
+            option,
+            uid: uid.clone(),
+            reason,
+        })?;
+    }
+    Ok((!uids.is_empty()).then(|| uids.to_vec()))
+}
+
+impl NetworkArgs {
+    fn acceptance(&self) -> Result<Acceptance, ConfigError> {
+        validate_ae_title(&self.ae_title).map_err(|e| ConfigError::invalid("--ae-title", e))?;
+        for ae in &self.calling_ae_allow {
+            validate_ae_title(ae).map_err(|e| ConfigError::invalid("--calling-ae-allow", e))?;
+        }
+        let sop_class_allow = uid_allow_list("--sop-class-allow", &self.sop_class_allow)?;
+        let transfer_syntax_allow =
+            uid_allow_list("--transfer-syntax-allow", &self.transfer_syntax_allow)?;
+        if !(4096..=16 * 1024 * 1024).contains(&self.max_pdu) {
+            return Err(ConfigError::invalid(
+                "--max-pdu",
+                format!("{} is outside 4096..=16777216", self.max_pdu),
+            ));
+        }
+        Ok(Acceptance {
+            ae_title: self.ae_title.trim().to_string(),
+            accept_any_called_ae: self.accept_any_called_ae,
+            calling_ae_allow: self.calling_ae_allow.clone(),
+            sop_class_allow,
+            transfer_syntax_allow,
+            max_pdu: self.max_pdu,
+        })
+    }
+
+    fn timeouts(&self) -> Result<Timeouts, ConfigError> {
+        Ok(Timeouts {
+            request: nonzero("--association-timeout", self.association_timeout)?,
+            idle: nonzero("--idle-timeout", self.idle_timeout)?,
+            io: nonzero("--io-timeout", self.io_timeout)?,
+        })
+    }
+}
+
+impl TlsArgs {
+    /// The TLS listener, when a certificate and key are given; the other TLS options need them.
+    fn into_config(self) -> Result<Option<TlsConfig>, ConfigError> {
+        let (cert, key) = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) => {
+                if self.tls_client_ca.is_some() || self.tls_only || !self.tls_ae_binding.is_empty()
+                {
+                    return Err(ConfigError::Combination(
+                        "--tls-client-ca, --tls-only and --tls-ae-binding need --tls-cert and --tls-key",
+                    ));
+                }
+                return Ok(None);
+            }
+            _ => {
+                return Err(ConfigError::Combination(
+                    "--tls-cert and --tls-key go together",
+                ));
+            }
+        };
+        if !self.tls_ae_binding.is_empty() && self.tls_client_ca.is_none() {
+            return Err(ConfigError::Combination(
+                "--tls-ae-binding needs --tls-client-ca (client certificates must be verified to be trusted)",
+            ));
+        }
+        let ae_bindings = self
+            .tls_ae_binding
+            .iter()
+            .map(|pair| parse_ae_binding(pair))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(TlsConfig {
+            listen: self.tls_listen,
+            files: TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            },
+            ae_bindings,
+        }))
+    }
+}
+
+/// One `AE=CN` pair of `--tls-ae-binding`, as (AE title, certificate common name).
+fn parse_ae_binding(pair: &str) -> Result<(String, String), ConfigError> {
+    match pair.split_once('=') {
+        Some((ae, cn)) if !cn.is_empty() => {
+            validate_ae_title(ae).map_err(|e| ConfigError::invalid("--tls-ae-binding", e))?;
+            Ok((ae.trim().to_string(), cn.to_string()))
+        }
+        _ => Err(ConfigError::invalid(
+            "--tls-ae-binding",
+            format!("'{pair}' is not AE=CN"),
+        )),
+    }
+}
+
+impl StorageArgs {
+    /// S3 when a bucket is given, else the local directory. The S3 settings are checked either way.
+    fn store_config(&self) -> Result<StoreConfig, ConfigError> {
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
+            return Err(ConfigError::invalid(
+                "--part-size",
+                format!("{} is outside S3's limits (5 MiB to 5 GiB)", self.part_size),
+            ));
+        }
+        let part_size = usize::try_from(self.part_size).map_err(|_| {
+            ConfigError::invalid(
+                "--part-size",
+                format!("{} is too large for this platform", self.part_size),
+            )
+        })?;
+        if !(1..=64).contains(&self.parts_in_flight) {
+            return Err(ConfigError::invalid(
+                "--parts-in-flight",
+                "must be between 1 and 64",
+            ));
+        }
+        if let Some(bucket) = &self.s3_bucket
+            && (bucket.is_empty() || bucket.contains('/'))
+        {
+            return Err(ConfigError::invalid(
+                "--s3-bucket",
+                format!(
+                    "'{bucket}' is not a bucket name (give the name only, without s3:// or a path)"
+                ),
+            ));
+        }
+        if self.s3_prefix.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "--s3-prefix",
+                "must not start with '/'",
+            ));
+        }
+        Ok(match &self.s3_bucket {
+            Some(bucket) => StoreConfig::S3 {
+                bucket: bucket.clone(),
+                prefix: self.s3_prefix.clone(),
+                force_path_style: self.s3_force_path_style,
+                part_size,
+                parts_in_flight: self.parts_in_flight,
+            },
+            None => StoreConfig::Local {
+                dir: self.store_dir.store_dir.clone(),
+            },
+        })
+    }
+}
+
+impl BatchArgs {
+    fn limits(&self) -> Result<BatchLimits, ConfigError> {
+        if self.batch_max_age > Duration::from_secs(1800) {
+            return Err(ConfigError::invalid(
+                "--batch-max-age",
+                "must be at most 30m (start-up recovery treats batches open for an hour as abandoned)",
+            ));
+        }
+        if !(1..=5000).contains(&self.batch_max_instances) {
+            return Err(ConfigError::invalid(
+                "--batch-max-instances",
+                "must be between 1 and 5000 (HealthImaging accepts at most 5000 files per import job)",
+            ));
+        }
+        if self.batch_max_bytes == 0 || self.batch_max_bytes > 10_000_000_000 {
+            return Err(ConfigError::invalid(
+                "--batch-max-bytes",
+                "must be above 0 and at most 10GB (HealthImaging's limit per import job)",
+            ));
+        }
+        Ok(BatchLimits {
+            idle: nonzero("--batch-idle", self.batch_idle)?,
+            max_age: nonzero("--batch-max-age", self.batch_max_age)?,
+            max_instances: self.batch_max_instances,
+            max_bytes: self.batch_max_bytes,
+        })
+    }
+}
+
+impl ImportArgs {
+    /// The import, when a state machine is given (then everything it needs must be too). The
+    /// results prefix is checked either way.
+    fn import_config(&self, storage: &StorageArgs) -> Result<Option<ImportConfig>, ConfigError> {
+        if self.results_prefix.starts_with('/')
+            || (!self.results_prefix.is_empty() && !self.results_prefix.ends_with('/'))
+        {
+            return Err(ConfigError::invalid(
+                "--results-prefix",
+                "must end with '/' and not start with one",
+            ));
+        }
+        if storage.s3_bucket.is_some()
+            && self.results_prefix.starts_with(&storage.s3_prefix)
+            && !storage.s3_prefix.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "--results-prefix",
+                "must not lie under --s3-prefix: HealthImaging reports any non-DICOM file in an import prefix as a failure",
+            ));
+        }
+        let Some(arn) = &self.state_machine_arn else {
+            return Ok(None);
+        };
+        if !arn.starts_with("arn:") {
+            return Err(ConfigError::invalid(
+                "--state-machine-arn",
+                format!("'{arn}' is not an ARN"),
+            ));
+        }
+        match (
+            &storage.s3_bucket,
+            &self.job_table.job_table,
+            &self.datastore_id,
+            &self.data_access_role_arn,
+        ) {
+            (Some(bucket), Some(table), Some(datastore_id), Some(role_arn)) => {
+                Ok(Some(ImportConfig {
+                    state_machine_arn: arn.clone(),
+                    settings: ImportSettings {
+                        datastore_id: datastore_id.clone(),
+                        data_access_role_arn: role_arn.clone(),
+                        results_bucket: bucket.clone(),
+                        results_prefix: self.results_prefix.clone(),
+                        table_name: table.clone(),
+                        poll_interval: self.import_poll_interval,
+                        max_polls: self.import_max_polls,
+                    },
+                }))
+            }
+            (bucket, table, datastore_id, role_arn) => {
+                let missing = [
+                    ("--s3-bucket", bucket.is_none()),
+                    ("--job-table", table.is_none()),
+                    ("--datastore-id", datastore_id.is_none()),
+                    ("--data-access-role-arn", role_arn.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(name, absent)| absent.then_some(name))
+                .collect();
+                Err(ConfigError::ImportNeeds { missing })
+            }
+        }
+    }
+}
+
+/// This gateway's name in job records: the one given, else the host name.
+fn resolve_gateway_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "dicom-gateway".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse_args(args: &[&str]) -> Result<ServeArgs, String> {
+        let mut full = vec!["dicom-gateway", "serve"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        let Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
+        Ok(*a)
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeConfig, String> {
+        parse_args(args)?.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let a = parse_args(&[]).unwrap();
+        assert_eq!(a.operations.shutdown_deadline, Duration::from_secs(25));
+        let c = a.into_config().unwrap();
+        assert_eq!(c.listen.map(|l| l.port()), Some(11112));
+        assert_eq!(c.acceptance.ae_title, "DICOM_GATEWAY");
+        assert_eq!(
+            c.store,
+            StoreConfig::Local {
+                dir: PathBuf::from("./dicom-store")
+            }
+        );
+        assert_eq!(
+            c.job_store,
+            JobStoreConfig::LocalJournal {
+                dir: PathBuf::from("./dicom-store/jobs")
+            }
+        );
+        assert_eq!(c.shutdown_deadline, Duration::from_secs(25));
+        assert_eq!(c.batch_limits.max_instances, 5000);
+        assert_eq!(c.batch_limits.max_bytes, 9_000_000_000);
+        assert_eq!(c.duplicate_policy, DuplicatePolicy::Overwrite);
+        assert!(c.tls.is_none());
+        assert!(c.import.is_none());
+        assert!(c.metrics_listen.is_none());
+        assert_eq!(c.acceptance.sop_class_allow, None);
+        assert_eq!(c.acceptance.transfer_syntax_allow, None);
+        assert_eq!(c.timeouts.request, Duration::from_secs(30));
+        assert_eq!(
+            c.log,
+            LogConfig {
+                format: LogFormat::Text,
+                filter: "info".into()
+            }
+        );
+        assert!(!c.gateway_id.is_empty());
+    }
+
+    #[test]
+    fn lists_are_comma_separated() {
+        let c = parse(&[
+            "--calling-ae-allow",
+            "CT1,MR1",
+            "--peer-allow",
+            "10.0.0.0/8,127.0.0.1/32",
+            "--sop-class-allow",
+            "1.2.840.10008.5.1.4.1.1.2,1.2.840.10008.1.1",
+        ])
+        .unwrap();
+        assert_eq!(c.acceptance.calling_ae_allow, vec!["CT1", "MR1"]);
+        assert_eq!(c.peer_allow.len(), 2);
+        assert_eq!(c.acceptance.sop_class_allow.map(|v| v.len()), Some(2));
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        assert!(
+            parse(&["--ae-title", "THIS_TITLE_IS_WAY_TOO_LONG"])
+                .unwrap_err()
+                .contains("--ae-title")
+        );
+        assert!(
+            parse(&["--sop-class-allow", "1.2.x"])
+                .unwrap_err()
+                .contains("--sop-class-allow")
+        );
+        assert!(
+            parse(&["--part-size", "1MiB"])
+                .unwrap_err()
+                .contains("--part-size")
+        );
+        assert!(
+            parse(&["--max-pdu", "100"])
+                .unwrap_err()
+                .contains("--max-pdu")
+        );
+        assert!(
+            parse(&["--batch-max-instances", "6000"])
+                .unwrap_err()
+                .contains("5000")
+        );
+        assert!(
+            parse(&["--s3-bucket", "s3://bucket/x"])
+                .unwrap_err()
+                .contains("--s3-bucket")
+        );
+        assert!(parse(&["--peer-allow", "not-a-cidr"]).is_err());
+        let e = parse(&[
+            "--state-machine-arn",
+            "arn:aws:states:us-east-1:1:stateMachine:x",
+            "--s3-bucket",
+            "b",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--job-table")
+                && e.contains("--datastore-id")
+                && e.contains("--data-access-role-arn"),
+            "{e}"
+        );
+        assert!(
+            parse(&[
+                "--s3-bucket",
+                "b",
+                "--s3-prefix",
+                "data/",
+                "--results-prefix",
+                "data/results/"
+            ])
+            .unwrap_err()
+            .contains("--results-prefix")
+        );
+    }
+
+    #[test]
+    fn messages_are_unchanged() {
+        let msg = |args: &[&str]| parse(args).unwrap_err();
+        assert_eq!(
+            msg(&["--ae-title", "THIS_TITLE_IS_WAY_TOO_LONG"]),
+            "--ae-title 'THIS_TITLE_IS_WAY_TOO_LONG' must be 1 to 16 characters"
+        );
+        assert_eq!(
+            msg(&["--max-pdu", "100"]),
+            "--max-pdu 100 is outside 4096..=16777216"
+        );
+        assert!(msg(&["--sop-class-allow", "1.2.x"]).starts_with("--sop-class-allow: '1.2.x': "));
+        assert_eq!(
+            msg(&["--idle-timeout", "0s"]),
+            "--idle-timeout must be greater than zero"
+        );
+        assert_eq!(
+            msg(&["--tls-cert", "c.pem"]),
+            "--tls-cert and --tls-key go together"
+        );
+        assert_eq!(
+            msg(&[
+                "--state-machine-arn",
+                "arn:aws:states:us-east-1:1:stateMachine:x",
+                "--s3-bucket",
+                "b",
+                "--job-table",
+                "t"
+            ]),
+            "--state-machine-arn also needs --datastore-id, --data-access-role-arn (the infra/ stack's outputs give them)"
+        );
+    }
+
+    #[test]
+    fn import_settings_exist_only_with_a_state_machine() {
+        let common = [
+            "--s3-bucket",
+            "b",
+            "--job-table",
+            "t",
+            "--datastore-id",
+            "ds",
+            "--data-access-role-arn",
+            "arn:aws:iam::1:role/r",
+            "--import-max-polls",
+            "10",
+        ];
+        let c = parse(&common).unwrap();
+        assert!(c.import.is_none(), "no state machine: batches stay CLOSED");
+        assert_eq!(c.job_store, JobStoreConfig::DynamoDb { table: "t".into() });
+
+        let mut args = common.to_vec();
+        args.extend([
+            "--state-machine-arn",
+            "arn:aws:states:us-east-1:1:stateMachine:x",
+        ]);
+        let import = parse(&args).unwrap().import.unwrap();
+        assert_eq!(
+            import.state_machine_arn,
+            "arn:aws:states:us-east-1:1:stateMachine:x"
+        );
+        let s = import.settings;
+        assert_eq!(s.datastore_id, "ds");
+        assert_eq!(s.data_access_role_arn, "arn:aws:iam::1:role/r");
+        assert_eq!(s.results_bucket, "b");
+        assert_eq!(s.results_prefix, "results/");
+        assert_eq!(s.table_name, "t");
+        assert_eq!(s.poll_interval, Duration::from_secs(60));
+        assert_eq!(s.max_polls, 10);
+    }
+
+    #[test]
+    fn s3_store_settings_are_grouped() {
+        let c = parse(&[
+            "--s3-bucket",
+            "b",
+            "--s3-prefix",
+            "in/",
+            "--s3-force-path-style",
+            "--part-size",
+            "16MiB",
+            "--parts-in-flight",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig::S3 {
+                bucket: "b".into(),
+                prefix: "in/".into(),
+                force_path_style: true,
+                part_size: 16 << 20,
+                parts_in_flight: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn tls_is_parsed_once_with_its_bindings() {
+        let c = parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--tls-ae-binding",
+            "CT1=ct1.hospital.example, MR1 =mr1",
+            "--tls-only",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, None, "--tls-only: no plain listener");
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.port(), 2762);
+        assert_eq!(tls.files.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.files.key, PathBuf::from("k.pem"));
+        assert_eq!(tls.files.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            tls.ae_bindings,
+            vec![
+                ("CT1".to_string(), "ct1.hospital.example".to_string()),
+                ("MR1".to_string(), "mr1".to_string())
+            ]
+        );
+
+        let plain_and_tls = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert!(plain_and_tls.listen.is_some());
+        assert!(plain_and_tls.tls.unwrap().ae_bindings.is_empty());
+
+        let e = parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--tls-ae-binding",
+            "CT1",
+        ])
+        .unwrap_err();
+        assert_eq!(e, "--tls-ae-binding 'CT1' is not AE=CN");
+        assert!(
+            parse(&["--tls-only"])
+                .unwrap_err()
+                .contains("need --tls-cert and --tls-key")
+        );
+        assert!(
+            parse(&[
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--tls-ae-binding",
+                "CT1=x"
+            ])
+            .unwrap_err()
+            .contains("--tls-client-ca")
+        );
+    }
+
+    #[test]
+    fn a_given_gateway_id_is_used() {
+        let c = parse(&["--gateway-id", "gw-7"]).unwrap();
+        assert_eq!(c.gateway_id, "gw-7");
+    }
+
+    #[test]
+    fn jobs_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "show",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "--job-table",
+            "t",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(j.command, JobsCommand::Show { .. }));
+        assert_eq!(
+            j.store.into_config(),
+            JobStoreConfig::DynamoDb { table: "t".into() }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "list",
+            "--limit",
+            "5",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(j.command, JobsCommand::List { limit: 5, .. }));
+        assert_eq!(
+            j.store.into_config(),
+            JobStoreConfig::LocalJournal {
+                dir: PathBuf::from("/data/jobs")
+            }
+        );
+    }
+
+    #[test]
+    fn job_status_is_case_insensitive() {
+        for given in ["completed", "COMPLETED_WITH_ERRORS", "Failed"] {
+            let cli =
+                Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--status", given]).unwrap();
+            let Command::Jobs(j) = cli.command else {
+                panic!()
+            };
+            let JobsCommand::List { status, .. } = j.command else {
+                panic!()
+            };
+            assert_eq!(
+                status.map(JobStatus::as_str),
+                Some(given.to_ascii_uppercase().as_str())
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--status", "done"]).is_err()
+        );
+    }
+
+    #[test]
+    fn echo_checks_both_ae_titles() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "echo",
+            "127.0.0.1:11112",
+            "--called-ae",
+            "THIS_TITLE_IS_WAY_TOO_LONG",
+        ])
+        .unwrap();
+        let Command::Echo(e) = cli.command else {
+            panic!()
+        };
+        assert!(
+            e.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--called-ae ")
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_bytes("9GB"), Ok(9_000_000_000));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+}
