@@ -341,15 +341,15 @@ impl Batcher {
             }
         }
         if is_open {
-            if let Some(b) = st.open.as_ref() {
-                if b.bytes >= self.limits.max_bytes {
-                    self.close_open(&mut st, CloseReason::MaxBytes);
-                }
+            if let Some(b) = st.open.as_ref()
+                && b.bytes >= self.limits.max_bytes
+            {
+                self.close_open(&mut st, CloseReason::MaxBytes);
             }
-        } else if batch.in_flight == 0 {
-            if let Some((b, reason)) = st.closing.remove(job_id) {
-                self.finalize(b, reason);
-            }
+        } else if batch.in_flight == 0
+            && let Some((b, reason)) = st.closing.remove(job_id)
+        {
+            self.finalize(b, reason);
         }
     }
 
@@ -626,9 +626,8 @@ mod tests {
         drop(a); // the first copy failed while a second is in flight
         let c = b.lease("1.8.2");
         let id = c.job_id().to_string();
-        assert_eq!(
+        assert!(
             b.lease("1.8.3").job_id() != id,
-            true,
             "two places taken: 1.8.1 (in flight) and 1.8.2"
         );
         a2.commit(5, "1.1", "AE");

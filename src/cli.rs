@@ -14,15 +14,16 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::association::Timeouts;
+use crate::association::{AcceptancePolicy, AeBinding, Timeouts};
 use crate::batch::{BatchLimits, DuplicatePolicy};
 use crate::config::{
-    Acceptance, ImportConfig, JobStoreConfig, LogConfig, LogFormat, ServeConfig, StoreConfig,
-    TlsConfig, validate_ae_title,
+    ImportConfig, JobStoreConfig, LogConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
+    validate_ae_title,
 };
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
+use crate::policy::SyntaxPolicy;
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::tls::TlsFiles;
 use crate::uid::{UidError, validate_uid};
@@ -492,9 +493,9 @@ impl ServeArgs {
             batches,
             operations,
         } = self;
-        let acceptance = network.acceptance()?;
         let tls_only = tls.tls_only;
-        let tls = tls.into_config()?;
+        let (tls, ae_bindings) = tls.into_config()?;
+        let acceptance = network.acceptance(ae_bindings)?;
         if network.max_associations == 0 {
             return Err(ConfigError::invalid(
                 "--max-associations",
@@ -553,7 +554,8 @@ fn uid_allow_list(
 }
 
 impl NetworkArgs {
-    fn acceptance(&self) -> Result<Acceptance, ConfigError> {
+    /// The acceptance policy; `ae_bindings` come from the TLS options.
+    fn acceptance(&self, ae_bindings: Vec<AeBinding>) -> Result<AcceptancePolicy, ConfigError> {
         validate_ae_title(&self.ae_title).map_err(|e| ConfigError::invalid("--ae-title", e))?;
         for ae in &self.calling_ae_allow {
             validate_ae_title(ae).map_err(|e| ConfigError::invalid("--calling-ae-allow", e))?;
@@ -567,13 +569,16 @@ impl NetworkArgs {
                 format!("{} is outside 4096..=16777216", self.max_pdu),
             ));
         }
-        Ok(Acceptance {
+        Ok(AcceptancePolicy {
             ae_title: self.ae_title.trim().to_string(),
             accept_any_called_ae: self.accept_any_called_ae,
             calling_ae_allow: self.calling_ae_allow.clone(),
-            sop_class_allow,
-            transfer_syntax_allow,
+            syntaxes: SyntaxPolicy::new(
+                sop_class_allow.as_deref(),
+                transfer_syntax_allow.as_deref(),
+            ),
             max_pdu: self.max_pdu,
+            ae_bindings,
         })
     }
 
@@ -587,8 +592,9 @@ impl NetworkArgs {
 }
 
 impl TlsArgs {
-    /// The TLS listener, when a certificate and key are given; the other TLS options need them.
-    fn into_config(self) -> Result<Option<TlsConfig>, ConfigError> {
+    /// The TLS listener, when a certificate and key are given (the other TLS options need them),
+    /// and the calling AE titles bound to client certificates (`--tls-ae-binding`).
+    fn into_config(self) -> Result<(Option<TlsConfig>, Vec<AeBinding>), ConfigError> {
         let (cert, key) = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => (cert, key),
             (None, None) => {
@@ -598,7 +604,7 @@ impl TlsArgs {
                         "--tls-client-ca, --tls-only and --tls-ae-binding need --tls-cert and --tls-key",
                     ));
                 }
-                return Ok(None);
+                return Ok((None, Vec::new()));
             }
             _ => {
                 return Err(ConfigError::Combination(
@@ -616,15 +622,15 @@ impl TlsArgs {
             .iter()
             .map(|pair| parse_ae_binding(pair))
             .collect::<Result<_, _>>()?;
-        Ok(Some(TlsConfig {
+        let tls = TlsConfig {
             listen: self.tls_listen,
             files: TlsFiles {
                 cert,
                 key,
                 client_ca: self.tls_client_ca,
             },
-            ae_bindings,
-        }))
+        };
+        Ok((Some(tls), ae_bindings))
     }
 }
 
@@ -808,6 +814,7 @@ fn resolve_gateway_id(given: Option<String>) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use dicom_dictionary_std::uids::CT_IMAGE_STORAGE;
 
     fn parse_args(args: &[&str]) -> Result<ServeArgs, String> {
         let mut full = vec!["dicom-gateway", "serve"];
@@ -854,8 +861,12 @@ mod tests {
         assert!(c.tls.is_none());
         assert!(c.import.is_none());
         assert!(c.metrics_listen.is_none());
-        assert_eq!(c.acceptance.sop_class_allow, None);
-        assert_eq!(c.acceptance.transfer_syntax_allow, None);
+        assert!(c.acceptance.syntaxes.accepts_sop_class(CT_IMAGE_STORAGE));
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_transfer_syntax("1.2.840.10008.1.2.4.50")
+        );
         assert_eq!(c.timeouts.request, Duration::from_secs(30));
         assert_eq!(
             c.log,
@@ -880,7 +891,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.acceptance.calling_ae_allow, vec!["CT1", "MR1"]);
         assert_eq!(c.peer_allow.len(), 2);
-        assert_eq!(c.acceptance.sop_class_allow.map(|v| v.len()), Some(2));
+        assert!(c.acceptance.syntaxes.accepts_sop_class(CT_IMAGE_STORAGE));
+        assert!(
+            !c.acceptance
+                .syntaxes
+                .accepts_sop_class("1.2.840.10008.5.1.4.1.1.4")
+        );
     }
 
     #[test]
@@ -1055,22 +1071,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.listen, None, "--tls-only: no plain listener");
-        let tls = c.tls.unwrap();
-        assert_eq!(tls.listen.port(), 2762);
-        assert_eq!(tls.files.cert, PathBuf::from("c.pem"));
-        assert_eq!(tls.files.key, PathBuf::from("k.pem"));
-        assert_eq!(tls.files.client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(
-            tls.ae_bindings,
+            c.acceptance.ae_bindings,
             vec![
                 ("CT1".to_string(), "ct1.hospital.example".to_string()),
                 ("MR1".to_string(), "mr1".to_string())
             ]
         );
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.port(), 2762);
+        assert_eq!(tls.files.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.files.key, PathBuf::from("k.pem"));
+        assert_eq!(tls.files.client_ca, Some(PathBuf::from("ca.pem")));
 
         let plain_and_tls = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert!(plain_and_tls.listen.is_some());
-        assert!(plain_and_tls.tls.unwrap().ae_bindings.is_empty());
+        assert!(plain_and_tls.tls.is_some());
+        assert!(plain_and_tls.acceptance.ae_bindings.is_empty());
 
         let e = parse(&[
             "--tls-cert",

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::association::Timeouts;
+use crate::association::{AcceptancePolicy, Timeouts};
 use crate::batch::{BatchLimits, DuplicatePolicy};
 use crate::import::ImportSettings;
 use crate::tls::TlsFiles;
@@ -27,7 +27,8 @@ pub struct ServeConfig {
     pub peer_allow: Vec<IpNet>,
     /// Most associations served at once.
     pub max_associations: usize,
-    pub acceptance: Acceptance,
+    /// What associations are accepted: who may call, under which AE title, for what.
+    pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,
     pub store: StoreConfig,
     pub job_store: JobStoreConfig,
@@ -44,31 +45,12 @@ pub struct ServeConfig {
     pub log: LogConfig,
 }
 
-/// What associations are accepted: who may call, under which AE title, for what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Acceptance {
-    /// Our AE title, trimmed.
-    pub ae_title: String,
-    pub accept_any_called_ae: bool,
-    /// Calling AE titles allowed to associate; empty allows any.
-    pub calling_ae_allow: Vec<String>,
-    /// SOP class UIDs accepted; `None`: every storage SOP class, plus Verification.
-    pub sop_class_allow: Option<Vec<String>>,
-    /// Transfer syntax UIDs accepted; `None`: every transfer syntax the standard defines.
-    pub transfer_syntax_allow: Option<Vec<String>>,
-    /// Maximum P-DATA PDU length we accept, in bytes.
-    pub max_pdu: u32,
-}
-
 /// The DICOM TLS listener and what it trusts.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub listen: SocketAddr,
     /// Certificate chain, key and (for mutual TLS) client CA bundle, reloaded on SIGHUP.
     pub files: TlsFiles,
-    /// (calling AE title, client certificate common name): that AE title is accepted only from
-    /// that certificate. Never empty without a client CA.
-    pub ae_bindings: Vec<(String, String)>,
 }
 
 /// Where instances are stored.

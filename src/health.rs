@@ -62,10 +62,10 @@ impl Readiness {
             return Err("shutting down".into());
         }
         let mut cache = self.cache.lock().await;
-        if let Some((at, result)) = cache.as_ref() {
-            if at.elapsed() < READINESS_CACHE {
-                return result.clone();
-            }
+        if let Some((at, result)) = cache.as_ref()
+            && at.elapsed() < READINESS_CACHE
+        {
+            return result.clone();
         }
         let result = self.probe().await;
         *cache = Some((Instant::now(), result.clone()));

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::association::{AcceptancePolicy, Services};
+use crate::association::Services;
 use crate::batch::Batcher;
 use crate::config::{ImportConfig, JobStoreConfig, ServeConfig, StoreConfig, TlsConfig};
 use crate::health::Readiness;
@@ -18,7 +18,6 @@ use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
 use crate::listener::Listener;
-use crate::policy::SyntaxPolicy;
 use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
@@ -165,25 +164,8 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
-    let acceptance = &config.acceptance;
-    let syntaxes = SyntaxPolicy::new(
-        acceptance.sop_class_allow.as_deref(),
-        acceptance.transfer_syntax_allow.as_deref(),
-    );
     let services = Arc::new(Services {
-        acceptance: AcceptancePolicy {
-            ae_title: acceptance.ae_title.clone(),
-            accept_any_called_ae: acceptance.accept_any_called_ae,
-            calling_ae_allow: acceptance.calling_ae_allow.clone(),
-            syntaxes,
-            max_pdu: acceptance.max_pdu,
-            // Bindings exist only with TLS: without it, no AE title is bound to a certificate.
-            ae_bindings: config
-                .tls
-                .as_ref()
-                .map(|tls| tls.ae_bindings.clone())
-                .unwrap_or_default(),
-        },
+        acceptance: config.acceptance.clone(),
         timeouts: config.timeouts,
         store: store.clone(),
         batcher: batcher.clone(),
@@ -200,12 +182,12 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         listen = %listener.local_addrs().0.map(|a| a.to_string()).unwrap_or_else(|| "off (--tls-only)".into()),
         tls_listen = %listener.local_addrs().1.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.files.client_ca.is_some()),
-        ae_title = %acceptance.ae_title,
+        ae_title = %config.acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
-        sop_classes = acceptance.sop_class_allow.as_ref().map(|v| v.len().to_string()).unwrap_or_else(|| "all storage + verification".into()),
+        sop_classes = config.acceptance.syntaxes.sop_class_count(),
         max_associations = config.max_associations,
         "dicom-gateway listening"
     );

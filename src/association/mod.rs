@@ -8,7 +8,7 @@
 
 mod negotiate;
 
-pub use negotiate::{AcceptancePolicy, AcceptedContext, Negotiation, negotiate};
+pub use negotiate::{AcceptancePolicy, AcceptedContext, AeBinding, Negotiation, negotiate};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

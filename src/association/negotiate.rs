@@ -15,6 +15,9 @@ use crate::part10::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::policy::SyntaxPolicy;
 use crate::uid::trim_uid;
 
+/// A calling AE title bound to the common name of a client certificate (`--tls-ae-binding`).
+pub type AeBinding = (String, String);
+
 /// What an association is checked against.
 #[derive(Debug, Clone)]
 pub struct AcceptancePolicy {
@@ -28,7 +31,7 @@ pub struct AcceptancePolicy {
     pub max_pdu: u32,
     /// (calling AE title, client certificate subject CN) pairs: on TLS, a calling AE title listed
     /// here is accepted only from a client whose certificate carries that common name.
-    pub ae_bindings: Vec<(String, String)>,
+    pub ae_bindings: Vec<AeBinding>,
 }
 
 /// A presentation context accepted for this association.
@@ -119,16 +122,15 @@ pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&st
         .ae_bindings
         .iter()
         .find(|(ae, _)| ae_matches(ae, &rq.calling_ae_title))
+        && peer_cn != Some(cn.as_str())
     {
-        if peer_cn != Some(cn.as_str()) {
-            return rejection(
-                Permanent,
-                AssociationRJSource::ServiceUser(
-                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
-                ),
-                "calling AE title not bound to the client certificate",
-            );
-        }
+        return rejection(
+            Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
+            "calling AE title not bound to the client certificate",
+        );
     }
 
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());

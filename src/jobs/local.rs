@@ -67,10 +67,10 @@ impl LocalJournal {
         };
         while let Some(entry) = rd.next_entry().await? {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                if let Ok(job) = serde_json::from_slice::<Job>(&tokio::fs::read(&path).await?) {
-                    jobs.push(job);
-                }
+            if path.extension().is_some_and(|e| e == "json")
+                && let Ok(job) = serde_json::from_slice::<Job>(&tokio::fs::read(&path).await?)
+            {
+                jobs.push(job);
             }
         }
         jobs.sort_by(|a, b| {

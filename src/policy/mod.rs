@@ -82,6 +82,11 @@ impl SyntaxPolicy {
         }
     }
 
+    /// How many SOP classes are accepted (for the start-up log line).
+    pub fn sop_class_count(&self) -> usize {
+        self.sop_classes.len()
+    }
+
     pub fn accepts_sop_class(&self, uid: &str) -> bool {
         self.sop_classes.contains(uid)
     }

@@ -153,7 +153,7 @@ impl LocalUpload {
             .file
             .take()
             .ok_or_else(|| std::io::Error::other("upload already finished"))?;
-        let buf = std::mem::replace(&mut self.buf, Vec::new());
+        let buf = std::mem::take(&mut self.buf);
         let (file, mut buf) = blocking(move || {
             file.write_all(&buf)?;
             Ok((file, buf))
@@ -229,12 +229,11 @@ impl ObjectUpload for LocalUpload {
 impl Drop for LocalUpload {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        if buf.capacity() >= WRITE_BUFFER {
-            if let Ok(mut pool) = self.pool.lock() {
-                if pool.len() < POOLED_BUFFERS {
-                    pool.push(buf);
-                }
-            }
+        if buf.capacity() >= WRITE_BUFFER
+            && let Ok(mut pool) = self.pool.lock()
+            && pool.len() < POOLED_BUFFERS
+        {
+            pool.push(buf);
         }
         if !self.temp.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.temp);
