@@ -6,7 +6,7 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 /// One line for logs and job records: `Code: message` when the service answered, otherwise the
 /// transport error (connection refused, timeout) with its causes.
-pub fn describe<E, R>(err: &SdkError<E, R>) -> String
+pub(crate) fn describe<E, R>(err: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
@@ -22,6 +22,6 @@ where
 }
 
 /// The error code when the service answered (e.g. `ConditionalCheckFailedException`).
-pub fn code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
+pub(crate) fn code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
     err.as_service_error().and_then(|e| e.code())
 }

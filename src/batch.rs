@@ -22,7 +22,7 @@ use tracing::{debug, info};
 
 /// What the batcher reports to the job recorder ([`crate::import::Pipeline`]), in order.
 #[derive(Debug, Clone)]
-pub enum BatchEvent {
+pub(crate) enum BatchEvent {
     /// A batch opened: its job is recorded OPEN, so a crash before it closes can be recovered.
     Opened {
         job_id: String,
@@ -36,7 +36,7 @@ pub enum BatchEvent {
 /// What to do with a SOP Instance UID received again within the same batch (`--duplicate-policy`).
 /// The batch is where a repeat is detected, so the rule lives beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DuplicatePolicy {
+pub(crate) enum DuplicatePolicy {
     /// Store the new copy in place of the earlier one (HealthImaging's own rule: the latest wins).
     Overwrite,
     /// Keep the stored copy; answer Success without storing the new one.
@@ -47,7 +47,7 @@ pub enum DuplicatePolicy {
 
 /// When a batch closes (see the module documentation).
 #[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
+pub(crate) struct BatchLimits {
     pub idle: Duration,
     pub max_age: Duration,
     pub max_instances: u32,
@@ -80,7 +80,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// The name recorded in job records (`closeReason`), the same as its serde form.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloseReason::Idle => "idle",
             CloseReason::MaxAge => "max-age",
@@ -92,7 +92,7 @@ impl CloseReason {
     }
 
     /// The reason a job record names, if it names one this version knows.
-    pub fn parse(name: &str) -> Option<CloseReason> {
+    pub(crate) fn parse(name: &str) -> Option<CloseReason> {
         use CloseReason::*;
         [Idle, MaxAge, MaxInstances, MaxBytes, Shutdown, Recovered]
             .into_iter()
@@ -103,7 +103,7 @@ impl CloseReason {
 /// A closed batch: what the job store records and the import is started from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BatchSummary {
+pub(crate) struct BatchSummary {
     pub job_id: String,
     pub created_at: String,
     pub closed_at: String,
@@ -119,7 +119,7 @@ pub struct BatchSummary {
 
 /// What the batch already holds of a SOP Instance UID when a lease is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// First time in this batch.
     New,
     /// Another copy is being received right now.
@@ -159,7 +159,7 @@ struct State {
 }
 
 /// Hands out leases and closes batches. One per process, shared by all associations.
-pub struct Batcher {
+pub(crate) struct Batcher {
     state: Mutex<State>,
     limits: BatchLimits,
     /// Maps a job id to its import input ([`crate::store::ObjectStore::input_s3_uri`]).
@@ -169,7 +169,7 @@ pub struct Batcher {
 }
 
 /// A reserved place in a batch for one instance in flight.
-pub struct BatchLease {
+pub(crate) struct BatchLease {
     job_id: String,
     sop_instance_uid: String,
     seen: Seen,
@@ -178,17 +178,17 @@ pub struct BatchLease {
 
 impl BatchLease {
     /// The job (batch) this instance belongs to: the first segment of its object key.
-    pub fn job_id(&self) -> &str {
+    pub(crate) fn job_id(&self) -> &str {
         &self.job_id
     }
 
     /// Whether this SOP Instance UID was already in the batch when the lease was taken.
-    pub fn seen(&self) -> Seen {
+    pub(crate) fn seen(&self) -> Seen {
         self.seen
     }
 
     /// The instance is durable: count it in its batch.
-    pub fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
+    pub(crate) fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
         if let Some(b) = self.batcher.take() {
             b.settle(
                 &self.job_id,
@@ -210,7 +210,7 @@ impl Drop for BatchLease {
 impl Batcher {
     /// `input_s3_uri` maps a job id to its import input; openings and closings are reported
     /// on `events`.
-    pub fn new(
+    pub(crate) fn new(
         limits: BatchLimits,
         input_s3_uri: impl Fn(&str) -> String + Send + Sync + 'static,
         events: mpsc::UnboundedSender<BatchEvent>,
@@ -231,7 +231,7 @@ impl Batcher {
 
     /// Reserves a place for one instance in the open batch, opening a new batch when needed. A
     /// SOP Instance UID already in the batch takes no new place: it will replace or be dropped.
-    pub fn lease(self: &Arc<Self>, sop_instance_uid: &str) -> BatchLease {
+    pub(crate) fn lease(self: &Arc<Self>, sop_instance_uid: &str) -> BatchLease {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(reason) = st.open.as_ref().and_then(|b| self.limit_reached(b, now)) {
@@ -389,7 +389,7 @@ impl Batcher {
     }
 
     /// Closes the open batch if its idle time or age is up. Called periodically.
-    pub fn tick(&self) {
+    pub(crate) fn tick(&self) {
         let now = Instant::now();
         let mut st = self.lock();
         let reason = st.open.as_ref().and_then(|b| self.limit_reached(b, now));
@@ -400,7 +400,7 @@ impl Batcher {
 
     /// Closes the open batch (shutdown) and waits until every closing batch is finalised, i.e.
     /// until every lease is settled, or `deadline` passes.
-    pub async fn close_all(&self, deadline: Duration) {
+    pub(crate) async fn close_all(&self, deadline: Duration) {
         self.close_open(&mut self.lock(), CloseReason::Shutdown);
         let until = tokio::time::Instant::now() + deadline;
         loop {
@@ -416,7 +416,7 @@ impl Batcher {
     }
 
     /// Runs [`Batcher::tick`] every second until `stop` is cancelled.
-    pub async fn run_timer(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    pub(crate) async fn run_timer(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut every = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {

@@ -41,14 +41,14 @@ echoscu -aec DICOM_GATEWAY localhost 11112\n  storescu -aec DICOM_GATEWAY +sd +r
 Every option can also be set through an environment variable DICOM_GATEWAY_<OPTION> \
 (for example DICOM_GATEWAY_AE_TITLE); see `dicom-gateway serve --help`."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the Store SCP: accept associations, store instances, close batches, start imports.
     Serve(Box<ServeArgs>),
     /// Inspect import jobs (one per batch): where a study is, and whether it reached HealthImaging.
@@ -61,7 +61,7 @@ pub enum Command {
 /// Why the options cannot make a configuration: names the option at fault and what it accepts.
 /// Reported as a usage error (exit status 2).
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// One option's value is outside what it accepts.
     #[error("{option} {problem}")]
     Invalid {
@@ -102,7 +102,7 @@ impl ConfigError {
 
 /// `dicom-gateway echo`: the peer to ask and the AE titles to use.
 #[derive(Debug, Clone, Args)]
-pub struct EchoArgs {
+pub(crate) struct EchoArgs {
     /// The peer, as host:port (e.g. 127.0.0.1:11112 or gateway.example.org:11112).
     pub peer: String,
 
@@ -121,7 +121,7 @@ pub struct EchoArgs {
 
 impl EchoArgs {
     /// Checks both AE titles.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         validate_ae_title(&self.ae_title).map_err(|e| ConfigError::invalid("--ae-title", e))?;
         validate_ae_title(&self.called_ae).map_err(|e| ConfigError::invalid("--called-ae", e))
     }
@@ -131,7 +131,7 @@ impl EchoArgs {
 
 /// `--store-dir`, shared by `serve` (the local store) and `jobs` (whose journal is in it).
 #[derive(Debug, Clone, Args)]
-pub struct StoreDirArg {
+pub(crate) struct StoreDirArg {
     /// Local directory store, used when no --s3-bucket is given. Its jobs/ subdirectory is the job
     /// journal when no --job-table is given.
     #[arg(
@@ -145,7 +145,7 @@ pub struct StoreDirArg {
 
 /// `--job-table`, shared by `serve` and `jobs`.
 #[derive(Debug, Clone, Args)]
-pub struct JobTableArg {
+pub(crate) struct JobTableArg {
     /// DynamoDB table for import job records. Without it, jobs are recorded in --store-dir/jobs/.
     #[arg(long, env = "DICOM_GATEWAY_JOB_TABLE", global = true)]
     pub job_table: Option<String>,
@@ -153,7 +153,7 @@ pub struct JobTableArg {
 
 /// Where the job records are: the same options (and environment variables) as `serve`.
 #[derive(Debug, Clone, Args)]
-pub struct JobStoreArgs {
+pub(crate) struct JobStoreArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
     #[command(flatten)]
@@ -162,7 +162,7 @@ pub struct JobStoreArgs {
 
 impl JobStoreArgs {
     /// The job store these options name.
-    pub fn into_config(self) -> JobStoreConfig {
+    pub(crate) fn into_config(self) -> JobStoreConfig {
         job_store_config(self.job_table, &self.store_dir)
     }
 }
@@ -179,7 +179,7 @@ fn job_store_config(table: JobTableArg, store_dir: &StoreDirArg) -> JobStoreConf
 
 /// `dicom-gateway jobs`: the job store and what to show from it.
 #[derive(Debug, Clone, Args)]
-pub struct JobsArgs {
+pub(crate) struct JobsArgs {
     #[command(flatten)]
     pub store: JobStoreArgs,
 
@@ -189,7 +189,7 @@ pub struct JobsArgs {
 
 /// `jobs list` or `jobs show`.
 #[derive(Debug, Clone, Subcommand)]
-pub enum JobsCommand {
+pub(crate) enum JobsCommand {
     /// Recent jobs, newest first, with status and counts.
     List {
         /// How many jobs to show.
@@ -216,7 +216,7 @@ pub enum JobsCommand {
 
 /// `dicom-gateway serve`, one flattened struct per `--help` section.
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub network: NetworkArgs,
     #[command(flatten)]
@@ -234,7 +234,7 @@ pub struct ServeArgs {
 /// Listening, association acceptance and association timeouts.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Network")]
-pub struct NetworkArgs {
+pub(crate) struct NetworkArgs {
     /// Address and port to listen on for DICOM associations.
     #[arg(long, env = "DICOM_GATEWAY_LISTEN", default_value = "0.0.0.0:11112")]
     pub listen: SocketAddr,
@@ -294,7 +294,7 @@ pub struct NetworkArgs {
 /// The DICOM TLS listener.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "TLS")]
-pub struct TlsArgs {
+pub(crate) struct TlsArgs {
     /// Address and port of the DICOM TLS listener (2762 is the DICOM TLS port). Used when
     /// --tls-cert is given, beside the plain listener (or instead of it, with --tls-only).
     #[arg(long, env = "DICOM_GATEWAY_TLS_LISTEN", default_value = "0.0.0.0:2762")]
@@ -325,7 +325,7 @@ pub struct TlsArgs {
 /// Where instances are stored.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Storage")]
-pub struct StorageArgs {
+pub(crate) struct StorageArgs {
     #[command(flatten)]
     pub store_dir: StoreDirArg,
 
@@ -356,7 +356,7 @@ pub struct StorageArgs {
 /// Job records and the HealthImaging import.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Import (HealthImaging)")]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
 
@@ -394,7 +394,7 @@ pub struct ImportArgs {
 /// When a batch closes, and what a repeated instance does to it.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Batches (one HealthImaging import job each)")]
-pub struct BatchArgs {
+pub(crate) struct BatchArgs {
     /// A batch closes after this long without a new instance.
     #[arg(long, env = "DICOM_GATEWAY_BATCH_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub batch_idle: Duration,
@@ -430,7 +430,7 @@ pub struct BatchArgs {
 /// Shutdown, health endpoints and logging.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Operations")]
-pub struct OperationsArgs {
+pub(crate) struct OperationsArgs {
     /// On SIGTERM/SIGINT, time given to running associations before they are aborted.
     #[arg(long, env = "DICOM_GATEWAY_SHUTDOWN_DEADLINE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_deadline: Duration,
@@ -456,7 +456,7 @@ pub struct OperationsArgs {
 
 /// Parses a byte size: a plain number, or a number with B, KB, MB, GB (powers of 1000) or
 /// KiB, MiB, GiB (powers of 1024).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -484,7 +484,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 impl ServeArgs {
     /// Checks every option and turns them into the configuration `serve` runs on. The error names
     /// the option and says what is allowed.
-    pub fn into_config(self) -> Result<ServeConfig, ConfigError> {
+    pub(crate) fn into_config(self) -> Result<ServeConfig, ConfigError> {
         let ServeArgs {
             network,
             tls,

@@ -18,7 +18,7 @@ use crate::tls::TlsFiles;
 
 /// Everything `serve` needs, checked: option values within their limits, combinations complete.
 #[derive(Debug, Clone)]
-pub struct ServeConfig {
+pub(crate) struct ServeConfig {
     /// Where to listen for plain DICOM associations; `None` when DICOM is served over TLS only.
     pub listen: Option<SocketAddr>,
     /// The DICOM TLS listener, when a certificate is configured.
@@ -47,7 +47,7 @@ pub struct ServeConfig {
 
 /// The DICOM TLS listener and what it trusts.
 #[derive(Debug, Clone)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     pub listen: SocketAddr,
     /// Certificate chain, key and (for mutual TLS) client CA bundle, reloaded on SIGHUP.
     pub files: TlsFiles,
@@ -55,7 +55,7 @@ pub struct TlsConfig {
 
 /// Where instances are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
+pub(crate) enum StoreConfig {
     /// A local directory (the default, no cloud needed).
     Local { dir: PathBuf },
     /// An S3 bucket; region, credentials and endpoint come from the standard AWS configuration.
@@ -73,7 +73,7 @@ pub enum StoreConfig {
 
 /// Where job records are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobStoreConfig {
+pub(crate) enum JobStoreConfig {
     /// A DynamoDB table (deployments; shared by gateways and the import state machine).
     DynamoDb { table: String },
     /// A journal of JSON files in this directory (the embedded default).
@@ -82,14 +82,14 @@ pub enum JobStoreConfig {
 
 /// The import state machine and the settings passed to each of its executions.
 #[derive(Debug, Clone)]
-pub struct ImportConfig {
+pub(crate) struct ImportConfig {
     pub state_machine_arn: String,
     pub settings: ImportSettings,
 }
 
 /// How the log is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     pub format: LogFormat,
     /// A tracing `EnvFilter` directive (RUST_LOG takes precedence when set).
     pub filter: String,
@@ -97,7 +97,7 @@ pub struct LogConfig {
 
 /// The log line format. Derives clap's `ValueEnum` so its names are written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line (for CloudWatch Logs and other collectors).
@@ -105,7 +105,7 @@ pub enum LogFormat {
 }
 
 /// Checks an AE title: 1-16 characters of the default repertoire, no backslash or control characters.
-pub fn validate_ae_title(ae: &str) -> Result<(), String> {
+pub(crate) fn validate_ae_title(ae: &str) -> Result<(), String> {
     let t = ae.trim();
     if t.is_empty() || t.len() > 16 {
         return Err(format!("'{ae}' must be 1 to 16 characters"));

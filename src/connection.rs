@@ -18,7 +18,7 @@ const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// The socket of one association and what reading and writing on it needs.
-pub struct Connection<S> {
+pub(crate) struct Connection<S> {
     /// Buffered both ways: PDU headers are read in small pieces, each message is written with one flush.
     stream: BufStream<S>,
     /// Reused for PDU bodies, so a busy association does not allocate a fresh max-PDU block per PDU.
@@ -34,7 +34,7 @@ pub struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// A connection that accepts P-DATA-TF PDUs of up to `max_pdu` bytes.
-    pub fn new(stream: S, max_pdu: u32, io_timeout: Duration) -> Self {
+    pub(crate) fn new(stream: S, max_pdu: u32, io_timeout: Duration) -> Self {
         Connection {
             stream: BufStream::with_capacity(READ_BUFFER, WRITE_BUFFER, stream),
             scratch: BytesMut::new(),
@@ -45,13 +45,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Records the peer's Maximum Length Received from the negotiation.
-    pub fn set_peer_max_pdu(&mut self, peer_max_pdu: u32) {
+    pub(crate) fn set_peer_max_pdu(&mut self, peer_max_pdu: u32) {
         self.peer_max_pdu = peer_max_pdu;
     }
 
     /// Reads the next PDU, waiting at most `wait`. `Ok(None)` is a clean close between PDUs;
     /// [`PduError::TimedOut`] means nothing complete arrived in time.
-    pub async fn read_pdu(&mut self, wait: Duration) -> Result<Option<Incoming>, PduError> {
+    pub(crate) async fn read_pdu(&mut self, wait: Duration) -> Result<Option<Incoming>, PduError> {
         let read = pdu::read_pdu_into(&mut self.stream, self.max_pdu, &mut self.scratch);
         tokio::time::timeout(wait, read)
             .await
@@ -59,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Encodes and sends a control PDU (association, release, abort).
-    pub async fn write_pdu(&mut self, p: &Pdu) -> Result<(), PduError> {
+    pub(crate) async fn write_pdu(&mut self, p: &Pdu) -> Result<(), PduError> {
         let write = pdu::write_pdu(&mut self.stream, p);
         tokio::time::timeout(self.io_timeout, write)
             .await
@@ -67,7 +67,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Sends a command set or data set on `context_id`, fragmented to the peer's maximum.
-    pub async fn write_message(
+    pub(crate) async fn write_message(
         &mut self,
         context_id: u8,
         is_command: bool,
@@ -86,7 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Sends an A-ABORT with `reason`, best effort: the association ends whatever happens.
-    pub async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
+    pub(crate) async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
         let _ = self.write_pdu(&pdu::abort(reason)).await;
     }
 }

@@ -15,12 +15,10 @@ use crate::uid::trim_uid;
 /// Command Field (0000,0100) values used here.
 pub mod command_field {
     pub const C_STORE_RQ: u16 = 0x0001;
-    pub const C_STORE_RSP: u16 = 0x8001;
-    pub const C_ECHO_RQ: u16 = 0x0030;
-    pub const C_ECHO_RSP: u16 = 0x8030;
-    pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub(crate) const C_ECHO_RQ: u16 = 0x0030;
+    pub(crate) const C_CANCEL_RQ: u16 = 0x0FFF;
     /// Bit set in the command field of every response.
-    pub const RESPONSE_BIT: u16 = 0x8000;
+    pub(crate) const RESPONSE_BIT: u16 = 0x8000;
 }
 
 /// A DIMSE status (0000,0900): what every response carries, and what logs and metrics show.
@@ -354,7 +352,10 @@ mod tests {
         let ok = response(&cmd, Status::SUCCESS, Some("ignored"));
         assert_eq!(response_status(&ok).unwrap(), Status::SUCCESS);
         let rsp = Command::parse(&ok).unwrap();
-        assert_eq!(rsp.command_field, command_field::C_STORE_RSP);
+        assert_eq!(
+            rsp.command_field,
+            command_field::C_STORE_RQ | command_field::RESPONSE_BIT
+        );
         assert!(!rsp.has_dataset);
         let failed = response(
             &cmd,

@@ -25,7 +25,7 @@ use crate::pdu::{self, Incoming, PduError};
 const NO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Error)]
-pub enum EchoError {
+pub(crate) enum EchoError {
     #[error("cannot connect to {peer}: {source}")]
     Connect {
         peer: String,
@@ -56,12 +56,12 @@ impl From<PduError> for EchoError {
 
 /// Result of a successful echo.
 #[derive(Debug)]
-pub struct EchoOk {
+pub(crate) struct EchoOk {
     pub round_trip: Duration,
 }
 
 /// Runs one C-ECHO against `peer` (host:port), calling `called_ae` as `calling_ae`.
-pub async fn echo(
+pub(crate) async fn echo(
     peer: &str,
     calling_ae: &str,
     called_ae: &str,

@@ -25,11 +25,11 @@ use crate::jobs::JobStore;
 use crate::store::ObjectStore;
 
 /// How long a readiness result is reused.
-pub const READINESS_CACHE: Duration = Duration::from_secs(3);
+pub(crate) const READINESS_CACHE: Duration = Duration::from_secs(3);
 /// Longest each dependency check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub struct Readiness {
+pub(crate) struct Readiness {
     store: Arc<dyn ObjectStore>,
     jobs: Arc<dyn JobStore>,
     trigger: Option<Arc<dyn ImportTrigger>>,
@@ -38,7 +38,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn ObjectStore>,
         jobs: Arc<dyn JobStore>,
         trigger: Option<Arc<dyn ImportTrigger>>,
@@ -52,12 +52,12 @@ impl Readiness {
         })
     }
 
-    pub fn shutting_down(&self) {
+    pub(crate) fn shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
     /// Ok when every dependency answers; otherwise what failed, one clause per dependency.
-    pub async fn check(&self) -> Result<(), String> {
+    pub(crate) async fn check(&self) -> Result<(), String> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err("shutting down".into());
         }
@@ -134,7 +134,7 @@ async fn metrics() -> impl IntoResponse {
 }
 
 /// Serves the three endpoints on `listener` until `stop` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     readiness: Arc<Readiness>,
     stop: CancellationToken,

@@ -27,7 +27,7 @@ use crate::metrics::metrics;
 use prometheus_client::metrics::counter::Counter;
 
 #[derive(Debug, Error)]
-pub enum ImportError {
+pub(crate) enum ImportError {
     #[error("Step Functions StartExecution failed: {0}")]
     StartExecution(String),
     #[error("Step Functions DescribeStateMachine failed: {0}")]
@@ -36,14 +36,14 @@ pub enum ImportError {
 
 /// What a started import is recorded with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Started {
+pub(crate) struct Started {
     pub execution_arn: String,
     pub output_s3_uri: String,
     pub datastore_id: String,
 }
 
 #[async_trait]
-pub trait ImportTrigger: Send + Sync + 'static {
+pub(crate) trait ImportTrigger: Send + Sync + 'static {
     /// Starts the import of `job`. Starting the same job twice must be harmless.
     async fn start(&self, job: &Job) -> Result<Started, ImportError>;
     /// A cheap call that succeeds only if the trigger is reachable and usable (readiness).
@@ -53,7 +53,7 @@ pub trait ImportTrigger: Send + Sync + 'static {
 
 /// The settings the import state machine needs, passed in each execution's input.
 #[derive(Debug, Clone)]
-pub struct ImportSettings {
+pub(crate) struct ImportSettings {
     pub datastore_id: String,
     pub data_access_role_arn: String,
     /// Bucket and key prefix for HealthImaging's output (`{resultsPrefix}{jobId}/`).
@@ -65,14 +65,14 @@ pub struct ImportSettings {
 }
 
 /// Starts the import state machine in `infra/` (Step Functions `StartExecution`).
-pub struct StepFunctionsTrigger {
+pub(crate) struct StepFunctionsTrigger {
     client: aws_sdk_sfn::Client,
     state_machine_arn: String,
     settings: ImportSettings,
 }
 
 impl StepFunctionsTrigger {
-    pub fn new(
+    pub(crate) fn new(
         client: aws_sdk_sfn::Client,
         state_machine_arn: String,
         settings: ImportSettings,
@@ -86,7 +86,7 @@ impl StepFunctionsTrigger {
 }
 
 /// The output location of a job's import: `s3://{bucket}/{resultsPrefix}{jobId}/`.
-pub fn output_s3_uri(settings: &ImportSettings, job_id: &str) -> String {
+pub(crate) fn output_s3_uri(settings: &ImportSettings, job_id: &str) -> String {
     format!(
         "s3://{}/{}{job_id}/",
         settings.results_bucket, settings.results_prefix
@@ -94,7 +94,7 @@ pub fn output_s3_uri(settings: &ImportSettings, job_id: &str) -> String {
 }
 
 /// The execution input: everything the state machine needs, so its definition stays generic.
-pub fn execution_input(job: &Job, settings: &ImportSettings) -> serde_json::Value {
+pub(crate) fn execution_input(job: &Job, settings: &ImportSettings) -> serde_json::Value {
     json!({
         "jobId": job.job_id,
         "datastoreId": settings.datastore_id,
@@ -111,7 +111,7 @@ pub fn execution_input(job: &Job, settings: &ImportSettings) -> serde_json::Valu
 
 /// The ARN of execution `name` of a state machine. A `#TestCase` suffix (LocalStack's mocked
 /// service integrations) is dropped.
-pub fn execution_arn(state_machine_arn: &str, name: &str) -> String {
+pub(crate) fn execution_arn(state_machine_arn: &str, name: &str) -> String {
     let base = state_machine_arn
         .split('#')
         .next()
@@ -171,7 +171,7 @@ impl ImportTrigger for StepFunctionsTrigger {
 }
 
 /// Records batches and starts their imports. One per process.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     jobs: Arc<dyn JobStore>,
     trigger: Option<Arc<dyn ImportTrigger>>,
     /// This gateway's name in the job records it writes.
@@ -185,7 +185,7 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 impl Pipeline {
-    pub fn new(
+    pub(crate) fn new(
         jobs: Arc<dyn JobStore>,
         trigger: Option<Arc<dyn ImportTrigger>>,
         gateway_id: String,
@@ -200,7 +200,7 @@ impl Pipeline {
     }
 
     /// Whether closed jobs are imported (a trigger is configured) or stay CLOSED.
-    pub fn imports(&self) -> bool {
+    pub(crate) fn imports(&self) -> bool {
         self.trigger.is_some()
     }
 
@@ -233,7 +233,7 @@ impl Pipeline {
     }
 
     /// Handles batch events until the channel closes, then waits for the work in progress.
-    pub async fn run(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<BatchEvent>) {
+    pub(crate) async fn run(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<BatchEvent>) {
         let mut tasks = JoinSet::new();
         while let Some(event) = events.recv().await {
             let me = self.clone();
@@ -276,7 +276,7 @@ impl Pipeline {
 
     /// Starts the import of a CLOSED job and records SUBMITTED. Without a trigger, does nothing:
     /// the job stays CLOSED (the embedded default).
-    pub async fn submit(&self, job: &Job) {
+    pub(crate) async fn submit(&self, job: &Job) {
         let Some(trigger) = &self.trigger else { return };
         let started = self
             .retry(

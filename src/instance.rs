@@ -24,12 +24,12 @@ use crate::uid::{UidError, validate_uid};
 
 /// The identifying UIDs must appear within this many bytes of the data set start. Real headers put
 /// them in the first few kilobytes; the cap bounds what a hostile or broken sender can make us hold.
-pub const HEADER_LIMIT: usize = 4 * 1024 * 1024;
+pub(crate) const HEADER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Why an instance was not stored. Each reason maps to the status its C-STORE is answered with
 /// ([`InstanceError::status`]) and a short, patient-data-free Error Comment.
 #[derive(Debug, Error)]
-pub enum InstanceError {
+pub(crate) enum InstanceError {
     #[error("Affected SOP Class UID: {0}")]
     CommandSopClassUid(UidError),
     #[error("Affected SOP Instance UID: {0}")]
@@ -65,7 +65,7 @@ pub enum InstanceError {
 
 impl InstanceError {
     /// The DIMSE status the C-STORE is answered with (PS3.4 Annex B).
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         use InstanceError::*;
         match self {
             StoreUnavailable(_) | StoreWrite(_) | StoreCommit(_) => Status::OUT_OF_RESOURCES,
@@ -85,7 +85,7 @@ impl InstanceError {
 
     /// The Error Comment sent to the peer. Store errors say what failed, not how: the details
     /// (bucket, endpoint, errno) are for our log, not for the sender.
-    pub fn comment(&self) -> String {
+    pub(crate) fn comment(&self) -> String {
         match self {
             InstanceError::StoreUnavailable(_) => "object store unavailable".into(),
             InstanceError::StoreWrite(_) => "object store write failed".into(),
@@ -119,7 +119,7 @@ enum State {
 }
 
 /// Receives one C-STORE data set, fragment by fragment, and makes it durable.
-pub struct InstanceReceiver {
+pub(crate) struct InstanceReceiver {
     target: Target,
     state: State,
     /// Data set bytes received so far, for the log of a discarded instance.
@@ -145,7 +145,7 @@ struct Target {
 }
 
 /// What an instance needs from its association.
-pub struct InstanceContext<'a> {
+pub(crate) struct InstanceContext<'a> {
     /// The presentation context's abstract syntax: the command's SOP class must match it.
     pub abstract_syntax: &'a str,
     pub transfer_syntax: &'a str,
@@ -156,7 +156,7 @@ pub struct InstanceContext<'a> {
 impl InstanceReceiver {
     /// Starts receiving the data set of `command`. A command that cannot be stored (invalid UIDs,
     /// a SOP class other than its context's) starts decided: its data set is consumed and refused.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn ObjectStore>,
         batcher: Arc<Batcher>,
         command: &Command,
@@ -202,7 +202,7 @@ impl InstanceReceiver {
     }
 
     /// Takes the next fragment of the data set.
-    pub async fn feed(&mut self, data: &[u8]) {
+    pub(crate) async fn feed(&mut self, data: &[u8]) {
         self.received += data.len() as u64;
         metrics().bytes_received.inc_by(data.len() as u64);
         match &mut self.state {
@@ -255,7 +255,7 @@ impl InstanceReceiver {
     }
 
     /// The data set is complete: make the object durable. `Ok` means Success may be answered.
-    pub async fn finish(mut self) -> Result<(), InstanceError> {
+    pub(crate) async fn finish(mut self) -> Result<(), InstanceError> {
         let outcome = match std::mem::replace(&mut self.state, State::Decided(Ok(()))) {
             State::Decided(outcome) => outcome,
             State::Uploading(up) => self.target.commit(up, self.started).await,
@@ -279,7 +279,7 @@ impl InstanceReceiver {
     }
 
     /// The association ended mid-instance: discard everything.
-    pub async fn abort(self) {
+    pub(crate) async fn abort(self) {
         if let State::Uploading(up) = self.state {
             up.upload.abort().await;
         }

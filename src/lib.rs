@@ -17,28 +17,30 @@
 //! - [`recovery`]: finishing the jobs a stopped gateway left OPEN or CLOSED;
 //! - [`policy`], [`uid`]: what is accepted; [`health`], [`metrics`]: what operators see;
 //! - [`cli`], [`config`]: the command line, turned once into a checked, typed configuration;
-//! - [`server`]: the wiring for `dicom-gateway serve`; [`echo`]: the client behind `dicom-gateway echo`.
+//! - [`server`]: the wiring for `dicom-gateway serve`; [`echo`]: the client behind `dicom-gateway echo`;
+//! - [`commands`]: the subcommands, run by `main`.
 
-pub mod association;
-pub mod aws;
-pub mod batch;
-pub mod cli;
-pub mod config;
-pub mod connection;
+pub(crate) mod association;
+pub(crate) mod aws;
+pub(crate) mod batch;
+pub(crate) mod cli;
+pub mod commands;
+pub(crate) mod config;
+pub(crate) mod connection;
 pub mod dimse;
-pub mod echo;
-pub mod health;
-pub mod import;
-pub mod instance;
+pub(crate) mod echo;
+pub(crate) mod health;
+pub(crate) mod import;
+pub(crate) mod instance;
 pub mod jobs;
-pub mod listener;
-pub mod metrics;
+pub(crate) mod listener;
+pub(crate) mod metrics;
 pub mod part10;
 pub mod pdu;
 pub mod policy;
-pub mod recovery;
-pub mod server;
+pub(crate) mod recovery;
+pub(crate) mod server;
 pub mod sniff;
 pub mod store;
-pub mod tls;
-pub mod uid;
+pub(crate) mod tls;
+pub(crate) mod uid;

@@ -40,7 +40,7 @@ const MAX_REJECTIONS_IN_FLIGHT: usize = 16;
 /// How long an early rejection waits for the peer's request.
 const REJECTION_WAIT: Duration = Duration::from_secs(5);
 
-pub struct Listener {
+pub(crate) struct Listener {
     /// The plain DICOM port (absent with --tls-only).
     plain: Option<TcpListener>,
     /// The DICOM TLS port and its (reloadable) TLS configuration.
@@ -64,7 +64,7 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 
 impl Listener {
     /// One association limit and one shutdown cover both ports.
-    pub fn new(
+    pub(crate) fn new(
         plain: Option<TcpListener>,
         tls: Option<(TcpListener, Arc<TlsSwitch>)>,
         services: Arc<Services>,
@@ -85,7 +85,7 @@ impl Listener {
     }
 
     /// Addresses actually bound: (plain, TLS).
-    pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    pub(crate) fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
         (
             self.plain.as_ref().and_then(|l| l.local_addr().ok()),
             self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
@@ -94,7 +94,7 @@ impl Listener {
 
     /// Accepts associations until `graceful` is cancelled, then waits up to `deadline` for running
     /// associations to finish before aborting the rest.
-    pub async fn run(self, graceful: CancellationToken, deadline: Duration) {
+    pub(crate) async fn run(self, graceful: CancellationToken, deadline: Duration) {
         let mut backoff = Duration::from_millis(10);
         loop {
             let (accepted, tls) = tokio::select! {

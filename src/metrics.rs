@@ -15,16 +15,16 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
+pub(crate) struct StatusLabel {
     pub status: String,
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub associations_active: Gauge,
     pub associations: Counter,
@@ -119,7 +119,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn reject(&self, reason: &str) {
+    pub(crate) fn reject(&self, reason: &str) {
         self.associations_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -127,7 +127,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn failed(&self, status: crate::dimse::Status) {
+    pub(crate) fn failed(&self, status: crate::dimse::Status) {
         self.instances_failed
             .get_or_create(&StatusLabel {
                 status: status.to_string(),
@@ -136,7 +136,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -147,7 +147,7 @@ impl Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The process's metrics.
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     &METRICS
 }
 

@@ -11,19 +11,19 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// PDU type of P-DATA-TF (PS3.8 §9.3.5), the only one read without dicom-ul.
-pub const PDATA_TF: u8 = 0x04;
+pub(crate) const PDATA_TF: u8 = 0x04;
 /// Every PDU starts with its type, a reserved byte and a 4-byte big-endian length (PS3.8 §9.3.1).
-pub const PDU_HEADER_SIZE: usize = 6;
+pub(crate) const PDU_HEADER_SIZE: usize = 6;
 /// A PDV item starts with its 4-byte length, then the presentation context ID and the message
 /// control header (PS3.8 §9.3.5.1).
-pub const PDV_HEADER_SIZE: usize = 6;
+pub(crate) const PDV_HEADER_SIZE: usize = 6;
 /// The part of a PDV header its item length counts: context ID and message control header.
 const PDV_CONTROL_SIZE: usize = 2;
 /// Message control header bits (PS3.8 Annex E.2).
 const PDV_COMMAND_BIT: u8 = 0x01;
 const PDV_LAST_BIT: u8 = 0x02;
 /// Upper bound for the non-data PDUs (an A-ASSOCIATE-RQ with 128 contexts is far below this).
-pub const MAX_CONTROL_PDU: u32 = 256 * 1024;
+pub(crate) const MAX_CONTROL_PDU: u32 = 256 * 1024;
 
 #[derive(Debug, Error)]
 pub enum PduError {
@@ -45,7 +45,7 @@ pub enum PduError {
 
 impl PduError {
     /// The A-ABORT reason this error should be reported to the peer with.
-    pub fn abort_reason(&self) -> AbortRQServiceProviderReason {
+    pub(crate) fn abort_reason(&self) -> AbortRQServiceProviderReason {
         match self {
             PduError::UnknownType(_) => AbortRQServiceProviderReason::UnrecognizedPdu,
             PduError::TooLarge { .. } | PduError::Malformed(_) | PduError::Decode(_) => {
@@ -73,7 +73,8 @@ pub enum Incoming {
 
 /// Reads the next PDU. `Ok(None)` means the peer closed the connection between PDUs.
 /// `max_pdata` is the largest P-DATA-TF body accepted (our negotiated maximum length).
-pub async fn read_pdu<R: AsyncRead + Unpin>(
+#[cfg(test)]
+pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
     r: &mut R,
     max_pdata: u32,
 ) -> Result<Option<Incoming>, PduError> {
@@ -193,7 +194,7 @@ pub fn encode_pdata(context_id: u8, is_command: bool, is_last: bool, data: &[u8]
 
 /// Sends a message part (a command set or a data set) as PDVs no larger than the peer accepts.
 /// `peer_max` is the peer's Maximum Length Received; 0 means unlimited.
-pub async fn write_message<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,
     context_id: u8,
     is_command: bool,
@@ -220,7 +221,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 }
 
 /// Encodes and sends a non-data PDU.
-pub async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu) -> Result<(), PduError> {
+pub(crate) async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu) -> Result<(), PduError> {
     let mut out = Vec::with_capacity(512);
     dicom_ul::pdu::write_pdu(&mut out, pdu).map_err(|e| PduError::Decode(e.to_string()))?;
     w.write_all(&out).await?;
@@ -229,7 +230,7 @@ pub async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu) -> Result<()
 }
 
 /// An A-ABORT from the service provider (us) with `reason`.
-pub fn abort(reason: AbortRQServiceProviderReason) -> Pdu {
+pub(crate) fn abort(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
     }

@@ -21,7 +21,12 @@ use crate::store::ObjectStore;
 /// gateway are started at once (this gateway crashed between recording and starting them); jobs of
 /// other gateways only once they have been CLOSED for `grace`, so a live gateway's own in-progress
 /// submission is not raced (and if it is, the idempotent start makes the race harmless).
-pub fn should_resubmit(job: &Job, gateway_id: &str, now: SystemTime, grace: Duration) -> bool {
+pub(crate) fn should_resubmit(
+    job: &Job,
+    gateway_id: &str,
+    now: SystemTime,
+    grace: Duration,
+) -> bool {
     if job.status != JobStatus::Closed {
         return false;
     }
@@ -41,12 +46,12 @@ pub fn should_resubmit(job: &Job, gateway_id: &str, now: SystemTime, grace: Dura
 
 /// How long another gateway's batch may stay OPEN before recovery takes it over. Far above any
 /// allowed `--batch-max-age` (at most 30 minutes), so a live gateway's open batch is never touched.
-pub const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
 /// Whether an OPEN job was left behind by a gateway that stopped without closing its batch
 /// (SIGKILL, out of memory, lost host). This gateway's own OPEN jobs from before this process
 /// started are orphans at once; another gateway's only after [`ORPHAN_AGE`].
-pub fn is_orphaned_open(
+pub(crate) fn is_orphaned_open(
     job: &Job,
     gateway_id: &str,
     process_started: SystemTime,
@@ -67,7 +72,7 @@ pub fn is_orphaned_open(
 }
 
 /// Start-up recovery of the jobs a stopped gateway (this one, or another of the fleet) left behind.
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Starts the imports of recovered jobs, exactly as for a batch that closed normally.
     pipeline: Arc<Pipeline>,
     jobs: Arc<dyn JobStore>,
@@ -80,7 +85,7 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(
+    pub(crate) fn new(
         pipeline: Arc<Pipeline>,
         jobs: Arc<dyn JobStore>,
         store: Arc<dyn ObjectStore>,
@@ -146,7 +151,7 @@ impl Recovery {
 
     /// Start-up recovery: closes batches left OPEN by a stopped gateway, then starts the imports
     /// of jobs left CLOSED (see [`should_resubmit`]). Returns how many jobs it acted on.
-    pub async fn run(&self, grace: Duration) -> Result<usize, JobStoreError> {
+    pub(crate) async fn run(&self, grace: Duration) -> Result<usize, JobStoreError> {
         let adopted = self.close_orphans().await?;
         if !self.pipeline.imports() {
             return Ok(adopted);

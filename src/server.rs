@@ -37,7 +37,7 @@ async fn aws_config() -> aws_config::SdkConfig {
 }
 
 /// The job store the configuration names: a DynamoDB table, or the local journal.
-pub async fn open_job_store(config: &JobStoreConfig) -> Arc<dyn JobStore> {
+pub(crate) async fn open_job_store(config: &JobStoreConfig) -> Arc<dyn JobStore> {
     match config {
         JobStoreConfig::DynamoDb { table } => Arc::new(DynamoJobStore::new(
             aws_sdk_dynamodb::Client::new(&aws_config().await),
@@ -107,7 +107,7 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
-pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = open_store(&config.store).await?;
     let jobs = open_job_store(&config.job_store).await;
     let trigger = match &config.import {
@@ -262,7 +262,7 @@ fn spawn_tls_reloader(switch: Arc<TlsSwitch>) {
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -162,11 +162,6 @@ impl HeaderSniffer {
         }
     }
 
-    /// True once everything of interest has been seen; further input is ignored.
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
     /// Feeds the next fragment of the data set (as received, i.e. still deflated if it was).
     pub fn feed(&mut self, data: &[u8]) -> Result<bool, SniffError> {
         if self.done {
@@ -419,14 +414,14 @@ pub(crate) mod tests {
     use std::io::Write;
 
     /// A tiny data set encoder for tests: enough to write every shape the sniffer must handle.
-    pub struct Enc {
+    pub(crate) struct Enc {
         pub explicit: bool,
         pub big: bool,
         pub out: Vec<u8>,
     }
 
     impl Enc {
-        pub fn new(explicit: bool, big: bool) -> Self {
+        pub(crate) fn new(explicit: bool, big: bool) -> Self {
             Enc {
                 explicit,
                 big,
@@ -447,7 +442,7 @@ pub(crate) mod tests {
                 v.to_le_bytes()
             });
         }
-        pub fn header(&mut self, tag: u32, vr: &[u8; 2], len: u32) -> &mut Self {
+        pub(crate) fn header(&mut self, tag: u32, vr: &[u8; 2], len: u32) -> &mut Self {
             self.u16((tag >> 16) as u16);
             self.u16(tag as u16);
             if tag >> 16 == 0xFFFE || !self.explicit {
@@ -462,7 +457,7 @@ pub(crate) mod tests {
             }
             self
         }
-        pub fn el(&mut self, tag: u32, vr: &[u8; 2], value: &[u8]) -> &mut Self {
+        pub(crate) fn el(&mut self, tag: u32, vr: &[u8; 2], value: &[u8]) -> &mut Self {
             let mut v = value.to_vec();
             if v.len() % 2 == 1 {
                 v.push(if vr == b"UI" { 0 } else { b' ' });
@@ -476,7 +471,7 @@ pub(crate) mod tests {
     /// A data set with the shapes found in real headers: group length, a defined-length and an
     /// undefined-length sequence (nested), a private UN element of undefined length, a large value
     /// to skip, then the UIDs and trailing pixel data.
-    pub fn sample_dataset(explicit: bool, big: bool) -> Vec<u8> {
+    pub(crate) fn sample_dataset(explicit: bool, big: bool) -> Vec<u8> {
         let mut e = Enc::new(explicit, big);
         e.el(0x0008_0005, b"CS", b"ISO_IR 100");
         e.el(0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2");

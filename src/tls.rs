@@ -17,7 +17,7 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
 #[derive(Debug, Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read {path}: {message}")]
     Read { path: PathBuf, message: String },
     #[error("{0}")]
@@ -26,7 +26,7 @@ pub enum TlsError {
 
 /// Where the TLS material comes from.
 #[derive(Debug, Clone)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
@@ -40,7 +40,7 @@ fn read_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
 }
 
 /// Builds the server configuration from the files.
-pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+pub(crate) fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| read_err(&files.cert, e))?
         .collect::<Result<_, _>>()
@@ -76,13 +76,13 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
 }
 
 /// The current acceptor, replaced on reload.
-pub struct TlsSwitch {
+pub(crate) struct TlsSwitch {
     files: TlsFiles,
     current: RwLock<TlsAcceptor>,
 }
 
 impl TlsSwitch {
-    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+    pub(crate) fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
         let config = server_config(&files)?;
         Ok(Arc::new(TlsSwitch {
             current: RwLock::new(TlsAcceptor::from(Arc::new(config))),
@@ -90,7 +90,7 @@ impl TlsSwitch {
         }))
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -98,7 +98,7 @@ impl TlsSwitch {
     }
 
     /// Reads the files again; on error the previous configuration stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = server_config(&self.files)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) =
             TlsAcceptor::from(Arc::new(config));
@@ -107,7 +107,7 @@ impl TlsSwitch {
 }
 
 /// The subject common name of a DER certificate.
-pub fn subject_cn(cert: &[u8]) -> Option<String> {
+pub(crate) fn subject_cn(cert: &[u8]) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
     parsed
         .subject()

@@ -10,7 +10,7 @@ use thiserror::Error;
 /// Why a string is not a UID. Carries no part of the value: UIDs are not patient data, but keeping
 /// rejected input out of messages keeps every log line safe by construction.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum UidError {
+pub(crate) enum UidError {
     #[error("UID is empty")]
     Empty,
     #[error("UID is {0} characters long; at most 64 are allowed")]
@@ -22,12 +22,12 @@ pub enum UidError {
 }
 
 /// Removes the padding DICOM puts on UI values (a trailing NUL) and the spaces some senders use.
-pub fn trim_uid(raw: &str) -> &str {
+pub(crate) fn trim_uid(raw: &str) -> &str {
     raw.trim_end_matches(['\0', ' ']).trim_start_matches(' ')
 }
 
 /// Checks that `uid` (already trimmed) is a well-formed DICOM UID.
-pub fn validate_uid(uid: &str) -> Result<(), UidError> {
+pub(crate) fn validate_uid(uid: &str) -> Result<(), UidError> {
     if uid.is_empty() {
         return Err(UidError::Empty);
     }

@@ -8,7 +8,7 @@
 
 mod negotiate;
 
-pub use negotiate::{AcceptancePolicy, AcceptedContext, AeBinding, Negotiation, negotiate};
+pub(crate) use negotiate::{AcceptancePolicy, AcceptedContext, AeBinding, Negotiation, negotiate};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,7 +32,7 @@ const MAX_COMMAND_SET: usize = 64 * 1024;
 
 /// Timeouts of one association.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// From connection to a complete A-ASSOCIATE-RQ (the ARTIM timer of PS3.8 §9.1.5).
     pub request: Duration,
     /// Longest wait for the next PDU once associated.
@@ -42,7 +42,7 @@ pub struct Timeouts {
 }
 
 /// What every association shares: the policy it is negotiated under and where instances go.
-pub struct Services {
+pub(crate) struct Services {
     pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,
     pub store: Arc<dyn ObjectStore>,
@@ -124,7 +124,7 @@ enum End {
 }
 
 /// Runs one association over its [`Connection`]: negotiation, then the DIMSE loop.
-pub struct Handler<S> {
+pub(crate) struct Handler<S> {
     connection: Connection<S>,
     peer: SocketAddr,
     services: Arc<Services>,
@@ -135,7 +135,7 @@ pub struct Handler<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
-    pub fn new(
+    pub(crate) fn new(
         stream: S,
         peer: SocketAddr,
         services: Arc<Services>,
@@ -152,13 +152,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 
     /// Records the client certificate's subject common name (TLS with client certificates).
-    pub fn with_peer_cn(mut self, cn: Option<String>) -> Self {
+    pub(crate) fn with_peer_cn(mut self, cn: Option<String>) -> Self {
         self.peer_cn = cn;
         self
     }
 
     /// Runs the association to its end. Errors are logged here, once, with the association's span.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let rq = match self.read_request().await {
             Ok(rq) => rq,
             Err(reason) => {
@@ -540,7 +540,7 @@ async fn abandon(state: Dimse) {
 
 /// Reads an A-ASSOCIATE-RQ (briefly) and answers it with `rj`. Used for peers turned away before
 /// negotiation: outside the address allow-list, or over the association limit.
-pub async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     rj: AssociationRJ,
     wait: Duration,

@@ -16,11 +16,11 @@ use crate::policy::SyntaxPolicy;
 use crate::uid::trim_uid;
 
 /// A calling AE title bound to the common name of a client certificate (`--tls-ae-binding`).
-pub type AeBinding = (String, String);
+pub(crate) type AeBinding = (String, String);
 
 /// What an association is checked against.
 #[derive(Debug, Clone)]
-pub struct AcceptancePolicy {
+pub(crate) struct AcceptancePolicy {
     /// Our AE title; the called AE title must match it unless `accept_any_called_ae`.
     pub ae_title: String,
     pub accept_any_called_ae: bool,
@@ -36,13 +36,13 @@ pub struct AcceptancePolicy {
 
 /// A presentation context accepted for this association.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcceptedContext {
+pub(crate) struct AcceptedContext {
     pub abstract_syntax: String,
     pub transfer_syntax: String,
 }
 
 #[derive(Debug)]
-pub enum Negotiation {
+pub(crate) enum Negotiation {
     Accepted {
         ac: AssociationAC,
         contexts: HashMap<u8, AcceptedContext>,
@@ -58,11 +58,11 @@ pub enum Negotiation {
 }
 
 /// AE titles are compared without their space padding, case-sensitively (PS3.8 §9.3.2).
-pub fn ae_matches(a: &str, b: &str) -> bool {
+pub(crate) fn ae_matches(a: &str, b: &str) -> bool {
     a.trim() == b.trim()
 }
 
-pub fn rejection(
+pub(crate) fn rejection(
     result: AssociationRJResult,
     source: AssociationRJSource,
     reason: &'static str,
@@ -74,7 +74,11 @@ pub fn rejection(
 }
 
 /// `peer_cn` is the subject common name of the client's TLS certificate, if any.
-pub fn negotiate(rq: &AssociationRQ, cfg: &AcceptancePolicy, peer_cn: Option<&str>) -> Negotiation {
+pub(crate) fn negotiate(
+    rq: &AssociationRQ,
+    cfg: &AcceptancePolicy,
+    peer_cn: Option<&str>,
+) -> Negotiation {
     use AssociationRJResult::Permanent;
     if rq.protocol_version & 1 == 0 {
         return rejection(

@@ -16,15 +16,15 @@ use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::batch::CloseReason;
 
 /// Name of the global secondary index on (status, createdAt).
-pub const STATUS_INDEX: &str = "status-createdAt";
+pub(crate) const STATUS_INDEX: &str = "status-createdAt";
 
-pub struct DynamoJobStore {
+pub(crate) struct DynamoJobStore {
     client: Client,
     table: String,
 }
 
 impl DynamoJobStore {
-    pub fn new(client: Client, table: String) -> Self {
+    pub(crate) fn new(client: Client, table: String) -> Self {
         DynamoJobStore { client, table }
     }
 }
@@ -161,7 +161,7 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
 }
 
 /// The update expression and values for a transition to `to`, conditional on a predecessor status.
-pub fn transition_update(
+pub(crate) fn transition_update(
     to: JobStatus,
     t: &Transition,
 ) -> (String, String, HashMap<String, AttributeValue>) {

@@ -11,22 +11,22 @@ use tokio::sync::Mutex;
 
 use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
 
-pub struct LocalJournal {
+pub(crate) struct LocalJournal {
     dir: PathBuf,
     lock: Mutex<()>,
 }
 
 impl LocalJournal {
-    pub const DIR_NAME: &'static str = "jobs";
+    pub(crate) const DIR_NAME: &'static str = "jobs";
 
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         LocalJournal {
             dir: dir.into(),
             lock: Mutex::new(()),
         }
     }
 
-    pub fn path_of(&self, job_id: &str) -> PathBuf {
+    pub(crate) fn path_of(&self, job_id: &str) -> PathBuf {
         self.dir.join(format!("{job_id}.json"))
     }
 

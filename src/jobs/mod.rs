@@ -8,14 +8,15 @@
 //! for deployments and a journal of JSON files ([`local::LocalJournal`]) as the embedded default.
 
 pub mod dynamodb;
-pub mod local;
-pub mod report;
+pub(crate) mod local;
+pub(crate) mod report;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::batch::{BatchSummary, CloseReason};
+use crate::batch::BatchSummary;
+pub use crate::batch::CloseReason;
 
 /// Where a job is in its life. The names (OPEN, ..., COMPLETED_WITH_ERRORS) are the same in job
 /// records, in the state machine and on the command line (`jobs list --status`).
@@ -33,7 +34,7 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 7] = [
+    pub(crate) const ALL: [JobStatus; 7] = [
         Self::Open,
         Self::Closed,
         Self::Submitted,
@@ -58,19 +59,19 @@ impl JobStatus {
     }
 
     /// Whether a job in `self` may move to `next`. Only forward, never out of a final status.
-    pub fn can_move_to(self, next: JobStatus) -> bool {
+    pub(crate) fn can_move_to(self, next: JobStatus) -> bool {
         next.rank() > self.rank()
     }
 
     /// The statuses a job may be in for a move to `self` (for conditional updates).
-    pub fn predecessors(self) -> Vec<JobStatus> {
+    pub(crate) fn predecessors(self) -> Vec<JobStatus> {
         Self::ALL
             .into_iter()
             .filter(|s| s.can_move_to(self))
             .collect()
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Open => "OPEN",
             Self::Closed => "CLOSED",
@@ -83,7 +84,7 @@ impl JobStatus {
     }
 
     /// The status named exactly `s` (as stored in job records).
-    pub fn parse(s: &str) -> Option<JobStatus> {
+    pub(crate) fn parse(s: &str) -> Option<JobStatus> {
         <Self as clap::ValueEnum>::from_str(s, false).ok()
     }
 }
@@ -169,7 +170,7 @@ impl Job {
     }
 
     /// The job for a closed batch.
-    pub fn closed(batch: &BatchSummary, gateway_id: &str) -> Job {
+    pub(crate) fn closed(batch: &BatchSummary, gateway_id: &str) -> Job {
         let mut job = Job::opened(
             &batch.job_id,
             &batch.created_at,
@@ -212,7 +213,7 @@ pub enum JobStoreError {
 
 /// What a transition sets besides the status.
 #[derive(Debug, Clone, Default)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub execution_arn: Option<String>,
     pub submitted_at: Option<String>,
     pub message: Option<String>,
@@ -221,7 +222,7 @@ pub struct Transition {
 }
 
 #[async_trait]
-pub trait JobStore: Send + Sync + 'static {
+pub(crate) trait JobStore: Send + Sync + 'static {
     /// Records a batch that has just opened. A job that already exists is left alone.
     async fn record_open(&self, job: &Job) -> Result<(), JobStoreError>;
 

@@ -7,7 +7,7 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 }
 
 /// One line per job, newest first, under a header.
-pub fn table(jobs: &[Job]) -> String {
+pub(crate) fn table(jobs: &[Job]) -> String {
     let mut out = format!(
         "{:<26}  {:<21}  {:<24}  {:>9}  {:>12}  {:>8}  {:>6}\n",
         "JOB ID", "STATUS", "CREATED", "INSTANCES", "BYTES", "IMPORTED", "FAILED"
@@ -31,7 +31,7 @@ pub fn table(jobs: &[Job]) -> String {
 }
 
 /// Every attribute of a job, one per line, with a hint on what to do next.
-pub fn details(job: &Job) -> String {
+pub(crate) fn details(job: &Job) -> String {
     let value = serde_json::to_value(job).unwrap_or_default();
     let mut out = String::new();
     if let Some(map) = value.as_object() {
@@ -58,7 +58,7 @@ pub fn details(job: &Job) -> String {
 }
 
 /// What the status means for the operator.
-pub fn next_step(job: &Job) -> String {
+pub(crate) fn next_step(job: &Job) -> String {
     use super::JobStatus::*;
     match job.status {
         Open => "The batch is still receiving instances; it closes after the idle time, its age limit or a size limit.".into(),

@@ -8,7 +8,7 @@ mod uid_tables;
 
 use std::collections::HashSet;
 
-pub use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
+pub(crate) use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
 
 // Explicit VR Big Endian is retired (PS3.5 §A.3), hence deprecated in the dictionary, but older
 // equipment still sends it and its data sets must still be read.
@@ -33,7 +33,7 @@ pub enum DatasetEncoding {
 
 impl DatasetEncoding {
     #[allow(deprecated)] // EXPLICIT_VR_BIG_ENDIAN: see its import
-    pub fn of_transfer_syntax(ts: &str) -> Self {
+    pub(crate) fn of_transfer_syntax(ts: &str) -> Self {
         match ts {
             IMPLICIT_VR_LITTLE_ENDIAN => Self::ImplicitVrLittleEndian,
             EXPLICIT_VR_BIG_ENDIAN => Self::ExplicitVrBigEndian,
@@ -48,19 +48,23 @@ impl DatasetEncoding {
 /// The abstract syntaxes (SOP classes) and transfer syntaxes this gateway accepts in a
 /// presentation context; the rest of what negotiation checks is in `AcceptancePolicy`.
 #[derive(Debug, Clone)]
-pub struct SyntaxPolicy {
+pub(crate) struct SyntaxPolicy {
     sop_classes: HashSet<String>,
     transfer_syntaxes: HashSet<String>,
 }
 
 impl SyntaxPolicy {
     /// All storage SOP classes and Verification; all standard transfer syntaxes.
-    pub fn standard() -> Self {
+    #[cfg(test)]
+    pub(crate) fn standard() -> Self {
         Self::new(None, None)
     }
 
     /// `None` means the standard default for that list.
-    pub fn new(sop_classes: Option<&[String]>, transfer_syntaxes: Option<&[String]>) -> Self {
+    pub(crate) fn new(
+        sop_classes: Option<&[String]>,
+        transfer_syntaxes: Option<&[String]>,
+    ) -> Self {
         let sop_classes = match sop_classes {
             Some(list) => list.iter().cloned().collect(),
             None => STORAGE_SOP_CLASSES
@@ -83,20 +87,20 @@ impl SyntaxPolicy {
     }
 
     /// How many SOP classes are accepted (for the start-up log line).
-    pub fn sop_class_count(&self) -> usize {
+    pub(crate) fn sop_class_count(&self) -> usize {
         self.sop_classes.len()
     }
 
-    pub fn accepts_sop_class(&self, uid: &str) -> bool {
+    pub(crate) fn accepts_sop_class(&self, uid: &str) -> bool {
         self.sop_classes.contains(uid)
     }
 
-    pub fn accepts_transfer_syntax(&self, uid: &str) -> bool {
+    pub(crate) fn accepts_transfer_syntax(&self, uid: &str) -> bool {
         self.transfer_syntaxes.contains(uid)
     }
 
     /// The first of the proposed transfer syntaxes we accept, in the requestor's order of preference.
-    pub fn choose_transfer_syntax<'a>(&self, proposed: &'a [String]) -> Option<&'a str> {
+    pub(crate) fn choose_transfer_syntax<'a>(&self, proposed: &'a [String]) -> Option<&'a str> {
         proposed
             .iter()
             .map(|ts| crate::uid::trim_uid(ts))
@@ -105,7 +109,7 @@ impl SyntaxPolicy {
 }
 
 /// A human-readable name for a SOP class or transfer syntax UID, for logs and `--help`.
-pub fn uid_name(uid: &str) -> Option<&'static str> {
+pub(crate) fn uid_name(uid: &str) -> Option<&'static str> {
     STORAGE_SOP_CLASSES
         .iter()
         .chain(TRANSFER_SYNTAXES.iter())

@@ -19,7 +19,7 @@ pub const INCOMING_DIR: &str = ".incoming";
 /// Write buffer: a 0.5 MB instance is written with one system call, at commit.
 const WRITE_BUFFER: usize = 1024 * 1024;
 
-pub struct LocalStore {
+pub(crate) struct LocalStore {
     root: PathBuf,
     /// Write buffers handed back by finished uploads. Reusing them avoids a fresh 1 MiB allocation
     /// (and its page faults) per instance.
@@ -32,7 +32,7 @@ const POOLED_BUFFERS: usize = 64;
 impl LocalStore {
     /// Creates the root and its incoming directory, and removes uploads left behind by a crash
     /// (they were never acknowledged, so removing them loses nothing).
-    pub async fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+    pub(crate) async fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         let root = if root.is_absolute() {
             root
@@ -211,10 +211,7 @@ impl ObjectUpload for LocalUpload {
         })
         .await?;
         self.temp = PathBuf::new(); // renamed: nothing left to clean up
-        Ok(StoredObject {
-            location: self.dest.display().to_string(),
-            size: self.size,
-        })
+        Ok(StoredObject { size: self.size })
     }
 
     async fn abort(mut self: Box<Self>) {

@@ -7,7 +7,7 @@
 //! committed aborts it, so an A-ABORT or a dropped connection can never leave a partial object.
 
 pub mod local;
-pub mod s3;
+pub(crate) mod s3;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::uid::{UidError, validate_uid};
 
 #[derive(Debug, Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("local store I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("S3 {operation} failed: {message}")]
@@ -29,10 +29,10 @@ pub enum StoreError {
 /// `{jobId}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm` (the layout in the README).
 /// Every segment is validated, so nothing from the wire reaches a path unchecked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectKey(String);
+pub(crate) struct ObjectKey(String);
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("{which} is not a valid UID: {error}")]
     Uid {
         which: &'static str,
@@ -43,7 +43,7 @@ pub enum KeyError {
 }
 
 impl ObjectKey {
-    pub fn new(
+    pub(crate) fn new(
         job_id: &str,
         study: &str,
         series: &str,
@@ -64,7 +64,7 @@ impl ObjectKey {
         )))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -78,7 +78,7 @@ impl std::fmt::Display for ObjectKey {
 /// What a batch's prefix holds, recomputed from the store (start-up recovery of batches whose
 /// gateway stopped before closing them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchContents {
+pub(crate) struct BatchContents {
     pub instance_count: u64,
     pub total_bytes: u64,
     pub study_instance_uids: Vec<String>,
@@ -87,7 +87,7 @@ pub struct BatchContents {
 impl BatchContents {
     /// Adds one object found under the batch, given its key relative to the batch
     /// (`{study}/{series}/{sop}.dcm`). Anything else under the prefix is ignored.
-    pub fn add(&mut self, relative_key: &str, size: u64) {
+    pub(crate) fn add(&mut self, relative_key: &str, size: u64) {
         let parts: Vec<&str> = relative_key.split('/').collect();
         if parts.len() == 3 && parts[2].ends_with(".dcm") {
             self.instance_count += 1;
@@ -99,16 +99,14 @@ impl BatchContents {
     }
 }
 
-/// Where a committed object lives, for logs and traceability.
+/// What the store confirmed about a committed object.
 #[derive(Debug, Clone)]
-pub struct StoredObject {
-    /// `s3://bucket/key` or an absolute file path.
-    pub location: String,
+pub(crate) struct StoredObject {
     pub size: u64,
 }
 
 #[async_trait]
-pub trait ObjectStore: Send + Sync + 'static {
+pub(crate) trait ObjectStore: Send + Sync + 'static {
     /// Opens an upload that will become the object `key` when committed.
     async fn begin(&self, key: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError>;
 
@@ -126,7 +124,7 @@ pub trait ObjectStore: Send + Sync + 'static {
 }
 
 #[async_trait]
-pub trait ObjectUpload: Send {
+pub(crate) trait ObjectUpload: Send {
     /// Appends bytes. May wait (back-pressure) while earlier data is being uploaded.
     async fn write(&mut self, data: &[u8]) -> Result<(), StoreError>;
 

@@ -20,14 +20,14 @@ use tokio::task::JoinSet;
 use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
 
 /// S3's smallest allowed part (except the last one).
-pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub(crate) const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// S3's largest allowed part.
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+pub(crate) const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// S3's limit on parts per upload.
 const MAX_PARTS: i32 = 10_000;
 
 #[derive(Clone)]
-pub struct S3Store {
+pub(crate) struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
@@ -37,7 +37,7 @@ pub struct S3Store {
 
 impl S3Store {
     /// `prefix` is used as given (include a trailing '/' to make it a folder).
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         bucket: String,
         prefix: String,
@@ -312,10 +312,7 @@ impl ObjectUpload for S3Upload {
 
     async fn commit(mut self: Box<Self>) -> Result<StoredObject, StoreError> {
         match self.finish().await {
-            Ok(()) => Ok(StoredObject {
-                location: format!("s3://{}/{}", self.store.bucket, self.key),
-                size: self.size,
-            }),
+            Ok(()) => Ok(StoredObject { size: self.size }),
             Err(e) => {
                 if let Some(h) = self.spawn_abort() {
                     let _ = h.await;
