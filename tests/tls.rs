@@ -20,46 +20,29 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req`: a new RSA key `{name}.key` for subject `/CN={cn}`, and either a self-signed
+/// certificate `{name}.crt` (a CA) or a certificate signing request `{name}.csr`.
+fn new_key(dir: &Path, name: &str, cn: &str, self_signed: bool) {
+    let key = format!("{name}.key");
+    let out = format!("{name}.{}", if self_signed { "crt" } else { "csr" });
+    let subject = format!("/CN={cn}");
+    let mut args = vec![
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &out, "-subj", &subject,
+    ];
+    if self_signed {
+        args.extend(["-x509", "-days", "2"]);
+    }
+    openssl(dir, &args);
+}
+
 /// A CA, a server certificate for 127.0.0.1, client certificates (CN=modality1 and CN=modality2)
 /// from that CA, and a client certificate from an untrusted CA.
 fn make_pki(dir: &Path) {
-    for (name, cn) in [("ca", "Test CA"), ("rogue-ca", "Rogue CA")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.crt"),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-    }
+    new_key(dir, "ca", "Test CA", true);
+    new_key(dir, "rogue-ca", "Rogue CA", true);
     let issue = |name: &str, cn: &str, ca: &str, ext: &str| {
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
+        new_key(dir, name, cn, false);
         openssl(
             dir,
             &[
