@@ -245,6 +245,8 @@ pub fn unreachable_s3_gateway() -> Gateway {
             ("AWS_ACCESS_KEY_ID", "x"),
             ("AWS_SECRET_ACCESS_KEY", "x"),
             ("AWS_REGION", "us-east-1"),
+            // Fail at the first refused connection instead of retrying with backoff.
+            ("AWS_MAX_ATTEMPTS", "1"),
         ],
     )
 }
