@@ -607,16 +607,11 @@ impl FaultProxy {
 
     pub fn up(&mut self) {
         use std::sync::atomic::Ordering;
-        let until = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(Instant::now() < until, "proxy cannot bind again: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let listener = eventually(
+            "the proxy's port to be free again",
+            Duration::from_secs(10),
+            || TcpListener::bind(("127.0.0.1", self.port)),
+        );
         listener.set_nonblocking(true).unwrap();
         self.stop = Default::default();
         let (stop, target, conns) = (self.stop.clone(), self.target.clone(), self.conns.clone());
