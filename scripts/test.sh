@@ -6,9 +6,30 @@
 #   - LocalStack 4.8.1 in a venv under $LS_HOME (default ~/.cache/localstack-offline), see scripts/localstack/.
 # Then it deploys infra/gateway.yaml to LocalStack with scripts/deploy.sh (the production template,
 # not a test copy) and hands its outputs to the tests in DICOM_GATEWAY_TEST_STACK_<OutputKey>.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test local_store).
+# Before all that, it fails fast when `cargo fmt --all -- --check` or clippy (warnings denied) fails.
+# Tests that need LocalStack are #[ignore]d in a plain `cargo test`; this script runs them too
+# (--include-ignored). Extra arguments go to `cargo test`, those after a `--` to the test binaries
+# (e.g. scripts/test.sh --test local_store, or scripts/test.sh --test s3_store -- --nocapture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+cargo_args=() test_args=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do cargo_args+=("$1"); shift; done
+[ $# -gt 0 ] && shift   # the `--` itself
+test_args=("$@")
+# --ignored (only the ignored ones) and --include-ignored cannot be given together.
+case " ${test_args[*]-} " in
+  *" --ignored "* | *" --include-ignored "*) ;;
+  *) test_args=(--include-ignored "${test_args[@]}") ;;
+esac
+
+echo "[test] checking formatting" >&2
+cargo fmt --all -- --check || { echo "[test] formatting differs: run \`cargo fmt --all\`" >&2; exit 1; }
+echo "[test] running clippy" >&2
+cargo clippy --locked --all-targets -- -D warnings || {
+  echo "[test] clippy found problems: fix what \`cargo clippy --locked --all-targets -- -D warnings\` reports" >&2
+  exit 1
+}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
@@ -49,7 +70,7 @@ while IFS='=' read -r key value; do
 done <<<"$outputs"
 [ -n "${DICOM_GATEWAY_TEST_STACK_StateMachineArn:-}" ] || { echo "[test] stack deployment gave no outputs" >&2; exit 1; }
 
-cargo test --locked "$@"
+cargo test --locked "${cargo_args[@]}" -- "${test_args[@]}"
 
 # The fuzz targets must keep building (scripts/fuzz.sh runs them; that needs cargo-fuzz and time).
 echo "[test] building the fuzz targets" >&2

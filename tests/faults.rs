@@ -4,34 +4,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 
-async fn keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut token = None;
-    loop {
-        let out = s3
-            .list_objects_v2()
-            .bucket(bucket)
-            .set_continuation_token(token)
-            .send()
-            .await
-            .unwrap();
-        keys.extend(
-            out.contents()
-                .iter()
-                .filter_map(|o| o.key().map(String::from)),
-        );
-        token = out.next_continuation_token().map(String::from);
-        if token.is_none() {
-            return keys;
-        }
-    }
-}
-
+/// The SOP Instance UIDs of the objects under `keys` (`.../{sop}.dcm`).
 fn stored_sops(keys: &[String]) -> std::collections::HashSet<String> {
     keys.iter()
         .map(|k| {
@@ -45,9 +22,10 @@ fn stored_sops(keys: &[String]) -> std::collections::HashSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend_completes_the_study()
  {
-    let Some(endpoint) = localstack() else { return };
+    let endpoint = localstack();
     let s3 = s3_client(&endpoint).await;
     let bucket = new_bucket(&s3, "gw-fault").await;
     let root = "1.2.826.0.1.3680043.2.1125.8";
@@ -61,26 +39,31 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
     );
     let log = work.path().join("storescu.log");
     let mut sender = storescu_background(gw.port, &files, &log);
-    let failures = |log: &std::path::Path| {
-        storescu_outcomes(log)
-            .iter()
-            .filter(|(_, r)| r.as_deref().is_some_and(|r| r != "Success"))
-            .count()
-    };
 
     // Let part of the study through, then cut S3 off.
     tokio::task::block_in_place(|| wait_for_successes(&log, 100));
     proxy.down();
-    let until = Instant::now() + Duration::from_secs(60);
     // A few instances fail while it is down; then S3 comes back for the rest.
-    while failures(&log) < 5 {
-        assert!(
-            Instant::now() < until,
-            "no failure while S3 was down:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::task::block_in_place(|| {
+        eventually(
+            "5 failure statuses while S3 is down",
+            Duration::from_secs(60),
+            || {
+                let failures = storescu_outcomes(&log)
+                    .iter()
+                    .filter(|(_, r)| r.as_deref().is_some_and(|r| r != "Success"))
+                    .count();
+                if failures >= 5 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{failures} so far; gateway log:\n{}",
+                        gw.log_text()
+                    ))
+                }
+            },
+        )
+    });
     proxy.up();
     tokio::task::block_in_place(|| sender.wait()).unwrap();
 
@@ -90,22 +73,12 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
         files.len(),
         "every file was sent in the one association"
     );
-    let stored = stored_sops(&keys(&s3, &bucket).await);
-    let sop_of = |file: &str| {
-        format!(
-            "{root}.{}",
-            file.trim_start_matches("ct")
-                .trim_end_matches(".dcm")
-                .parse::<usize>()
-                .unwrap()
-                + 1
-        )
-    };
+    let stored = stored_sops(&bucket_keys(&s3, &bucket).await);
     let mut failed_files = Vec::new();
     for (file, response) in &outcomes {
         match response.as_deref() {
             Some("Success") => assert!(
-                stored.contains(&sop_of(file)),
+                stored.contains(&corpus_sop(root, file)),
                 "{file} acknowledged but not in the bucket"
             ),
             Some(other) => {
@@ -129,57 +102,39 @@ async fn s3_failing_mid_replay_never_loses_an_acknowledged_instance_and_a_resend
         "{}",
         text(&out)
     );
-    assert_eq!(stored_sops(&keys(&s3, &bucket).await).len(), files.len());
-    let uploads = s3
-        .list_multipart_uploads()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        uploads.uploads().is_empty(),
-        "no multipart upload left open"
+    assert_eq!(
+        stored_sops(&bucket_keys(&s3, &bucket).await).len(),
+        files.len()
     );
+    assert_no_open_multipart_upload(&s3, &bucket).await;
 }
 
 #[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn dynamodb_and_step_functions_down_at_batch_close_delay_the_job_but_fail_no_c_store() {
-    let Some(endpoint) = localstack() else { return };
-    let Some(Stack {
-        bucket,
-        table,
-        state_machine_arn: arn,
-        role_arn: role,
-        datastore_id: datastore,
-    }) = stack()
-    else {
-        return;
-    };
-    let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let db = aws_sdk_dynamodb::Client::new(&conf);
+    let endpoint = localstack();
+    let stack = stack();
+    let db = dynamodb_client(&endpoint).await;
     let s3 = s3_client(&endpoint).await;
-    let gateway_id = format!(
-        "gw-outage-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
+    let gateway_id = unique("gw-outage");
 
     // S3 direct; DynamoDB and Step Functions through the proxy, which is down from the start.
     let mut proxy = FaultProxy::start(endpoint.trim_start_matches("http://"));
     proxy.down();
-    let arn_case = format!("{arn}#Completed");
+    let arn_case = format!("{}#Completed", stack.state_machine_arn);
     let gw = Gateway::start(
         &[
             "--s3-bucket",
-            &bucket,
+            &stack.bucket,
             "--s3-force-path-style",
             "--job-table",
-            &table,
+            &stack.table,
             "--state-machine-arn",
             &arn_case,
             "--datastore-id",
-            &datastore,
+            &stack.datastore_id,
             "--data-access-role-arn",
-            &role,
+            &stack.role_arn,
             "--batch-idle",
             "1s",
             "--import-poll-interval",
@@ -209,77 +164,40 @@ async fn dynamodb_and_step_functions_down_at_batch_close_delay_the_job_but_fail_
         text(&out)
     );
 
-    // The batch closes while DynamoDB is unreachable: nothing is recorded yet, the gateway retries.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let find = || async {
-        db.scan()
-            .table_name(&table)
-            .filter_expression("gatewayId = :g")
-            .expression_attribute_values(":g", AttributeValue::S(gateway_id.clone()))
-            .send()
-            .await
-            .unwrap()
-            .items()
-            .first()
-            .map(|i| dicom_gateway::jobs::dynamodb::from_item(i).unwrap())
-    };
-    assert!(find().await.is_none());
+    // The batch closes while DynamoDB is unreachable: recording it fails and is retried, and
+    // nothing is recorded yet.
+    gw.wait_for_log("recording the closed job failed; will retry");
     assert!(
-        gw.log_text().contains("failed; will retry"),
-        "{}",
-        gw.log_text()
+        job_of_gateway(&db, &stack.table, &gateway_id)
+            .await
+            .is_none()
     );
 
     // Once they are back, the job is recorded, started and imported.
     proxy.up();
-    let until = Instant::now() + Duration::from_secs(90);
-    let mut manifest_put = false;
-    loop {
-        if let Some(job) = find().await {
-            if !manifest_put {
-                let manifest = serde_json::json!({"jobSummary": {"numberOfImportedFiles": 2, "numberOfFilesWithCustomerError": 0, "numberOfFilesWithServerError": 0, "imageSetsSummary": [{"imageSetId": "f00d"}]}});
-                s3.put_object()
-                    .bucket(&bucket)
-                    .key(format!("results/{}/{datastore}-DicomImport-import-job-0001/job-output-manifest.json", job.job_id))
-                    .body(manifest.to_string().into_bytes().into())
-                    .send()
-                    .await
-                    .unwrap();
-                manifest_put = true;
-            }
-            if job.status.is_terminal() {
-                assert_eq!(
-                    job.status,
-                    dicom_gateway::jobs::JobStatus::Completed,
-                    "{job:?}"
-                );
-                assert_eq!(job.instance_count, Some(2));
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < until,
-            "job did not complete after the outage:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let job = wait_for_job_of_gateway(&db, &stack.table, &gw, &gateway_id).await;
+    put_manifest(&s3, &stack, &job.job_id, 2, 0).await;
+    let job = wait_for_final(&db, &stack.table, &job.job_id, &gw).await;
+    assert_eq!(
+        job.status,
+        dicom_gateway::jobs::JobStatus::Completed,
+        "{job:?}"
+    );
+    assert_eq!(job.instance_count, Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery_submits_the_batch()
 {
-    let Some(endpoint) = localstack() else { return };
+    let endpoint = localstack();
     let s3 = s3_client(&endpoint).await;
     let bucket = new_bucket(&s3, "gw-kill").await;
     let root = "1.2.826.0.1.3680043.2.1125.9";
     let work = tempfile::tempdir().unwrap();
     let files = write_corpus(work.path(), root, 800, 4_000);
     let journal = tempfile::tempdir().unwrap();
-    let gateway_id = format!(
-        "gw-kill-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
+    let gateway_id = unique("gw-kill");
     let args = [
         "--s3-bucket",
         bucket.as_str(),
@@ -300,23 +218,9 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
     child.wait().unwrap();
     tokio::task::block_in_place(|| sender.wait()).unwrap();
 
-    let sop_of = |file: &str| {
-        format!(
-            "{root}.{}",
-            file.trim_start_matches("ct")
-                .trim_end_matches(".dcm")
-                .parse::<usize>()
-                .unwrap()
-                + 1
-        )
-    };
-    let acked: Vec<String> = storescu_outcomes(&log)
-        .iter()
-        .filter(|(_, r)| r.as_deref() == Some("Success"))
-        .map(|(f, _)| sop_of(f))
-        .collect();
+    let acked = acknowledged(&log, root);
     assert!(acked.len() >= 50 && acked.len() < files.len());
-    let keys = keys(&s3, &bucket).await;
+    let keys = bucket_keys(&s3, &bucket).await;
     let stored = stored_sops(&keys);
     for sop in &acked {
         assert!(
@@ -330,18 +234,7 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
     );
     // Every visible object is whole (a multipart or PutObject in progress is never visible).
     for key in &keys {
-        let body = s3
-            .get_object()
-            .bucket(&bucket)
-            .key(key)
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes();
+        let body = get_object(&s3, &bucket, key, None).await;
         let (meta, offset) = dicom_gateway::part10::split_part10(&body).unwrap();
         let sop = meta.media_storage_sop_instance_uid().to_string();
         assert_eq!(
@@ -353,22 +246,7 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
 
     // The next start closes the batch the kill left OPEN, from what is in the bucket.
     let gw = Gateway::start(&args, &[]);
-    let until = Instant::now() + Duration::from_secs(20);
-    let job = loop {
-        let jobs: Vec<serde_json::Value> = files_under(&journal.path().join("jobs"))
-            .iter()
-            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
-            .collect();
-        if jobs.len() == 1 && jobs[0]["status"] == "CLOSED" {
-            break jobs[0].clone();
-        }
-        assert!(
-            Instant::now() < until,
-            "recovery did not close the batch: {jobs:?}\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let job = tokio::task::block_in_place(|| wait_for_closed_local_job(journal.path(), &gw));
     assert_eq!(job["instanceCount"], keys.len() as u64);
     assert_eq!(job["closeReason"], "recovered");
 }

@@ -8,24 +8,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
-use dicom_gateway::jobs::dynamodb::{from_item, to_item};
+use dicom_gateway::jobs::dynamodb::to_item;
 use dicom_gateway::jobs::{Job, JobStatus};
 
-/// Mocked HealthImaging import job id (tests/sfn-mock-config.json).
-const IMPORT_JOB_ID: &str = "import-job-0001";
-
+/// Clients for LocalStack's S3 and DynamoDB.
 async fn clients() -> (aws_sdk_s3::Client, aws_sdk_dynamodb::Client) {
-    let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    );
-    (s3, aws_sdk_dynamodb::Client::new(&conf))
+    let endpoint = localstack();
+    (s3_client(&endpoint).await, dynamodb_client(&endpoint).await)
 }
 
 fn gateway(stack: &Stack, case: &str, gateway_id: &str) -> Gateway {
@@ -58,105 +48,6 @@ fn gateway(stack: &Stack, case: &str, gateway_id: &str) -> Gateway {
     )
 }
 
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    )
-}
-
-/// Waits for the job recorded by `gateway_id` to appear; returns its id.
-async fn job_of_gateway(db: &aws_sdk_dynamodb::Client, table: &str, gateway_id: &str) -> String {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = db
-            .scan()
-            .table_name(table)
-            .filter_expression("gatewayId = :g")
-            .expression_attribute_values(":g", AttributeValue::S(gateway_id.into()))
-            .send()
-            .await
-            .unwrap();
-        if let Some(item) = out.items().first() {
-            return from_item(item).unwrap().job_id;
-        }
-        assert!(
-            Instant::now() < until,
-            "no job recorded for gateway {gateway_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn get_job(db: &aws_sdk_dynamodb::Client, table: &str, job_id: &str) -> Option<Job> {
-    let out = db
-        .get_item()
-        .table_name(table)
-        .key("jobId", AttributeValue::S(job_id.into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap();
-    out.item().map(|i| from_item(i).unwrap())
-}
-
-async fn wait_for_final(
-    db: &aws_sdk_dynamodb::Client,
-    table: &str,
-    job_id: &str,
-    gw: &Gateway,
-) -> Job {
-    let until = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(job) = get_job(db, table, job_id).await {
-            if job.status.is_terminal() {
-                return job;
-            }
-        }
-        assert!(
-            Instant::now() < until,
-            "job {job_id} did not finish: {:?}\ngateway log:\n{}",
-            get_job(db, table, job_id).await,
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Puts the manifest HealthImaging writes at the end of an import.
-async fn put_manifest(
-    s3: &aws_sdk_s3::Client,
-    stack: &Stack,
-    job_id: &str,
-    imported: u32,
-    customer_errors: u32,
-) {
-    let manifest = serde_json::json!({
-        "jobSummary": {
-            "jobId": IMPORT_JOB_ID,
-            "datastoreId": stack.datastore_id,
-            "inputS3Uri": format!("s3://{}/import/{job_id}/", stack.bucket),
-            "outputS3Uri": format!("s3://{}/results/{job_id}/", stack.bucket),
-            "numberOfScannedFiles": imported + customer_errors,
-            "numberOfImportedFiles": imported,
-            "numberOfFilesWithCustomerError": customer_errors,
-            "numberOfFilesWithServerError": 0,
-            "numberOfGeneratedImageSets": 1,
-            "imageSetsSummary": [{ "imageSetId": "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "numberOfMatchedSOPInstances": imported }]
-        }
-    });
-    s3.put_object()
-        .bucket(&stack.bucket)
-        .key(format!(
-            "results/{job_id}/{}-DicomImport-{IMPORT_JOB_ID}/job-output-manifest.json",
-            stack.datastore_id
-        ))
-        .body(manifest.to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
-}
-
 /// Sends two instances, lets the batch close, and returns the job id (manifest already in place).
 async fn send_study(
     stack: &Stack,
@@ -182,21 +73,32 @@ async fn send_study(
         "{}",
         text(&out)
     );
-    let job_id = job_of_gateway(db, &stack.table, gateway_id).await;
+    let job_id = wait_for_job_of_gateway(db, &stack.table, gw, gateway_id)
+        .await
+        .job_id;
     if let Some((imported, failed)) = manifest {
         put_manifest(s3, stack, &job_id, imported, failed).await;
     }
     job_id
 }
 
-#[tokio::test]
-async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
-    let Some(stack) = stack() else { return };
+/// Sends a study to a gateway whose state machine runs mocked test case `case`, puts `manifest`
+/// (imported, failed) if given, and returns the stack and the job once final.
+async fn import_study(case: &str, manifest: Option<(u32, u32)>) -> (Stack, Job) {
+    let stack = stack();
     let (s3, db) = clients().await;
-    let id = unique("gw-completed");
-    let gw = gateway(&stack, "Completed", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((2, 0))).await;
+    let id = unique(&format!("gw-{}", case.to_lowercase()));
+    let gw = gateway(&stack, case, &id);
+    let job_id = send_study(&stack, &s3, &db, &gw, &id, manifest).await;
     let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    (stack, job)
+}
+
+#[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
+async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
+    let (stack, job) = import_study("Completed", Some((2, 0))).await;
+    let job_id = job.job_id.clone();
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!(job.instance_count, Some(2));
     assert_eq!(job.imported_count, Some(2));
@@ -246,13 +148,9 @@ async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
 }
 
 #[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn failed_files_in_a_completed_import_end_completed_with_errors() {
-    let Some(stack) = stack() else { return };
-    let (s3, db) = clients().await;
-    let id = unique("gw-errors");
-    let gw = gateway(&stack, "CompletedWithErrors", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((1, 1))).await;
-    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    let (_, job) = import_study("CompletedWithErrors", Some((1, 1))).await;
     assert_eq!(job.status, JobStatus::CompletedWithErrors, "{job:?}");
     assert_eq!((job.imported_count, job.failed_count), (Some(1), Some(1)));
     assert!(
@@ -264,13 +162,9 @@ async fn failed_files_in_a_completed_import_end_completed_with_errors() {
 }
 
 #[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_failed_import_ends_failed_with_its_message() {
-    let Some(stack) = stack() else { return };
-    let (s3, db) = clients().await;
-    let id = unique("gw-failed");
-    let gw = gateway(&stack, "Failed", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, None).await;
-    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    let (_, job) = import_study("Failed", None).await;
     assert_eq!(job.status, JobStatus::Failed, "{job:?}");
     let message = job.message.unwrap_or_default();
     assert!(
@@ -280,19 +174,16 @@ async fn a_failed_import_ends_failed_with_its_message() {
 }
 
 #[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_throttled_start_is_retried_and_the_import_completes() {
-    let Some(stack) = stack() else { return };
-    let (s3, db) = clients().await;
-    let id = unique("gw-throttled");
-    let gw = gateway(&stack, "ThrottledThenStarted", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, Some((2, 0))).await;
-    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    let (_, job) = import_study("ThrottledThenStarted", Some((2, 0))).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
 }
 
 #[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_job_left_closed_without_an_execution_is_submitted_at_start_up() {
-    let Some(stack) = stack() else { return };
+    let stack = stack();
     let (s3, db) = clients().await;
     let id = unique("gw-recovery");
     // A batch whose gateway crashed after recording CLOSED and before starting the import.

@@ -6,22 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dicom_gateway::store::local::INCOMING_DIR;
 use dicom_ul::pdu::Pdu;
-
-fn local_gateway(extra: &[&str]) -> (Gateway, tempfile::TempDir) {
-    let store = tempfile::tempdir().unwrap();
-    let mut args = vec!["--store-dir", store.path().to_str().unwrap()];
-    args.extend_from_slice(extra);
-    (Gateway::start(&args, &[]), store)
-}
-
-fn stored_objects(store: &std::path::Path) -> Vec<std::path::PathBuf> {
-    files_under(store)
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .collect()
-}
 
 #[test]
 fn echo_succeeds() {
@@ -62,7 +47,7 @@ fn a_study_in_five_transfer_syntaxes_arrives_byte_for_byte_and_its_batch_is_reco
             .all(|r| r.components().count() == 4 && r.starts_with(&job_id))
     );
     // Written atomically: nothing left in the incoming directory.
-    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty());
+    assert!(incoming_is_empty(store.path()));
 
     // Graceful shutdown closes the open batch and records it.
     let log = gw.stop();
@@ -189,16 +174,19 @@ fn over_the_association_limit_the_extra_peer_gets_a_transient_rejection_and_the_
     assert_eq!(status, 0x0000);
     holder.release();
     assert_eq!(stored_objects(store.path()).len(), 1);
-    // Once the slot is free, the next peer gets in.
-    let mut ok = false;
-    for _ in 0..50 {
-        if echoscu(gw.port, AE, "ECHOSCU").status.success() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ok, "echo after the slot was released");
+    // Once the slot is free (just after the release), the next peer gets in.
+    eventually(
+        "an echo to succeed once the slot is free",
+        Duration::from_secs(5),
+        || {
+            let out = echoscu(gw.port, AE, "ECHOSCU");
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(text(&out))
+            }
+        },
+    );
 }
 
 #[test]
@@ -254,7 +242,7 @@ fn mismatched_and_invalid_uids_get_failure_statuses_and_the_association_stays_us
     let objects = stored_objects(store.path());
     assert_eq!(objects.len(), 1, "{objects:?}");
     assert!(objects[0].ends_with("1.2.3/1.2.3.1/1.2.3.4.5.dcm"));
-    assert!(files_under(&store.path().join(INCOMING_DIR)).is_empty());
+    assert!(incoming_is_empty(store.path()));
 }
 
 #[test]
@@ -325,13 +313,13 @@ fn malformed_pdus_get_an_abort_while_a_parallel_association_is_served_normally()
     good.release();
     let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
     assert!(out.status.success(), "{}", text(&out));
-    std::thread::sleep(Duration::from_millis(300));
+    // The gateway logs this once the vanished peer's partial upload is removed.
+    let log = gw.wait_for_log("incomplete instance discarded");
     assert_eq!(stored_objects(store.path()).len(), 2);
     assert!(
-        files_under(&store.path().join(INCOMING_DIR)).is_empty(),
+        incoming_is_empty(store.path()),
         "the vanished peer's partial upload was removed"
     );
-    let log = gw.log_text();
     assert!(log.contains("association aborted"), "{log}");
 }
 
@@ -393,19 +381,7 @@ fn the_echo_subcommand_succeeds_against_a_gateway_and_fails_clearly_when_rejecte
 
 #[test]
 fn json_logs_are_one_object_per_line_with_the_association_fields() {
-    let (mut gw, _store) = {
-        let store = tempfile::tempdir().unwrap();
-        let gw = Gateway::start(
-            &[
-                "--store-dir",
-                store.path().to_str().unwrap(),
-                "--log-format",
-                "json",
-            ],
-            &[],
-        );
-        (gw, store)
-    };
+    let (mut gw, _store) = local_gateway(&["--log-format", "json"]);
     let out = storescu(gw.port, "-xi", &[&testdata("ct-implicit-le.dcm")]);
     assert!(out.status.success());
     let log = gw.stop();
@@ -436,16 +412,7 @@ fn json_logs_are_one_object_per_line_with_the_association_fields() {
 
 #[test]
 fn no_patient_data_reaches_the_log_even_at_trace_level() {
-    let store = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start(
-        &[
-            "--store-dir",
-            store.path().to_str().unwrap(),
-            "--log-level",
-            "trace",
-        ],
-        &[],
-    );
+    let (mut gw, _store) = local_gateway(&["--log-level", "trace"]);
     send_testdata(gw.port);
     let mut scu = RawScu::associate(gw.port, AE);
     assert_eq!(
@@ -483,16 +450,7 @@ fn a_sop_instance_uid_sent_twice_in_a_batch_is_stored_once_by_the_duplicate_poli
         ("keep-first", 0x0000, 1000),
         ("reject", 0x0111, 1000),
     ] {
-        let store = tempfile::tempdir().unwrap();
-        let mut gw = Gateway::start(
-            &[
-                "--store-dir",
-                store.path().to_str().unwrap(),
-                "--duplicate-policy",
-                policy,
-            ],
-            &[],
-        );
+        let (mut gw, store) = local_gateway(&["--duplicate-policy", policy]);
         let mut scu = RawScu::associate(gw.port, AE);
         assert_eq!(
             scu.store(
@@ -525,9 +483,7 @@ fn a_sop_instance_uid_sent_twice_in_a_batch_is_stored_once_by_the_duplicate_poli
             "{policy}: the expected copy is stored"
         );
         let log = gw.stop();
-        let journal = files_under(&store.path().join("jobs"));
-        let job: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&journal[0]).unwrap()).unwrap();
-        assert_eq!(job["instanceCount"], 1, "{policy}: counted once\n{log}");
+        let jobs = local_jobs(store.path());
+        assert_eq!(jobs[0]["instanceCount"], 1, "{policy}: counted once\n{log}");
     }
 }

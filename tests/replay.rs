@@ -31,15 +31,11 @@ fn count(summary: &str, label: &str) -> usize {
 
 #[test]
 fn replay_sends_testdata_and_its_summary_matches_what_was_stored() {
-    let store = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&["--store-dir", store.path().to_str().unwrap()], &[]);
+    let (gw, store) = local_gateway(&[]);
     let (ok, summary) = replay(gw.port, &testdata(""));
     assert!(ok, "{summary}");
-    let stored = files_under(store.path())
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .count();
-    assert_eq!(count(&summary, "succeeded:"), stored, "{summary}");
+    let stored = stored_objects(store.path());
+    assert_eq!(count(&summary, "succeeded:"), stored.len(), "{summary}");
     assert_eq!(
         count(&summary, "succeeded:"),
         TESTDATA_FILES.len(),
@@ -52,10 +48,7 @@ fn replay_sends_testdata_and_its_summary_matches_what_was_stored() {
         "generate.sh is skipped: {summary}"
     );
     // Every file went in its own transfer syntax: stored bytes equal the files' data sets.
-    for p in files_under(store.path())
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-    {
+    for p in stored {
         let bytes = std::fs::read(&p).unwrap();
         let (meta, _) = dicom_gateway::part10::split_part10(&bytes).unwrap();
         assert_eq!(meta.source_application_entity_title(), Some("REPLAY"));
@@ -64,16 +57,7 @@ fn replay_sends_testdata_and_its_summary_matches_what_was_stored() {
 
 #[test]
 fn replay_reports_failure_statuses_and_exits_non_zero() {
-    let dead = format!("http://127.0.0.1:{}", free_port());
-    let gw = Gateway::start(
-        &["--s3-bucket", "unreachable", "--s3-force-path-style"],
-        &[
-            ("AWS_ENDPOINT_URL", dead.as_str()),
-            ("AWS_ACCESS_KEY_ID", "x"),
-            ("AWS_SECRET_ACCESS_KEY", "x"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    let gw = unreachable_s3_gateway();
     let (ok, summary) = replay(gw.port, &testdata(""));
     assert!(!ok, "{summary}");
     assert_eq!(count(&summary, "succeeded:"), 0, "{summary}");

@@ -12,7 +12,7 @@ fn openssl(dir: &Path, args: &[&str]) {
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("openssl runs");
+        .unwrap_or_else(|e| panic!("openssl runs (scripts/test.sh installs it): {e}"));
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -20,62 +20,29 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req`: a new RSA key `{name}.key` for subject `/CN={cn}`, and either a self-signed
+/// certificate `{name}.crt` (a CA) or a certificate signing request `{name}.csr`.
+fn new_key(dir: &Path, name: &str, cn: &str, self_signed: bool) {
+    let key = format!("{name}.key");
+    let out = format!("{name}.{}", if self_signed { "crt" } else { "csr" });
+    let subject = format!("/CN={cn}");
+    let mut args = vec![
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &out, "-subj", &subject,
+    ];
+    if self_signed {
+        args.extend(["-x509", "-days", "2"]);
+    }
+    openssl(dir, &args);
+}
+
 /// A CA, a server certificate for 127.0.0.1, client certificates (CN=modality1 and CN=modality2)
 /// from that CA, and a client certificate from an untrusted CA.
 fn make_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Test CA",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "rogue-ca.key",
-            "-out",
-            "rogue-ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Rogue CA",
-        ],
-    );
+    new_key(dir, "ca", "Test CA", true);
+    new_key(dir, "rogue-ca", "Rogue CA", true);
     let issue = |name: &str, cn: &str, ca: &str, ext: &str| {
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
+        new_key(dir, name, cn, false);
         openssl(
             dir,
             &[
@@ -105,7 +72,9 @@ fn make_pki(dir: &Path) {
     issue("rogue", "modality1", "rogue-ca", client_ext);
 }
 
-fn tls_gateway(pki: &Path, store: &Path, extra: &[&str]) -> (Gateway, u16) {
+/// A gateway on a local store with a TLS listener on the returned port, using `pki`'s server
+/// certificate; `extra` options added.
+fn tls_gateway(pki: &Path, extra: &[&str]) -> (Gateway, tempfile::TempDir, u16) {
     let tls_port = free_port();
     let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
     let (cert, key, listen) = (
@@ -114,8 +83,6 @@ fn tls_gateway(pki: &Path, store: &Path, extra: &[&str]) -> (Gateway, u16) {
         format!("127.0.0.1:{tls_port}"),
     );
     let mut args = vec![
-        "--store-dir",
-        store.to_str().unwrap(),
         "--tls-cert",
         cert.as_str(),
         "--tls-key",
@@ -124,7 +91,8 @@ fn tls_gateway(pki: &Path, store: &Path, extra: &[&str]) -> (Gateway, u16) {
         listen.as_str(),
     ];
     args.extend_from_slice(extra);
-    (Gateway::start(&args, &[]), tls_port)
+    let (gw, store) = local_gateway(&args);
+    (gw, store, tls_port)
 }
 
 /// storescu over TLS as `calling`, with the client key/certificate `client` (None: anonymous TLS).
@@ -159,26 +127,18 @@ fn storescu_tls(pki: &Path, port: u16, calling: &str, client: Option<&str>) -> S
     ))
 }
 
-fn stored(store: &Path) -> usize {
-    files_under(store)
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .count()
-}
-
 #[test]
 fn storescu_over_tls_stores_and_the_plain_port_keeps_working() {
     let pki = tempfile::tempdir().unwrap();
     make_pki(pki.path());
-    let store = tempfile::tempdir().unwrap();
-    let (gw, tls_port) = tls_gateway(pki.path(), store.path(), &[]);
+    let (gw, store, tls_port) = tls_gateway(pki.path(), &[]);
     let out = storescu_tls(pki.path(), tls_port, "STORESCU", Some("client"));
     assert!(
         out.contains("Received Store Response (Success)"),
         "{out}\n{}",
         gw.log_text()
     );
-    assert_eq!(stored(store.path()), 1);
+    assert_eq!(stored_objects(store.path()).len(), 1);
     // The plain listener is still there beside the TLS one.
     assert!(echoscu(gw.port, AE, "ECHOSCU").status.success());
     assert!(gw.log_text().contains("tls=true"));
@@ -188,11 +148,9 @@ fn storescu_over_tls_stores_and_the_plain_port_keeps_working() {
 fn mutual_tls_accepts_trusted_client_certificates_only() {
     let pki = tempfile::tempdir().unwrap();
     make_pki(pki.path());
-    let store = tempfile::tempdir().unwrap();
     let ca = pki.path().join("ca.crt");
-    let (gw, tls_port) = tls_gateway(
+    let (gw, store, tls_port) = tls_gateway(
         pki.path(),
-        store.path(),
         &["--tls-client-ca", ca.to_str().unwrap(), "--tls-only"],
     );
     let ok = storescu_tls(pki.path(), tls_port, "STORESCU", Some("client"));
@@ -208,7 +166,7 @@ fn mutual_tls_accepts_trusted_client_certificates_only() {
         !untrusted.contains("Received Store Response"),
         "an untrusted client certificate must be refused: {untrusted}"
     );
-    assert_eq!(stored(store.path()), 1);
+    assert_eq!(stored_objects(store.path()).len(), 1);
     assert!(
         gw.log_text().contains("TLS handshake failed"),
         "{}",
@@ -222,11 +180,9 @@ fn mutual_tls_accepts_trusted_client_certificates_only() {
 fn a_calling_ae_title_bound_to_a_certificate_is_refused_with_another_certificate() {
     let pki = tempfile::tempdir().unwrap();
     make_pki(pki.path());
-    let store = tempfile::tempdir().unwrap();
     let ca = pki.path().join("ca.crt");
-    let (gw, tls_port) = tls_gateway(
+    let (gw, _store, tls_port) = tls_gateway(
         pki.path(),
-        store.path(),
         &[
             "--tls-client-ca",
             ca.to_str().unwrap(),
@@ -264,8 +220,7 @@ fn sighup_reloads_the_certificate_for_new_associations() {
     ] {
         std::fs::copy(old.path().join(f), live.path().join(f)).unwrap();
     }
-    let store = tempfile::tempdir().unwrap();
-    let (gw, tls_port) = tls_gateway(live.path(), store.path(), &[]);
+    let (gw, _store, tls_port) = tls_gateway(live.path(), &[]);
     assert!(storescu_tls(old.path(), tls_port, "STORESCU", Some("client")).contains("(Success)"));
     // Not trusted yet: the gateway still presents the old certificate.
     assert!(!storescu_tls(new.path(), tls_port, "STORESCU", Some("client")).contains("(Success)"));
@@ -277,11 +232,7 @@ fn sighup_reloads_the_certificate_for_new_associations() {
         .args(["-HUP", &gw.pid().to_string()])
         .status()
         .unwrap();
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !gw.log_text().contains("TLS certificate and key reloaded") {
-        assert!(std::time::Instant::now() < until, "{}", gw.log_text());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    gw.wait_for_log("TLS certificate and key reloaded");
     assert!(
         storescu_tls(new.path(), tls_port, "STORESCU", Some("client")).contains("(Success)"),
         "{}",

@@ -7,6 +7,8 @@
 //! reason; an A-ABORT, a dropped connection or the shutdown deadline discards the instance in flight.
 
 mod negotiate;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use negotiate::{AcceptancePolicy, AcceptedContext, AeBinding, Negotiation, negotiate};
 

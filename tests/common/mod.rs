@@ -2,18 +2,93 @@
 //! and a raw SCU for the cases a real client will not produce (malformed PDUs, mismatched UIDs).
 #![allow(dead_code)]
 
+mod aws;
+
+// Not every test binary uses the LocalStack helpers.
+#[allow(unused_imports)]
+pub use aws::*;
+
+use std::fmt::Display;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dicom_gateway::store::local::INCOMING_DIR;
 use dicom_gateway::{dimse, pdu};
 use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, UserVariableItem};
 
 pub const AE: &str = "DICOM_GATEWAY";
 pub const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// The deadline and the growing pause between probes of [`eventually`] and [`eventually_async`].
+struct Poll<'a> {
+    what: &'a str,
+    within: Duration,
+    until: Instant,
+    pause: Duration,
+}
+
+impl<'a> Poll<'a> {
+    /// Longest pause between two probes (they may be AWS calls: keep LocalStack's load modest).
+    const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+    fn new(what: &'a str, within: Duration) -> Self {
+        Poll {
+            what,
+            within,
+            until: Instant::now() + within,
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// The pause before the next probe; panics, with the last `state` probed, once time is up.
+    fn next(&mut self, state: &dyn Display) -> Duration {
+        assert!(
+            Instant::now() < self.until,
+            "timed out after {:?} waiting for {}; last seen:\n{state}",
+            self.within,
+            self.what
+        );
+        let pause = self.pause;
+        self.pause = (pause * 2).min(Self::MAX_PAUSE);
+        pause
+    }
+}
+
+/// Probes until `probe` returns `Ok`, and returns its value. `Err` carries the state seen, which
+/// the panic after `within` shows beside `what` (what was awaited). The pause between probes grows
+/// from 1 ms to 100 ms, so a quick event is seen at once and a slow one costs few probes.
+pub fn eventually<T, E: Display>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    let mut poll = Poll::new(what, within);
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(state) => std::thread::sleep(poll.next(&state)),
+        }
+    }
+}
+
+/// [`eventually`] for a probe that awaits (an AWS call), pausing without blocking the runtime.
+pub async fn eventually_async<T, E: Display>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let mut poll = Poll::new(what, within);
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(state) => tokio::time::sleep(poll.next(&state)).await,
+        }
+    }
+}
 
 pub fn testdata(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,7 +104,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
+/// A running gateway process, killed when dropped (use [`Gateway::stop`] for a graceful stop).
 pub struct Gateway {
     pub child: Option<Child>,
     pub port: u16,
@@ -56,23 +131,24 @@ impl Gateway {
         cmd.stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("gateway binary starts");
-        let gw = Gateway {
+        let mut gw = Gateway {
             child: Some(child),
             port,
             log,
             _dir: dir,
         };
-        let until = Instant::now() + Duration::from_secs(20);
         // Wait for the start-up log line rather than probing the port: a probe connection would
         // itself occupy an association slot for a moment.
-        while !gw.log_text().contains("dicom-gateway listening") {
-            assert!(
-                Instant::now() < until,
-                "gateway did not listen; log:\n{}",
-                gw.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually("the gateway to listen", Duration::from_secs(20), || {
+            let log = gw.log_text();
+            if log.contains("dicom-gateway listening") {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = gw.child.as_mut().unwrap().try_wait() {
+                panic!("gateway exited with {status} before listening; log:\n{log}");
+            }
+            Err(log)
+        });
         gw
     }
 
@@ -82,6 +158,22 @@ impl Gateway {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        eventually(
+            &format!("'{needle}' in the gateway log"),
+            Duration::from_secs(20),
+            || {
+                let log = self.log_text();
+                if log.contains(needle) {
+                    Ok(log)
+                } else {
+                    Err(log)
+                }
+            },
+        )
     }
 
     /// Peak resident set size of the gateway process so far, in bytes (VmHWM).
@@ -96,49 +188,67 @@ impl Gateway {
             * 1024
     }
 
-    /// SIGTERM and wait for a clean exit; returns the log.
+    /// SIGTERM and wait for a clean exit; returns the log. If it does not exit within 40 s, the
+    /// panic drops the gateway, which kills it.
     pub fn stop(&mut self) -> String {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let until = Instant::now() + Duration::from_secs(40);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    assert!(
-                        status.success(),
-                        "gateway exited with {status}; log:\n{}",
-                        self.log_text()
-                    );
-                    break;
-                }
-                if Instant::now() > until {
-                    let _ = child.kill();
-                    panic!(
-                        "gateway did not stop within 40 s; log:\n{}",
-                        self.log_text()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let Some(child) = self.child.as_mut() else {
+            return self.log_text();
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let log = self.log.clone();
+        let status = eventually(
+            "the gateway to exit after SIGTERM",
+            Duration::from_secs(40),
+            || match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                _ => Err(std::fs::read_to_string(&log).unwrap_or_default()),
+            },
+        );
+        self.child = None;
+        assert!(
+            status.success(),
+            "gateway exited with {status}; log:\n{}",
+            self.log_text()
+        );
         self.log_text()
     }
 }
 
 impl Drop for Gateway {
+    /// A gateway the test did not stop is of no further interest: kill it at once.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            std::thread::sleep(Duration::from_millis(200));
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// A gateway on a local store in a new temporary directory, with `extra` options.
+pub fn local_gateway(extra: &[&str]) -> (Gateway, tempfile::TempDir) {
+    let store = tempfile::tempdir().unwrap();
+    let mut args = vec!["--store-dir", store.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Gateway::start(&args, &[]), store)
+}
+
+/// A gateway whose S3 endpoint has nothing listening: every C-STORE must fail. Needs no LocalStack.
+pub fn unreachable_s3_gateway() -> Gateway {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    Gateway::start(
+        &["--s3-bucket", "unreachable", "--s3-force-path-style"],
+        &[
+            ("AWS_ENDPOINT_URL", dead.as_str()),
+            ("AWS_ACCESS_KEY_ID", "x"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("AWS_REGION", "us-east-1"),
+            // Fail at the first refused connection instead of retrying with backoff.
+            ("AWS_MAX_ATTEMPTS", "1"),
+        ],
+    )
 }
 
 /// Runs a DCMTK tool with TCP_NODELAY set, as the README advises.
@@ -174,10 +284,10 @@ pub fn echoscu(port: u16, called: &str, calling: &str) -> Output {
     )
 }
 
-/// storescu with `flag` choosing the proposed transfer syntaxes (e.g. -xi, -xe, -xb, -xd, -xy).
-pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
-    let port = port.to_string();
-    let mut args = vec![
+/// storescu's arguments up to the files: verbose, going on after failures (-nh), as STORESCU,
+/// with `flag` choosing the proposed transfer syntaxes (e.g. -xi, -xe, -xb, -xd, -xy).
+fn storescu_args(port: u16, flag: &str) -> Vec<String> {
+    [
         "-v",
         "-nh",
         "-aec",
@@ -186,11 +296,21 @@ pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
         "STORESCU",
         flag,
         "127.0.0.1",
-        port.as_str(),
-    ];
-    let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    args.extend(files.iter().map(String::as_str));
-    dcmtk("storescu", &args)
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([port.to_string()])
+    .collect()
+}
+
+/// storescu on `files`, with `flag` choosing the proposed transfer syntaxes (see [`storescu_args`]).
+pub fn storescu(port: u16, flag: &str, files: &[&Path]) -> Output {
+    let mut args = storescu_args(port, flag);
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    dcmtk(
+        "storescu",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
 }
 
 /// Sends the five test files, each with the flag that proposes its own transfer syntax first, so
@@ -406,6 +526,43 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The objects in a local store: its `.dcm` files outside the incoming directory, sorted.
+pub fn stored_objects(store: &Path) -> Vec<PathBuf> {
+    files_under(store)
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "dcm") && !p.starts_with(store.join(INCOMING_DIR))
+        })
+        .collect()
+}
+
+/// Whether a local store's incoming directory holds nothing (no upload left behind).
+pub fn incoming_is_empty(store: &Path) -> bool {
+    files_under(&store.join(INCOMING_DIR)).is_empty()
+}
+
+/// The jobs in the local journal under `store_dir` (the gateway's --store-dir).
+pub fn local_jobs(store_dir: &Path) -> Vec<serde_json::Value> {
+    files_under(&store_dir.join("jobs"))
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+/// Waits until the local journal under `store_dir` holds one job, CLOSED (start-up recovery
+/// closes a batch a killed gateway left OPEN); returns it.
+pub fn wait_for_closed_local_job(store_dir: &Path, gw: &Gateway) -> serde_json::Value {
+    eventually(
+        "recovery to close the batch",
+        Duration::from_secs(20),
+        || match &local_jobs(store_dir)[..] {
+            [job] if job["status"] == "CLOSED" => Ok(job.clone()),
+            jobs => Err(format!("{jobs:?}\n{}", gw.log_text())),
+        },
+    )
+}
+
 /// The synthetic patient data in testdata/ and in `ct_dataset`: none of it may ever reach a log.
 pub const PATIENT_DATA: [&str; 4] = ["SYNTHETIC^PATIENT", "SYNTH-0001", "19700101", "RAW^SCU"];
 
@@ -450,16 +607,11 @@ impl FaultProxy {
 
     pub fn up(&mut self) {
         use std::sync::atomic::Ordering;
-        let until = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(Instant::now() < until, "proxy cannot bind again: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let listener = eventually(
+            "the proxy's port to be free again",
+            Duration::from_secs(10),
+            || TcpListener::bind(("127.0.0.1", self.port)),
+        );
         listener.set_nonblocking(true).unwrap();
         self.stop = Default::default();
         let (stop, target, conns) = (self.stop.clone(), self.target.clone(), self.conns.clone());
@@ -530,27 +682,39 @@ pub fn write_corpus(dir: &Path, root: &str, n: usize, pixel_bytes: usize) -> Vec
         .collect()
 }
 
-/// storescu on `files` in the background (-nh: it goes on after failures); its log (DCMTK logs to
-/// stderr) goes to `log`.
+/// The SOP Instance UID of corpus file `file_name` (`ctNNNNN.dcm`) written by [`write_corpus`].
+pub fn corpus_sop(root: &str, file_name: &str) -> String {
+    let n: usize = file_name
+        .trim_start_matches("ct")
+        .trim_end_matches(".dcm")
+        .parse()
+        .unwrap_or_else(|_| panic!("{file_name} is not a corpus file"));
+    format!("{root}.{}", n + 1)
+}
+
+/// The SOP Instance UIDs of the corpus files (under `root`) that storescu's log shows acknowledged
+/// with Success, in order.
+pub fn acknowledged(log: &Path, root: &str) -> Vec<String> {
+    storescu_outcomes(log)
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Some("Success"))
+        .map(|(f, _)| corpus_sop(root, f))
+        .collect()
+}
+
+/// storescu on `files` in the background, proposing explicit VR little endian; its log (DCMTK logs
+/// to stderr) goes to `log`.
 pub fn storescu_background(port: u16, files: &[PathBuf], log: &Path) -> std::process::Child {
     Command::new("storescu")
-        .args([
-            "-v",
-            "-nh",
-            "-aec",
-            AE,
-            "-aet",
-            "STORESCU",
-            "-xe",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
+        .args(storescu_args(port, "-xe"))
         .args(files)
         .env("TCP_NODELAY", "1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!("storescu runs (is DCMTK installed? scripts/test.sh installs it): {e}")
+        })
 }
 
 /// From a storescu -v log: (file name, response) for each file sent, in order; response is e.g.
@@ -568,91 +732,31 @@ pub fn storescu_outcomes(log: &Path) -> Vec<(String, Option<String>)> {
                     .into_owned(),
                 None,
             ));
-        } else if let Some(rest) = line.split("Received Store Response (").nth(1) {
-            if let Some(last) = out.last_mut() {
-                last.1 = Some(rest.trim_end_matches(')').to_string());
-            }
+        } else if let Some(rest) = line.split("Received Store Response (").nth(1)
+            && let Some(last) = out.last_mut()
+        {
+            last.1 = Some(rest.trim_end_matches(')').to_string());
         }
     }
     out
 }
 
-/// LocalStack's endpoint, or None (the test is then skipped, with a note) outside scripts/test.sh.
-pub fn localstack() -> Option<String> {
-    if std::env::var("DICOM_GATEWAY_TEST_LOCALSTACK").is_err() {
-        eprintln!("skipped: needs LocalStack; run scripts/test.sh");
-        return None;
-    }
-    Some(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into()))
-}
-
-pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    )
-}
-
-/// The outputs of the infra/ stack that scripts/test.sh deployed to LocalStack.
-pub struct Stack {
-    pub bucket: String,
-    pub table: String,
-    pub state_machine_arn: String,
-    pub role_arn: String,
-    pub datastore_id: String,
-}
-
-/// The deployed stack, or None (the test is then skipped, with a note) outside scripts/test.sh.
-pub fn stack() -> Option<Stack> {
-    let get = |k: &str| std::env::var(format!("DICOM_GATEWAY_TEST_STACK_{k}")).ok();
-    let (Some(bucket), Some(table), Some(state_machine_arn), Some(role_arn), Some(datastore_id)) = (
-        get("BucketName"),
-        get("JobTableName"),
-        get("StateMachineArn"),
-        get("DataAccessRoleArn"),
-        get("DatastoreId"),
-    ) else {
-        eprintln!("skipped: needs the LocalStack test stack; run scripts/test.sh");
-        return None;
-    };
-    Some(Stack {
-        bucket,
-        table,
-        state_machine_arn,
-        role_arn,
-        datastore_id,
-    })
-}
-
 /// Waits until storescu's log shows `n` Success responses.
 pub fn wait_for_successes(log: &Path, n: usize) {
-    let until = Instant::now() + Duration::from_secs(60);
-    while storescu_outcomes(log)
-        .iter()
-        .filter(|(_, r)| r.as_deref() == Some("Success"))
-        .count()
-        < n
-    {
-        assert!(Instant::now() < until, "storescu made no progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Creates a bucket with a unique name starting with `prefix` in LocalStack; returns its name.
-pub async fn new_bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
-    let bucket = format!(
-        "{prefix}-{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
-    s3.create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("bucket created in LocalStack");
-    bucket
+    eventually(
+        &format!("{n} Success responses in storescu's log"),
+        Duration::from_secs(60),
+        || {
+            let outcomes = storescu_outcomes(log);
+            let ok = outcomes
+                .iter()
+                .filter(|(_, r)| r.as_deref() == Some("Success"))
+                .count();
+            if ok >= n {
+                Ok(())
+            } else {
+                Err(format!("{ok} so far"))
+            }
+        },
+    )
 }

@@ -1,0 +1,268 @@
+//! LocalStack (started by scripts/test.sh) and the infra/ stack deployed to it: clients, the stack's
+//! outputs, and one copy of each look-up the tests make in S3 and the job table.
+//!
+//! Tests that need LocalStack are `#[ignore = "needs LocalStack: run scripts/test.sh"]`, which runs
+//! them with `--include-ignored`; run by hand without LocalStack, they fail here, loudly.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use dicom_gateway::jobs::Job;
+use dicom_gateway::jobs::dynamodb::from_item;
+
+use super::{Gateway, eventually_async};
+
+/// Mocked HealthImaging import job id (tests/sfn-mock-config.json).
+pub const IMPORT_JOB_ID: &str = "import-job-0001";
+
+/// The environment variable scripts/test.sh sets once LocalStack runs.
+const LOCALSTACK_FLAG: &str = "DICOM_GATEWAY_TEST_LOCALSTACK";
+
+/// LocalStack's endpoint; panics outside scripts/test.sh (or its environment).
+pub fn localstack() -> String {
+    assert!(
+        std::env::var_os(LOCALSTACK_FLAG).is_some(),
+        "this test needs LocalStack and {LOCALSTACK_FLAG} is unset: run scripts/test.sh"
+    );
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .load()
+        .await
+}
+
+/// An S3 client for `endpoint`, with path-style addressing (as LocalStack needs).
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk_config(endpoint).await)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+pub async fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&sdk_config(endpoint).await)
+}
+
+/// The outputs of the infra/ stack that scripts/test.sh deployed to LocalStack.
+pub struct Stack {
+    pub bucket: String,
+    pub table: String,
+    pub state_machine_arn: String,
+    pub role_arn: String,
+    pub datastore_id: String,
+}
+
+/// The deployed stack, from the DICOM_GATEWAY_TEST_STACK_* variables scripts/test.sh sets; panics,
+/// naming the missing ones, without them.
+pub fn stack() -> Stack {
+    localstack();
+    let mut missing = Vec::new();
+    let mut get = |k: &str| {
+        let name = format!("DICOM_GATEWAY_TEST_STACK_{k}");
+        std::env::var(&name).unwrap_or_else(|_| {
+            missing.push(name);
+            String::new()
+        })
+    };
+    let stack = Stack {
+        bucket: get("BucketName"),
+        table: get("JobTableName"),
+        state_machine_arn: get("StateMachineArn"),
+        role_arn: get("DataAccessRoleArn"),
+        datastore_id: get("DatastoreId"),
+    };
+    assert!(
+        missing.is_empty(),
+        "this test needs the LocalStack test stack and {missing:?} are unset: run scripts/test.sh"
+    );
+    stack
+}
+
+/// `prefix` and a fresh ULID, lower-case (fit for a bucket name or a gateway id).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    )
+}
+
+/// Creates a bucket with a unique name starting with `prefix` in LocalStack; returns its name.
+pub async fn new_bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
+    let bucket = unique(prefix);
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket created in LocalStack");
+    bucket
+}
+
+/// Every key in `bucket`, following the listing's pages, sorted.
+pub async fn bucket_keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let out = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .unwrap();
+        keys.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from)),
+        );
+        token = out.next_continuation_token().map(String::from);
+        if token.is_none() {
+            keys.sort();
+            return keys;
+        }
+    }
+}
+
+/// The object at `key`, or the byte `range` of it (e.g. "bytes=0-99").
+pub async fn get_object(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    range: Option<String>,
+) -> Vec<u8> {
+    let out = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .set_range(range)
+        .send()
+        .await
+        .unwrap();
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+pub async fn assert_no_open_multipart_upload(s3: &aws_sdk_s3::Client, bucket: &str) {
+    let uploads = s3
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        uploads.uploads().is_empty(),
+        "multipart uploads left open: {:?}",
+        uploads.uploads()
+    );
+}
+
+/// The job that the gateway `gateway_id` recorded in `table`, if any (a scan, following its pages).
+pub async fn job_of_gateway(
+    db: &aws_sdk_dynamodb::Client,
+    table: &str,
+    gateway_id: &str,
+) -> Option<Job> {
+    let mut start = None;
+    loop {
+        let out = db
+            .scan()
+            .table_name(table)
+            .filter_expression("gatewayId = :g")
+            .expression_attribute_values(":g", AttributeValue::S(gateway_id.into()))
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .unwrap();
+        if let Some(item) = out.items().first() {
+            return Some(from_item(item).unwrap());
+        }
+        start = out.last_evaluated_key().cloned();
+        start.as_ref()?;
+    }
+}
+
+/// Waits for the job recorded by `gateway_id` to appear; returns it.
+pub async fn wait_for_job_of_gateway(
+    db: &aws_sdk_dynamodb::Client,
+    table: &str,
+    gw: &Gateway,
+    gateway_id: &str,
+) -> Job {
+    eventually_async(
+        &format!("a job recorded by gateway {gateway_id}"),
+        Duration::from_secs(30),
+        async || {
+            job_of_gateway(db, table, gateway_id)
+                .await
+                .ok_or_else(|| gw.log_text())
+        },
+    )
+    .await
+}
+
+pub async fn get_job(db: &aws_sdk_dynamodb::Client, table: &str, job_id: &str) -> Option<Job> {
+    let out = db
+        .get_item()
+        .table_name(table)
+        .key("jobId", AttributeValue::S(job_id.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap();
+    out.item().map(|i| from_item(i).unwrap())
+}
+
+/// Waits for job `job_id` to reach a final status; returns it.
+pub async fn wait_for_final(
+    db: &aws_sdk_dynamodb::Client,
+    table: &str,
+    job_id: &str,
+    gw: &Gateway,
+) -> Job {
+    eventually_async(
+        &format!("job {job_id} to finish"),
+        Duration::from_secs(90),
+        async || match get_job(db, table, job_id).await {
+            Some(job) if job.status.is_terminal() => Ok(job),
+            job => Err(format!("{job:?}\ngateway log:\n{}", gw.log_text())),
+        },
+    )
+    .await
+}
+
+/// Puts the manifest HealthImaging writes at the end of an import (under the default
+/// --results-prefix, results/), reporting `imported` files and `customer_errors` failed ones.
+pub async fn put_manifest(
+    s3: &aws_sdk_s3::Client,
+    stack: &Stack,
+    job_id: &str,
+    imported: u32,
+    customer_errors: u32,
+) {
+    let manifest = serde_json::json!({
+        "jobSummary": {
+            "jobId": IMPORT_JOB_ID,
+            "datastoreId": stack.datastore_id,
+            "inputS3Uri": format!("s3://{}/import/{job_id}/", stack.bucket),
+            "outputS3Uri": format!("s3://{}/results/{job_id}/", stack.bucket),
+            "numberOfScannedFiles": imported + customer_errors,
+            "numberOfImportedFiles": imported,
+            "numberOfFilesWithCustomerError": customer_errors,
+            "numberOfFilesWithServerError": 0,
+            "numberOfGeneratedImageSets": 1,
+            "imageSetsSummary": [{ "imageSetId": "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "numberOfMatchedSOPInstances": imported }]
+        }
+    });
+    s3.put_object()
+        .bucket(&stack.bucket)
+        .key(format!(
+            "results/{job_id}/{}-DicomImport-{IMPORT_JOB_ID}/job-output-manifest.json",
+            stack.datastore_id
+        ))
+        .body(manifest.to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+}
