@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
+use dicom_dictionary_std::uids::{CT_IMAGE_STORAGE, VERIFICATION};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
@@ -21,16 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{AcceptancePolicy, Handler, Services, Timeouts};
-use crate::batch::{BatchLimits, Batcher};
-use crate::config::DuplicatePolicy;
-use crate::dimse::{self, command_field, status};
+use crate::batch::{BatchLimits, Batcher, DuplicatePolicy};
+use crate::dimse::{self, Status, command_field};
 use crate::pdu::{self, Incoming};
-use crate::policy::{EXPLICIT_VR_LE, Policy, VERIFICATION};
+use crate::policy::SyntaxPolicy;
 use crate::store::local::{INCOMING_DIR, LocalStore};
 
 const AE: &str = "GATEWAY";
-const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
-/// Presentation context ids the SCU proposes: CT Image Storage and Verification.
+/// Presentation context ids the SCU proposes: CT_IMAGE_STORAGE Image Storage and Verification.
 const CT_CONTEXT: u8 = 1;
 const ECHO_CONTEXT: u8 = 3;
 const STUDY: &str = "1.2.826.0.1.3680043.2.1125.5";
@@ -57,7 +56,7 @@ impl Association {
                 ae_title: AE.into(),
                 accept_any_called_ae: false,
                 calling_ae_allow: vec![],
-                policy: Policy::standard(),
+                syntaxes: SyntaxPolicy::standard(),
                 max_pdu: 64 * 1024,
                 ae_bindings: vec![],
             },
@@ -80,14 +79,14 @@ impl Association {
         }
     }
 
-    /// [`Association::start`], then an A-ASSOCIATE-RQ for CT Image Storage and Verification, both
+    /// [`Association::start`], then an A-ASSOCIATE-RQ for CT_IMAGE_STORAGE Image Storage and Verification, both
     /// in explicit VR little endian; panics unless accepted.
     async fn associate() -> Association {
         let mut a = Association::start().await;
         let context = |id, abstract_syntax: &str| PresentationContextProposed {
             id,
             abstract_syntax: abstract_syntax.into(),
-            transfer_syntaxes: vec![EXPLICIT_VR_LE.into()],
+            transfer_syntaxes: vec![dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN.into()],
         };
         a.send_pdu(&Pdu::AssociationRQ(AssociationRQ {
             protocol_version: 1,
@@ -95,7 +94,7 @@ impl Association {
             called_ae_title: AE.into(),
             application_context_name: "1.2.840.10008.3.1.1.1".into(),
             presentation_contexts: vec![
-                context(CT_CONTEXT, CT),
+                context(CT_CONTEXT, CT_IMAGE_STORAGE),
                 context(ECHO_CONTEXT, VERIFICATION),
             ],
             user_variables: vec![UserVariableItem::MaxLength(16 * 1024)],
@@ -123,9 +122,15 @@ impl Association {
             .await;
     }
 
-    /// Sends the command of a C-STORE of [`SOP`] on the CT context.
+    /// Sends the command of a C-STORE of [`SOP`] on the CT_IMAGE_STORAGE context.
     async fn send_store_command(&mut self) {
-        let command = dimse::request(command_field::C_STORE_RQ, 1, CT, Some(SOP), true);
+        let command = dimse::request(
+            command_field::C_STORE_RQ,
+            1,
+            CT_IMAGE_STORAGE,
+            Some(SOP),
+            true,
+        );
         self.send_pdv(CT_CONTEXT, true, true, &command).await;
     }
 
@@ -139,7 +144,7 @@ impl Association {
     }
 
     /// Reads a DIMSE response; returns its Command Field and Status.
-    async fn read_response(&mut self) -> (u16, u16) {
+    async fn read_response(&mut self) -> (u16, Status) {
         let Incoming::PData(pdvs) = self.read().await else {
             panic!("expected a response in a P-DATA-TF");
         };
@@ -167,11 +172,11 @@ impl Association {
     }
 }
 
-/// An explicit VR little endian CT data set of [`SOP`] with `pixel_bytes` of pixel data.
+/// An explicit VR little endian CT_IMAGE_STORAGE data set of [`SOP`] with `pixel_bytes` of pixel data.
 fn dataset(pixel_bytes: usize) -> Vec<u8> {
     let ui = |tag, uid: &str| DataElement::new(tag, VR::UI, PrimitiveValue::from(uid));
     let obj = InMemDicomObject::from_element_iter([
-        ui(tags::SOP_CLASS_UID, CT),
+        ui(tags::SOP_CLASS_UID, CT_IMAGE_STORAGE),
         ui(tags::SOP_INSTANCE_UID, SOP),
         ui(tags::STUDY_INSTANCE_UID, STUDY),
         ui(tags::SERIES_INSTANCE_UID, SERIES),
@@ -229,7 +234,10 @@ async fn c_echo_is_answered_success_and_release_is_confirmed() {
     a.send_pdv(ECHO_CONTEXT, true, true, &echo).await;
     assert_eq!(
         a.read_response().await,
-        (command_field::C_ECHO_RSP, status::SUCCESS)
+        (
+            command_field::C_ECHO_RQ | command_field::RESPONSE_BIT,
+            Status::SUCCESS
+        )
     );
     a.send_pdu(&Pdu::ReleaseRQ).await;
     assert!(matches!(a.read().await, Incoming::Other(Pdu::ReleaseRP)));
@@ -246,7 +254,10 @@ async fn c_store_is_answered_success_once_the_object_is_on_disk() {
     a.send_pdv(CT_CONTEXT, false, true, rest).await;
     assert_eq!(
         a.read_response().await,
-        (command_field::C_STORE_RSP, status::SUCCESS)
+        (
+            command_field::C_STORE_RQ | command_field::RESPONSE_BIT,
+            Status::SUCCESS
+        )
     );
     let objects = stored(a.store.path());
     assert_eq!(objects.len(), 1);
