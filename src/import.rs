@@ -64,11 +64,45 @@ pub(crate) struct ImportSettings {
     pub max_polls: u32,
 }
 
+/// Least time between two import starts of one gateway. Each execution calls
+/// `StartDICOMImportJob`, which HealthImaging throttles at 1 request per second with a burst of 2
+/// per account ("AWS HealthImaging throttling limits",
+/// https://docs.aws.amazon.com/healthimaging/latest/devguide/throttling-limits.html; see
+/// docs/aws-facts.md §2). A recovery burst of many CLOSED jobs is spread out here, and the state
+/// machine's jittered retries absorb what several gateways together still send.
+pub(crate) const START_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Spaces out events so that no two are closer than an interval (a one-token bucket).
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    interval: Duration,
+    /// When the next event may happen.
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Pacer {
+            interval,
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for this caller's turn. Callers are served in order (the lock is fair).
+    pub(crate) async fn wait(&self) {
+        let mut next = self.next.lock().await;
+        tokio::time::sleep_until(*next).await;
+        *next = tokio::time::Instant::now() + self.interval;
+    }
+}
+
 /// Starts the import state machine in `infra/` (Step Functions `StartExecution`).
 pub(crate) struct StepFunctionsTrigger {
     client: aws_sdk_sfn::Client,
     state_machine_arn: String,
     settings: ImportSettings,
+    /// At most one start per [`START_INTERVAL`] from this gateway.
+    pacer: Pacer,
 }
 
 impl StepFunctionsTrigger {
@@ -81,6 +115,7 @@ impl StepFunctionsTrigger {
             client,
             state_machine_arn,
             settings,
+            pacer: Pacer::new(START_INTERVAL),
         }
     }
 }
@@ -125,6 +160,7 @@ pub(crate) fn execution_arn(state_machine_arn: &str, name: &str) -> String {
 #[async_trait]
 impl ImportTrigger for StepFunctionsTrigger {
     async fn start(&self, job: &Job) -> Result<Started, ImportError> {
+        self.pacer.wait().await;
         let input = execution_input(job, &self.settings);
         let started = Started {
             execution_arn: execution_arn(&self.state_machine_arn, &job.job_id),
@@ -365,6 +401,30 @@ mod tests {
         assert_eq!(input["tableName"], "jobs");
         assert_eq!(input["pollIntervalSeconds"], 30);
         assert_eq!(input["maxPolls"], 240);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_spaces_starts_by_its_interval() {
+        let pacer = Arc::new(Pacer::new(Duration::from_secs(1)));
+        let t0 = tokio::time::Instant::now();
+        let mut tasks = JoinSet::new();
+        for _ in 0..3 {
+            let p = pacer.clone();
+            tasks.spawn(async move {
+                p.wait().await;
+                tokio::time::Instant::now()
+            });
+        }
+        let mut times: Vec<Duration> = tasks.join_all().await.iter().map(|t| *t - t0).collect();
+        times.sort();
+        assert_eq!(
+            times,
+            vec![
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(2)
+            ]
+        );
     }
 
     #[test]
