@@ -10,8 +10,26 @@ import sys
 
 from cfnlint.decode import decode
 
+def branches(value):
+    """The possible values of a property that may be wrapped in Fn::If (both branches, minus AWS::NoValue)."""
+    if isinstance(value, dict) and "Fn::If" in value:
+        for branch in value["Fn::If"][1:]:
+            yield from branches(branch)
+    elif isinstance(value, dict) and value.get("Ref") == "AWS::NoValue":
+        return
+    elif value is not None:
+        yield value
+
+
+def role_policies(props):
+    for policies in branches(props.get("Policies", [])):
+        for pol in policies:
+            for p in branches(pol):
+                yield p.get("PolicyDocument", {})
+
+
 POLICY_HOLDERS = {
-    "AWS::IAM::Role": lambda p: [pol.get("PolicyDocument", {}) for pol in p.get("Policies", [])],
+    "AWS::IAM::Role": lambda p: list(role_policies(p)),
     "AWS::IAM::Policy": lambda p: [p.get("PolicyDocument", {})],
     "AWS::IAM::ManagedPolicy": lambda p: [p.get("PolicyDocument", {})],
 }
