@@ -25,7 +25,7 @@ use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
 use crate::policy::SyntaxPolicy;
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
-use crate::tls::TlsFiles;
+use crate::tls::{Pem, TlsFiles};
 use crate::uid::{UidError, validate_uid};
 
 /// `dicom-gateway` and its subcommands, as given on the command line.
@@ -312,6 +312,34 @@ pub(crate) struct TlsArgs {
     #[arg(long, env = "DICOM_GATEWAY_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// The certificate chain as PEM text instead of a file (how ECS passes a Secrets Manager
+    /// secret). Environment only: DICOM_GATEWAY_TLS_CERT_PEM. Not reloaded on SIGHUP.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TLS_CERT_PEM",
+        hide = true,
+        conflicts_with = "tls_cert"
+    )]
+    pub tls_cert_pem: Option<String>,
+
+    /// The private key as PEM text (DICOM_GATEWAY_TLS_KEY_PEM), instead of --tls-key.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TLS_KEY_PEM",
+        hide = true,
+        conflicts_with = "tls_key"
+    )]
+    pub tls_key_pem: Option<String>,
+
+    /// The client CA bundle as PEM text (DICOM_GATEWAY_TLS_CLIENT_CA_PEM), instead of --tls-client-ca.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_TLS_CLIENT_CA_PEM",
+        hide = true,
+        conflicts_with = "tls_client_ca"
+    )]
+    pub tls_client_ca_pem: Option<String>,
+
     /// Bind calling AE titles to client certificate subjects, comma-separated AE=CN pairs
     /// (e.g. CT1=ct1.hospital.example): that AE title is accepted only from that certificate.
     #[arg(long, env = "DICOM_GATEWAY_TLS_AE_BINDING", value_delimiter = ',')]
@@ -595,11 +623,26 @@ impl TlsArgs {
     /// The TLS listener, when a certificate and key are given (the other TLS options need them),
     /// and the calling AE titles bound to client certificates (`--tls-ae-binding`).
     fn into_config(self) -> Result<(Option<TlsConfig>, Vec<AeBinding>), ConfigError> {
-        let (cert, key) = match (self.tls_cert, self.tls_key) {
+        let pem = |file: Option<PathBuf>, text: Option<String>, from| match (file, text) {
+            (Some(path), _) => Some(Pem::File(path)),
+            (None, Some(text)) => Some(Pem::Inline { text, from }),
+            (None, None) => None,
+        };
+        let client_ca = pem(
+            self.tls_client_ca,
+            self.tls_client_ca_pem,
+            "DICOM_GATEWAY_TLS_CLIENT_CA_PEM",
+        );
+        let cert = pem(
+            self.tls_cert,
+            self.tls_cert_pem,
+            "DICOM_GATEWAY_TLS_CERT_PEM",
+        );
+        let key = pem(self.tls_key, self.tls_key_pem, "DICOM_GATEWAY_TLS_KEY_PEM");
+        let (cert, key) = match (cert, key) {
             (Some(cert), Some(key)) => (cert, key),
             (None, None) => {
-                if self.tls_client_ca.is_some() || self.tls_only || !self.tls_ae_binding.is_empty()
-                {
+                if client_ca.is_some() || self.tls_only || !self.tls_ae_binding.is_empty() {
                     return Err(ConfigError::Combination(
                         "--tls-client-ca, --tls-only and --tls-ae-binding need --tls-cert and --tls-key",
                     ));
@@ -612,7 +655,7 @@ impl TlsArgs {
                 ));
             }
         };
-        if !self.tls_ae_binding.is_empty() && self.tls_client_ca.is_none() {
+        if !self.tls_ae_binding.is_empty() && client_ca.is_none() {
             return Err(ConfigError::Combination(
                 "--tls-ae-binding needs --tls-client-ca (client certificates must be verified to be trusted)",
             ));
@@ -627,7 +670,7 @@ impl TlsArgs {
             files: TlsFiles {
                 cert,
                 key,
-                client_ca: self.tls_client_ca,
+                client_ca,
             },
         };
         Ok((Some(tls), ae_bindings))
@@ -1080,9 +1123,22 @@ mod tests {
         );
         let tls = c.tls.unwrap();
         assert_eq!(tls.listen.port(), 2762);
-        assert_eq!(tls.files.cert, PathBuf::from("c.pem"));
-        assert_eq!(tls.files.key, PathBuf::from("k.pem"));
-        assert_eq!(tls.files.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(tls.files.cert, Pem::File(PathBuf::from("c.pem")));
+        assert_eq!(tls.files.key, Pem::File(PathBuf::from("k.pem")));
+        assert_eq!(
+            tls.files.client_ca,
+            Some(Pem::File(PathBuf::from("ca.pem")))
+        );
+
+        let inline = parse(&["--tls-cert-pem", "CERT", "--tls-key-pem", "KEY"]).unwrap();
+        assert!(matches!(
+            inline.tls.unwrap().files.cert,
+            Pem::Inline {
+                from: "DICOM_GATEWAY_TLS_CERT_PEM",
+                ..
+            }
+        ));
+        assert!(parse(&["--tls-cert", "c.pem", "--tls-cert-pem", "CERT"]).is_err());
 
         let plain_and_tls = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert!(plain_and_tls.listen.is_some());

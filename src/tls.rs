@@ -4,9 +4,12 @@
 //! With a client CA bundle, clients must present a certificate it signed (mutual TLS), and
 //! `--tls-ae-binding` can tie a calling AE title to the certificate's subject common name. The
 //! certificate, key and CA bundle are read again on SIGHUP: new associations use the new files,
-//! running ones are untouched, and a bad file keeps the previous configuration.
+//! running ones are untouched, and a bad file keeps the previous configuration. The material can also
+//! come inline from environment variables (`DICOM_GATEWAY_TLS_CERT_PEM`, ...), which is how ECS passes
+//! Secrets Manager secrets to a container (TLS pass-through in `infra/gateway.yaml`); inline material
+//! cannot change, so a reload re-reads only files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use rustls_pki_types::pem::PemObject;
@@ -18,37 +21,72 @@ use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
 #[derive(Debug, Error)]
 pub(crate) enum TlsError {
-    #[error("cannot read {path}: {message}")]
-    Read { path: PathBuf, message: String },
+    #[error("cannot read {source_name}: {message}")]
+    Read {
+        source_name: String,
+        message: String,
+    },
     #[error("{0}")]
     Config(String),
+}
+
+/// One piece of PEM material: a file (re-read on SIGHUP), or text given inline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Pem {
+    File(PathBuf),
+    /// The PEM text itself, and the environment variable it came from (for messages).
+    Inline {
+        text: String,
+        from: &'static str,
+    },
+}
+
+impl Pem {
+    /// Where it comes from, for error messages (never the material itself).
+    fn source_name(&self) -> String {
+        match self {
+            Pem::File(path) => path.display().to_string(),
+            Pem::Inline { from, .. } => from.to_string(),
+        }
+    }
+
+    fn read(&self) -> Result<Vec<u8>, TlsError> {
+        match self {
+            Pem::File(path) => std::fs::read(path).map_err(|e| self.error(e)),
+            Pem::Inline { text, .. } => Ok(text.as_bytes().to_vec()),
+        }
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> TlsError {
+        TlsError::Read {
+            source_name: self.source_name(),
+            message: e.to_string(),
+        }
+    }
+
+    fn certificates(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let pem = self.read()?;
+        CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
 }
 
 /// Where the TLS material comes from.
 #[derive(Debug, Clone)]
 pub(crate) struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+    pub cert: Pem,
+    pub key: Pem,
+    pub client_ca: Option<Pem>,
 }
 
-fn read_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Read {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
-}
-
-/// Builds the server configuration from the files.
+/// Builds the server configuration from the material.
 pub(crate) fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| read_err(&files.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| read_err(&files.cert, e))?;
+    let certs = files.cert.certificates()?;
     if certs.is_empty() {
-        return Err(read_err(&files.cert, "no PEM certificate in the file"));
+        return Err(files.cert.error("no PEM certificate in it"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| read_err(&files.key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key.read()?).map_err(|e| files.key.error(e))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -57,14 +95,14 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> 
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| read_err(ca, e))? {
-                roots
-                    .add(cert.map_err(|e| read_err(ca, e))?)
-                    .map_err(|e| read_err(ca, e))?;
+            for cert in ca.certificates()? {
+                roots.add(cert).map_err(|e| ca.error(e))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| TlsError::Config(format!("client CA bundle {}: {e}", ca.display())))?;
+                .map_err(|e| {
+                    TlsError::Config(format!("client CA bundle {}: {e}", ca.source_name()))
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -125,15 +163,15 @@ mod tests {
     fn missing_or_bad_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let files = TlsFiles {
-            cert: dir.path().join("nope.pem"),
-            key: dir.path().join("nope.key"),
+            cert: Pem::File(dir.path().join("nope.pem")),
+            key: Pem::File(dir.path().join("nope.key")),
             client_ca: None,
         };
         let e = server_config(&files).unwrap_err().to_string();
         assert!(e.contains("nope.pem"), "{e}");
         std::fs::write(dir.path().join("empty.pem"), "not pem").unwrap();
         let files = TlsFiles {
-            cert: dir.path().join("empty.pem"),
+            cert: Pem::File(dir.path().join("empty.pem")),
             ..files
         };
         assert!(
@@ -141,6 +179,19 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("no PEM certificate")
+        );
+        let inline = TlsFiles {
+            cert: Pem::Inline {
+                text: "not pem".into(),
+                from: "DICOM_GATEWAY_TLS_CERT_PEM",
+            },
+            ..files
+        };
+        let e = server_config(&inline).unwrap_err().to_string();
+        assert!(e.contains("DICOM_GATEWAY_TLS_CERT_PEM"), "{e}");
+        assert!(
+            !e.contains("not pem"),
+            "the material itself is never echoed: {e}"
         );
     }
 }

@@ -239,3 +239,45 @@ fn sighup_reloads_the_certificate_for_new_associations() {
         gw.log_text()
     );
 }
+
+#[test]
+fn certificate_and_key_from_environment_variables_as_ecs_passes_secrets() {
+    // TLS pass-through in infra/gateway.yaml hands the Secrets Manager secrets to the container as
+    // DICOM_GATEWAY_TLS_CERT_PEM / _KEY_PEM / _CLIENT_CA_PEM: PEM text, not file paths.
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let read = |f: &str| std::fs::read_to_string(pki.path().join(f)).unwrap();
+    let (cert, key, ca) = (read("server.crt"), read("server.key"), read("ca.crt"));
+    let tls_port = free_port();
+    let listen = format!("127.0.0.1:{tls_port}");
+    let store = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(
+        &[
+            "--store-dir",
+            store.path().to_str().unwrap(),
+            "--tls-listen",
+            &listen,
+        ],
+        &[
+            ("DICOM_GATEWAY_TLS_CERT_PEM", &cert),
+            ("DICOM_GATEWAY_TLS_KEY_PEM", &key),
+            ("DICOM_GATEWAY_TLS_CLIENT_CA_PEM", &ca),
+        ],
+    );
+    let out = storescu_tls(pki.path(), tls_port, "STORESCU", Some("client"));
+    assert!(
+        out.contains("Received Store Response (Success)"),
+        "{out}\n{}",
+        gw.log_text()
+    );
+    assert_eq!(stored_objects(store.path()).len(), 1);
+    let anonymous = storescu_tls(pki.path(), tls_port, "STORESCU", None);
+    assert!(
+        !anonymous.contains("Received Store Response (Success)"),
+        "the client CA from the environment requires a client certificate: {anonymous}"
+    );
+    assert!(
+        !gw.log_text().contains("BEGIN"),
+        "no PEM material in the log"
+    );
+}
