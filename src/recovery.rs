@@ -173,18 +173,7 @@ impl Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn closed_job(gateway: &str, closed_at: &str) -> Job {
-        let mut job = Job::opened(
-            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
-            "2026-11-23T10:00:00.000Z",
-            "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
-            gateway,
-        );
-        job.status = JobStatus::Closed;
-        job.closed_at = Some(closed_at.into());
-        job
-    }
+    use crate::jobs::tests::closed_job;
 
     #[test]
     fn recovery_decision() {

@@ -254,8 +254,22 @@ pub(crate) trait JobStore: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A job of `gateway`, CLOSED at `closed_at`, for the tests of the modules that act on jobs.
+    pub(crate) fn closed_job(gateway: &str, closed_at: &str) -> Job {
+        let mut job = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "s3://bucket/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
+            gateway,
+        );
+        job.status = JobStatus::Closed;
+        job.closed_at = Some(closed_at.into());
+        job
+    }
+
     use JobStatus::*;
 
     #[test]
