@@ -128,6 +128,7 @@ pub(crate) enum Seen {
     Stored,
 }
 
+/// What a batch holds of one SOP Instance UID: its durable copy's size, and copies in flight.
 #[derive(Debug, Default)]
 struct InstanceState {
     committed_size: Option<u64>,
@@ -151,6 +152,7 @@ struct Batch {
     calling_aes: BTreeSet<String>,
 }
 
+/// The batcher's state under its lock: the open batch and those waiting for their leases.
 #[derive(Default)]
 struct State {
     open: Option<Batch>,

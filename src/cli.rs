@@ -41,6 +41,7 @@ echoscu -aec DICOM_GATEWAY localhost 11112\n  storescu -aec DICOM_GATEWAY +sd +r
 Every option can also be set through an environment variable DICOM_GATEWAY_<OPTION> \
 (for example DICOM_GATEWAY_AE_TITLE); see `dicom-gateway serve --help`."
 )]
+/// The command line: a subcommand and its options.
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -74,6 +74,7 @@ const NO_DATASET: u16 = 0x0101;
 /// Command Data Set Type value a sender uses when a data set follows (any value but 0x0101 means so).
 const DATASET_PRESENT: u16 = 0x0000;
 
+/// Why a command set could not be parsed (the association is then aborted).
 #[derive(Debug, Error)]
 pub enum CommandError {
     #[error("command set cannot be decoded: {0}")]

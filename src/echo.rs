@@ -24,6 +24,7 @@ use crate::pdu::{self, Incoming, PduError};
 /// The echo runs under one overall timeout ([`echo`]); single reads and writes need none of their own.
 const NO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// Which step of a C-ECHO failed, for a message that tells the administrator where to look.
 #[derive(Debug, Error)]
 pub(crate) enum EchoError {
     #[error("cannot connect to {peer}: {source}")]

@@ -29,6 +29,7 @@ pub(crate) const READINESS_CACHE: Duration = Duration::from_secs(3);
 /// Longest each dependency check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Answers `/readyz`: whether the store, job store and trigger answer, cached briefly.
 pub(crate) struct Readiness {
     store: Arc<dyn ObjectStore>,
     jobs: Arc<dyn JobStore>,

@@ -26,6 +26,7 @@ use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::metrics::metrics;
 use prometheus_client::metrics::counter::Counter;
 
+/// Why an import could not be started or checked (retried by the pipeline).
 #[derive(Debug, Error)]
 pub(crate) enum ImportError {
     #[error("Step Functions StartExecution failed: {0}")]
@@ -42,6 +43,7 @@ pub(crate) struct Started {
     pub datastore_id: String,
 }
 
+/// Starts imports: the seam between the gateway and whatever runs them (Step Functions).
 #[async_trait]
 pub(crate) trait ImportTrigger: Send + Sync + 'static {
     /// Starts the import of `job`. Starting the same job twice must be harmless.

@@ -3,22 +3,22 @@
 //!
 //! A reader finds their room by responsibility:
 //! A reader finds their room by responsibility, in the order an instance travels:
-//! - [`listener`]: the accept loop, the association limit, graceful shutdown ([`tls`] on the TLS port);
-//! - [`association`]: negotiation and the per-association DIMSE loop, over a [`connection`];
-//! - [`connection`]: one socket, its buffers, PDU sizes and timeouts;
-//! - [`pdu`]: Upper Layer PDU framing; [`dimse`]: command sets and statuses;
-//! - [`instance`]: one C-STORE data set, streamed from the wire to the store;
-//! - [`sniff`]: identifying UIDs read from the start of a data set in any transfer syntax;
+//! - `listener`: the accept loop, the association limit, graceful shutdown (`tls` on the TLS port);
+//! - `association`: negotiation and the per-association DIMSE loop, over a `connection`;
+//! - `connection`: one socket, its buffers, PDU sizes and timeouts;
+//! - `pdu`: Upper Layer PDU framing; `dimse`: command sets and statuses;
+//! - `instance`: one C-STORE data set, streamed from the wire to the store;
+//! - `sniff`: identifying UIDs read from the start of a data set in any transfer syntax;
 //! - [`part10`]: the file meta group written in front of the data set;
-//! - [`store`]: the object stores (S3, local directory);
-//! - [`batch`]: grouping stored instances into import batches, one job each;
-//! - [`jobs`]: job records (DynamoDB, local journal) with forward-only status;
-//! - [`import`]: recording batches and starting their HealthImaging imports;
-//! - [`recovery`]: finishing the jobs a stopped gateway left OPEN or CLOSED;
-//! - [`policy`], [`uid`]: what is accepted; [`health`], [`metrics`]: what operators see;
-//! - [`cli`], [`config`]: the command line, turned once into a checked, typed configuration;
-//! - [`server`]: the wiring for `dicom-gateway serve`; [`echo`]: the client behind `dicom-gateway echo`;
-//! - [`commands`]: the subcommands, run by `main`.
+//! - `store`: the object stores (S3, local directory);
+//! - `batch`: grouping stored instances into import batches, one job each;
+//! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
+//! - `import`: recording batches and starting their HealthImaging imports;
+//! - `recovery`: finishing the jobs a stopped gateway left OPEN or CLOSED;
+//! - `policy`, `uid`: what is accepted; `health`, `metrics`: what operators see;
+//! - `cli`, `config`: the command line, turned once into a checked, typed configuration;
+//! - `server`: the wiring for `dicom-gateway serve`; `echo`: the client behind `dicom-gateway echo`;
+//! - `commands`: the subcommands, run by `main`.
 
 pub(crate) mod association;
 pub(crate) mod aws;

@@ -40,6 +40,7 @@ const MAX_REJECTIONS_IN_FLIGHT: usize = 16;
 /// How long an early rejection waits for the peer's request.
 const REJECTION_WAIT: Duration = Duration::from_secs(5);
 
+/// Accepts connections on the plain and TLS ports and runs one association task for each.
 pub(crate) struct Listener {
     /// The plain DICOM port (absent with --tls-only).
     plain: Option<TcpListener>,

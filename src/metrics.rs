@@ -14,16 +14,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Label of rejected associations: the rejection reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReasonLabel {
     pub reason: String,
 }
 
+/// Label of failed instances: the DIMSE status answered.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatusLabel {
     pub status: String,
 }
 
+/// Every metric the gateway exports, registered once per process.
 pub(crate) struct Metrics {
     registry: Registry,
     pub associations_active: Gauge,

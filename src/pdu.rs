@@ -25,6 +25,7 @@ const PDV_LAST_BIT: u8 = 0x02;
 /// Upper bound for the non-data PDUs (an A-ASSOCIATE-RQ with 128 contexts is far below this).
 pub(crate) const MAX_CONTROL_PDU: u32 = 256 * 1024;
 
+/// Why a PDU could not be read or written; [`PduError::abort_reason`] maps it to an A-ABORT.
 #[derive(Debug, Error)]
 pub enum PduError {
     #[error("connection error: {0}")]
@@ -65,6 +66,7 @@ pub struct Pdv {
     pub data: Bytes,
 }
 
+/// One PDU read from the peer: data (split into PDVs without copying) or a control PDU.
 #[derive(Debug)]
 pub enum Incoming {
     PData(Vec<Pdv>),

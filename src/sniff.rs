@@ -37,6 +37,7 @@ const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
 /// Longest value of interest we keep (UIDs are at most 64 bytes, CS at most 16; padding allowed).
 const MAX_VALUE_LEN: u32 = 256;
 
+/// Why a data set header could not be read (answered 0xC000 by the instance receiver).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SniffError {
     #[error("data set is malformed: {0}")]
@@ -84,6 +85,7 @@ impl DatasetIds {
     }
 }
 
+/// How the elements at the current nesting level are encoded.
 #[derive(Debug, Clone, Copy)]
 struct Syntax {
     explicit: bool,
@@ -111,6 +113,7 @@ struct Pending {
     len: usize,
 }
 
+/// Push parser that reads the identifying UIDs from a data set as its fragments stream past.
 pub struct HeaderSniffer {
     base: Syntax,
     inflater: Option<Decompress>,

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
+/// Why the TLS material could not be loaded (a reload then keeps the previous one).
 #[derive(Debug, Error)]
 pub(crate) enum TlsError {
     #[error("cannot read {source_name}: {message}")]

@@ -41,6 +41,7 @@ pub(crate) struct AcceptedContext {
     pub transfer_syntax: String,
 }
 
+/// The answer to an A-ASSOCIATE-RQ: accepted with its contexts, or rejected with a reason.
 #[derive(Debug)]
 pub(crate) enum Negotiation {
     Accepted {

@@ -18,6 +18,7 @@ use crate::batch::CloseReason;
 /// Name of the global secondary index on (status, createdAt).
 pub(crate) const STATUS_INDEX: &str = "status-createdAt";
 
+/// Job records in a DynamoDB table, shared by the gateways and the import state machine.
 pub(crate) struct DynamoJobStore {
     client: Client,
     table: String,

@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
 
+/// Job records as JSON files in a directory: the embedded default, no cloud needed.
 pub(crate) struct LocalJournal {
     dir: PathBuf,
     lock: Mutex<()>,

@@ -188,6 +188,7 @@ impl Job {
     }
 }
 
+/// Why a job store call failed; `NotForward` means another writer already moved the job on.
 #[derive(Debug, Error)]
 pub enum JobStoreError {
     #[error("job journal I/O failed: {0}")]
@@ -221,6 +222,7 @@ pub(crate) struct Transition {
     pub datastore_id: Option<String>,
 }
 
+/// Where job records live (DynamoDB or the local journal), with forward-only status moves.
 #[async_trait]
 pub(crate) trait JobStore: Send + Sync + 'static {
     /// Records a batch that has just opened. A job that already exists is left alone.

@@ -19,6 +19,7 @@ pub const INCOMING_DIR: &str = ".incoming";
 /// Write buffer: a 0.5 MB instance is written with one system call, at commit.
 const WRITE_BUFFER: usize = 1024 * 1024;
 
+/// Objects as files under a directory: temp file, fsync, rename, directory fsync.
 pub(crate) struct LocalStore {
     root: PathBuf,
     /// Write buffers handed back by finished uploads. Reusing them avoids a fresh 1 MiB allocation

@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::uid::{UidError, validate_uid};
 
+/// Why the store could not take or confirm an object (answered 0xA700).
 #[derive(Debug, Error)]
 pub(crate) enum StoreError {
     #[error("local store I/O failed: {0}")]
@@ -31,6 +32,7 @@ pub(crate) enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ObjectKey(String);
 
+/// Why UIDs from the wire cannot form an object key (answered 0xC000).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub(crate) enum KeyError {
     #[error("{which} is not a valid UID: {error}")]
@@ -105,6 +107,7 @@ pub(crate) struct StoredObject {
     pub size: u64,
 }
 
+/// Where instances are made durable: the seam between the receive path and S3 or a directory.
 #[async_trait]
 pub(crate) trait ObjectStore: Send + Sync + 'static {
     /// Opens an upload that will become the object `key` when committed.
@@ -123,6 +126,7 @@ pub(crate) trait ObjectStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// One object being written: streamed in, then committed (durable, visible) or aborted (gone).
 #[async_trait]
 pub(crate) trait ObjectUpload: Send {
     /// Appends bytes. May wait (back-pressure) while earlier data is being uploaded.

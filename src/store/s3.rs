@@ -26,6 +26,7 @@ pub(crate) const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// S3's limit on parts per upload.
 const MAX_PARTS: i32 = 10_000;
 
+/// Objects in an S3 bucket: PutObject for small ones, multipart upload for large ones.
 #[derive(Clone)]
 pub(crate) struct S3Store {
     client: Client,
@@ -138,6 +139,7 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// One object on its way to S3: buffered up to a part, then sent in parts with bounded concurrency.
 struct S3Upload {
     store: S3Store,
     key: String,
