@@ -3,7 +3,8 @@
 //!
 //! A reader finds their room by responsibility:
 //! A reader finds their room by responsibility, in the order an instance travels:
-//! - [`listener`]: the accept loop, the association limit, graceful shutdown ([`tls`] on the TLS port);
+//! - [`listener`]: the accept loop, pending connections and the association limit, graceful shutdown
+//!   ([`tls`] on the TLS port, [`proxy_protocol`] behind a load balancer);
 //! - [`association`]: negotiation and the per-association DIMSE loop, over a [`connection`];
 //! - [`connection`]: one socket, its buffers, PDU sizes and timeouts;
 //! - [`pdu`]: Upper Layer PDU framing; [`dimse`]: command sets and statuses;
@@ -38,6 +39,7 @@ pub(crate) mod metrics;
 pub mod part10;
 pub mod pdu;
 pub mod policy;
+pub(crate) mod proxy_protocol;
 pub(crate) mod recovery;
 pub(crate) mod server;
 pub mod sniff;
