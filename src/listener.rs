@@ -57,6 +57,7 @@ pub(crate) struct Admission {
     pub proxy_protocol: bool,
 }
 
+/// The DICOM ports and everything their connections share, until shutdown.
 pub(crate) struct Listener {
     /// The plain DICOM port (absent with --tls-only).
     plain: Option<TcpListener>,
