@@ -275,12 +275,31 @@ pub(crate) struct NetworkArgs {
     #[arg(long, env = "DICOM_GATEWAY_MAX_ASSOCIATIONS", default_value_t = 32)]
     pub max_associations: usize,
 
+    /// Most connections waiting for their A-ASSOCIATE-RQ at once (load balancer health checks, port
+    /// scans, idle sockets, senders mid-handshake). They take no association slot; over this bound
+    /// the oldest is closed. Each holds about 80 KiB of buffers while it waits.
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_MAX_PENDING_CONNECTIONS",
+        default_value_t = 256
+    )]
+    pub max_pending_connections: usize,
+
+    /// Every connection starts with a PROXY protocol v2 header, as an AWS Network Load Balancer
+    /// sends with proxy_protocol_v2.enabled on its target group: the client address it names is
+    /// used for --peer-allow and in the log, and a connection without a valid header is closed.
+    /// Turn on only behind such a load balancer (on both DICOM ports).
+    #[arg(long, env = "DICOM_GATEWAY_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
     /// Maximum P-DATA PDU length we accept, in bytes (4096 to 16777216).
     #[arg(long, env = "DICOM_GATEWAY_MAX_PDU", default_value_t = 131072)]
     pub max_pdu: u32,
 
-    /// Time allowed from connection to a complete association request.
-    #[arg(long, env = "DICOM_GATEWAY_ASSOCIATION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Time allowed from connection to a complete A-ASSOCIATE-RQ, PROXY protocol header and TLS
+    /// handshake included. Senders send their request right after connecting; a connection still
+    /// without one after this long is closed.
+    #[arg(long, env = "DICOM_GATEWAY_ASSOCIATION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub association_timeout: Duration,
 
     /// An association that sends nothing for this long is aborted.
@@ -531,6 +550,12 @@ impl ServeArgs {
                 "must be at least 1",
             ));
         }
+        if network.max_pending_connections == 0 {
+            return Err(ConfigError::invalid(
+                "--max-pending-connections",
+                "must be at least 1",
+            ));
+        }
         let timeouts = network.timeouts()?;
         let store = storage.store_config()?;
         let batch_limits = batches.limits()?;
@@ -541,6 +566,8 @@ impl ServeArgs {
             tls,
             peer_allow: network.peer_allow,
             max_associations: network.max_associations,
+            max_pending_connections: network.max_pending_connections,
+            proxy_protocol: network.proxy_protocol,
             acceptance,
             timeouts,
             store,
@@ -911,7 +938,7 @@ mod tests {
                 .syntaxes
                 .accepts_transfer_syntax("1.2.840.10008.1.2.4.50")
         );
-        assert_eq!(c.timeouts.request, Duration::from_secs(30));
+        assert_eq!(c.timeouts.request, Duration::from_secs(10));
         assert_eq!(
             c.log,
             LogConfig {
@@ -1001,6 +1028,18 @@ mod tests {
             .unwrap_err()
             .contains("--results-prefix")
         );
+    }
+
+    #[test]
+    fn pending_connections_and_the_proxy_protocol() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_pending_connections, 256);
+        assert!(!c.proxy_protocol);
+        let c = parse(&["--max-pending-connections", "8", "--proxy-protocol"]).unwrap();
+        assert_eq!(c.max_pending_connections, 8);
+        assert!(c.proxy_protocol);
+        let e = parse(&["--max-pending-connections", "0"]).unwrap_err();
+        assert_eq!(e, "--max-pending-connections must be at least 1");
     }
 
     #[test]

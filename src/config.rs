@@ -27,6 +27,10 @@ pub(crate) struct ServeConfig {
     pub peer_allow: Vec<IpNet>,
     /// Most associations served at once.
     pub max_associations: usize,
+    /// Most connections waiting for their A-ASSOCIATE-RQ at once; they take no association slot.
+    pub max_pending_connections: usize,
+    /// Every connection starts with a PROXY protocol v2 header naming the client (behind an NLB).
+    pub proxy_protocol: bool,
     /// What associations are accepted: who may call, under which AE title, for what.
     pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,

@@ -1,15 +1,15 @@
 //! dicom-gateway: a DICOM Store SCP that lands every instance durably in Amazon S3 (or a local
 //! directory) before it says "stored", and groups what it stored into HealthImaging import batches.
 //!
-//! A reader finds their room by responsibility:
 //! A reader finds their room by responsibility, in the order an instance travels:
-//! - `listener`: the accept loop, the association limit, graceful shutdown (`tls` on the TLS port);
+//! - `listener`: the accept loop, pending connections and the association limit, graceful shutdown
+//!   (`tls` on the TLS port, `proxy_protocol` behind a load balancer);
 //! - `association`: negotiation and the per-association DIMSE loop, over a `connection`;
 //! - `connection`: one socket, its buffers, PDU sizes and timeouts;
 //! - `pdu`: Upper Layer PDU framing; `dimse`: command sets and statuses;
 //! - `instance`: one C-STORE data set, streamed from the wire to the store;
 //! - `sniff`: identifying UIDs read from the start of a data set in any transfer syntax;
-//! - [`part10`]: the file meta group written in front of the data set;
+//! - `part10`: the file meta group written in front of the data set;
 //! - `store`: the object stores (S3, local directory);
 //! - `batch`: grouping stored instances into import batches, one job each;
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
@@ -38,6 +38,7 @@ pub(crate) mod metrics;
 pub mod part10;
 pub mod pdu;
 pub mod policy;
+pub(crate) mod proxy_protocol;
 pub(crate) mod recovery;
 pub(crate) mod server;
 pub mod sniff;

@@ -17,7 +17,7 @@ use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
-use crate::listener::Listener;
+use crate::listener::{Admission, Listener};
 use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
@@ -175,8 +175,12 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         plain,
         tls,
         services,
-        config.max_associations,
-        config.peer_allow.clone(),
+        Admission {
+            max_associations: config.max_associations,
+            max_pending: config.max_pending_connections,
+            peer_allow: config.peer_allow.clone(),
+            proxy_protocol: config.proxy_protocol,
+        },
     );
     info!(
         listen = %listener.local_addrs().0.map(|a| a.to_string()).unwrap_or_else(|| "off (--tls-only)".into()),
@@ -189,6 +193,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         gateway_id = %gateway_id,
         sop_classes = config.acceptance.syntaxes.sop_class_count(),
         max_associations = config.max_associations,
+        proxy_protocol = config.proxy_protocol,
         "dicom-gateway listening"
     );
     let health_stop = CancellationToken::new();

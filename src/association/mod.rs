@@ -13,11 +13,11 @@ mod tests;
 pub(crate) use negotiate::{AcceptancePolicy, AcceptedContext, AeBinding, Negotiation, negotiate};
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRJ, Pdu};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRJ, AssociationRQ, Pdu};
+use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
@@ -26,7 +26,7 @@ use crate::batch::{Batcher, DuplicatePolicy};
 use crate::connection::Connection;
 use crate::dimse::{self, Command, Status, command_field};
 use crate::instance::{InstanceContext, InstanceError, InstanceReceiver};
-use crate::pdu::{self, Incoming, PduError, Pdv};
+use crate::pdu::{Incoming, PduError, Pdv};
 use crate::store::ObjectStore;
 
 /// Largest command set accepted (real ones are a few hundred bytes).
@@ -41,6 +41,22 @@ pub(crate) struct Timeouts {
     pub idle: Duration,
     /// Longest a single write to the peer may take.
     pub io: Duration,
+}
+
+/// Why no A-ASSOCIATE-RQ was read from a new connection.
+#[derive(Debug, Error)]
+pub(crate) enum RequestError {
+    /// Closed before the first byte of a PDU: a health check, a port scan, a probe. Not a fault.
+    #[error("connection closed before an A-ASSOCIATE-RQ")]
+    Closed,
+    /// Another PDU came first (answered with A-ABORT).
+    #[error("first PDU is not an A-ASSOCIATE-RQ")]
+    NotARequest,
+    #[error("no A-ASSOCIATE-RQ within the association request timeout (--association-timeout)")]
+    TimedOut,
+    /// A truncated, oversized or undecodable PDU (answered with A-ABORT where it can be).
+    #[error(transparent)]
+    Pdu(PduError),
 }
 
 /// What every association shares: the policy it is negotiated under and where instances go.
@@ -128,7 +144,6 @@ enum End {
 /// Runs one association over its [`Connection`]: negotiation, then the DIMSE loop.
 pub(crate) struct Handler<S> {
     connection: Connection<S>,
-    peer: SocketAddr,
     services: Arc<Services>,
     /// Cancelled when the shutdown deadline passes: abort whatever is in flight.
     hard_stop: CancellationToken,
@@ -137,16 +152,10 @@ pub(crate) struct Handler<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
-    pub(crate) fn new(
-        stream: S,
-        peer: SocketAddr,
-        services: Arc<Services>,
-        hard_stop: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(stream: S, services: Arc<Services>, hard_stop: CancellationToken) -> Self {
         let connection = Connection::new(stream, services.acceptance.max_pdu, services.timeouts.io);
         Handler {
             connection,
-            peer,
             services,
             hard_stop,
             peer_cn: None,
@@ -159,18 +168,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         self
     }
 
-    /// Runs the association to its end. Errors are logged here, once, with the association's span.
-    pub(crate) async fn run(mut self) {
-        let rq = match self.read_request().await {
-            Ok(rq) => rq,
-            Err(reason) => {
-                warn!(peer = %self.peer, reason = %reason, "association request failed");
-                return;
+    /// Reads the A-ASSOCIATE-RQ, waiting at most `wait` (the rest of the association request
+    /// timeout), and records its AE titles in the association's span. The listener calls this
+    /// before the association takes a slot, so a connection that never sends a request holds none;
+    /// the caller logs the error.
+    pub(crate) async fn read_request(
+        &mut self,
+        wait: Duration,
+    ) -> Result<AssociationRQ, RequestError> {
+        match self.connection.read_pdu(wait).await {
+            Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq)))) => {
+                let span = Span::current();
+                span.record("calling_ae", rq.calling_ae_title.trim());
+                span.record("called_ae", rq.called_ae_title.trim());
+                Ok(rq)
             }
-        };
-        let span = Span::current();
-        span.record("calling_ae", rq.calling_ae_title.trim());
-        span.record("called_ae", rq.called_ae_title.trim());
+            Ok(None) => Err(RequestError::Closed),
+            Ok(Some(_)) => {
+                self.connection
+                    .abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                    .await;
+                Err(RequestError::NotARequest)
+            }
+            Err(PduError::TimedOut(_)) => Err(RequestError::TimedOut),
+            Err(e) => {
+                self.connection.abort(e.abort_reason()).await;
+                Err(RequestError::Pdu(e))
+            }
+        }
+    }
+
+    /// Answers the request with `rj`, before negotiation: the peer is outside the address
+    /// allow-list, or every association slot is taken.
+    pub(crate) async fn reject(mut self, rj: AssociationRJ) {
+        let _ = self.connection.write_pdu(&Pdu::AssociationRJ(rj)).await;
+    }
+
+    /// Negotiates `rq` and runs the association to its end. Errors are logged here, once, with the
+    /// association's span.
+    pub(crate) async fn run(mut self, rq: AssociationRQ) {
         match negotiate(&rq, &self.services.acceptance, self.peer_cn.as_deref()) {
             Negotiation::Rejected { rj, reason } => {
                 warn!(reason, result = ?rj.result, source = ?rj.source, "association rejected");
@@ -208,30 +244,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     End::Closed => info!("connection closed by peer without release"),
                     End::Aborted(why) => warn!(reason = why, "association aborted"),
                 }
-            }
-        }
-    }
-
-    async fn read_request(&mut self) -> Result<dicom_ul::pdu::AssociationRQ, String> {
-        match self
-            .connection
-            .read_pdu(self.services.timeouts.request)
-            .await
-        {
-            Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq)))) => Ok(rq),
-            Ok(None) => Err("connection closed before an A-ASSOCIATE-RQ".into()),
-            Ok(Some(_)) => {
-                self.connection
-                    .abort(AbortRQServiceProviderReason::UnexpectedPdu)
-                    .await;
-                Err("first PDU is not an A-ASSOCIATE-RQ".into())
-            }
-            Err(PduError::TimedOut(_)) => {
-                Err("no A-ASSOCIATE-RQ within the association request timeout".into())
-            }
-            Err(e) => {
-                self.connection.abort(e.abort_reason()).await;
-                Err(e.to_string())
             }
         }
     }
@@ -537,18 +549,5 @@ async fn abandon(state: Dimse) {
     } = state
     {
         receiver.abort().instrument(span).await;
-    }
-}
-
-/// Reads an A-ASSOCIATE-RQ (briefly) and answers it with `rj`. Used for peers turned away before
-/// negotiation: outside the address allow-list, or over the association limit.
-pub(crate) async fn reject_early<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    rj: AssociationRJ,
-    wait: Duration,
-) {
-    let mut connection = Connection::new(stream, pdu::MAX_CONTROL_PDU, wait);
-    if let Ok(Some(Incoming::Other(Pdu::AssociationRQ(_)))) = connection.read_pdu(wait).await {
-        let _ = connection.write_pdu(&Pdu::AssociationRJ(rj)).await;
     }
 }

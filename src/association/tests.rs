@@ -70,11 +70,15 @@ impl Association {
             duplicates: DuplicatePolicy::Overwrite,
         });
         let (scu, gateway) = tokio::io::duplex(1 << 20);
-        let peer = "127.0.0.1:1104".parse().unwrap();
-        let handler = Handler::new(gateway, peer, services, CancellationToken::new());
+        let mut handler = Handler::new(gateway, services, CancellationToken::new());
+        let handler = tokio::spawn(async move {
+            if let Ok(rq) = handler.read_request(Duration::from_secs(5)).await {
+                handler.run(rq).await;
+            }
+        });
         Association {
             scu,
-            handler: tokio::spawn(handler.run()),
+            handler,
             store,
         }
     }

@@ -421,7 +421,16 @@ impl RawScu {
     /// (context 3); panics unless accepted.
     pub fn associate(port: u16, called: &str) -> RawScu {
         let mut scu = RawScu::connect(port);
-        scu.send_pdu(&Pdu::AssociationRQ(AssociationRQ {
+        scu.send_pdu(&RawScu::request(called));
+        match scu.read() {
+            Some(Pdu::AssociationAC(_)) => scu,
+            other => panic!("association not accepted: {other:?}"),
+        }
+    }
+
+    /// The A-ASSOCIATE-RQ [`RawScu::associate`] sends.
+    pub fn request(called: &str) -> Pdu {
+        Pdu::AssociationRQ(AssociationRQ {
             protocol_version: 1,
             calling_ae_title: "RAWSCU".into(),
             called_ae_title: called.into(),
@@ -439,11 +448,7 @@ impl RawScu {
                 },
             ],
             user_variables: vec![UserVariableItem::MaxLength(65536)],
-        }));
-        match scu.read() {
-            Some(Pdu::AssociationAC(_)) => scu,
-            other => panic!("association not accepted: {other:?}"),
-        }
+        })
     }
 
     /// Sends a C-STORE on context 1 with `command_uid` in the command and `dataset` as data set,
