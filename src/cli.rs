@@ -25,7 +25,7 @@ use crate::config::{
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
-use crate::policy::SyntaxPolicy;
+use crate::policy::{SyntaxPolicy, transfer_syntax_preset};
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::tls::TlsFiles;
 use crate::uid::{UidError, validate_uid};
@@ -265,6 +265,8 @@ pub(crate) struct NetworkArgs {
 
     /// Transfer syntax UIDs accepted, comma-separated. Default: every transfer syntax the standard
     /// defines, compressed ones included (data is stored as received, never transcoded).
+    /// `healthimaging` stands for the syntaxes AWS HealthImaging imports; a sender proposing only
+    /// others gets transfer-syntaxes-not-supported and can fall back.
     #[arg(
         long,
         env = "DICOM_GATEWAY_TRANSFER_SYNTAX_ALLOW",
@@ -568,6 +570,16 @@ fn uid_allow_list(
     Ok((!uids.is_empty()).then(|| uids.to_vec()))
 }
 
+/// `--transfer-syntax-allow` with each preset name (e.g. `healthimaging`) replaced by its UIDs.
+fn expand_transfer_syntax_presets(list: &[String]) -> Vec<String> {
+    list.iter()
+        .flat_map(|entry| match transfer_syntax_preset(entry) {
+            Some(uids) => uids.iter().map(|u| u.to_string()).collect(),
+            None => vec![entry.clone()],
+        })
+        .collect()
+}
+
 impl NetworkArgs {
     /// The acceptance policy; `ae_bindings` come from the TLS options.
     fn acceptance(&self, ae_bindings: Vec<AeBinding>) -> Result<AcceptancePolicy, ConfigError> {
@@ -576,8 +588,10 @@ impl NetworkArgs {
             validate_ae_title(ae).map_err(|e| ConfigError::invalid("--calling-ae-allow", e))?;
         }
         let sop_class_allow = uid_allow_list("--sop-class-allow", &self.sop_class_allow)?;
-        let transfer_syntax_allow =
-            uid_allow_list("--transfer-syntax-allow", &self.transfer_syntax_allow)?;
+        let transfer_syntax_allow = uid_allow_list(
+            "--transfer-syntax-allow",
+            &expand_transfer_syntax_presets(&self.transfer_syntax_allow),
+        )?;
         if !(4096..=16 * 1024 * 1024).contains(&self.max_pdu) {
             return Err(ConfigError::invalid(
                 "--max-pdu",
@@ -1279,5 +1293,33 @@ mod tests {
             let e = parse(args).unwrap_err();
             assert!(e.contains(option), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_healthimaging_preset_stands_for_healthimaging_syntaxes() {
+        let c = parse(&["--transfer-syntax-allow", "healthimaging"]).unwrap();
+        let ts = &c.acceptance.syntaxes;
+        for uid in crate::policy::healthimaging::HEALTHIMAGING_TRANSFER_SYNTAXES {
+            assert!(ts.accepts_transfer_syntax(uid), "{uid}");
+        }
+        assert!(!ts.accepts_transfer_syntax("1.2.840.10008.1.2.4.110"));
+        // A UID beside the preset adds to it.
+        let c = parse(&[
+            "--transfer-syntax-allow",
+            "HealthImaging,1.2.840.10008.1.2.4.110",
+        ])
+        .unwrap();
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_transfer_syntax("1.2.840.10008.1.2.4.110")
+        );
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_transfer_syntax("1.2.840.10008.1.2.4.50")
+        );
+        let e = parse(&["--transfer-syntax-allow", "healthimagin"]).unwrap_err();
+        assert!(e.contains("--transfer-syntax-allow"), "{e}");
     }
 }
