@@ -542,7 +542,7 @@ impl Batcher {
             return;
         };
         batch.in_flight -= 1;
-        batch.reserved -= reserved;
+        batch.reserved = batch.reserved.saturating_sub(reserved);
         batch.last_activity = now;
         let sop = batch.sops.entry(path.sop_instance_uid.clone()).or_default();
         sop.in_flight = sop.in_flight.saturating_sub(1);
