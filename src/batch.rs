@@ -7,18 +7,64 @@
 //! recorder as closed, once every lease on it is settled. So a closed batch's summary describes
 //! exactly the durable objects under its prefix, and no object lands in a batch after it closed.
 //!
-//! Limits: idle time without a new instance, age, instance count, total bytes, and
-//! shutdown. Instance count counts leases, so a batch can never exceed it. Bytes are only known once
-//! an object is complete, so instances already in flight when the byte limit is reached still join
-//! the batch; the default leaves HealthImaging's 10 GB quota headroom for that (see `--batch-max-bytes`).
+//! # Limits
+//!
+//! A batch must be an import job HealthImaging accepts. Its quotas, from "AWS HealthImaging
+//! endpoints and quotas" (<https://docs.aws.amazon.com/healthimaging/latest/devguide/endpoints-quotas.html>,
+//! and the General Reference copy <https://docs.aws.amazon.com/general/latest/gr/healthimaging.html>):
+//! 5,000 files per import job, 10 GB for all files of a job, 4 GB per DICOM P10 file (the General
+//! Reference copy says 10 GB: we default to the lower figure and make it configurable), and 10,000
+//! nested folders per job ("You can include up to 10,000 nested folders for a single import job",
+//! <https://docs.aws.amazon.com/healthimaging/latest/devguide/understanding-import-jobs.html>).
+//!
+//! - **Files are objects.** The job imports the objects under its prefix, one per key
+//!   `{jobId}/{study}/{series}/{sop}.dcm`. A batch therefore counts *places*, one per key that holds
+//!   a durable object or an instance in flight. A repeat under the same key replaces the object and
+//!   takes no new place; a repeat of a SOP Instance UID under another Study or Series Instance UID
+//!   is a second object and takes a second place. A lease on a new key is only handed out while
+//!   places are below `max_instances`, so a batch never holds more objects than that.
+//! - **Folders.** Every study and every (study, series) under the job's prefix is a folder. A lease
+//!   whose key would add folders beyond `max_folders` closes the batch and opens the next one.
+//! - **Bytes.** An instance's size is known only once it is complete, and it cannot change batches
+//!   once its upload started (the job id is in its key). So a lease *reserves* bytes as they arrive
+//!   ([`BatchLease::grow`]), and the batch counts `committed + reserved` bytes:
+//!   - at `max_bytes` (`--batch-max-bytes`) the batch closes to new leases;
+//!   - instances already in it go on, but a growth that would take `committed + reserved` past
+//!     `byte_ceiling` (`--job-max-bytes`, HealthImaging's 10 GB) is refused: that instance fails
+//!     with 0xA700 and its sender may send it again, into the next batch.
+//!
+//!   **Invariant:** for every batch, at every moment, `committed + reserved <= byte_ceiling`, so
+//!   the closed batch's total bytes never exceed it, however many associations stream into it.
+//!   The headroom `byte_ceiling - max_bytes` (1 GB with the defaults 9 GB and 10 GB) is what the
+//!   instances in flight when the batch closed may still add before one of them is refused; a
+//!   refusal needs more than that in flight at once, and costs the sender a retry, where
+//!   exceeding the quota would have failed the whole import after every instance got Success.
+//!   A replacement under the same key is counted twice while it streams (the old object stays
+//!   until the new one is durable), which errs on the safe side.
+//! - **Per file.** A lease growing past `max_instance_bytes` (`--max-instance-size`) is refused,
+//!   so an oversized instance is stopped while it streams instead of being stored and then failed
+//!   by the import.
+//! - Idle time without a new instance, age, and shutdown close a batch too.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info};
+
+/// HealthImaging's "Maximum number of files in a DICOM import job" (endpoints-quotas, see the
+/// module documentation). Adjustable by AWS, but `--batch-max-instances` stays at or below it.
+pub(crate) const HEALTHIMAGING_MAX_FILES: u32 = 5000;
+/// HealthImaging's "Maximum size (in GB) of all files in a DICOM import job": 10 GB, not adjustable.
+pub(crate) const HEALTHIMAGING_MAX_JOB_BYTES: u64 = 10_000_000_000;
+/// HealthImaging's "Maximum size (in GB) of each DICOM P10 file in a DICOM import job": 4 GB in the
+/// developer guide, 10 GB in the General Reference copy of the quotas; the lower one is the default.
+pub(crate) const HEALTHIMAGING_MAX_FILE_BYTES: u64 = 4_000_000_000;
+/// HealthImaging's "Maximum number of nested folders in a DICOM import job": 10,000.
+pub(crate) const HEALTHIMAGING_MAX_NESTED_FOLDERS: usize = 10_000;
 
 /// What the batcher reports to the job recorder ([`crate::import::Pipeline`]), in order.
 #[derive(Debug, Clone)]
@@ -45,13 +91,21 @@ pub(crate) enum DuplicatePolicy {
     Reject,
 }
 
-/// When a batch closes (see the module documentation).
+/// When a batch closes, and what it refuses (see the module documentation).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchLimits {
     pub idle: Duration,
     pub max_age: Duration,
+    /// Most objects (places) in a batch.
     pub max_instances: u32,
+    /// Committed plus reserved bytes at which a batch closes to new leases.
     pub max_bytes: u64,
+    /// Committed plus reserved bytes a batch never exceeds: a growth past it is refused.
+    pub byte_ceiling: u64,
+    /// Largest object one instance may become: a growth past it is refused.
+    pub max_instance_bytes: u64,
+    /// Most study and series folders under a batch's prefix.
+    pub max_folders: usize,
 }
 
 impl Default for BatchLimits {
@@ -59,8 +113,34 @@ impl Default for BatchLimits {
         BatchLimits {
             idle: Duration::from_secs(30),
             max_age: Duration::from_secs(300),
-            max_instances: 5000,
+            max_instances: HEALTHIMAGING_MAX_FILES,
             max_bytes: 9_000_000_000,
+            byte_ceiling: HEALTHIMAGING_MAX_JOB_BYTES,
+            max_instance_bytes: HEALTHIMAGING_MAX_FILE_BYTES,
+            max_folders: HEALTHIMAGING_MAX_NESTED_FOLDERS,
+        }
+    }
+}
+
+/// Why a lease may not grow: the instance it belongs to is refused while it streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub(crate) enum LimitError {
+    #[error("instance larger than {limit} bytes, the limit per file (--max-instance-size)")]
+    InstanceTooLarge { limit: u64 },
+    #[error(
+        "import batch full: it would exceed {limit} bytes (--job-max-bytes); send the instance again"
+    )]
+    BatchFull { limit: u64 },
+}
+
+impl LimitError {
+    /// The Error Comment for the sender: it fits the 64 characters of LO and names no option.
+    pub(crate) fn comment(&self) -> String {
+        match self {
+            LimitError::InstanceTooLarge { limit } => {
+                format!("instance larger than the per-file limit of {limit} bytes")
+            }
+            LimitError::BatchFull { .. } => "import batch full; send the instance again".into(),
         }
     }
 }
@@ -73,6 +153,8 @@ pub enum CloseReason {
     MaxAge,
     MaxInstances,
     MaxBytes,
+    /// The next instance would have added folders beyond HealthImaging's nested-folder quota.
+    MaxFolders,
     Shutdown,
     /// Closed by start-up recovery from what is stored under its prefix, after its gateway died.
     Recovered,
@@ -86,6 +168,7 @@ impl CloseReason {
             CloseReason::MaxAge => "max-age",
             CloseReason::MaxInstances => "max-instances",
             CloseReason::MaxBytes => "max-bytes",
+            CloseReason::MaxFolders => "max-folders",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Recovered => "recovered",
         }
@@ -94,9 +177,17 @@ impl CloseReason {
     /// The reason a job record names, if it names one this version knows.
     pub(crate) fn parse(name: &str) -> Option<CloseReason> {
         use CloseReason::*;
-        [Idle, MaxAge, MaxInstances, MaxBytes, Shutdown, Recovered]
-            .into_iter()
-            .find(|r| r.as_str() == name)
+        [
+            Idle,
+            MaxAge,
+            MaxInstances,
+            MaxBytes,
+            MaxFolders,
+            Shutdown,
+            Recovered,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
     }
 }
 
@@ -108,6 +199,7 @@ pub(crate) struct BatchSummary {
     pub created_at: String,
     pub closed_at: String,
     pub close_reason: CloseReason,
+    /// Durable objects under the batch's prefix (HealthImaging's files).
     pub instance_count: u32,
     pub total_bytes: u64,
     pub study_instance_uids: Vec<String>,
@@ -117,7 +209,7 @@ pub(crate) struct BatchSummary {
     pub input_s3_uri: String,
 }
 
-/// What the batch already holds of a SOP Instance UID when a lease is taken.
+/// What the batch already holds of a SOP Instance UID when a lease is taken (under any key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Seen {
     /// First time in this batch.
@@ -128,28 +220,103 @@ pub(crate) enum Seen {
     Stored,
 }
 
-/// What a batch holds of one SOP Instance UID: its durable copy's size, and copies in flight.
+/// Where one instance goes within its batch: the identifying UIDs that make its object key
+/// `{jobId}/{study}/{series}/{sop}.dcm`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ObjectPath {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+}
+
+impl ObjectPath {
+    /// The folders this object lies in below the job's prefix: its study and its series.
+    fn folders(&self) -> [String; 2] {
+        [
+            self.study_instance_uid.clone(),
+            format!("{}/{}", self.study_instance_uid, self.series_instance_uid),
+        ]
+    }
+}
+
+/// One object key of a batch: the durable object there, if any, and the copies in flight to it.
 #[derive(Debug, Default)]
-struct InstanceState {
+struct ObjectState {
     committed_size: Option<u64>,
     in_flight: u32,
+}
+
+/// One SOP Instance UID of a batch, under all its keys: for duplicate detection ([`Seen`]).
+#[derive(Debug, Default)]
+struct SopState {
+    /// Keys holding a durable object of this SOP instance.
+    stored: u32,
+    in_flight: u32,
+}
+
+impl SopState {
+    fn seen(&self) -> Seen {
+        match (self.stored, self.in_flight) {
+            (0, 0) => Seen::New,
+            (0, _) => Seen::InFlight,
+            _ => Seen::Stored,
+        }
+    }
 }
 
 /// One batch, open or closing, as the batcher tracks it.
 struct Batch {
     /// The batch's ULID, which is also its job id and the folder of its objects.
     job_id: String,
-    /// Per SOP Instance UID, so a repeated instance counts once and its bytes are replaced.
-    instances: HashMap<String, InstanceState>,
+    /// Per object key: a place each, taken by the first lease on the key.
+    objects: HashMap<ObjectPath, ObjectState>,
+    /// Per SOP Instance UID, whatever its key.
+    sops: HashMap<String, SopState>,
+    /// Study and series folders of the places, with how many places lie in each.
+    folders: HashMap<String, u32>,
     created: SystemTime,
     opened_at: Instant,
     last_activity: Instant,
-    leased: u32,
+    /// Leases not yet settled.
     in_flight: u32,
+    /// Keys holding a durable object.
     committed: u32,
+    /// Bytes of the durable objects.
     bytes: u64,
+    /// Bytes received so far by the leases in flight.
+    reserved: u64,
     studies: BTreeSet<String>,
     calling_aes: BTreeSet<String>,
+}
+
+impl Batch {
+    /// The folders `path` would add to the batch.
+    fn new_folders(&self, path: &ObjectPath) -> usize {
+        path.folders()
+            .iter()
+            .filter(|f| !self.folders.contains_key(*f))
+            .count()
+    }
+
+    /// Frees the place of `path` once nothing is stored or in flight there any more.
+    fn release_if_empty(&mut self, path: &ObjectPath) {
+        let empty = self
+            .objects
+            .get(path)
+            .is_some_and(|o| o.committed_size.is_none() && o.in_flight == 0);
+        if !empty {
+            return;
+        }
+        self.objects.remove(path);
+        for folder in path.folders() {
+            if let Some(n) = self.folders.get_mut(&folder) {
+                *n -= 1;
+                if *n == 0 {
+                    self.folders.remove(&folder);
+                }
+            }
+        }
+    }
 }
 
 /// The batcher's state under its lock: the open batch and those waiting for their leases.
@@ -158,6 +325,17 @@ struct State {
     open: Option<Batch>,
     /// Batches that reached a limit but still have leases in flight, with why they closed.
     closing: HashMap<String, (Batch, CloseReason)>,
+}
+
+impl State {
+    /// The batch `job_id`, open or closing, and whether it is the open one.
+    fn batch_mut(&mut self, job_id: &str) -> Option<(&mut Batch, bool)> {
+        if self.open.as_ref().is_some_and(|b| b.job_id == job_id) {
+            self.open.as_mut().map(|b| (b, true))
+        } else {
+            self.closing.get_mut(job_id).map(|(b, _)| (b, false))
+        }
+    }
 }
 
 /// Hands out leases and closes batches. One per process, shared by all associations.
@@ -170,11 +348,13 @@ pub(crate) struct Batcher {
     settled: Notify,
 }
 
-/// A reserved place in a batch for one instance in flight.
+/// A reserved place in a batch for one instance in flight, and the bytes it received so far.
 pub(crate) struct BatchLease {
     job_id: String,
-    sop_instance_uid: String,
+    path: ObjectPath,
     seen: Seen,
+    /// Bytes reserved in the batch for this instance (what it received so far).
+    reserved: u64,
     batcher: Option<Arc<Batcher>>,
 }
 
@@ -189,13 +369,32 @@ impl BatchLease {
         self.seen
     }
 
+    /// The instance received `n` more bytes of its object: reserve them in the batch. Refused,
+    /// reserving nothing, if the instance would exceed the per-file limit or the batch its byte
+    /// ceiling; the instance must then be abandoned (dropping the lease frees what it reserved).
+    pub(crate) fn grow(&mut self, n: u64) -> Result<(), LimitError> {
+        let Some(batcher) = &self.batcher else {
+            return Ok(());
+        };
+        let size = self.reserved.saturating_add(n);
+        if size > batcher.limits.max_instance_bytes {
+            return Err(LimitError::InstanceTooLarge {
+                limit: batcher.limits.max_instance_bytes,
+            });
+        }
+        batcher.reserve(&self.job_id, n)?;
+        self.reserved = size;
+        Ok(())
+    }
+
     /// The instance is durable: count it in its batch.
-    pub(crate) fn commit(mut self, size: u64, study_instance_uid: &str, calling_ae_title: &str) {
+    pub(crate) fn commit(mut self, size: u64, calling_ae_title: &str) {
         if let Some(b) = self.batcher.take() {
             b.settle(
                 &self.job_id,
-                &self.sop_instance_uid,
-                Some((size, study_instance_uid, calling_ae_title)),
+                &self.path,
+                self.reserved,
+                Some((size, calling_ae_title)),
             );
         }
     }
@@ -204,7 +403,7 @@ impl BatchLease {
 impl Drop for BatchLease {
     fn drop(&mut self) {
         if let Some(b) = self.batcher.take() {
-            b.settle(&self.job_id, &self.sop_instance_uid, None);
+            b.settle(&self.job_id, &self.path, self.reserved, None);
         }
     }
 }
@@ -231,12 +430,24 @@ impl Batcher {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves a place for one instance in the open batch, opening a new batch when needed. A
-    /// SOP Instance UID already in the batch takes no new place: it will replace or be dropped.
-    pub(crate) fn lease(self: &Arc<Self>, sop_instance_uid: &str) -> BatchLease {
+    /// Reserves a place for the object at `path` in the open batch, opening a new batch when
+    /// the open one reached a limit or `path` would take it past its folder limit. A key already
+    /// in the batch takes no new place: its object will be replaced, or the lease dropped.
+    pub(crate) fn lease(self: &Arc<Self>, path: ObjectPath) -> BatchLease {
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(reason) = st.open.as_ref().and_then(|b| self.limit_reached(b, now)) {
+        let reason = st.open.as_ref().and_then(|b| {
+            self.limit_reached(b, now).or_else(|| {
+                let adds = if b.objects.contains_key(&path) {
+                    0
+                } else {
+                    b.new_folders(&path)
+                };
+                (b.folders.len() + adds > self.limits.max_folders)
+                    .then_some(CloseReason::MaxFolders)
+            })
+        });
+        if let Some(reason) = reason {
             self.close_open(&mut st, reason);
         }
         let batch = st.open.get_or_insert_with(|| {
@@ -251,45 +462,44 @@ impl Batcher {
             });
             Batch {
                 job_id,
-                instances: HashMap::new(),
+                objects: HashMap::new(),
+                sops: HashMap::new(),
+                folders: HashMap::new(),
                 created,
                 opened_at: now,
                 last_activity: now,
-                leased: 0,
                 in_flight: 0,
                 committed: 0,
                 bytes: 0,
+                reserved: 0,
                 studies: BTreeSet::new(),
                 calling_aes: BTreeSet::new(),
             }
         });
-        let state = batch
-            .instances
-            .entry(sop_instance_uid.to_string())
-            .or_default();
-        let seen = match (state.committed_size, state.in_flight) {
-            (Some(_), _) => Seen::Stored,
-            (None, 0) => Seen::New,
-            (None, _) => Seen::InFlight,
-        };
-        state.in_flight += 1;
-        if seen == Seen::New {
-            batch.leased += 1;
+        let sop = batch.sops.entry(path.sop_instance_uid.clone()).or_default();
+        let seen = sop.seen();
+        sop.in_flight += 1;
+        if !batch.objects.contains_key(&path) {
+            for folder in path.folders() {
+                *batch.folders.entry(folder).or_default() += 1;
+            }
         }
+        batch.objects.entry(path.clone()).or_default().in_flight += 1;
         batch.in_flight += 1;
         batch.last_activity = now;
         BatchLease {
             job_id: batch.job_id.clone(),
-            sop_instance_uid: sop_instance_uid.to_string(),
+            path,
             seen,
+            reserved: 0,
             batcher: Some(self.clone()),
         }
     }
 
     fn limit_reached(&self, b: &Batch, now: Instant) -> Option<CloseReason> {
-        if b.leased >= self.limits.max_instances {
+        if b.objects.len() >= self.limits.max_instances as usize {
             Some(CloseReason::MaxInstances)
-        } else if b.bytes >= self.limits.max_bytes {
+        } else if b.bytes + b.reserved >= self.limits.max_bytes {
             Some(CloseReason::MaxBytes)
         } else if now.duration_since(b.opened_at) >= self.limits.max_age {
             Some(CloseReason::MaxAge)
@@ -300,35 +510,58 @@ impl Batcher {
         }
     }
 
-    fn settle(&self, job_id: &str, sop_instance_uid: &str, committed: Option<(u64, &str, &str)>) {
+    /// Reserves `n` more bytes in batch `job_id` for a lease, unless that would take the batch past
+    /// its byte ceiling. The open batch closes to new leases once it reaches `max_bytes`.
+    fn reserve(&self, job_id: &str, n: u64) -> Result<(), LimitError> {
+        let mut st = self.lock();
+        let Some((batch, is_open)) = st.batch_mut(job_id) else {
+            return Ok(()); // unreachable: a batch with a lease in flight is open or closing
+        };
+        let total = batch.bytes + batch.reserved;
+        if total.saturating_add(n) > self.limits.byte_ceiling {
+            return Err(LimitError::BatchFull {
+                limit: self.limits.byte_ceiling,
+            });
+        }
+        batch.reserved += n;
+        if is_open && total + n >= self.limits.max_bytes {
+            self.close_open(&mut st, CloseReason::MaxBytes);
+        }
+        Ok(())
+    }
+
+    fn settle(
+        &self,
+        job_id: &str,
+        path: &ObjectPath,
+        reserved: u64,
+        committed: Option<(u64, &str)>,
+    ) {
         let now = Instant::now();
         let mut st = self.lock();
-        let is_open = st.open.as_ref().is_some_and(|b| b.job_id == job_id);
-        let batch = if is_open {
-            st.open.as_mut()
-        } else {
-            st.closing.get_mut(job_id).map(|(b, _)| b)
+        let Some((batch, is_open)) = st.batch_mut(job_id) else {
+            return;
         };
-        let Some(batch) = batch else { return };
         batch.in_flight -= 1;
+        batch.reserved = batch.reserved.saturating_sub(reserved);
         batch.last_activity = now;
-        let state = batch
-            .instances
-            .entry(sop_instance_uid.to_string())
-            .or_default();
-        state.in_flight = state.in_flight.saturating_sub(1);
+        let sop = batch.sops.entry(path.sop_instance_uid.clone()).or_default();
+        sop.in_flight = sop.in_flight.saturating_sub(1);
+        let object = batch.objects.entry(path.clone()).or_default();
+        object.in_flight = object.in_flight.saturating_sub(1);
         match committed {
-            Some((size, study, ae)) => {
-                match state.committed_size.replace(size) {
+            Some((size, ae)) => {
+                match object.committed_size.replace(size) {
                     None => {
+                        sop.stored += 1;
                         batch.committed += 1;
                         batch.bytes += size;
                     }
-                    // A repeated instance replaced the earlier copy: it counts once.
+                    // A repeat under the same key replaced the object: it counts once.
                     Some(old) => batch.bytes = batch.bytes - old + size,
                 }
-                if !batch.studies.contains(study) {
-                    batch.studies.insert(study.to_string());
+                if !batch.studies.contains(&path.study_instance_uid) {
+                    batch.studies.insert(path.study_instance_uid.clone());
                 }
                 let ae = ae.trim();
                 if !batch.calling_aes.contains(ae) {
@@ -336,16 +569,14 @@ impl Batcher {
                 }
             }
             None => {
-                if state.committed_size.is_none() && state.in_flight == 0 {
-                    batch.instances.remove(sop_instance_uid);
-                    batch.leased -= 1;
+                if sop.stored == 0 && sop.in_flight == 0 {
+                    batch.sops.remove(&path.sop_instance_uid);
                 }
+                batch.release_if_empty(path);
             }
         }
         if is_open {
-            if let Some(b) = st.open.as_ref()
-                && b.bytes >= self.limits.max_bytes
-            {
+            if batch.bytes + batch.reserved >= self.limits.max_bytes {
                 self.close_open(&mut st, CloseReason::MaxBytes);
             }
         } else if batch.in_flight == 0
@@ -433,13 +664,25 @@ impl Batcher {
 mod tests {
     use super::*;
 
-    /// A fresh SOP Instance UID for each lease.
-    fn uid() -> String {
+    /// An object of a fresh SOP Instance UID in study 1.1, series 1.1.1.
+    fn uid() -> ObjectPath {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-        format!(
-            "1.2.3.{}",
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        path(
+            "1.1",
+            "1.1.1",
+            &format!(
+                "1.2.3.{}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
         )
+    }
+
+    fn path(study: &str, series: &str, sop: &str) -> ObjectPath {
+        ObjectPath {
+            study_instance_uid: study.into(),
+            series_instance_uid: series.into(),
+            sop_instance_uid: sop.into(),
+        }
     }
 
     /// Closed batches only (openings are checked in their own test).
@@ -465,11 +708,20 @@ mod tests {
         )
     }
 
+    /// A lease that has received `size` bytes and is committed with them.
+    fn store(b: &Arc<Batcher>, p: ObjectPath, size: u64) -> String {
+        let mut l = b.lease(p);
+        l.grow(size).unwrap();
+        let id = l.job_id().to_string();
+        l.commit(size, "AE");
+        id
+    }
+
     #[test]
     fn opening_a_batch_is_reported_with_its_location() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
-        let lease = b.lease(&uid());
+        let lease = b.lease(uid());
         match rx.try_recv().unwrap() {
             BatchEvent::Opened {
                 job_id,
@@ -481,7 +733,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        drop(b.lease(&uid()));
+        drop(b.lease(uid()));
         assert!(rx.try_recv().is_err(), "one opening per batch");
     }
 
@@ -491,30 +743,33 @@ mod tests {
             max_age: Duration::from_secs(3600),
             max_instances: 3,
             max_bytes: 1000,
+            byte_ceiling: 1500,
+            max_instance_bytes: 1200,
+            max_folders: 100,
         }
     }
 
     #[test]
     fn closes_at_the_instance_limit_and_counts_only_committed() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease(&uid());
-        let l2 = b.lease(&uid());
-        let l3 = b.lease(&uid());
+        let l1 = b.lease(uid());
+        let l2 = b.lease(uid());
+        let l3 = b.lease(path("1.2", "1.2.1", "1.2.3.99"));
         let first = l1.job_id().to_string();
         assert_eq!(l3.job_id(), first);
-        l1.commit(10, "1.1", "AE1");
+        l1.commit(10, "AE1");
         drop(l2); // store failed: it never counts, and its place is free again
-        let l4 = b.lease(&uid());
+        let l4 = b.lease(path("1.2", "1.2.1", "1.2.3.98"));
         assert_eq!(l4.job_id(), first, "a failed instance frees its place");
-        let l5 = b.lease(&uid());
+        let l5 = b.lease(uid());
         assert_ne!(l5.job_id(), first, "a full batch hands out no more leases");
         assert!(
             rx.try_recv().is_err(),
             "not finalised while leases are in flight"
         );
-        l3.commit(20, "1.2", "AE2 ");
+        l3.commit(20, "AE2 ");
         assert!(rx.try_recv().is_err());
-        l4.commit(30, "1.2", "AE1");
+        l4.commit(30, "AE1");
         let s = rx.try_recv().unwrap();
         assert_eq!(s.job_id, first);
         assert_eq!(s.instance_count, 3);
@@ -529,9 +784,7 @@ mod tests {
     #[test]
     fn closes_when_bytes_reach_the_limit() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease(&uid());
-        let id = l1.job_id().to_string();
-        l1.commit(1000, "1.1", "AE");
+        let id = store(&b, uid(), 1000);
         let s = rx.try_recv().unwrap();
         assert_eq!((s.job_id, s.close_reason), (id, CloseReason::MaxBytes));
     }
@@ -542,13 +795,13 @@ mod tests {
             idle: Duration::ZERO,
             ..limits()
         });
-        let l1 = b.lease(&uid());
+        let l1 = b.lease(uid());
         b.tick();
         assert!(
             rx.try_recv().is_err(),
             "an instance in flight keeps the batch open"
         );
-        l1.commit(1, "1.1", "AE");
+        l1.commit(1, "AE");
         b.tick();
         assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Idle);
     }
@@ -559,11 +812,11 @@ mod tests {
             max_age: Duration::ZERO,
             ..limits()
         });
-        let l1 = b.lease(&uid());
+        let l1 = b.lease(uid());
         b.tick();
-        let l2 = b.lease(&uid());
+        let l2 = b.lease(uid());
         assert_ne!(l1.job_id(), l2.job_id());
-        l1.commit(5, "1.1", "AE");
+        l1.commit(5, "AE");
         let s = rx.try_recv().unwrap();
         assert_eq!((s.instance_count, s.close_reason), (1, CloseReason::MaxAge));
         drop(l2);
@@ -575,7 +828,7 @@ mod tests {
             idle: Duration::ZERO,
             ..limits()
         });
-        drop(b.lease(&uid()));
+        drop(b.lease(uid()));
         b.tick();
         assert!(rx.try_recv().is_err());
     }
@@ -583,38 +836,55 @@ mod tests {
     #[tokio::test]
     async fn shutdown_closes_the_open_batch_after_its_leases_settle() {
         let (b, mut rx) = batcher(limits());
-        let l1 = b.lease(&uid());
+        let l1 = b.lease(uid());
         let b2 = b.clone();
         let closer = tokio::spawn(async move { b2.close_all(Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.try_recv().is_err());
-        l1.commit(7, "1.1", "AE");
+        l1.commit(7, "AE");
         closer.await.unwrap();
         assert_eq!(rx.try_recv().unwrap().close_reason, CloseReason::Shutdown);
     }
 
     #[test]
-    fn a_repeated_instance_counts_once_and_replaces_its_bytes() {
+    fn a_repeat_under_the_same_key_counts_once_and_replaces_its_bytes() {
         let (b, mut rx) = batcher(limits());
-        let first = b.lease("1.9.1");
+        let x = path("1.1", "1.1.1", "1.9.1");
+        let first = b.lease(x.clone());
         assert_eq!(first.seen(), Seen::New);
-        let concurrent = b.lease("1.9.1");
+        let concurrent = b.lease(x.clone());
         assert_eq!(concurrent.seen(), Seen::InFlight);
-        first.commit(100, "1.1", "AE");
-        let again = b.lease("1.9.1");
+        first.commit(100, "AE");
+        let again = b.lease(x.clone());
         assert_eq!(again.seen(), Seen::Stored);
-        concurrent.commit(120, "1.1", "AE");
+        concurrent.commit(120, "AE");
         drop(again); // e.g. kept-first: not stored
-        let other = b.lease("1.9.2");
-        let other_id = other.job_id().to_string();
-        other.commit(10, "1.1", "AE");
-        b.tick();
-        drop(b.lease(&uid())); // nothing
+        let other_id = store(&b, path("1.1", "1.1.1", "1.9.2"), 10);
         b.close_open(&mut b.lock(), CloseReason::Shutdown);
         let s = rx.try_recv().unwrap();
         assert_eq!(s.job_id, other_id);
-        assert_eq!(s.instance_count, 2, "two distinct instances");
+        assert_eq!(s.instance_count, 2, "two objects");
         assert_eq!(s.total_bytes, 130, "the second copy replaced the first");
+    }
+
+    #[test]
+    fn a_repeat_under_a_new_series_is_a_second_object_with_its_own_place_and_bytes() {
+        let (b, mut rx) = batcher(BatchLimits {
+            max_instances: 2,
+            ..limits()
+        });
+        let id = store(&b, path("1.1", "1.1.1", "1.9.1"), 100);
+        let moved = b.lease(path("1.1", "1.1.2", "1.9.1"));
+        assert_eq!(moved.seen(), Seen::Stored, "a repeat of the SOP instance");
+        assert_eq!(moved.job_id(), id);
+        let full = b.lease(uid());
+        assert_ne!(full.job_id(), id, "two objects fill a batch of two places");
+        moved.commit(120, "AE");
+        let s = rx.try_recv().unwrap();
+        assert_eq!(s.job_id, id);
+        assert_eq!(s.instance_count, 2, "one SOP instance, two objects");
+        assert_eq!(s.total_bytes, 220, "both objects' bytes");
+        drop(full);
     }
 
     #[test]
@@ -623,18 +893,161 @@ mod tests {
             max_instances: 2,
             ..limits()
         });
-        let a = b.lease("1.8.1");
-        let a2 = b.lease("1.8.1");
+        let a = b.lease(path("1.1", "1.1.1", "1.8.1"));
+        let a2 = b.lease(path("1.1", "1.1.1", "1.8.1"));
         drop(a); // the first copy failed while a second is in flight
-        let c = b.lease("1.8.2");
+        let c = b.lease(path("1.1", "1.1.1", "1.8.2"));
         let id = c.job_id().to_string();
         assert!(
-            b.lease("1.8.3").job_id() != id,
+            b.lease(path("1.1", "1.1.1", "1.8.3")).job_id() != id,
             "two places taken: 1.8.1 (in flight) and 1.8.2"
         );
-        a2.commit(5, "1.1", "AE");
-        c.commit(5, "1.1", "AE");
+        a2.commit(5, "AE");
+        c.commit(5, "AE");
         let s = rx.try_recv().unwrap();
         assert_eq!((s.job_id, s.instance_count), (id, 2));
+    }
+
+    #[test]
+    fn bytes_in_flight_close_the_batch_to_new_leases() {
+        let (b, mut rx) = batcher(limits());
+        let mut a = b.lease(uid());
+        let id = a.job_id().to_string();
+        a.grow(600).unwrap();
+        let mut c = b.lease(uid());
+        assert_eq!(c.job_id(), id, "600 of 1000 bytes: still open");
+        c.grow(400).unwrap();
+        let d = b.lease(uid());
+        assert_ne!(
+            d.job_id(),
+            id,
+            "in-flight bytes reached the limit: nothing stored yet, but the batch is closed"
+        );
+        a.commit(600, "AE");
+        c.commit(400, "AE");
+        let s = rx.try_recv().unwrap();
+        assert_eq!(
+            (s.job_id, s.total_bytes, s.close_reason),
+            (id, 1000, CloseReason::MaxBytes)
+        );
+        drop(d);
+    }
+
+    #[test]
+    fn concurrent_leases_cannot_push_a_batch_past_its_byte_ceiling() {
+        let (b, mut rx) = batcher(limits());
+        // Three instances start in the same batch while it is empty.
+        let mut leases: Vec<Option<BatchLease>> = (0..3).map(|_| Some(b.lease(uid()))).collect();
+        let id = leases[0].as_ref().unwrap().job_id().to_string();
+        assert!(leases.iter().flatten().all(|l| l.job_id() == id));
+        // They stream in turns of 100 bytes until each has 600: 1800 would exceed the 1500 ceiling.
+        // A refused instance is abandoned at once (its upload aborted, its lease dropped).
+        let mut refused = 0;
+        for _ in 0..6 {
+            for slot in leases.iter_mut() {
+                if let Some(l) = slot
+                    && let Err(e) = l.grow(100)
+                {
+                    assert_eq!(e, LimitError::BatchFull { limit: 1500 });
+                    refused += 1;
+                    *slot = None;
+                }
+            }
+        }
+        assert_eq!(refused, 1, "exactly one instance is refused");
+        for l in leases.into_iter().flatten() {
+            let size = l.reserved;
+            assert_eq!(size, 600);
+            l.commit(size, "AE");
+        }
+        let s = rx.try_recv().unwrap();
+        assert_eq!(s.job_id, id);
+        assert_eq!((s.instance_count, s.total_bytes), (2, 1200));
+        // A resend of the refused instance lands in the next batch.
+        assert_ne!(store(&b, uid(), 600), id);
+    }
+
+    #[test]
+    fn an_instance_growing_past_the_per_file_limit_is_refused_and_frees_its_bytes() {
+        let (b, mut rx) = batcher(BatchLimits {
+            byte_ceiling: 10_000,
+            max_bytes: 10_000,
+            ..limits()
+        });
+        let mut big = b.lease(uid());
+        big.grow(1200).unwrap();
+        assert_eq!(
+            big.grow(1),
+            Err(LimitError::InstanceTooLarge { limit: 1200 })
+        );
+        let id = big.job_id().to_string();
+        drop(big);
+        assert_eq!(store(&b, uid(), 1200), id, "the batch is unaffected");
+        b.close_open(&mut b.lock(), CloseReason::Shutdown);
+        let s = rx.try_recv().unwrap();
+        assert_eq!((s.instance_count, s.total_bytes), (1, 1200));
+    }
+
+    #[test]
+    fn a_batch_closes_before_an_instance_would_exceed_the_folder_limit() {
+        let (b, mut rx) = batcher(BatchLimits {
+            max_instances: 100,
+            max_folders: 5,
+            ..limits()
+        });
+        // Study 1.1 with two series, study 1.2 with one: 5 folders.
+        let id = store(&b, path("1.1", "1.1.1", "1.5.1"), 1);
+        store(&b, path("1.1", "1.1.2", "1.5.2"), 1);
+        assert_eq!(store(&b, path("1.2", "1.2.1", "1.5.3"), 1), id);
+        // More instances in existing folders still fit.
+        assert_eq!(store(&b, path("1.2", "1.2.1", "1.5.4"), 1), id);
+        // A new series would be the sixth folder: the batch closes first.
+        let next = store(&b, path("1.2", "1.2.2", "1.5.5"), 1);
+        assert_ne!(next, id);
+        let s = rx.try_recv().unwrap();
+        assert_eq!(
+            (s.job_id, s.instance_count, s.close_reason),
+            (id, 4, CloseReason::MaxFolders)
+        );
+    }
+
+    #[test]
+    fn a_failed_instance_releases_the_folders_it_opened() {
+        let (b, _rx) = batcher(BatchLimits {
+            max_instances: 100,
+            max_folders: 2,
+            ..limits()
+        });
+        let id = store(&b, path("1.1", "1.1.1", "1.6.1"), 1);
+        drop(b.lease(path("1.1", "1.1.2", "1.6.2"))); // would be a third folder: new batch
+        let failed = b.lease(path("1.3", "1.3.1", "1.6.3"));
+        let second = failed.job_id().to_string();
+        assert_ne!(second, id);
+        drop(failed);
+        assert_eq!(
+            store(&b, path("1.4", "1.4.1", "1.6.4"), 1),
+            second,
+            "the failed instance's folders were released"
+        );
+    }
+
+    #[test]
+    fn close_reasons_round_trip_through_their_names() {
+        use CloseReason::*;
+        for r in [
+            Idle,
+            MaxAge,
+            MaxInstances,
+            MaxBytes,
+            MaxFolders,
+            Shutdown,
+            Recovered,
+        ] {
+            assert_eq!(CloseReason::parse(r.as_str()), Some(r));
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                serde_json::Value::String(r.as_str().into())
+            );
+        }
     }
 }

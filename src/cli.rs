@@ -15,7 +15,9 @@ use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::association::{AcceptancePolicy, AeBinding, Timeouts};
-use crate::batch::{BatchLimits, DuplicatePolicy};
+use crate::batch::{
+    BatchLimits, DuplicatePolicy, HEALTHIMAGING_MAX_JOB_BYTES, HEALTHIMAGING_MAX_NESTED_FOLDERS,
+};
 use crate::config::{
     ImportConfig, JobStoreConfig, LogConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
     validate_ae_title,
@@ -23,7 +25,7 @@ use crate::config::{
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
-use crate::policy::SyntaxPolicy;
+use crate::policy::{SyntaxPolicy, transfer_syntax_preset};
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::tls::{Pem, TlsFiles};
 use crate::uid::{UidError, validate_uid};
@@ -264,6 +266,8 @@ pub(crate) struct NetworkArgs {
 
     /// Transfer syntax UIDs accepted, comma-separated. Default: every transfer syntax the standard
     /// defines, compressed ones included (data is stored as received, never transcoded).
+    /// `healthimaging` stands for the syntaxes AWS HealthImaging imports; a sender proposing only
+    /// others gets transfer-syntaxes-not-supported and can fall back.
     #[arg(
         long,
         env = "DICOM_GATEWAY_TRANSFER_SYNTAX_ALLOW",
@@ -459,10 +463,23 @@ pub(crate) struct BatchArgs {
     )]
     pub batch_max_instances: u32,
 
-    /// A batch closes once its stored bytes reach this (e.g. 9GB). Instances already in flight
-    /// still join it, so keep it below HealthImaging's 10 GB per job by the largest study in flight.
+    /// A batch closes to new instances once its stored bytes plus the bytes received so far by
+    /// instances in flight reach this (e.g. 9GB). Those instances go on into it, up to
+    /// --job-max-bytes: the difference is their headroom.
     #[arg(long, env = "DICOM_GATEWAY_BATCH_MAX_BYTES", default_value = "9GB", value_parser = parse_bytes)]
     pub batch_max_bytes: u64,
+
+    /// A batch never holds more than this (HealthImaging: 10 GB of files per import job). An
+    /// instance whose bytes would take its batch past it is refused with 0xA700 while it streams;
+    /// sent again, it goes into the next batch.
+    #[arg(long, env = "DICOM_GATEWAY_JOB_MAX_BYTES", default_value = "10GB", value_parser = parse_bytes)]
+    pub job_max_bytes: u64,
+
+    /// Largest instance accepted, as stored (meta group included). A larger one is refused with
+    /// 0xA700 as soon as it grows past this, and its upload is aborted. Default: HealthImaging's
+    /// 4 GB per DICOM P10 file in an import job.
+    #[arg(long, env = "DICOM_GATEWAY_MAX_INSTANCE_SIZE", default_value = "4GB", value_parser = parse_bytes)]
+    pub max_instance_size: u64,
 
     /// A SOP Instance UID received twice within a batch is stored once: overwrite (the new copy
     /// replaces the earlier one), keep-first (Success, the new copy is dropped) or reject (0x0111).
@@ -609,6 +626,16 @@ fn uid_allow_list(
     Ok((!uids.is_empty()).then(|| uids.to_vec()))
 }
 
+/// `--transfer-syntax-allow` with each preset name (e.g. `healthimaging`) replaced by its UIDs.
+fn expand_transfer_syntax_presets(list: &[String]) -> Vec<String> {
+    list.iter()
+        .flat_map(|entry| match transfer_syntax_preset(entry) {
+            Some(uids) => uids.iter().map(|u| u.to_string()).collect(),
+            None => vec![entry.clone()],
+        })
+        .collect()
+}
+
 impl NetworkArgs {
     /// The acceptance policy; `ae_bindings` come from the TLS options.
     fn acceptance(&self, ae_bindings: Vec<AeBinding>) -> Result<AcceptancePolicy, ConfigError> {
@@ -617,8 +644,10 @@ impl NetworkArgs {
             validate_ae_title(ae).map_err(|e| ConfigError::invalid("--calling-ae-allow", e))?;
         }
         let sop_class_allow = uid_allow_list("--sop-class-allow", &self.sop_class_allow)?;
-        let transfer_syntax_allow =
-            uid_allow_list("--transfer-syntax-allow", &self.transfer_syntax_allow)?;
+        let transfer_syntax_allow = uid_allow_list(
+            "--transfer-syntax-allow",
+            &expand_transfer_syntax_presets(&self.transfer_syntax_allow),
+        )?;
         if !(4096..=16 * 1024 * 1024).contains(&self.max_pdu) {
             return Err(ConfigError::invalid(
                 "--max-pdu",
@@ -785,10 +814,24 @@ impl BatchArgs {
                 "must be between 1 and 5000 (HealthImaging accepts at most 5000 files per import job)",
             ));
         }
-        if self.batch_max_bytes == 0 || self.batch_max_bytes > 10_000_000_000 {
+        // HealthImaging quotas: endpoints-quotas page of its developer guide, see crate::batch.
+        if self.job_max_bytes == 0 || self.job_max_bytes > HEALTHIMAGING_MAX_JOB_BYTES {
+            return Err(ConfigError::invalid(
+                "--job-max-bytes",
+                "must be above 0 and at most 10GB (HealthImaging's limit per import job)",
+            ));
+        }
+        if self.batch_max_bytes == 0 || self.batch_max_bytes > self.job_max_bytes {
             return Err(ConfigError::invalid(
                 "--batch-max-bytes",
-                "must be above 0 and at most 10GB (HealthImaging's limit per import job)",
+                "must be above 0 and at most --job-max-bytes (10GB, HealthImaging's limit per import job)",
+            ));
+        }
+        // The General Reference copy of the quotas gives 10 GB per file: the most we allow.
+        if self.max_instance_size == 0 || self.max_instance_size > HEALTHIMAGING_MAX_JOB_BYTES {
+            return Err(ConfigError::invalid(
+                "--max-instance-size",
+                "must be above 0 and at most 10GB",
             ));
         }
         Ok(BatchLimits {
@@ -796,6 +839,9 @@ impl BatchArgs {
             max_age: nonzero("--batch-max-age", self.batch_max_age)?,
             max_instances: self.batch_max_instances,
             max_bytes: self.batch_max_bytes,
+            byte_ceiling: self.job_max_bytes,
+            max_instance_bytes: self.max_instance_size,
+            max_folders: HEALTHIMAGING_MAX_NESTED_FOLDERS,
         })
     }
 }
@@ -1312,5 +1358,64 @@ mod tests {
         assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn batch_byte_limits_follow_healthimaging_quotas() {
+        let l = parse(&[]).unwrap().batch_limits;
+        assert_eq!(l.byte_ceiling, 10_000_000_000, "10 GB per import job");
+        assert_eq!(l.max_instance_bytes, 4_000_000_000, "4 GB per P10 file");
+        assert_eq!(l.max_folders, 10_000);
+        let l = parse(&[
+            "--batch-max-bytes",
+            "2MB",
+            "--job-max-bytes",
+            "3MB",
+            "--max-instance-size",
+            "100KiB",
+        ])
+        .unwrap()
+        .batch_limits;
+        assert_eq!(
+            (l.max_bytes, l.byte_ceiling, l.max_instance_bytes),
+            (2_000_000, 3_000_000, 100 * 1024)
+        );
+        for (args, option) in [
+            (&["--job-max-bytes", "11GB"][..], "--job-max-bytes"),
+            (&["--job-max-bytes", "5GB"][..], "--batch-max-bytes"),
+            (&["--max-instance-size", "0"][..], "--max-instance-size"),
+            (&["--max-instance-size", "11GB"][..], "--max-instance-size"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(option), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_healthimaging_preset_stands_for_healthimaging_syntaxes() {
+        let c = parse(&["--transfer-syntax-allow", "healthimaging"]).unwrap();
+        let ts = &c.acceptance.syntaxes;
+        for uid in crate::policy::healthimaging::HEALTHIMAGING_TRANSFER_SYNTAXES {
+            assert!(ts.accepts_transfer_syntax(uid), "{uid}");
+        }
+        assert!(!ts.accepts_transfer_syntax("1.2.840.10008.1.2.4.110"));
+        // A UID beside the preset adds to it.
+        let c = parse(&[
+            "--transfer-syntax-allow",
+            "HealthImaging,1.2.840.10008.1.2.4.110",
+        ])
+        .unwrap();
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_transfer_syntax("1.2.840.10008.1.2.4.110")
+        );
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_transfer_syntax("1.2.840.10008.1.2.4.50")
+        );
+        let e = parse(&["--transfer-syntax-allow", "healthimagin"]).unwrap_err();
+        assert!(e.contains("--transfer-syntax-allow"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::batch::{BatchLease, Batcher, DuplicatePolicy, Seen};
+use crate::batch::{BatchLease, Batcher, DuplicatePolicy, LimitError, ObjectPath, Seen};
 use crate::dimse::{Command, Status};
 use crate::metrics::metrics;
 use crate::part10::FileMeta;
@@ -55,6 +55,9 @@ pub(crate) enum InstanceError {
     FileMeta(String),
     #[error("duplicate SOP Instance UID (--duplicate-policy reject)")]
     Duplicate,
+    /// The instance grew past the per-file limit, or would take its batch past its byte ceiling.
+    #[error("{0}")]
+    Limit(#[from] LimitError),
     #[error("object store unavailable: {0}")]
     StoreUnavailable(StoreError),
     #[error("object store write failed: {0}")]
@@ -68,7 +71,12 @@ impl InstanceError {
     pub(crate) fn status(&self) -> Status {
         use InstanceError::*;
         match self {
-            StoreUnavailable(_) | StoreWrite(_) | StoreCommit(_) => Status::OUT_OF_RESOURCES,
+            // A limit of what this gateway (and HealthImaging behind it) can take is a resource
+            // limit: PS3.4 B.2.3 has no closer status than "Refused: Out of Resources" (A7xx) for
+            // a well-formed instance that is too large; the Error Comment says which limit.
+            StoreUnavailable(_) | StoreWrite(_) | StoreCommit(_) | Limit(_) => {
+                Status::OUT_OF_RESOURCES
+            }
             ContextMismatch | SopInstanceMismatch | SopClassMismatch => {
                 Status::DATASET_DOES_NOT_MATCH
             }
@@ -91,6 +99,7 @@ impl InstanceError {
             InstanceError::StoreWrite(_) => "object store write failed".into(),
             InstanceError::StoreCommit(_) => "object store did not confirm the object".into(),
             InstanceError::Duplicate => "SOP Instance UID already received in this batch".into(),
+            InstanceError::Limit(e) => e.comment(),
             other => other.to_string(),
         }
     }
@@ -99,9 +108,9 @@ impl InstanceError {
 /// An upload in progress and the batch place it will take once durable.
 struct Upload {
     upload: Box<dyn ObjectUpload>,
+    /// Reserves the object's bytes in its batch as they arrive.
     lease: BatchLease,
     key: ObjectKey,
-    study_instance_uid: String,
 }
 
 /// Where the receiver is in the data set.
@@ -208,7 +217,10 @@ impl InstanceReceiver {
         match &mut self.state {
             State::Decided(_) => {}
             State::Uploading(up) => {
-                if let Err(e) = up.upload.write(data).await {
+                // Reserved before written: the batch never holds bytes it did not count.
+                if let Err(e) = up.lease.grow(data.len() as u64) {
+                    self.fail(e.into()).await;
+                } else if let Err(e) = up.upload.write(data).await {
                     self.fail(InstanceError::StoreWrite(e)).await;
                 }
             }
@@ -298,7 +310,11 @@ impl Target {
     ) -> Result<Option<Upload>, InstanceError> {
         let ids = sniffer.finish().and_then(|ids| ids.require())?;
         self.check_ids(&ids)?;
-        let lease = self.batcher.lease(&ids.sop_instance_uid);
+        let mut lease = self.batcher.lease(ObjectPath {
+            study_instance_uid: ids.study_instance_uid.clone(),
+            series_instance_uid: ids.series_instance_uid.clone(),
+            sop_instance_uid: ids.sop_instance_uid.clone(),
+        });
         match (self.duplicates, lease.seen()) {
             (DuplicatePolicy::Reject, Seen::InFlight | Seen::Stored) => {
                 return Err(InstanceError::Duplicate);
@@ -325,6 +341,7 @@ impl Target {
         }
         .encode()
         .map_err(|e| InstanceError::FileMeta(e.to_string()))?;
+        lease.grow((meta.len() + prefix.len()) as u64)?;
         let mut upload = self
             .store
             .begin(&key)
@@ -338,12 +355,7 @@ impl Target {
             upload.abort().await; // the lease is dropped with it: the instance never counts
             return Err(InstanceError::StoreWrite(e));
         }
-        Ok(Some(Upload {
-            upload,
-            lease,
-            key,
-            study_instance_uid: ids.study_instance_uid,
-        }))
+        Ok(Some(Upload { upload, lease, key }))
     }
 
     fn check_ids(&self, ids: &RequiredIds) -> Result<(), InstanceError> {
@@ -379,8 +391,7 @@ impl Target {
                 metrics()
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());
-                up.lease
-                    .commit(stored.size, &up.study_instance_uid, &self.calling_ae_title);
+                up.lease.commit(stored.size, &self.calling_ae_title);
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,
                     size = stored.size,
@@ -417,9 +428,21 @@ mod tests {
         InstanceReceiver,
         tokio::sync::mpsc::UnboundedReceiver<BatchEvent>,
     ) {
+        receiver_with(dir, sop_instance_uid, BatchLimits::default()).await
+    }
+
+    /// [`receiver`] with a batcher of the given limits.
+    async fn receiver_with(
+        dir: &std::path::Path,
+        sop_instance_uid: &str,
+        limits: BatchLimits,
+    ) -> (
+        InstanceReceiver,
+        tokio::sync::mpsc::UnboundedReceiver<BatchEvent>,
+    ) {
         let store = Arc::new(LocalStore::open(dir).await.unwrap());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let batcher = Batcher::new(BatchLimits::default(), |id| format!("/{id}/"), tx);
+        let batcher = Batcher::new(limits, |id| format!("/{id}/"), tx);
         let command = Command::parse(&crate::dimse::request(
             command_field::C_STORE_RQ,
             1,
@@ -502,6 +525,64 @@ mod tests {
         assert!(stored_files(dir.path()).is_empty());
     }
 
+    #[tokio::test]
+    async fn an_instance_growing_past_the_per_file_limit_is_refused_while_it_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        // The sample's header, then 200 kB of Data Set Trailing Padding (FFFC,FFFC) streaming after it.
+        let mut data = sample_dataset(true, false);
+        let header = data.len() as u64;
+        data.extend([0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0]);
+        data.extend(200_000u32.to_le_bytes());
+        data.extend(std::iter::repeat_n(0u8, 200_000));
+        let limit = header + 100_000;
+        let (mut r, _events) = receiver_with(
+            dir.path(),
+            "1.2.3.4.5.6.7",
+            BatchLimits {
+                max_instance_bytes: limit,
+                ..BatchLimits::default()
+            },
+        )
+        .await;
+        let mut chunks = data.chunks(1000);
+        for chunk in chunks.by_ref() {
+            r.feed(chunk).await;
+            if matches!(r.state, State::Decided(_)) {
+                break;
+            }
+        }
+        assert!(
+            matches!(
+                r.state,
+                State::Decided(Err(InstanceError::Limit(
+                    LimitError::InstanceTooLarge { .. }
+                )))
+            ),
+            "refused before the data set ended"
+        );
+        assert!(
+            chunks.len() > 0,
+            "the rest of the data set is still to come"
+        );
+        for chunk in chunks {
+            r.feed(chunk).await; // consumed, not stored
+        }
+        let e = r.finish().await.unwrap_err();
+        assert_eq!(e.status(), Status::OUT_OF_RESOURCES);
+        assert_eq!(
+            e.comment(),
+            format!("instance larger than the per-file limit of {limit} bytes")
+        );
+        assert!(e.comment().len() <= 64);
+        assert!(stored_files(dir.path()).is_empty());
+        let incoming = dir.path().join(crate::store::local::INCOMING_DIR);
+        assert_eq!(
+            std::fs::read_dir(incoming).unwrap().count(),
+            0,
+            "the upload was aborted"
+        );
+    }
+
     #[test]
     fn every_failure_has_the_status_of_its_kind() {
         let uid_error = validate_uid("1.2.x").unwrap_err();
@@ -527,6 +608,14 @@ mod tests {
             ),
             (InstanceError::StoreWrite(io()), Status::OUT_OF_RESOURCES),
             (InstanceError::StoreCommit(io()), Status::OUT_OF_RESOURCES),
+            (
+                InstanceError::Limit(LimitError::InstanceTooLarge { limit: 1 }),
+                Status::OUT_OF_RESOURCES,
+            ),
+            (
+                InstanceError::Limit(LimitError::BatchFull { limit: 1 }),
+                Status::OUT_OF_RESOURCES,
+            ),
         ] {
             assert_eq!(error.status(), status, "{error}");
         }

@@ -3,11 +3,15 @@
 //! The defaults follow the product promise: every storage SOP class the standard dictionary knows
 //! (plus Verification for C-ECHO), and every transfer syntax the standard defines, compressed ones
 //! included. Bytes are stored exactly as received, so accepting a syntax never costs a transcode.
+//! The `healthimaging` preset ([`transfer_syntax_preset`]) narrows the transfer syntaxes to those
+//! HealthImaging imports.
 
+pub(crate) mod healthimaging;
 mod uid_tables;
 
 use std::collections::HashSet;
 
+pub(crate) use healthimaging::transfer_syntax_preset;
 pub(crate) use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
 
 // Explicit VR Big Endian is retired (PS3.5 §A.3), hence deprecated in the dictionary, but older
