@@ -134,18 +134,110 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
-/// Serves the three endpoints on `listener` until `stop` is cancelled.
+/// Serves the three endpoints on `listener` until `stop` is cancelled. With `proxy_protocol`, each
+/// connection starts with a PROXY protocol v2 header, which is read and dropped first: a Network Load
+/// Balancer whose target group has proxy protocol v2 enabled sends it on health-check connections too
+/// ("Edit target group attributes for your Network Load Balancer",
+/// https://docs.aws.amazon.com/elasticloadbalancing/latest/network/edit-target-group-attributes.html).
 pub(crate) async fn serve(
     listener: TcpListener,
     readiness: Arc<Readiness>,
     stop: CancellationToken,
+    proxy_protocol: bool,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(readiness);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    if proxy_protocol {
+        let listener = ProxiedListener::spawn(listener, stop.clone());
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    } else {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    }
+}
+
+/// How long a connection to the health port may take to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections whose header is being read at once; more wait in the kernel's backlog.
+const PROXY_HEADERS_IN_FLIGHT: usize = 64;
+
+/// The health port behind a load balancer that sends PROXY protocol v2 headers: connections are
+/// handed to HTTP only once their header is read, each read in its own task so that a slow or
+/// silent connection cannot hold up the load balancer's health checks.
+struct ProxiedListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+impl ProxiedListener {
+    fn spawn(listener: TcpListener, stop: CancellationToken) -> ProxiedListener {
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(PROXY_HEADERS_IN_FLIGHT);
+        let slots = Arc::new(tokio::sync::Semaphore::new(PROXY_HEADERS_IN_FLIGHT));
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let (mut socket, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "health port: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let header = tokio::time::timeout(
+                        PROXY_HEADER_TIMEOUT,
+                        crate::proxy_protocol::read_header(&mut socket),
+                    )
+                    .await;
+                    match header {
+                        Ok(Ok(_)) => {
+                            let _ = tx.send((socket, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "health port: connection without a usable PROXY header closed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "health port: no PROXY header in time; closed")
+                        }
+                    }
+                });
+            }
+        });
+        ProxiedListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for ProxiedListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The accept task ended: shutdown is under way, and axum stops on its own signal.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }

@@ -217,6 +217,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 http,
                 readiness,
                 health_stop.clone(),
+                config.proxy_protocol,
             )))
         }
     };

@@ -327,3 +327,40 @@ fn the_proxy_protocol_header_comes_before_the_tls_handshake() {
     let log = wait_for_count(&gw, "connection closed before sending anything", 1);
     assert_no_warnings(&log);
 }
+
+/// An HTTP GET on `port` after `prefix` (a PROXY header or nothing): the status code, or `None`
+/// when the gateway closes the connection without answering.
+fn http_get_after(port: u16, prefix: &[u8], path: &str) -> Option<u16> {
+    let mut s = connect(port);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(prefix).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok())
+}
+
+#[test]
+fn behind_the_proxy_protocol_the_health_port_reads_the_header_too() {
+    // The NLB sends the PROXY header on its HTTP health checks as well, when proxy protocol v2 is
+    // enabled on the target group: /healthz must still answer, or every target goes unhealthy.
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let (gw, _store) = gateway(&["--proxy-protocol", "--metrics-listen", &metrics]);
+    gw.wait_for_log("health and metrics on");
+    assert_eq!(
+        http_get_after(metrics_port, &PROXY_V2_LOCAL, "/healthz"),
+        Some(200)
+    );
+    let client = proxy_v2("10.1.2.3:4444".parse().unwrap());
+    assert_eq!(http_get_after(metrics_port, &client, "/healthz"), Some(200));
+    assert_eq!(
+        http_get_after(metrics_port, b"", "/healthz"),
+        None,
+        "without the header, the connection is closed"
+    );
+}
