@@ -19,8 +19,8 @@ use crate::batch::{
     BatchLimits, DuplicatePolicy, HEALTHIMAGING_MAX_JOB_BYTES, HEALTHIMAGING_MAX_NESTED_FOLDERS,
 };
 use crate::config::{
-    ImportConfig, JobStoreConfig, LogConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
-    validate_ae_title,
+    ImportConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig, StoreConfig,
+    TlsConfig, validate_ae_title,
 };
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
@@ -232,6 +232,42 @@ pub(crate) struct ServeArgs {
     pub batches: BatchArgs,
     #[command(flatten)]
     pub operations: OperationsArgs,
+    #[command(flatten)]
+    pub recovery: RecoveryArgs,
+}
+
+/// Recovery of the jobs that stopped gateways left behind.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Recovery (of jobs left behind by stopped gateways)")]
+pub(crate) struct RecoveryArgs {
+    /// How often recovery looks for jobs a stopped gateway left OPEN or CLOSED (at start-up, then
+    /// about this often, jittered), so the remaining gateways of a fleet finish them.
+    #[arg(long, env = "DICOM_GATEWAY_RECOVERY_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub recovery_interval: Duration,
+
+    /// Another gateway's batch OPEN for this long counts as orphaned, and recovery closes and
+    /// imports it. At least twice --batch-max-age (a live gateway closes its batches at that age).
+    #[arg(long, env = "DICOM_GATEWAY_ORPHAN_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub orphan_age: Duration,
+}
+
+impl RecoveryArgs {
+    fn into_config(self, batch_max_age: Duration) -> Result<RecoveryConfig, ConfigError> {
+        let interval = nonzero("--recovery-interval", self.recovery_interval)?;
+        if self.orphan_age < batch_max_age.saturating_mul(2) {
+            return Err(ConfigError::invalid(
+                "--orphan-age",
+                format!(
+                    "must be at least twice --batch-max-age ({}): a live gateway's batch must never be taken over",
+                    humantime::format_duration(batch_max_age)
+                ),
+            ));
+        }
+        Ok(RecoveryConfig {
+            interval,
+            orphan_age: self.orphan_age,
+        })
+    }
 }
 
 /// Listening, association acceptance and association timeouts.
@@ -437,8 +473,9 @@ pub(crate) struct ImportArgs {
     #[arg(long, env = "DICOM_GATEWAY_IMPORT_MAX_POLLS", default_value_t = 720)]
     pub import_max_polls: u32,
 
-    /// Name of this gateway in job records (start-up recovery resubmits this gateway's jobs at once).
-    /// Default: the host name.
+    /// Name of this gateway in job records (recovery resubmits this gateway's jobs at once); each
+    /// gateway of a fleet needs its own. Default: on ECS the task id (from the task metadata
+    /// endpoint), elsewhere the host name.
     #[arg(long, env = "DICOM_GATEWAY_GATEWAY_ID")]
     pub gateway_id: Option<String>,
 }
@@ -557,6 +594,7 @@ impl ServeArgs {
             import,
             batches,
             operations,
+            recovery,
         } = self;
         let tls_only = tls.tls_only;
         let (tls, ae_bindings) = tls.into_config()?;
@@ -576,6 +614,7 @@ impl ServeArgs {
         let timeouts = network.timeouts()?;
         let store = storage.store_config()?;
         let batch_limits = batches.limits()?;
+        let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
         Ok(ServeConfig {
@@ -590,7 +629,8 @@ impl ServeArgs {
             store,
             job_store,
             import: import_config,
-            gateway_id: resolve_gateway_id(import.gateway_id),
+            gateway_id: import.gateway_id,
+            recovery,
             batch_limits,
             duplicate_policy: batches.duplicate_policy,
             shutdown_deadline: operations.shutdown_deadline,
@@ -912,21 +952,6 @@ impl ImportArgs {
     }
 }
 
-/// This gateway's name in job records: the one given, else the host name.
-fn resolve_gateway_id(given: Option<String>) -> String {
-    given.unwrap_or_else(|| {
-        std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_string())
-            })
-            .unwrap_or_else(|| "dicom-gateway".into())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -992,7 +1017,9 @@ mod tests {
                 filter: "info".into()
             }
         );
-        assert!(!c.gateway_id.is_empty());
+        assert_eq!(c.gateway_id, None, "resolved at start-up");
+        assert_eq!(c.recovery.interval, Duration::from_secs(300));
+        assert_eq!(c.recovery.orphan_age, Duration::from_secs(3600));
     }
 
     #[test]
@@ -1265,7 +1292,22 @@ mod tests {
     #[test]
     fn a_given_gateway_id_is_used() {
         let c = parse(&["--gateway-id", "gw-7"]).unwrap();
-        assert_eq!(c.gateway_id, "gw-7");
+        assert_eq!(c.gateway_id.as_deref(), Some("gw-7"));
+    }
+
+    #[test]
+    fn the_orphan_age_leaves_live_batches_alone() {
+        let c = parse(&["--batch-max-age", "2s", "--orphan-age", "4s"]).unwrap();
+        assert_eq!(c.recovery.orphan_age, Duration::from_secs(4));
+        let e = parse(&["--batch-max-age", "31m", "--orphan-age", "1h"]).unwrap_err();
+        assert!(e.contains("--batch-max-age"), "{e}");
+        let e = parse(&["--orphan-age", "9m"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--orphan-age must be at least twice --batch-max-age (5m): a live gateway's batch must never be taken over"
+        );
+        let e = parse(&["--recovery-interval", "0s"]).unwrap_err();
+        assert!(e.contains("--recovery-interval"), "{e}");
     }
 
     #[test]

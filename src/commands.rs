@@ -13,12 +13,27 @@ use crate::cli::{Cli, Command, ConfigError, EchoArgs, JobsArgs, JobsCommand};
 use crate::config::{LogConfig, LogFormat, ServeConfig};
 use crate::jobs::report;
 
-fn init_logging(log: &LogConfig) -> Result<(), ConfigError> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
-        _ => EnvFilter::try_new(&log.filter),
+/// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
+/// SDK's probing of where credentials and the region come from is quiet unless it fails for good.
+/// On a machine without EC2 instance metadata (IMDS), every configuration load logs multi-line WARN
+/// blobs (`aws_config::imds::region`: "failed to load region from IMDS"; the credentials chain,
+/// `aws_config::meta::credentials`: "provider failed to provide credentials"), although the
+/// gateway goes on to use the environment or fails at start-up with its own one-line message
+/// ([`crate::aws::AwsSetupError`]). A more specific directive of `--log-level` still wins (e.g.
+/// `--log-level info,aws_config::imds=debug`).
+const QUIET_AWS_PROBING: &str = "aws_config::imds=error,aws_config::meta::credentials=error";
+
+/// The tracing filter: RUST_LOG when set, else [`QUIET_AWS_PROBING`] and `--log-level`.
+fn log_filter(rust_log: Option<&str>, log_level: &str) -> Result<EnvFilter, ConfigError> {
+    match rust_log {
+        Some(f) if !f.is_empty() => EnvFilter::try_new(f),
+        _ => EnvFilter::try_new(format!("{QUIET_AWS_PROBING},{log_level}")),
     }
-    .map_err(|e| ConfigError::LogFilter(e.to_string()))?;
+    .map_err(|e| ConfigError::LogFilter(e.to_string()))
+}
+
+fn init_logging(log: &LogConfig) -> Result<(), ConfigError> {
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), &log.filter)?;
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -65,7 +80,8 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     let JobsArgs { store, command } = args;
     let store_config = store.into_config();
     runtime()?.block_on(async move {
-        let store = crate::server::open_job_store(&store_config).await;
+        let aws = crate::aws::Aws::new("--job-table");
+        let store = crate::server::open_job_store(&store_config, &aws).await?;
         let text = match command {
             JobsCommand::List {
                 limit,
@@ -148,12 +164,36 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The exit status for an error [`run`] returned: 2 for a configuration the options cannot make (a
-/// usage error, like clap's own), 1 for a failure while running.
+/// The exit status for an error [`run`] returned: 2 for a configuration the options (or the AWS
+/// environment: region, credentials) cannot make (a usage error, like clap's own), 1 for a failure
+/// while running.
 pub fn exit_code(error: &anyhow::Error) -> ExitCode {
-    if error.downcast_ref::<ConfigError>().is_some() {
+    if error.downcast_ref::<ConfigError>().is_some()
+        || error.downcast_ref::<crate::aws::AwsSetupError>().is_some()
+    {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_probing_is_quiet_unless_rust_log_says_otherwise() {
+        let f = log_filter(None, "info").unwrap().to_string();
+        assert!(f.contains("aws_config::imds=error"), "{f}");
+        assert!(f.contains("aws_config::meta::credentials=error"), "{f}");
+        assert!(f.contains("info"), "{f}");
+        let f = log_filter(Some("debug"), "info").unwrap().to_string();
+        assert_eq!(f, "debug", "RUST_LOG replaces everything");
+        let f = log_filter(Some(""), "warn").unwrap().to_string();
+        assert!(
+            f.contains("aws_config::imds=error") && f.contains("warn"),
+            "{f}"
+        );
+        assert!(log_filter(None, "info,[").is_err());
     }
 }

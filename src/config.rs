@@ -38,8 +38,11 @@ pub(crate) struct ServeConfig {
     pub job_store: JobStoreConfig,
     /// The HealthImaging import; `None` leaves closed batches CLOSED.
     pub import: Option<ImportConfig>,
-    /// This gateway's name in job records (given, or the host name).
-    pub gateway_id: String,
+    /// This gateway's name in job records when given (`--gateway-id`); otherwise the server
+    /// resolves it once at start-up (the ECS task id, else the host name).
+    pub gateway_id: Option<String>,
+    /// When and what the fleet's recovery of orphaned jobs runs.
+    pub recovery: RecoveryConfig,
     pub batch_limits: BatchLimits,
     pub duplicate_policy: DuplicatePolicy,
     /// On SIGTERM/SIGINT, time given to running associations before they are aborted.
@@ -89,6 +92,18 @@ pub(crate) enum JobStoreConfig {
 pub(crate) struct ImportConfig {
     pub state_machine_arn: String,
     pub settings: ImportSettings,
+}
+
+/// Periodic recovery of the jobs stopped gateways left behind ([`crate::recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecoveryConfig {
+    /// Mean pause between two recovery passes (each pause is jittered).
+    pub interval: Duration,
+    /// How long another gateway's batch may stay OPEN before it counts as orphaned. At least twice
+    /// `--batch-max-age`: a live gateway closes a batch at that age at the latest, and the margin
+    /// gives it as long again to record the close (retrying a job store that is briefly away)
+    /// before another gateway may take the batch over and start its import.
+    pub orphan_age: Duration,
 }
 
 /// How the log is written.

@@ -6,6 +6,11 @@
 //! for a few seconds so a busy scraper cannot load AWS. Once shutdown begins, `/readyz` answers 503
 //! so load balancers stop sending new associations. `/metrics` is the Prometheus text exposition
 //! of [`crate::metrics`].
+//!
+//! The same checks run once at start-up ([`Readiness::startup_check`]), whether or not the HTTP
+//! endpoints are on: a bucket, table or state machine that does not answer is one ERROR line
+//! naming it and why, while the gateway starts anyway (the listener stays up, and `/readyz` answers
+//! 503 until the dependency answers).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +24,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 use crate::import::ImportTrigger;
 use crate::jobs::JobStore;
@@ -74,13 +80,26 @@ impl Readiness {
     }
 
     async fn probe(&self) -> Result<(), String> {
-        let timed =
-            |what: &'static str, r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r
-            {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("{what}: {e}")),
-                Err(_) => Some(format!("{what}: no answer within {CHECK_TIMEOUT:?}")),
-            };
+        let problems: Vec<String> = self
+            .probe_each()
+            .await
+            .into_iter()
+            .filter_map(|d| d.problem.map(|p| format!("{}: {p}", d.role)))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Checks every dependency at once, each within [`CHECK_TIMEOUT`].
+    async fn probe_each(&self) -> [Dependency; 3] {
+        let timed = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!("no answer within {CHECK_TIMEOUT:?}")),
+        };
         let store = tokio::time::timeout(CHECK_TIMEOUT, async {
             self.store.check().await.map_err(|e| e.to_string())
         });
@@ -94,20 +113,54 @@ impl Readiness {
             }
         });
         let (store, jobs, trigger) = tokio::join!(store, jobs, trigger);
-        let problems: Vec<String> = [
-            timed("object store", store),
-            timed("job store", jobs),
-            timed("import trigger", trigger),
+        [
+            Dependency {
+                role: "object store",
+                name: self.store.describe(),
+                problem: timed(store),
+            },
+            Dependency {
+                role: "job store",
+                name: self.jobs.describe(),
+                problem: timed(jobs),
+            },
+            Dependency {
+                role: "import trigger",
+                name: self
+                    .trigger
+                    .as_ref()
+                    .map(|t| t.describe())
+                    .unwrap_or_default(),
+                problem: timed(trigger),
+            },
         ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
     }
+
+    /// Checks the dependencies once at start-up: one ERROR line for each that does not answer,
+    /// saying which and why. Never fails: the gateway keeps running (and `/readyz` says 503) until
+    /// the dependency answers. Returns whether all answered.
+    pub(crate) async fn startup_check(&self) -> bool {
+        let mut all = true;
+        for d in self.probe_each().await {
+            if let Some(problem) = d.problem {
+                all = false;
+                error!(dependency = d.role, error = %problem, "{} does not answer at start-up; receiving continues, /readyz answers 503 until it does", d.name);
+            }
+        }
+        if all {
+            info!("start-up check: every dependency answers");
+        }
+        all
+    }
+}
+
+/// One dependency's readiness: what it is, and what is wrong with it, if anything.
+struct Dependency {
+    /// Its role ("object store", "job store", "import trigger").
+    role: &'static str,
+    /// Which one (e.g. "S3 bucket b prefix 'import/'").
+    name: String,
+    problem: Option<String>,
 }
 
 async fn healthz() -> &'static str {

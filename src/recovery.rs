@@ -2,60 +2,69 @@
 //!
 //! A gateway can die between any two steps of the import path: with its batch still OPEN
 //! (SIGKILL, out of memory, a lost host), or after recording a job CLOSED but before starting its
-//! import. [`Recovery`] runs at start-up beside the listener: it closes orphaned OPEN batches from
-//! the objects under their prefix, then starts the imports of CLOSED jobs through the
-//! [`Pipeline`], which is safe because starting is idempotent (the execution name and the
-//! HealthImaging `ClientToken` are the job id).
+//! import. [`Recovery`] runs beside the listener, at start-up and then periodically (every
+//! `--recovery-interval`, jittered), so the gateways that remain finish what a dead one left
+//! without anyone restarting: it closes orphaned OPEN batches from the objects under their prefix,
+//! then starts the imports of CLOSED jobs through the [`Pipeline`], which is safe because starting
+//! is idempotent (the execution name and the HealthImaging `ClientToken` are the job id).
+//!
+//! Several gateways may run it at the same moment. Adopting an orphan is a conditional write
+//! ([`JobStore::adopt`]: still OPEN, still owned by the dead gateway), so exactly one adopts it;
+//! the others see that they lost and leave it alone.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::batch::CloseReason;
-use crate::import::{Pipeline, now_rfc3339};
+use crate::import::{Pipeline, now_rfc3339, random_below};
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::store::ObjectStore;
 
-/// Whether start-up recovery should start the import of a job found CLOSED. Jobs closed by this
-/// gateway are started at once (this gateway crashed between recording and starting them); jobs of
-/// other gateways only once they have been CLOSED for `grace`, so a live gateway's own in-progress
-/// submission is not raced (and if it is, the idempotent start makes the race harmless).
+/// Whether recovery should start the import of a job found CLOSED. Jobs this gateway closed before
+/// this process started are started at once (it crashed between recording and starting them), and
+/// so are orphans it has just adopted (closed under its name with reason `recovered`); any other
+/// job only once it has been CLOSED for `grace`, so a live pipeline's own submission (this
+/// process's, or another gateway's) is not raced; if it is, the idempotent start makes the race
+/// harmless.
 pub(crate) fn should_resubmit(
     job: &Job,
     gateway_id: &str,
+    process_started: SystemTime,
     now: SystemTime,
     grace: Duration,
 ) -> bool {
     if job.status != JobStatus::Closed {
         return false;
     }
-    if job.gateway_id.as_deref() == Some(gateway_id) {
-        return true;
-    }
     let closed = job
         .closed_at
         .as_deref()
         .or(Some(job.created_at.as_str()))
         .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-    match closed {
-        Some(t) => now.duration_since(t).is_ok_and(|age| age >= grace),
-        None => true, // no usable timestamp: better an idempotent start than a job stuck forever
+    let Some(closed) = closed else {
+        return true; // no usable timestamp: better an idempotent start than a job stuck forever
+    };
+    if job.gateway_id.as_deref() == Some(gateway_id)
+        && (closed < process_started || job.close_reason == Some(CloseReason::Recovered))
+    {
+        return true;
     }
+    now.duration_since(closed).is_ok_and(|age| age >= grace)
 }
-
-/// How long another gateway's batch may stay OPEN before recovery takes it over. Far above any
-/// allowed `--batch-max-age` (at most 30 minutes), so a live gateway's open batch is never touched.
-pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
 /// Whether an OPEN job was left behind by a gateway that stopped without closing its batch
 /// (SIGKILL, out of memory, lost host). This gateway's own OPEN jobs from before this process
-/// started are orphans at once; another gateway's only after [`ORPHAN_AGE`].
+/// started are orphans at once; another gateway's only once open for `orphan_age`
+/// (`--orphan-age`, at least twice `--batch-max-age`: see [`crate::config::RecoveryConfig`]).
 pub(crate) fn is_orphaned_open(
     job: &Job,
     gateway_id: &str,
     process_started: SystemTime,
     now: SystemTime,
+    orphan_age: Duration,
 ) -> bool {
     if job.status != JobStatus::Open {
         return false;
@@ -67,11 +76,11 @@ pub(crate) fn is_orphaned_open(
         created < process_started
     } else {
         now.duration_since(created)
-            .is_ok_and(|age| age >= ORPHAN_AGE)
+            .is_ok_and(|age| age >= orphan_age)
     }
 }
 
-/// Start-up recovery of the jobs a stopped gateway (this one, or another of the fleet) left behind.
+/// Recovery of the jobs a stopped gateway (this one, or another of the fleet) left behind.
 pub(crate) struct Recovery {
     /// Starts the imports of recovered jobs, exactly as for a batch that closed normally.
     pipeline: Arc<Pipeline>,
@@ -82,6 +91,8 @@ pub(crate) struct Recovery {
     gateway_id: String,
     /// When this process started: its own OPEN jobs from before then are orphans.
     process_started: SystemTime,
+    /// How long another gateway's batch may stay OPEN before it counts as orphaned.
+    orphan_age: Duration,
 }
 
 impl Recovery {
@@ -90,6 +101,7 @@ impl Recovery {
         jobs: Arc<dyn JobStore>,
         store: Arc<dyn ObjectStore>,
         gateway_id: String,
+        orphan_age: Duration,
     ) -> Self {
         Recovery {
             pipeline,
@@ -97,12 +109,14 @@ impl Recovery {
             store,
             gateway_id,
             process_started: SystemTime::now(),
+            orphan_age,
         }
     }
 
     /// Closes batches whose gateway stopped while they were open: their counts are recomputed
     /// from the objects under the batch's prefix (every listed object was acknowledged, since
-    /// uploads in progress are never visible), and this gateway adopts them. Returns how many.
+    /// uploads in progress are never visible), and this gateway adopts them, unless another
+    /// gateway's recovery adopted one first. Returns how many this gateway adopted.
     async fn close_orphans(&self) -> Result<usize, JobStoreError> {
         let now = SystemTime::now();
         let orphans: Vec<Job> = self
@@ -110,13 +124,22 @@ impl Recovery {
             .list_by_status(JobStatus::Open)
             .await?
             .into_iter()
-            .filter(|j| is_orphaned_open(j, &self.gateway_id, self.process_started, now))
+            .filter(|j| {
+                is_orphaned_open(
+                    j,
+                    &self.gateway_id,
+                    self.process_started,
+                    now,
+                    self.orphan_age,
+                )
+            })
             .collect();
+        let mut adopted = 0;
         for job in &orphans {
             let contents = match self.store.batch_contents(&job.job_id).await {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(job_id = %job.job_id, error = %e, "recovery: cannot list the batch's objects; will retry at the next start");
+                    warn!(job_id = %job.job_id, error = %e, "recovery: cannot list the batch's objects; will retry at the next recovery");
                     continue;
                 }
             };
@@ -128,11 +151,16 @@ impl Recovery {
                     ),
                     ..Default::default()
                 };
-                let _ = self
+                // Conditional like every transition: of several gateways, one records it.
+                if self
                     .jobs
                     .transition(&job.job_id, JobStatus::Failed, t)
-                    .await;
-                info!(job_id = %job.job_id, "recovery: empty batch left open by a stopped gateway recorded FAILED");
+                    .await
+                    .is_ok()
+                {
+                    info!(job_id = %job.job_id, "recovery: empty batch left open by a stopped gateway recorded FAILED");
+                    adopted += 1;
+                }
                 continue;
             }
             let mut closed = job.clone();
@@ -143,13 +171,17 @@ impl Recovery {
             closed.total_bytes = Some(contents.total_bytes);
             closed.study_instance_uids = contents.study_instance_uids;
             closed.gateway_id = Some(self.gateway_id.clone());
-            self.jobs.record_closed(&closed).await?;
-            info!(job_id = %job.job_id, instances = contents.instance_count, "recovery: batch left open by a stopped gateway closed from its stored objects");
+            if self.jobs.adopt(&closed, job.gateway_id.as_deref()).await? {
+                adopted += 1;
+                info!(job_id = %job.job_id, previous_gateway = %job.gateway_id.as_deref().unwrap_or("unknown"), instances = contents.instance_count, "recovery: batch left open by a stopped gateway adopted and closed from its stored objects");
+            } else {
+                debug!(job_id = %job.job_id, "recovery: another gateway adopted the batch first");
+            }
         }
-        Ok(orphans.len())
+        Ok(adopted)
     }
 
-    /// Start-up recovery: closes batches left OPEN by a stopped gateway, then starts the imports
+    /// One recovery pass: closes batches left OPEN by a stopped gateway, then starts the imports
     /// of jobs left CLOSED (see [`should_resubmit`]). Returns how many jobs it acted on.
     pub(crate) async fn run(&self, grace: Duration) -> Result<usize, JobStoreError> {
         let adopted = self.close_orphans().await?;
@@ -160,13 +192,41 @@ impl Recovery {
         let closed = self.jobs.list_by_status(JobStatus::Closed).await?;
         let due: Vec<Job> = closed
             .into_iter()
-            .filter(|j| should_resubmit(j, &self.gateway_id, now, grace))
+            .filter(|j| should_resubmit(j, &self.gateway_id, self.process_started, now, grace))
             .collect();
         for job in &due {
             info!(job_id = %job.job_id, "recovery: job was CLOSED but never submitted; starting its import");
             self.pipeline.submit(job).await;
         }
         Ok(adopted + due.len())
+    }
+
+    /// Runs a pass at once, then one every `interval` (each pause drawn between half and one and
+    /// a half times `interval`, so a fleet started together does not list the job store in
+    /// lockstep), until `stop` is cancelled. A failed pass is logged and tried again at the next.
+    pub(crate) async fn run_periodically(
+        &self,
+        interval: Duration,
+        grace: Duration,
+        stop: CancellationToken,
+    ) {
+        loop {
+            match self.run(grace).await {
+                Ok(0) => debug!("recovery: nothing left behind"),
+                Ok(n) => info!(
+                    jobs = n,
+                    "recovery: finished jobs left behind by a stopped gateway"
+                ),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?interval, "recovery: cannot read the job store; will retry at the next recovery")
+                }
+            }
+            let pause = interval / 2 + random_below(interval);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
     }
 }
 
@@ -177,77 +237,71 @@ mod tests {
 
     #[test]
     fn recovery_decision() {
+        let started = humantime::parse_rfc3339("2026-11-23T10:09:30Z").unwrap();
         let now = humantime::parse_rfc3339("2026-11-23T10:10:00Z").unwrap();
         let grace = Duration::from_secs(300);
+        let due = |job: &Job| should_resubmit(job, "me", started, now, grace);
         assert!(
-            should_resubmit(
-                &closed_job("me", "2026-11-23T10:09:59.000Z"),
-                "me",
-                now,
-                grace
-            ),
-            "our own CLOSED job: at once"
+            due(&closed_job("me", "2026-11-23T10:09:29.000Z")),
+            "our own CLOSED job from before this process: at once"
         );
         assert!(
-            !should_resubmit(
-                &closed_job("other", "2026-11-23T10:09:00.000Z"),
-                "me",
-                now,
-                grace
-            ),
+            !due(&closed_job("me", "2026-11-23T10:09:31.000Z")),
+            "our own job closed by this process: its pipeline is on it"
+        );
+        let mut adopted = closed_job("me", "2026-11-23T10:09:59.000Z");
+        adopted.close_reason = Some(CloseReason::Recovered);
+        assert!(due(&adopted), "an orphan we just adopted: at once");
+        assert!(
+            due(&closed_job("me", "2026-11-23T10:04:00.000Z")),
+            "our own job, closed long ago by this process: yes"
+        );
+        assert!(
+            !due(&closed_job("other", "2026-11-23T10:09:00.000Z")),
             "another gateway's recent job: not yet"
         );
         assert!(
-            should_resubmit(
-                &closed_job("other", "2026-11-23T10:01:00.000Z"),
-                "me",
-                now,
-                grace
-            ),
+            due(&closed_job("other", "2026-11-23T10:01:00.000Z")),
             "another gateway's old job: yes"
         );
         let mut submitted = closed_job("me", "2026-11-23T10:00:00.000Z");
         submitted.status = JobStatus::Submitted;
-        assert!(
-            !should_resubmit(&submitted, "me", now, grace),
-            "only CLOSED jobs"
-        );
+        assert!(!due(&submitted), "only CLOSED jobs");
     }
 
     #[test]
     fn orphaned_open_batches() {
         let started = humantime::parse_rfc3339("2026-11-23T10:10:00Z").unwrap();
         let now = humantime::parse_rfc3339("2026-11-23T10:10:05Z").unwrap();
+        let hour = Duration::from_secs(3600);
         let open =
             |gw: &str, created: &str| Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5P6N", created, "/x/", gw);
+        let orphaned = |job: &Job, age: Duration| is_orphaned_open(job, "me", started, now, age);
         assert!(
-            is_orphaned_open(&open("me", "2026-11-23T10:09:00.000Z"), "me", started, now),
+            orphaned(&open("me", "2026-11-23T10:09:00.000Z"), hour),
             "ours, from before this process"
         );
         assert!(
-            !is_orphaned_open(&open("me", "2026-11-23T10:10:03.000Z"), "me", started, now),
+            !orphaned(&open("me", "2026-11-23T10:10:03.000Z"), hour),
             "ours, opened by this process"
         );
         assert!(
-            !is_orphaned_open(
-                &open("other", "2026-11-23T10:00:00.000Z"),
-                "me",
-                started,
-                now
-            ),
+            !orphaned(&open("other", "2026-11-23T10:00:00.000Z"), hour),
             "another gateway's, possibly live"
         );
         assert!(
-            is_orphaned_open(
-                &open("other", "2026-11-23T09:00:00.000Z"),
-                "me",
-                started,
-                now
+            orphaned(&open("other", "2026-11-23T09:00:00.000Z"), hour),
+            "another gateway's, open for over the orphan age"
+        );
+        assert!(
+            orphaned(
+                &open("other", "2026-11-23T10:00:00.000Z"),
+                Duration::from_secs(600)
             ),
-            "another gateway's, open for over an hour"
+            "a shorter --orphan-age"
         );
         let mut closed = open("me", "2026-11-23T09:00:00.000Z");
         closed.status = JobStatus::Closed;
-        assert!(!is_orphaned_open(&closed, "me", started, now));
+        assert!(!orphaned(&closed, hour));
     }
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::association::Services;
+use crate::aws::{Aws, AwsSetupError};
 use crate::batch::Batcher;
 use crate::config::{ImportConfig, JobStoreConfig, ServeConfig, StoreConfig, TlsConfig};
 use crate::health::Readiness;
@@ -24,31 +25,53 @@ use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
 use crate::tls::TlsSwitch;
 
-/// How long start-up recovery leaves another gateway's CLOSED job alone.
+/// How long recovery leaves a CLOSED job alone that a live pipeline may still be starting.
 const RECOVERY_GRACE: Duration = Duration::from_secs(300);
+/// Longest wait for the ECS task metadata endpoint at start-up. It is a local agent on the task's
+/// own host (link-local address) that answers in milliseconds; a few seconds cover a busy agent
+/// without delaying start-up noticeably when something is wrong.
+const ECS_METADATA_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest pause between retries of job recording and import starts.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// At shutdown, time given to recording the last batches before giving up (recovery at the next
 /// start picks up CLOSED jobs; see the README).
 const PIPELINE_DRAIN: Duration = Duration::from_secs(10);
 
-async fn aws_config() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+/// The AWS configuration for the options of `config` that use AWS, loaded on first use.
+fn aws_for(config: &ServeConfig) -> Aws {
+    let needed_by: Vec<&str> = [
+        (
+            "--s3-bucket",
+            matches!(config.store, StoreConfig::S3 { .. }),
+        ),
+        (
+            "--job-table",
+            matches!(config.job_store, JobStoreConfig::DynamoDb { .. }),
+        ),
+        ("--state-machine-arn", config.import.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(option, used)| used.then_some(option))
+    .collect();
+    Aws::new(needed_by.join(", "))
 }
 
 /// The job store the configuration names: a DynamoDB table, or the local journal.
-pub(crate) async fn open_job_store(config: &JobStoreConfig) -> Arc<dyn JobStore> {
-    match config {
+pub(crate) async fn open_job_store(
+    config: &JobStoreConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn JobStore>, AwsSetupError> {
+    Ok(match config {
         JobStoreConfig::DynamoDb { table } => Arc::new(DynamoJobStore::new(
-            aws_sdk_dynamodb::Client::new(&aws_config().await),
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
             table.clone(),
         )),
         JobStoreConfig::LocalJournal { dir } => Arc::new(LocalJournal::new(dir.clone())),
-    }
+    })
 }
 
 /// Opens the object store the configuration names: an S3 bucket, or the local directory.
-async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>> {
+async fn open_store(config: &StoreConfig, aws: &Aws) -> anyhow::Result<Arc<dyn ObjectStore>> {
     match config {
         StoreConfig::S3 {
             bucket,
@@ -57,8 +80,7 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>
             part_size,
             parts_in_flight,
         } => {
-            let conf = aws_config().await;
-            let s3_conf = aws_sdk_s3::config::Builder::from(&conf)
+            let s3_conf = aws_sdk_s3::config::Builder::from(aws.config().await?)
                 .force_path_style(*force_path_style)
                 .build();
             let client = aws_sdk_s3::Client::from_conf(s3_conf);
@@ -83,12 +105,51 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>
 }
 
 /// The Step Functions trigger that starts each closed batch's import.
-async fn open_trigger(config: &ImportConfig) -> Arc<dyn ImportTrigger> {
-    Arc::new(StepFunctionsTrigger::new(
-        aws_sdk_sfn::Client::new(&aws_config().await),
+async fn open_trigger(
+    config: &ImportConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn ImportTrigger>, AwsSetupError> {
+    Ok(Arc::new(StepFunctionsTrigger::new(
+        aws_sdk_sfn::Client::new(aws.config().await?),
         config.state_machine_arn.clone(),
         config.settings.clone(),
-    ))
+    )))
+}
+
+/// This gateway's name in job records, resolved once at start-up: the one given (`--gateway-id`);
+/// on ECS the task's id, unique per task and stable for its life; elsewhere the host name. A
+/// metadata endpoint that does not answer falls back to the host name with a WARN.
+async fn resolve_gateway_id(given: Option<&str>) -> String {
+    if let Some(id) = given {
+        return id.to_string();
+    }
+    if let Ok(uri) = std::env::var(crate::aws::ECS_METADATA_ENV)
+        && !uri.is_empty()
+    {
+        match crate::aws::ecs_task_id(&uri, ECS_METADATA_TIMEOUT).await {
+            Ok(task_id) => return task_id,
+            Err(e) => {
+                let host = host_name();
+                warn!(error = %e, gateway_id = %host, "cannot read this ECS task's id; the host name is the gateway id (give --gateway-id to choose one)");
+                return host;
+            }
+        }
+    }
+    host_name()
+}
+
+/// The host name ($HOSTNAME, else /etc/hostname), or "dicom-gateway".
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "dicom-gateway".into())
 }
 
 /// Loads the TLS material and binds the TLS listener; SIGHUP reloads the material from then on.
@@ -108,13 +169,15 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
 pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = open_store(&config.store).await?;
-    let jobs = open_job_store(&config.job_store).await;
+    // A missing region or credentials stops start-up here, naming what to set (exit status 2).
+    let aws = aws_for(&config);
+    let store = open_store(&config.store, &aws).await?;
+    let jobs = open_job_store(&config.job_store, &aws).await?;
     let trigger = match &config.import {
-        Some(import) => Some(open_trigger(import).await),
+        Some(import) => Some(open_trigger(import, &aws).await?),
         None => None,
     };
-    let gateway_id = config.gateway_id.clone();
+    let gateway_id = resolve_gateway_id(config.gateway_id.as_deref()).await;
     let plain = match config.listen {
         None => None,
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
@@ -140,25 +203,22 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         MAX_RETRY_BACKOFF,
     );
     let pipeline_task = tokio::spawn(pipeline.clone().run(events_rx));
-    // Recovery runs beside the listener: a slow or unreachable job store must not delay receiving.
+    // Recovery runs beside the listener, at start-up and then periodically: a slow or
+    // unreachable job store must not delay receiving.
+    let recovery_stop = CancellationToken::new();
     let recovery = {
         let recovery = Recovery::new(
             pipeline.clone(),
             jobs.clone(),
             store.clone(),
             gateway_id.clone(),
+            config.recovery.orphan_age,
         );
+        let (interval, stop) = (config.recovery.interval, recovery_stop.clone());
         tokio::spawn(async move {
-            match recovery.run(RECOVERY_GRACE).await {
-                Ok(0) => {}
-                Ok(n) => info!(
-                    jobs = n,
-                    "recovery: finished jobs left behind by a previous run"
-                ),
-                Err(e) => {
-                    warn!(error = %e, "recovery: could not list CLOSED jobs; they will be retried at the next start")
-                }
-            }
+            recovery
+                .run_periodically(interval, RECOVERY_GRACE, stop)
+                .await
         })
     };
     let timer_stop = CancellationToken::new();
@@ -196,6 +256,13 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         proxy_protocol = config.proxy_protocol,
         "dicom-gateway listening"
     );
+    // Checked once, beside the listener: an unreachable dependency is one ERROR line, not a
+    // reason to stop receiving.
+    let readiness = Readiness::new(store.clone(), jobs.clone(), trigger.clone());
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move { readiness.startup_check().await });
+    }
     let health_stop = CancellationToken::new();
     let health = match config.metrics_listen {
         None => None,
@@ -205,7 +272,6 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                     "cannot listen on {addr} (--metrics-listen): is another process using the port?"
                 )
             })?;
-            let readiness = Readiness::new(store.clone(), jobs.clone(), trigger.clone());
             info!(listen = %http.local_addr()?, "health and metrics on /healthz, /readyz, /metrics");
             let (r, s) = (readiness.clone(), shutdown.clone());
             // Unready as soon as shutdown begins, so load balancers send no new associations.
@@ -228,6 +294,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let _ = timer.await;
     batcher.close_all(Duration::from_secs(5)).await;
     drop(batcher);
+    recovery_stop.cancel();
     recovery.abort();
     if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task)
         .await

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
 use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::batch::CloseReason;
@@ -30,14 +31,14 @@ impl DynamoJobStore {
     }
 }
 
-fn dynamo_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> JobStoreError
+fn dynamo_error<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> JobStoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     JobStoreError::Dynamo {
         operation,
         message: crate::aws::describe(&err),
+        retriable: crate::aws::is_retriable(&err),
     }
 }
 
@@ -193,6 +194,22 @@ pub(crate) fn transition_update(
     )
 }
 
+/// The condition of an adoption, and its values: the job is still OPEN and still owned by the
+/// gateway recovery found it with (a job written before gateway ids existed has none).
+pub(crate) fn adopt_condition(
+    previous_owner: Option<&str>,
+) -> (String, HashMap<String, AttributeValue>) {
+    let mut values = HashMap::from([(":open".to_string(), s(JobStatus::Open.as_str()))]);
+    let owner = match previous_owner {
+        Some(owner) => {
+            values.insert(":owner".into(), s(owner));
+            "gatewayId = :owner"
+        }
+        None => "attribute_not_exists(gatewayId)",
+    };
+    (format!("#status = :open AND {owner}"), values)
+}
+
 impl DynamoJobStore {
     /// Jobs in `status` from the `status-createdAt` index: every one, oldest first, or at most
     /// `limit` of the newest.
@@ -262,6 +279,30 @@ impl JobStore for DynamoJobStore {
         match r {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Ok(()), // already CLOSED or beyond
+            Err(e) => Err(dynamo_error("PutItem", e)),
+        }
+    }
+
+    async fn adopt(
+        &self,
+        closed: &Job,
+        previous_owner: Option<&str>,
+    ) -> Result<bool, JobStoreError> {
+        let (condition, values) = adopt_condition(previous_owner);
+        let r = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(closed)))
+            .condition_expression(condition)
+            .expression_attribute_names("#status", "status")
+            .set_expression_attribute_values(Some(values))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            // Another gateway adopted it first, or its owner closed it after all.
+            Err(e) if is_condition_failure(&e) => Ok(false),
             Err(e) => Err(dynamo_error("PutItem", e)),
         }
     }
@@ -407,6 +448,20 @@ mod tests {
         assert_eq!(job.status, JobStatus::CompletedWithErrors);
         item.insert("status".into(), AttributeValue::S("WHATEVER".into()));
         assert!(from_item(&item).is_err());
+    }
+
+    #[test]
+    fn adoption_is_conditional_on_the_job_still_open_under_its_owner() {
+        let (condition, values) = adopt_condition(Some("gw-dead"));
+        assert_eq!(condition, "#status = :open AND gatewayId = :owner");
+        assert_eq!(values[":open"], AttributeValue::S("OPEN".into()));
+        assert_eq!(values[":owner"], AttributeValue::S("gw-dead".into()));
+        let (condition, values) = adopt_condition(None);
+        assert_eq!(
+            condition,
+            "#status = :open AND attribute_not_exists(gatewayId)"
+        );
+        assert_eq!(values.len(), 1);
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The embedded job store: one JSON file per job in a directory (`{store}/jobs/` by default).
 //!
 //! Each write replaces the whole file atomically (temp file, fsync, rename, directory fsync), and
-//! transitions are checked under a lock, so the journal keeps the forward-only rule. It serves one
-//! gateway process; deployments with several gateways use DynamoDB.
+//! transitions are checked under a lock, so the journal keeps the forward-only rule. The lock is
+//! both in-process and an advisory `flock` on `{dir}/.lock`, so several gateway processes on one
+//! host may share the directory (recovery adopts each orphan exactly once); deployments with
+//! gateways on several hosts use DynamoDB.
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
 
@@ -25,6 +27,34 @@ impl LocalJournal {
             dir: dir.into(),
             lock: Mutex::new(()),
         }
+    }
+
+    /// Takes the journal's lock: this process's mutex, then the directory's `flock`, held until
+    /// the returned guard is dropped.
+    async fn lock(&self) -> Result<(MutexGuard<'_, ()>, DirLock), JobStoreError> {
+        let guard = self.lock.lock().await;
+        let dir = self.dir.clone();
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            std::fs::create_dir_all(&dir)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(".lock"))?;
+            #[cfg(unix)]
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: flock on a file descriptor this function owns; it blocks until the
+                // lock is free (other processes hold it only for one read-modify-write).
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok((guard, DirLock { _file: file }))
     }
 
     pub(crate) fn path_of(&self, job_id: &str) -> PathBuf {
@@ -83,10 +113,15 @@ impl LocalJournal {
     }
 }
 
+/// The journal directory's `flock`, released when the file is closed (dropped).
+struct DirLock {
+    _file: std::fs::File,
+}
+
 #[async_trait]
 impl JobStore for LocalJournal {
     async fn record_open(&self, job: &Job) -> Result<(), JobStoreError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock().await?;
         if self.read(&job.job_id).await?.is_none() {
             self.write(job).await?;
         }
@@ -94,10 +129,28 @@ impl JobStore for LocalJournal {
     }
 
     async fn record_closed(&self, job: &Job) -> Result<(), JobStoreError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock().await?;
         match self.read(&job.job_id).await? {
             Some(current) if current.status != JobStatus::Open => Ok(()),
             _ => self.write(job).await,
+        }
+    }
+
+    async fn adopt(
+        &self,
+        closed: &Job,
+        previous_owner: Option<&str>,
+    ) -> Result<bool, JobStoreError> {
+        let _guard = self.lock().await?;
+        match self.read(&closed.job_id).await? {
+            Some(current)
+                if current.status == JobStatus::Open
+                    && current.gateway_id.as_deref() == previous_owner =>
+            {
+                self.write(closed).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -107,7 +160,7 @@ impl JobStore for LocalJournal {
         to: JobStatus,
         t: Transition,
     ) -> Result<(), JobStoreError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock().await?;
         let mut job = self
             .read(job_id)
             .await?
@@ -212,5 +265,50 @@ mod tests {
         assert_eq!(job.instance_count, Some(4));
         assert_eq!(j.list_recent(10).await.unwrap().len(), 1);
         assert!(j.get("../etc/passwd").await.unwrap().is_none());
+    }
+
+    /// Two journals on one directory stand for two gateway processes sharing it: however their
+    /// adoptions interleave, exactly one of them adopts the orphan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exactly_one_of_two_gateways_adopts_an_orphan() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let job_id = format!("01JD6Y7Z8X9W0V1T2S3R4Q5P{round:02}");
+            let open = Job::opened(&job_id, "2026-11-23T10:00:00.000Z", "/x/", "gw-dead");
+            LocalJournal::new(dir.path())
+                .record_open(&open)
+                .await
+                .unwrap();
+            let adopt = |gw: &'static str| {
+                let (dir, mut closed) = (dir.path().to_path_buf(), open.clone());
+                closed.status = JobStatus::Closed;
+                closed.gateway_id = Some(gw.into());
+                tokio::spawn(async move {
+                    LocalJournal::new(dir)
+                        .adopt(&closed, Some("gw-dead"))
+                        .await
+                        .unwrap()
+                })
+            };
+            let (a, b) = (adopt("gw-a"), adopt("gw-b"));
+            let (a, b) = (a.await.unwrap(), b.await.unwrap());
+            assert!(a ^ b, "round {round}: a adopted {a}, b adopted {b}");
+            let job = LocalJournal::new(dir.path())
+                .get(&job_id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(job.status, JobStatus::Closed);
+            let winner = if a { "gw-a" } else { "gw-b" };
+            assert_eq!(job.gateway_id.as_deref(), Some(winner));
+        }
+        let j = LocalJournal::new(dir.path());
+        let mut other = Job::opened("01JD6Y7Z8X9W0V1T2S3R4Q5PZZ", "t", "/x/", "gw-live");
+        j.record_open(&other).await.unwrap();
+        other.status = JobStatus::Closed;
+        assert!(
+            !j.adopt(&other, Some("gw-dead")).await.unwrap(),
+            "only from the owner recovery saw"
+        );
     }
 }

@@ -199,6 +199,8 @@ pub enum JobStoreError {
     Dynamo {
         operation: &'static str,
         message: String,
+        /// Whether the same call may succeed later ([`crate::aws::is_retriable`]).
+        retriable: bool,
     },
     #[error("job {job_id} is {current}; it cannot move to {wanted}")]
     NotForward {
@@ -231,6 +233,16 @@ pub(crate) trait JobStore: Send + Sync + 'static {
     /// Records a closed batch with its counts: moves OPEN to CLOSED, or creates the job as CLOSED if
     /// the OPEN record never made it. A job already CLOSED or beyond is left alone.
     async fn record_closed(&self, job: &Job) -> Result<(), JobStoreError>;
+
+    /// Adopts a batch its gateway left OPEN: replaces the record with `closed` (CLOSED, counted
+    /// from the stored objects, owned by the adopting gateway), but only if the job is still OPEN
+    /// and still owned by `previous_owner`. Returns whether this call did it: when several gateways
+    /// run recovery at once, exactly one adopts each orphan.
+    async fn adopt(
+        &self,
+        closed: &Job,
+        previous_owner: Option<&str>,
+    ) -> Result<bool, JobStoreError>;
 
     /// Moves a job forward to `to`, setting the fields in `t`. Fails with
     /// [`JobStoreError::NotForward`] when the job is already at `to` or beyond.
