@@ -218,6 +218,7 @@ pub(crate) enum EcsMetadataError {
 /// task to which the container belongs",
 /// https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-metadata-endpoint-v4-response.html.)
 pub(crate) fn task_id_from_metadata(json: &[u8]) -> Result<String, EcsMetadataError> {
+    /// The part of the task metadata response read here.
     #[derive(serde::Deserialize)]
     struct Task {
         #[serde(rename = "TaskARN")]

@@ -845,7 +845,7 @@ impl BatchArgs {
         if self.batch_max_age > Duration::from_secs(1800) {
             return Err(ConfigError::invalid(
                 "--batch-max-age",
-                "must be at most 30m (start-up recovery treats batches open for an hour as abandoned)",
+                "must be at most 30m (recovery treats batches open for --orphan-age, default 1h, as abandoned; keep it at most half of that)",
             ));
         }
         if !(1..=5000).contains(&self.batch_max_instances) {
