@@ -18,6 +18,7 @@ use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
 use crate::listener::Listener;
+use crate::outcome::{OutcomeReader, OutcomeTiming, S3Results};
 use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
@@ -47,6 +48,15 @@ pub(crate) async fn open_job_store(config: &JobStoreConfig) -> Arc<dyn JobStore>
     }
 }
 
+/// An S3 client from the standard AWS configuration.
+async fn s3_client(force_path_style: bool) -> aws_sdk_s3::Client {
+    let conf = aws_config().await;
+    let s3_conf = aws_sdk_s3::config::Builder::from(&conf)
+        .force_path_style(force_path_style)
+        .build();
+    aws_sdk_s3::Client::from_conf(s3_conf)
+}
+
 /// Opens the object store the configuration names: an S3 bucket, or the local directory.
 async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>> {
     match config {
@@ -57,11 +67,7 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn ObjectStore>
             part_size,
             parts_in_flight,
         } => {
-            let conf = aws_config().await;
-            let s3_conf = aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(*force_path_style)
-                .build();
-            let client = aws_sdk_s3::Client::from_conf(s3_conf);
+            let client = s3_client(*force_path_style).await;
             Ok(Arc::new(S3Store::new(
                 client,
                 bucket.clone(),
@@ -161,6 +167,25 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             }
         })
     };
+    // Imports end IMPORTED; any gateway of the fleet reads their results and ends them. Only
+    // with an import, which needs S3 (without one, no job ever becomes IMPORTED).
+    let outcomes = match (&config.import, &config.store) {
+        (
+            Some(import),
+            StoreConfig::S3 {
+                force_path_style, ..
+            },
+        ) => {
+            let reader = OutcomeReader::new(
+                jobs.clone(),
+                Arc::new(S3Results::new(s3_client(*force_path_style).await)),
+                gateway_id.clone(),
+                OutcomeTiming::every(import.settings.poll_interval),
+            );
+            Some(tokio::spawn(reader.run()))
+        }
+        _ => None,
+    };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
@@ -223,6 +248,10 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     batcher.close_all(Duration::from_secs(5)).await;
     drop(batcher);
     recovery.abort();
+    // A job being finished keeps its claim, which expires: the next gateway to look finishes it.
+    if let Some(outcomes) = outcomes {
+        outcomes.abort();
+    }
     if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task)
         .await
         .is_err()
