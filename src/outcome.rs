@@ -12,7 +12,7 @@
 //! 1. lists IMPORTED jobs every poll interval;
 //! 2. takes the job's [`OutcomeClaim`] with a conditional write (unclaimed, its own, or expired), so
 //!    exactly one gateway works on a job, and one that dies midway is replaced once its claim
-//!    expires;
+//!    expires; a manifest not readable yet releases the claim for the next look;
 //! 3. streams `job-output-manifest.json` from S3 into a parser that keeps only the counts and the
 //!    first image set ids, in memory bounded whatever the manifest's size ([`parse_manifest`]);
 //! 4. ends the job COMPLETED, COMPLETED_WITH_ERRORS or FAILED ([`outcome_of`]) with a write
@@ -33,6 +33,7 @@ use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::jobs::{
@@ -44,9 +45,9 @@ use crate::jobs::{
 /// https://docs.aws.amazon.com/healthimaging/latest/devguide/understanding-import-jobs.html).
 pub(crate) const MANIFEST: &str = "job-output-manifest.json";
 
-/// How long a claim lasts: far longer than reading a manifest takes, short enough that a job whose
-/// gateway died midway is finished by another one a few minutes later.
-pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(120);
+/// How long a claim lasts: far longer than reading a manifest takes (a holder that needs longer
+/// renews it), short enough that a job whose gateway died midway is soon finished by another.
+pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(30);
 
 /// How long after the import's end a missing or unreadable manifest is waited for before the job
 /// is recorded FAILED. HealthImaging writes it before it reports the job COMPLETED; this covers
@@ -532,24 +533,31 @@ impl OutcomeReader {
         })
     }
 
-    /// Looks for IMPORTED jobs every interval, until the task is dropped. Dropping it midway is
-    /// safe: the claim expires and the job is finished by the next gateway to look.
-    pub(crate) async fn run(self: Arc<Self>) {
+    /// Looks for IMPORTED jobs every interval until `stop`, then returns once the job in hand is
+    /// done (no new claim is taken after `stop`). Dropping the task midway is safe too: the claim
+    /// expires and the job is finished by the next gateway to look.
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.timing.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            if let Err(e) = self.pass().await {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.pass(&stop).await {
                 warn!(error = %e, "import outcome: cannot list IMPORTED jobs; will retry");
             }
         }
     }
 
-    /// One look at the IMPORTED jobs: finishes those this gateway can claim. Returns how many it
-    /// ended.
-    pub(crate) async fn pass(&self) -> Result<usize, JobStoreError> {
+    /// One look at the IMPORTED jobs: finishes those this gateway can claim, until `stop`.
+    /// Returns how many it ended.
+    pub(crate) async fn pass(&self, stop: &CancellationToken) -> Result<usize, JobStoreError> {
         let mut ended = 0;
         for job in self.jobs.list_by_status(JobStatus::Imported).await? {
+            if stop.is_cancelled() {
+                break;
+            }
             // A cheap check first; the claim's conditional write is what decides.
             if !job.outcome_claimable_by(&self.gateway_id, &rfc3339(SystemTime::now())) {
                 continue;
@@ -597,6 +605,11 @@ impl OutcomeReader {
             SystemTime::now(),
             self.timing.manifest_wait,
         ) else {
+            // Nothing to record yet: let whichever gateway looks next try, rather than keep others
+            // out until the claim expires (this gateway may stop meanwhile).
+            self.jobs
+                .release_outcome(&job.job_id, &self.gateway_id)
+                .await?;
             return Ok(false);
         };
         match self

@@ -33,6 +33,9 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// start picks up CLOSED jobs; see the README).
 const PIPELINE_DRAIN: Duration = Duration::from_secs(10);
 
+/// At shutdown, time given to the outcome reader to finish the job in hand.
+const OUTCOME_DRAIN: Duration = Duration::from_secs(5);
+
 async fn aws_config() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }
@@ -182,7 +185,8 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 gateway_id.clone(),
                 OutcomeTiming::every(import.settings.poll_interval),
             );
-            Some(tokio::spawn(reader.run()))
+            let stop = CancellationToken::new();
+            Some((tokio::spawn(reader.run(stop.clone())), stop))
         }
         _ => None,
     };
@@ -248,9 +252,13 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     batcher.close_all(Duration::from_secs(5)).await;
     drop(batcher);
     recovery.abort();
-    // A job being finished keeps its claim, which expires: the next gateway to look finishes it.
-    if let Some(outcomes) = outcomes {
-        outcomes.abort();
+    // The job in hand is finished; should that take too long, its claim expires and the next
+    // gateway to look finishes it.
+    if let Some((task, stop)) = outcomes {
+        stop.cancel();
+        if tokio::time::timeout(OUTCOME_DRAIN, task).await.is_err() {
+            warn!("import outcome: still recording at shutdown; another gateway finishes the job");
+        }
     }
     if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task)
         .await

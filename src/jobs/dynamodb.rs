@@ -427,6 +427,26 @@ impl JobStore for DynamoJobStore {
         }
     }
 
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .update_expression("REMOVE #claim")
+            .condition_expression("#claim.#gw = :gw")
+            .expression_attribute_names("#claim", "claim")
+            .expression_attribute_names("#gw", "gatewayId")
+            .expression_attribute_values(":gw", s(gateway_id))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()), // not ours (any more)
+            Err(e) => Err(dynamo_error("UpdateItem", e)),
+        }
+    }
+
     async fn record_outcome(
         &self,
         job_id: &str,

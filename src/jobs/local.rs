@@ -145,6 +145,22 @@ impl JobStore for LocalJournal {
         Ok(true)
     }
 
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        match self.read(job_id).await? {
+            Some(mut job)
+                if job
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| c.gateway_id == gateway_id) =>
+            {
+                job.claim = None;
+                self.write(&job).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn record_outcome(
         &self,
         job_id: &str,
@@ -293,6 +309,11 @@ mod tests {
         };
         let err = j.record_outcome("J1", "gw-b", &outcome).await.unwrap_err();
         assert!(matches!(err, JobStoreError::ClaimLost(_)), "{err}");
+        j.release_outcome("J1", "gw-b").await.unwrap();
+        assert!(
+            j.get("J1").await.unwrap().unwrap().claim.is_some(),
+            "not gw-b's to release"
+        );
         // gw-a died: once its claim expired, gw-b takes over and ends the job.
         let later = "2026-11-23T10:04:00.000Z";
         assert!(

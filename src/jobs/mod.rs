@@ -365,6 +365,11 @@ pub(crate) trait JobStore: Send + Sync + 'static {
         now: &str,
     ) -> Result<bool, JobStoreError>;
 
+    /// Gives up `gateway_id`'s outcome claim on a job (its results are not readable yet), so that
+    /// any gateway may try next time instead of waiting for the claim to expire. A claim that is
+    /// not this gateway's is left alone.
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError>;
+
     /// Ends an IMPORTED job with its outcome and drops the claim, only if the job is still
     /// IMPORTED and `gateway_id` holds its claim: [`JobStoreError::NotForward`] when it has ended
     /// already, [`JobStoreError::ClaimLost`] when another gateway took over.

@@ -302,7 +302,9 @@ fn the_counts_decide_the_final_status() {
 
 #[test]
 fn a_missing_manifest_is_waited_for_then_failed_and_a_malformed_one_fails_at_once() {
-    let job = imported_job("s3://b/results/J1/");
+    let mut job = imported_job("s3://b/results/J1/");
+    // As LocalStack writes $$.State.EnteredTime (AWS writes ...00.000Z).
+    job.import_ended_at = Some("2026-11-23T10:05:00.036593+00:00".into());
     let wait = Duration::from_secs(600);
     let not_yet = || Reading::NotYet("job-output-manifest.json is not in s3://b/r/".into());
     assert!(
@@ -319,7 +321,7 @@ fn a_missing_manifest_is_waited_for_then_failed_and_a_malformed_one_fails_at_onc
         &job,
         "s3://b/r/",
         not_yet(),
-        at("2026-11-23T10:15:00Z"),
+        at("2026-11-23T10:15:01Z"),
         wait,
     )
     .unwrap();
@@ -398,7 +400,8 @@ async fn of_two_gateways_exactly_one_ends_the_job() {
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
-    let (ended_a, ended_b) = tokio::join!(a.pass(), b.pass());
+    let go = CancellationToken::new();
+    let (ended_a, ended_b) = tokio::join!(a.pass(&go), b.pass(&go));
     assert_eq!(ended_a.unwrap() + ended_b.unwrap(), 1);
     assert_eq!(*results.reads.lock().unwrap(), 1, "only the claimant reads");
     let done = jobs.get("J1").await.unwrap().unwrap();
@@ -408,7 +411,8 @@ async fn of_two_gateways_exactly_one_ends_the_job() {
     assert_eq!(done.image_set_ids.len(), IMAGE_SET_IDS_KEPT);
     assert_eq!(done.claim, None);
     assert_eq!(
-        a.pass().await.unwrap() + b.pass().await.unwrap(),
+        a.pass(&CancellationToken::new()).await.unwrap()
+            + b.pass(&CancellationToken::new()).await.unwrap(),
         0,
         "nothing left"
     );
@@ -436,7 +440,11 @@ async fn a_claim_left_by_a_dead_gateway_is_taken_over_once_expired() {
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
-    assert_eq!(b.pass().await.unwrap(), 0, "the claim still runs");
+    assert_eq!(
+        b.pass(&CancellationToken::new()).await.unwrap(),
+        0,
+        "the claim still runs"
+    );
     assert_eq!(*results.reads.lock().unwrap(), 0);
 
     let mut expired = jobs.get("J1").await.unwrap().unwrap();
@@ -449,7 +457,7 @@ async fn a_claim_left_by_a_dead_gateway_is_taken_over_once_expired() {
         serde_json::to_vec(&expired).unwrap(),
     )
     .unwrap();
-    assert_eq!(b.pass().await.unwrap(), 1);
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 1);
     let done = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::CompletedWithErrors);
     assert_eq!((done.imported_count, done.failed_count), (Some(1), Some(1)));
@@ -469,22 +477,25 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
         "gw-a".into(),
         timing(MANIFEST_WAIT),
     );
-    assert_eq!(patient.pass().await.unwrap(), 0);
+    assert_eq!(patient.pass(&CancellationToken::new()).await.unwrap(), 0);
     let waiting = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(
         waiting.status,
         JobStatus::Imported,
         "still waiting for the manifest"
     );
-    assert_eq!(waiting.claim.map(|c| c.gateway_id).as_deref(), Some("gw-a"));
-    // Its holder renews its own claim and, past the wait, records why the job failed.
+    assert_eq!(waiting.claim, None, "released for whoever looks next");
+    // Past the wait, the next gateway to look records why the job failed.
     let done_waiting = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
-        "gw-a".into(),
+        "gw-b".into(),
         timing(Duration::ZERO),
     );
-    assert_eq!(done_waiting.pass().await.unwrap(), 1);
+    assert_eq!(
+        done_waiting.pass(&CancellationToken::new()).await.unwrap(),
+        1
+    );
     let failed = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
     assert!(
