@@ -363,3 +363,16 @@ async fn an_imported_job_claimed_by_a_gateway_that_died_is_ended_by_another_once
         job.ended_at
     );
 }
+
+#[tokio::test]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
+async fn without_an_output_uri_from_get_dicom_import_job_the_requested_prefix_is_read() {
+    let (stack, job) = import_study("OutputMissing", Some((2, 0))).await;
+    assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+    assert_eq!(
+        job.output_s3_uri,
+        Some(format!("s3://{}/results/{}/", stack.bucket, job.job_id)),
+        "the prefix the import was started with"
+    );
+    assert_eq!(job.imported_count, Some(2));
+}
