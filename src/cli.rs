@@ -465,7 +465,7 @@ pub(crate) struct ImportArgs {
     #[arg(long, env = "DICOM_GATEWAY_RESULTS_PREFIX", default_value = "results/")]
     pub results_prefix: String,
 
-    /// How often the state machine polls a running import job.
+    /// How often the state machine polls a running import job, and the gateway looks for IMPORTED jobs.
     #[arg(long, env = "DICOM_GATEWAY_IMPORT_POLL_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub import_poll_interval: Duration,
 

@@ -78,6 +78,7 @@ impl RetryLogic for JobStoreError {
             JobStoreError::Encode(_)
             | JobStoreError::NotForward { .. }
             | JobStoreError::NotFound(_)
+            | JobStoreError::ClaimLost(_)
             | JobStoreError::Malformed(_) => false,
         }
     }
@@ -218,8 +219,6 @@ pub(crate) fn execution_input(job: &Job, settings: &ImportSettings) -> serde_jso
         "dataAccessRoleArn": settings.data_access_role_arn,
         "inputS3Uri": job.input_s3_uri,
         "outputS3Uri": output_s3_uri(settings, &job.job_id),
-        "resultsBucket": settings.results_bucket,
-        "resultsKeyPrefix": format!("{}{}/", settings.results_prefix, job.job_id),
         "tableName": settings.table_name,
         "pollIntervalSeconds": settings.poll_interval.as_secs().max(1),
         "maxPolls": settings.max_polls,
@@ -573,9 +572,9 @@ mod tests {
             input["outputS3Uri"],
             "s3://bucket/results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
         );
-        assert_eq!(
-            input["resultsKeyPrefix"],
-            "results/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/"
+        assert!(
+            input.get("resultsKeyPrefix").is_none(),
+            "the gateway, not the state machine, reads the results (src/outcome.rs)"
         );
         assert_eq!(input["datastoreId"], "ds123");
         assert_eq!(input["tableName"], "jobs");

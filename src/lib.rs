@@ -14,6 +14,8 @@
 //! - `batch`: grouping stored instances into import batches, one job each;
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
 //! - `import`: recording batches and starting their HealthImaging imports;
+//! - `outcome`: ending imported jobs from their results in S3 (the manifest is too large for
+//!   Step Functions state), exactly one gateway of the fleet per job;
 //! - `recovery`: finishing the jobs a stopped gateway left OPEN or CLOSED;
 //! - `policy`, `uid`: what is accepted; `health`, `metrics`: what operators see;
 //! - `cli`, `config`: the command line, turned once into a checked, typed configuration;
@@ -35,6 +37,7 @@ pub(crate) mod instance;
 pub mod jobs;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod outcome;
 pub mod part10;
 pub mod pdu;
 pub mod policy;

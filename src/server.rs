@@ -19,6 +19,7 @@ use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
 use crate::listener::{Admission, Listener};
+use crate::outcome::{OutcomeReader, OutcomeTiming, S3Results};
 use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
@@ -36,6 +37,8 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// At shutdown, time given to recording the last batches before giving up (recovery at the next
 /// start picks up CLOSED jobs; see the README).
 const PIPELINE_DRAIN: Duration = Duration::from_secs(10);
+/// At shutdown, time given to the outcome reader to finish the job in hand.
+const OUTCOME_DRAIN: Duration = Duration::from_secs(5);
 
 /// The AWS configuration for the options of `config` that use AWS, loaded on first use.
 fn aws_for(config: &ServeConfig) -> Aws {
@@ -70,6 +73,14 @@ pub(crate) async fn open_job_store(
     })
 }
 
+/// An S3 client from the AWS configuration.
+async fn s3_client(aws: &Aws, force_path_style: bool) -> anyhow::Result<aws_sdk_s3::Client> {
+    let s3_conf = aws_sdk_s3::config::Builder::from(aws.config().await?)
+        .force_path_style(force_path_style)
+        .build();
+    Ok(aws_sdk_s3::Client::from_conf(s3_conf))
+}
+
 /// Opens the object store the configuration names: an S3 bucket, or the local directory.
 async fn open_store(config: &StoreConfig, aws: &Aws) -> anyhow::Result<Arc<dyn ObjectStore>> {
     match config {
@@ -80,10 +91,7 @@ async fn open_store(config: &StoreConfig, aws: &Aws) -> anyhow::Result<Arc<dyn O
             part_size,
             parts_in_flight,
         } => {
-            let s3_conf = aws_sdk_s3::config::Builder::from(aws.config().await?)
-                .force_path_style(*force_path_style)
-                .build();
-            let client = aws_sdk_s3::Client::from_conf(s3_conf);
+            let client = s3_client(aws, *force_path_style).await?;
             Ok(Arc::new(S3Store::new(
                 client,
                 bucket.clone(),
@@ -221,6 +229,26 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 .await
         })
     };
+    // Imports end IMPORTED; any gateway of the fleet reads their results and ends them. Only
+    // with an import, which needs S3 (without one, no job ever becomes IMPORTED).
+    let outcomes = match (&config.import, &config.store) {
+        (
+            Some(import),
+            StoreConfig::S3 {
+                force_path_style, ..
+            },
+        ) => {
+            let reader = OutcomeReader::new(
+                jobs.clone(),
+                Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
+                gateway_id.clone(),
+                OutcomeTiming::every(import.settings.poll_interval),
+            );
+            let stop = CancellationToken::new();
+            Some((tokio::spawn(reader.run(stop.clone())), stop))
+        }
+        _ => None,
+    };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
@@ -296,6 +324,14 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     drop(batcher);
     recovery_stop.cancel();
     recovery.abort();
+    // The job in hand is finished; should that take too long, its claim expires and the next
+    // gateway to look finishes it.
+    if let Some((task, stop)) = outcomes {
+        stop.cancel();
+        if tokio::time::timeout(OUTCOME_DRAIN, task).await.is_err() {
+            warn!("import outcome: still recording at shutdown; another gateway finishes the job");
+        }
+    }
     if tokio::time::timeout(PIPELINE_DRAIN, pipeline_task)
         .await
         .is_err()

@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
-use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
+use super::{ImportOutcome, Job, JobStatus, JobStore, JobStoreError, OutcomeClaim, Transition};
 use crate::batch::CloseReason;
 
 /// Name of the global secondary index on (status, createdAt).
@@ -72,6 +72,7 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
         ("importJobId", &job.import_job_id),
         ("submittedAt", &job.submitted_at),
         ("endedAt", &job.ended_at),
+        ("importEndedAt", &job.import_ended_at),
         ("message", &job.message),
         ("gatewayId", &job.gateway_id),
     ];
@@ -83,8 +84,12 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
     let numbers = [
         ("instanceCount", job.instance_count),
         ("totalBytes", job.total_bytes),
+        ("scannedCount", job.scanned_count),
         ("importedCount", job.imported_count),
         ("failedCount", job.failed_count),
+        ("customerErrorCount", job.customer_error_count),
+        ("serverErrorCount", job.server_error_count),
+        ("imageSetCount", job.image_set_count),
     ];
     for (name, value) in numbers {
         if let Some(v) = value {
@@ -100,11 +105,31 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
             item.insert(name.into(), AttributeValue::Ss(set.clone()));
         }
     }
+    if let Some(claim) = &job.claim {
+        item.insert("claim".into(), claim_value(claim));
+    }
     item
 }
 
+/// An outcome claim as a DynamoDB map, `{gatewayId, expiresAt}` like its serde form.
+fn claim_value(claim: &OutcomeClaim) -> AttributeValue {
+    AttributeValue::M(HashMap::from([
+        ("gatewayId".to_string(), s(&claim.gateway_id)),
+        ("expiresAt".to_string(), s(&claim.expires_at)),
+    ]))
+}
+
+fn claim_from(value: &AttributeValue) -> Option<OutcomeClaim> {
+    let map = value.as_m().ok()?;
+    let get = |k: &str| map.get(k).and_then(|v| v.as_s().ok()).cloned();
+    Some(OutcomeClaim {
+        gateway_id: get("gatewayId")?,
+        expires_at: get("expiresAt")?,
+    })
+}
+
 /// A DynamoDB item as a job. String lists are read from a string set, a list, or a string holding a
-/// JSON array (which is how the state machine writes `imageSetIds`, since a set cannot be empty).
+/// JSON array (which is how earlier versions of the state machine wrote `imageSetIds`).
 pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStoreError> {
     let get_s = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
     let get_n = |name: &str| -> Option<u64> {
@@ -154,11 +179,17 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
         import_job_id: get_s("importJobId"),
         submitted_at: get_s("submittedAt"),
         ended_at: get_s("endedAt"),
+        import_ended_at: get_s("importEndedAt"),
+        scanned_count: get_n("scannedCount"),
         imported_count: get_n("importedCount"),
         failed_count: get_n("failedCount"),
+        customer_error_count: get_n("customerErrorCount"),
+        server_error_count: get_n("serverErrorCount"),
+        image_set_count: get_n("imageSetCount"),
         image_set_ids: get_list("imageSetIds"),
         message: get_s("message"),
         gateway_id: get_s("gatewayId"),
+        claim: item.get("claim").and_then(claim_from),
     })
 }
 
@@ -208,6 +239,70 @@ pub(crate) fn adopt_condition(
         None => "attribute_not_exists(gatewayId)",
     };
     (format!("#status = :open AND {owner}"), values)
+}
+
+/// Placeholders of the claim's attribute names (`claim` may be a reserved word some day; these
+/// are used in every claim expression).
+const CLAIM_NAMES: [(&str, &str); 4] = [
+    ("#status", "status"),
+    ("#claim", "claim"),
+    ("#gw", "gatewayId"),
+    ("#exp", "expiresAt"),
+];
+
+/// The condition of [`JobStore::claim_outcome`]: [`Job::outcome_claimable_by`] as DynamoDB checks
+/// it (`:gw` the claiming gateway, `:now` the time).
+pub(crate) const CLAIM_CONDITION: &str = "#status = :imported AND (attribute_not_exists(#claim) OR #claim.#gw = :gw OR #claim.#exp < :now)";
+
+/// The update and values that end an IMPORTED job with `outcome`, conditional on the job being
+/// IMPORTED with its claim held by `gateway_id`; the claim is removed.
+pub(crate) fn outcome_update(
+    gateway_id: &str,
+    outcome: &ImportOutcome,
+) -> (String, String, HashMap<String, AttributeValue>) {
+    let mut sets = vec![
+        "#status = :to".to_string(),
+        "endedAt = :endedAt".to_string(),
+    ];
+    let mut values = HashMap::from([
+        (":to".to_string(), s(outcome.status.as_str())),
+        (":endedAt".to_string(), s(&outcome.ended_at)),
+        (":imported".to_string(), s(JobStatus::Imported.as_str())),
+        (":gw".to_string(), s(gateway_id)),
+    ]);
+    let mut set = |name: &str, value: AttributeValue| {
+        sets.push(format!("{name} = :{name}"));
+        values.insert(format!(":{name}"), value);
+    };
+    if let Some(m) = &outcome.message {
+        set("message", s(m));
+    }
+    if let Some(c) = outcome.counts {
+        let numbers = [
+            ("scannedCount", c.scanned),
+            ("importedCount", Some(c.imported)),
+            ("failedCount", Some(c.failed())),
+            ("customerErrorCount", Some(c.customer_errors)),
+            ("serverErrorCount", Some(c.server_errors)),
+            ("imageSetCount", c.image_sets),
+        ];
+        for (name, value) in numbers {
+            if let Some(v) = value {
+                set(name, n(v));
+            }
+        }
+    }
+    if !outcome.image_set_ids.is_empty() {
+        set(
+            "imageSetIds",
+            AttributeValue::Ss(outcome.image_set_ids.clone()),
+        );
+    }
+    (
+        format!("SET {} REMOVE #claim", sets.join(", ")),
+        "#status = :imported AND #claim.#gw = :gw".to_string(),
+        values,
+    )
 }
 
 impl DynamoJobStore {
@@ -342,6 +437,99 @@ impl JobStore for DynamoJobStore {
         }
     }
 
+    async fn claim_outcome(
+        &self,
+        job_id: &str,
+        claim: &OutcomeClaim,
+        now: &str,
+    ) -> Result<bool, JobStoreError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .update_expression("SET #claim = :claim")
+            .condition_expression(CLAIM_CONDITION)
+            .set_expression_attribute_names(Some(
+                CLAIM_NAMES
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ))
+            .expression_attribute_values(":imported", s(JobStatus::Imported.as_str()))
+            .expression_attribute_values(":claim", claim_value(claim))
+            .expression_attribute_values(":gw", s(&claim.gateway_id))
+            .expression_attribute_values(":now", s(now))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(dynamo_error("UpdateItem", e)),
+        }
+    }
+
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .update_expression("REMOVE #claim")
+            .condition_expression("#claim.#gw = :gw")
+            .expression_attribute_names("#claim", "claim")
+            .expression_attribute_names("#gw", "gatewayId")
+            .expression_attribute_values(":gw", s(gateway_id))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()), // not ours (any more)
+            Err(e) => Err(dynamo_error("UpdateItem", e)),
+        }
+    }
+
+    async fn record_outcome(
+        &self,
+        job_id: &str,
+        gateway_id: &str,
+        outcome: &ImportOutcome,
+    ) -> Result<(), JobStoreError> {
+        let (update, condition, values) = outcome_update(gateway_id, outcome);
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("jobId", s(job_id))
+            .update_expression(update)
+            .condition_expression(condition)
+            // Every name given must appear in the expressions: not #exp here.
+            .set_expression_attribute_names(Some(
+                CLAIM_NAMES[..3]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ))
+            .set_expression_attribute_values(Some(values))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => match self.get(job_id).await? {
+                None => Err(JobStoreError::NotFound(job_id.to_string())),
+                Some(job) if job.status == JobStatus::Imported => {
+                    Err(JobStoreError::ClaimLost(job_id.to_string()))
+                }
+                Some(job) => Err(JobStoreError::NotForward {
+                    job_id: job_id.to_string(),
+                    current: job.status.to_string(),
+                    wanted: outcome.status,
+                }),
+            },
+            Err(e) => Err(dynamo_error("UpdateItem", e)),
+        }
+    }
+
     async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
         let out = self
             .client
@@ -462,6 +650,66 @@ mod tests {
             "#status = :open AND attribute_not_exists(gatewayId)"
         );
         assert_eq!(values.len(), 1);
+    }
+
+    #[test]
+    fn counts_and_claim_round_trip() {
+        let mut job = sample();
+        job.status = JobStatus::Imported;
+        job.import_ended_at = Some("2026-11-23T10:05:00.000Z".into());
+        job.scanned_count = Some(12);
+        job.customer_error_count = Some(0);
+        job.image_set_count = Some(3);
+        job.claim = Some(OutcomeClaim {
+            gateway_id: "gw-2".into(),
+            expires_at: "2026-11-23T10:07:00.000Z".into(),
+        });
+        let item = to_item(&job);
+        assert_eq!(item["status"], AttributeValue::S("IMPORTED".into()));
+        assert_eq!(item["scannedCount"], AttributeValue::N("12".into()));
+        assert!(
+            item["claim"]
+                .as_m()
+                .is_ok_and(|m| m.contains_key("expiresAt"))
+        );
+        assert_eq!(from_item(&item).unwrap(), job);
+    }
+
+    #[test]
+    fn an_outcome_is_conditional_on_imported_and_the_claim() {
+        let (update, condition, values) = outcome_update(
+            "gw-2",
+            &ImportOutcome {
+                status: JobStatus::CompletedWithErrors,
+                counts: Some(super::super::ImportCounts {
+                    scanned: Some(3),
+                    imported: 2,
+                    customer_errors: 1,
+                    server_errors: 0,
+                    image_sets: None,
+                }),
+                image_set_ids: vec!["a1".into()],
+                message: Some("1 file(s) failed".into()),
+                ended_at: "t".into(),
+            },
+        );
+        assert_eq!(
+            update,
+            "SET #status = :to, endedAt = :endedAt, message = :message, scannedCount = :scannedCount, \
+             importedCount = :importedCount, failedCount = :failedCount, \
+             customerErrorCount = :customerErrorCount, serverErrorCount = :serverErrorCount, \
+             imageSetIds = :imageSetIds REMOVE #claim"
+        );
+        assert_eq!(condition, "#status = :imported AND #claim.#gw = :gw");
+        assert_eq!(values[":failedCount"], AttributeValue::N("1".into()));
+        assert_eq!(
+            values[":to"],
+            AttributeValue::S("COMPLETED_WITH_ERRORS".into())
+        );
+        assert_eq!(values[":gw"], AttributeValue::S("gw-2".into()));
+        for placeholder in [":imported", ":gw"] {
+            assert!(CLAIM_CONDITION.contains(placeholder));
+        }
     }
 
     #[test]

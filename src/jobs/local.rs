@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::{Job, JobStatus, JobStore, JobStoreError, Transition};
+use super::{ImportOutcome, Job, JobStatus, JobStore, JobStoreError, OutcomeClaim, Transition};
 
 /// Job records as JSON files in a directory: the embedded default, no cloud needed.
 pub(crate) struct LocalJournal {
@@ -181,6 +181,65 @@ impl JobStore for LocalJournal {
         self.write(&job).await
     }
 
+    async fn claim_outcome(
+        &self,
+        job_id: &str,
+        claim: &OutcomeClaim,
+        now: &str,
+    ) -> Result<bool, JobStoreError> {
+        let _guard = self.lock.lock().await;
+        let Some(mut job) = self.read(job_id).await? else {
+            return Ok(false);
+        };
+        if !job.outcome_claimable_by(&claim.gateway_id, now) {
+            return Ok(false);
+        }
+        job.claim = Some(claim.clone());
+        self.write(&job).await?;
+        Ok(true)
+    }
+
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        match self.read(job_id).await? {
+            Some(mut job)
+                if job
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| c.gateway_id == gateway_id) =>
+            {
+                job.claim = None;
+                self.write(&job).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn record_outcome(
+        &self,
+        job_id: &str,
+        gateway_id: &str,
+        outcome: &ImportOutcome,
+    ) -> Result<(), JobStoreError> {
+        let _guard = self.lock.lock().await;
+        let mut job = self
+            .read(job_id)
+            .await?
+            .ok_or_else(|| JobStoreError::NotFound(job_id.to_string()))?;
+        if job.status != JobStatus::Imported {
+            return Err(JobStoreError::NotForward {
+                job_id: job_id.to_string(),
+                current: job.status.to_string(),
+                wanted: outcome.status,
+            });
+        }
+        if job.claim.as_ref().map(|c| c.gateway_id.as_str()) != Some(gateway_id) {
+            return Err(JobStoreError::ClaimLost(job_id.to_string()));
+        }
+        job.apply_outcome(outcome);
+        self.write(&job).await
+    }
+
     async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError> {
         if job_id.is_empty()
             || !job_id
@@ -309,6 +368,69 @@ mod tests {
         assert!(
             !j.adopt(&other, Some("gw-dead")).await.unwrap(),
             "only from the owner recovery saw"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_gateway_claims_and_ends_an_imported_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = LocalJournal::new(dir.path().join("jobs"));
+        let mut job = Job::opened("J1", "2026-11-23T10:00:00.000Z", "/x/", "gw-a");
+        job.status = JobStatus::Imported;
+        j.record_open(&job).await.unwrap();
+        let claim = |gw: &str, until: &str| OutcomeClaim {
+            gateway_id: gw.into(),
+            expires_at: until.into(),
+        };
+        let now = "2026-11-23T10:01:00.000Z";
+        assert!(
+            j.claim_outcome("J1", &claim("gw-a", "2026-11-23T10:03:00.000Z"), now)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !j.claim_outcome("J1", &claim("gw-b", "2026-11-23T10:03:00.000Z"), now)
+                .await
+                .unwrap(),
+            "gw-a holds it"
+        );
+        assert!(
+            !j.claim_outcome("nope", &claim("gw-b", "x"), now)
+                .await
+                .unwrap()
+        );
+        let outcome = ImportOutcome {
+            status: JobStatus::Completed,
+            counts: None,
+            image_set_ids: Vec::new(),
+            message: None,
+            ended_at: now.into(),
+        };
+        let err = j.record_outcome("J1", "gw-b", &outcome).await.unwrap_err();
+        assert!(matches!(err, JobStoreError::ClaimLost(_)), "{err}");
+        j.release_outcome("J1", "gw-b").await.unwrap();
+        assert!(
+            j.get("J1").await.unwrap().unwrap().claim.is_some(),
+            "not gw-b's to release"
+        );
+        // gw-a died: once its claim expired, gw-b takes over and ends the job.
+        let later = "2026-11-23T10:04:00.000Z";
+        assert!(
+            j.claim_outcome("J1", &claim("gw-b", "2026-11-23T10:06:00.000Z"), later)
+                .await
+                .unwrap()
+        );
+        j.record_outcome("J1", "gw-b", &outcome).await.unwrap();
+        let done = j.get("J1").await.unwrap().unwrap();
+        assert_eq!(done.status, JobStatus::Completed);
+        assert_eq!(done.claim, None);
+        let err = j.record_outcome("J1", "gw-b", &outcome).await.unwrap_err();
+        assert!(matches!(err, JobStoreError::NotForward { .. }), "{err}");
+        assert!(
+            !j.claim_outcome("J1", &claim("gw-b", "2026-11-23T10:09:00.000Z"), later)
+                .await
+                .unwrap(),
+            "a finished job cannot be claimed"
         );
     }
 }

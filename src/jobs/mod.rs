@@ -1,10 +1,11 @@
 //! Job records: one per batch, one future HealthImaging import job each.
 //!
-//! A job's status only moves forward: OPEN → CLOSED → SUBMITTED → IMPORTING → COMPLETED |
-//! COMPLETED_WITH_ERRORS | FAILED. Every store applies a transition only if the current status comes
-//! before the new one (a DynamoDB condition expression, or a check under a lock for the local
-//! journal), so retries, a second gateway, or the state machine racing the gateway can never move a
-//! job backwards. Two implementations sit behind [`JobStore`]: DynamoDB ([`dynamodb::DynamoJobStore`])
+//! A job's status only moves forward: OPEN → CLOSED → SUBMITTED → IMPORTING → IMPORTED →
+//! COMPLETED | COMPLETED_WITH_ERRORS | FAILED. Every store applies a transition only if the current
+//! status comes before the new one (a DynamoDB condition expression, or a check under a lock for the
+//! local journal), so retries, a second gateway, or the state machine racing the gateway can never
+//! move a job backwards. IMPORTED (HealthImaging finished, outcome not yet read) is left by exactly
+//! one gateway: the one holding the job's [`OutcomeClaim`] (see [`crate::outcome`]). Two implementations sit behind [`JobStore`]: DynamoDB ([`dynamodb::DynamoJobStore`])
 //! for deployments and a journal of JSON files ([`local::LocalJournal`]) as the embedded default.
 
 pub mod dynamodb;
@@ -28,17 +29,20 @@ pub enum JobStatus {
     Closed,
     Submitted,
     Importing,
+    /// HealthImaging finished the import; its outcome (job-output-manifest.json) is not read yet.
+    Imported,
     Completed,
     CompletedWithErrors,
     Failed,
 }
 
 impl JobStatus {
-    pub(crate) const ALL: [JobStatus; 7] = [
+    pub(crate) const ALL: [JobStatus; 8] = [
         Self::Open,
         Self::Closed,
         Self::Submitted,
         Self::Importing,
+        Self::Imported,
         Self::Completed,
         Self::CompletedWithErrors,
         Self::Failed,
@@ -50,12 +54,13 @@ impl JobStatus {
             Self::Closed => 1,
             Self::Submitted => 2,
             Self::Importing => 3,
-            Self::Completed | Self::CompletedWithErrors | Self::Failed => 4,
+            Self::Imported => 4,
+            Self::Completed | Self::CompletedWithErrors | Self::Failed => 5,
         }
     }
 
     pub fn is_terminal(self) -> bool {
-        self.rank() == 4
+        self.rank() == 5
     }
 
     /// Whether a job in `self` may move to `next`. Only forward, never out of a final status.
@@ -77,6 +82,7 @@ impl JobStatus {
             Self::Closed => "CLOSED",
             Self::Submitted => "SUBMITTED",
             Self::Importing => "IMPORTING",
+            Self::Imported => "IMPORTED",
             Self::Completed => "COMPLETED",
             Self::CompletedWithErrors => "COMPLETED_WITH_ERRORS",
             Self::Failed => "FAILED",
@@ -129,16 +135,118 @@ pub struct Job {
     pub submitted_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<String>,
+    /// When the state machine saw HealthImaging's import end and recorded IMPORTED: the wait for
+    /// the import's results is counted from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_ended_at: Option<String>,
+    /// Files the import looked at (`numberOfScannedFiles` of its job-output-manifest.json).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scanned_count: Option<u64>,
+    /// Files imported (`numberOfImportedFiles`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported_count: Option<u64>,
+    /// Files HealthImaging refused: `customerErrorCount` + `serverErrorCount`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_count: Option<u64>,
+    /// Files refused for what they contain (`numberOfFilesWithCustomerError`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_error_count: Option<u64>,
+    /// Files refused by a HealthImaging fault (`numberOfFilesWithServerError`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_error_count: Option<u64>,
+    /// Image sets the import created or updated (`numberOfGeneratedImageSets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_set_count: Option<u64>,
+    /// The first [`IMAGE_SET_IDS_KEPT`] image sets of the manifest's `imageSetsSummary` (all of
+    /// them for a typical batch; `imageSetCount` has the total).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_set_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_id: Option<String>,
+    /// Which gateway is reading this IMPORTED job's outcome, and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<OutcomeClaim>,
+}
+
+/// How many image set ids a job keeps: a job record stays small (a DynamoDB item is at most
+/// 400 KB) whatever the size of the import; per-instance image sets are the instance index's.
+pub const IMAGE_SET_IDS_KEPT: usize = 100;
+
+/// The right to finish one IMPORTED job, held by one gateway until it expires, so that exactly one
+/// gateway of the fleet records the outcome and a gateway that dies midway is replaced by the
+/// next one to look once the claim has expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutcomeClaim {
+    pub gateway_id: String,
+    /// RFC 3339 UTC with milliseconds (`2026-11-23T10:00:00.000Z`), the form every writer uses, so
+    /// that comparing the strings (as DynamoDB's condition does) compares the times.
+    pub expires_at: String,
+}
+
+impl Job {
+    /// Whether `gateway_id` may take the outcome claim at `now` (same form as
+    /// [`OutcomeClaim::expires_at`]): the job is IMPORTED and unclaimed, already claimed by this
+    /// gateway, or its claim has expired. The stores apply exactly this rule atomically.
+    pub(crate) fn outcome_claimable_by(&self, gateway_id: &str, now: &str) -> bool {
+        self.status == JobStatus::Imported
+            && match &self.claim {
+                None => true,
+                Some(c) => c.gateway_id == gateway_id || c.expires_at.as_str() < now,
+            }
+    }
+}
+
+impl Job {
+    /// Sets what `outcome` records: the status, counts, image set ids, message and end time; the
+    /// claim is dropped.
+    pub(crate) fn apply_outcome(&mut self, outcome: &ImportOutcome) {
+        self.status = outcome.status;
+        if let Some(c) = outcome.counts {
+            self.scanned_count = c.scanned;
+            self.imported_count = Some(c.imported);
+            self.failed_count = Some(c.failed());
+            self.customer_error_count = Some(c.customer_errors);
+            self.server_error_count = Some(c.server_errors);
+            self.image_set_count = c.image_sets;
+        }
+        if !outcome.image_set_ids.is_empty() {
+            self.image_set_ids = outcome.image_set_ids.clone();
+        }
+        self.message = outcome.message.clone().or(self.message.take());
+        self.ended_at = Some(outcome.ended_at.clone());
+        self.claim = None;
+    }
+}
+
+/// The file counts of a finished import, from its job-output-manifest.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ImportCounts {
+    pub scanned: Option<u64>,
+    pub imported: u64,
+    pub customer_errors: u64,
+    pub server_errors: u64,
+    pub image_sets: Option<u64>,
+}
+
+impl ImportCounts {
+    /// Files HealthImaging refused, for whatever reason.
+    pub(crate) fn failed(&self) -> u64 {
+        self.customer_errors.saturating_add(self.server_errors)
+    }
+}
+
+/// What ends an IMPORTED job: its final status, with the counts when the manifest was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ImportOutcome {
+    /// COMPLETED, COMPLETED_WITH_ERRORS or FAILED.
+    pub status: JobStatus,
+    pub counts: Option<ImportCounts>,
+    pub image_set_ids: Vec<String>,
+    pub message: Option<String>,
+    pub ended_at: String,
 }
 
 impl Job {
@@ -161,11 +269,17 @@ impl Job {
             import_job_id: None,
             submitted_at: None,
             ended_at: None,
+            import_ended_at: None,
+            scanned_count: None,
             imported_count: None,
             failed_count: None,
+            customer_error_count: None,
+            server_error_count: None,
+            image_set_count: None,
             image_set_ids: Vec::new(),
             message: None,
             gateway_id: Some(gateway_id.to_string()),
+            claim: None,
         }
     }
 
@@ -210,6 +324,8 @@ pub enum JobStoreError {
     },
     #[error("job {0} does not exist")]
     NotFound(String),
+    #[error("job {0} is IMPORTED but its outcome is claimed by another gateway")]
+    ClaimLost(String),
     #[error("job record is malformed: {0}")]
     Malformed(String),
 }
@@ -251,6 +367,31 @@ pub(crate) trait JobStore: Send + Sync + 'static {
         job_id: &str,
         to: JobStatus,
         t: Transition,
+    ) -> Result<(), JobStoreError>;
+
+    /// Takes (or renews) the outcome claim of an IMPORTED job, if
+    /// [`Job::outcome_claimable_by`] holds at `now`, atomically. `Ok(false)`: another gateway holds
+    /// it, or the job is no longer IMPORTED.
+    async fn claim_outcome(
+        &self,
+        job_id: &str,
+        claim: &OutcomeClaim,
+        now: &str,
+    ) -> Result<bool, JobStoreError>;
+
+    /// Gives up `gateway_id`'s outcome claim on a job (its results are not readable yet), so that
+    /// any gateway may try next time instead of waiting for the claim to expire. A claim that is
+    /// not this gateway's is left alone.
+    async fn release_outcome(&self, job_id: &str, gateway_id: &str) -> Result<(), JobStoreError>;
+
+    /// Ends an IMPORTED job with its outcome and drops the claim, only if the job is still
+    /// IMPORTED and `gateway_id` holds its claim: [`JobStoreError::NotForward`] when it has ended
+    /// already, [`JobStoreError::ClaimLost`] when another gateway took over.
+    async fn record_outcome(
+        &self,
+        job_id: &str,
+        gateway_id: &str,
+        outcome: &ImportOutcome,
     ) -> Result<(), JobStoreError>;
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, JobStoreError>;
@@ -295,8 +436,12 @@ pub(crate) mod tests {
             "the state machine may record IMPORTING before the gateway records SUBMITTED"
         );
         assert!(Submitted.can_move_to(Importing));
-        assert!(Importing.can_move_to(Completed));
-        assert!(Importing.can_move_to(CompletedWithErrors));
+        assert!(Importing.can_move_to(Imported));
+        assert!(Imported.can_move_to(Completed));
+        assert!(Imported.can_move_to(CompletedWithErrors));
+        assert!(Imported.can_move_to(Failed));
+        assert!(!Imported.can_move_to(Importing));
+        assert!(!Imported.is_terminal(), "the outcome is still to be read");
         assert!(Submitted.can_move_to(Failed));
         assert!(!Closed.can_move_to(Open));
         assert!(!Submitted.can_move_to(Submitted));
@@ -315,6 +460,10 @@ pub(crate) mod tests {
         assert_eq!(Submitted.predecessors(), vec![Open, Closed]);
         assert_eq!(
             Failed.predecessors(),
+            vec![Open, Closed, Submitted, Importing, Imported]
+        );
+        assert_eq!(
+            Imported.predecessors(),
             vec![Open, Closed, Submitted, Importing]
         );
         assert!(Open.predecessors().is_empty());
@@ -338,6 +487,83 @@ pub(crate) mod tests {
             <JobStatus as clap::ValueEnum>::value_variants(),
             JobStatus::ALL.as_slice()
         );
+    }
+
+    #[test]
+    fn only_an_imported_job_unclaimed_or_with_an_expired_claim_can_be_claimed() {
+        let now = "2026-11-23T10:05:00.000Z";
+        let mut job = Job::opened("J", "2026-11-23T10:00:00.000Z", "/x/", "gw-a");
+        job.status = Importing;
+        assert!(!job.outcome_claimable_by("gw-a", now), "not finished yet");
+        job.status = Imported;
+        assert!(job.outcome_claimable_by("gw-a", now), "unclaimed");
+        job.claim = Some(OutcomeClaim {
+            gateway_id: "gw-b".into(),
+            expires_at: "2026-11-23T10:05:00.001Z".into(),
+        });
+        assert!(!job.outcome_claimable_by("gw-a", now), "gw-b's claim runs");
+        assert!(
+            job.outcome_claimable_by("gw-b", now),
+            "its holder renews it"
+        );
+        assert!(
+            job.outcome_claimable_by("gw-a", "2026-11-23T10:05:00.002Z"),
+            "an expired claim (its holder died midway) is taken over"
+        );
+        job.status = Completed;
+        job.claim = None;
+        assert!(!job.outcome_claimable_by("gw-a", now), "already finished");
+    }
+
+    #[test]
+    fn an_outcome_sets_the_counts_and_drops_the_claim() {
+        let mut job = Job::opened("J", "2026-11-23T10:00:00.000Z", "/x/", "gw-a");
+        job.status = Imported;
+        job.claim = Some(OutcomeClaim {
+            gateway_id: "gw-a".into(),
+            expires_at: "2026-11-23T10:07:00.000Z".into(),
+        });
+        job.apply_outcome(&ImportOutcome {
+            status: CompletedWithErrors,
+            counts: Some(ImportCounts {
+                scanned: Some(5),
+                imported: 3,
+                customer_errors: 1,
+                server_errors: 1,
+                image_sets: Some(2),
+            }),
+            image_set_ids: vec!["a".into(), "b".into()],
+            message: Some("2 file(s) failed".into()),
+            ended_at: "2026-11-23T10:06:00.000Z".into(),
+        });
+        assert_eq!(job.status, CompletedWithErrors);
+        assert_eq!(
+            (job.scanned_count, job.imported_count, job.failed_count),
+            (Some(5), Some(3), Some(2))
+        );
+        assert_eq!(
+            (
+                job.customer_error_count,
+                job.server_error_count,
+                job.image_set_count
+            ),
+            (Some(1), Some(1), Some(2))
+        );
+        assert_eq!(job.image_set_ids, vec!["a", "b"]);
+        assert_eq!(job.claim, None);
+        let json = serde_json::to_value(&job).unwrap();
+        for name in [
+            "scannedCount",
+            "importedCount",
+            "failedCount",
+            "customerErrorCount",
+            "serverErrorCount",
+            "imageSetCount",
+            "imageSetIds",
+            "endedAt",
+        ] {
+            assert!(json.get(name).is_some(), "{name} in {json}");
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use dicom_gateway::jobs::Job;
 use dicom_gateway::jobs::dynamodb::from_item;
+use dicom_gateway::jobs::{Job, JobStatus};
 
 use super::{Gateway, eventually_async};
 
@@ -232,8 +232,116 @@ pub async fn wait_for_final(
     .await
 }
 
-/// Puts the manifest HealthImaging writes at the end of an import (under the default
-/// --results-prefix, results/), reporting `imported` files and `customer_errors` failed ones.
+/// Waits until the state machine has recorded job `job_id` IMPORTED (or it has ended without
+/// that); returns the job.
+pub async fn wait_for_imported(db: &aws_sdk_dynamodb::Client, table: &str, job_id: &str) -> Job {
+    eventually_async(
+        &format!("job {job_id} to be IMPORTED"),
+        Duration::from_secs(90),
+        async || match get_job(db, table, job_id).await {
+            Some(job) if job.status == JobStatus::Imported || job.status.is_terminal() => Ok(job),
+            job => Err(format!("{job:?}")),
+        },
+    )
+    .await
+}
+
+/// The key of `job-output-manifest.json` for a job recorded IMPORTED, from its `outputS3Uri` as a
+/// reader independent of the gateway's would find it: the import's
+/// `{datastoreId}-DicomImport-{importJobId}/` folder is appended when the URI lacks it.
+pub fn manifest_location(job: &Job) -> (String, String) {
+    let uri = job
+        .output_s3_uri
+        .as_deref()
+        .expect("an IMPORTED job has an outputS3Uri");
+    let (bucket, prefix) = uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .expect("outputS3Uri is s3://bucket/prefix/");
+    let folder = format!(
+        "{}-DicomImport-{IMPORT_JOB_ID}/",
+        job.datastore_id
+            .as_deref()
+            .expect("an IMPORTED job has a datastoreId")
+    );
+    let mut key = prefix.to_string();
+    if !key.ends_with(&folder) {
+        key.push_str(&folder);
+    }
+    key.push_str("job-output-manifest.json");
+    (bucket.to_string(), key)
+}
+
+/// A job-output-manifest.json as HealthImaging documents it ("Understanding import jobs"):
+/// `imported` files and `customer_errors` failed ones, and `image_sets` entries in
+/// `imageSetsSummary` (`None`: no `imageSetsSummary` at all).
+pub fn manifest_json(
+    stack: &Stack,
+    imported: u32,
+    customer_errors: u32,
+    image_sets: Option<usize>,
+) -> Vec<u8> {
+    let mut summary = serde_json::json!({
+        "jobId": IMPORT_JOB_ID,
+        "datastoreId": stack.datastore_id,
+        "inputS3Uri": format!("s3://{}/import/", stack.bucket),
+        "outputS3Uri": format!("s3://{}/results/", stack.bucket),
+        "numberOfScannedFiles": imported + customer_errors,
+        "numberOfImportedFiles": imported,
+        "numberOfFilesWithCustomerError": customer_errors,
+        "numberOfFilesWithServerError": 0,
+        "numberOfGeneratedImageSets": image_sets.unwrap_or(1),
+    });
+    if let Some(n) = image_sets {
+        summary["imageSetsSummary"] = (0..n)
+            .map(|i| {
+                serde_json::json!({
+                    "imageSetId": image_set_id(i),
+                    "imageSetVersion": 1,
+                    "isPrimary": true,
+                    "numberOfMatchedSOPInstances": 1,
+                })
+            })
+            .collect();
+    }
+    serde_json::json!({ "jobSummary": summary })
+        .to_string()
+        .into_bytes()
+}
+
+/// The id of the `i`th image set of [`manifest_json`]'s manifests.
+pub fn image_set_id(i: usize) -> String {
+    format!(
+        "{:032x}",
+        0x0a1b_2c3d_4e5f_6071_8293_a4b5_c6d7_e8f9_u128 + i as u128
+    )
+}
+
+/// Waits for job `job_id` to be IMPORTED, then puts `manifest` where its recorded `outputS3Uri`
+/// says HealthImaging writes it (the mocked import writes nothing). Returns the job as IMPORTED.
+pub async fn put_manifest_bytes(
+    s3: &aws_sdk_s3::Client,
+    stack: &Stack,
+    job_id: &str,
+    manifest: Vec<u8>,
+) -> Job {
+    let db = dynamodb_client(&localstack()).await;
+    let job = wait_for_imported(&db, &stack.table, job_id).await;
+    if job.status == JobStatus::Imported {
+        let (bucket, key) = manifest_location(&job);
+        s3.put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(manifest.into())
+            .send()
+            .await
+            .unwrap();
+    }
+    job
+}
+
+/// [`put_manifest_bytes`] with a manifest of `imported` files and `customer_errors` failed ones,
+/// in one image set.
 pub async fn put_manifest(
     s3: &aws_sdk_s3::Client,
     stack: &Stack,
@@ -241,28 +349,6 @@ pub async fn put_manifest(
     imported: u32,
     customer_errors: u32,
 ) {
-    let manifest = serde_json::json!({
-        "jobSummary": {
-            "jobId": IMPORT_JOB_ID,
-            "datastoreId": stack.datastore_id,
-            "inputS3Uri": format!("s3://{}/import/{job_id}/", stack.bucket),
-            "outputS3Uri": format!("s3://{}/results/{job_id}/", stack.bucket),
-            "numberOfScannedFiles": imported + customer_errors,
-            "numberOfImportedFiles": imported,
-            "numberOfFilesWithCustomerError": customer_errors,
-            "numberOfFilesWithServerError": 0,
-            "numberOfGeneratedImageSets": 1,
-            "imageSetsSummary": [{ "imageSetId": "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "numberOfMatchedSOPInstances": imported }]
-        }
-    });
-    s3.put_object()
-        .bucket(&stack.bucket)
-        .key(format!(
-            "results/{job_id}/{}-DicomImport-{IMPORT_JOB_ID}/job-output-manifest.json",
-            stack.datastore_id
-        ))
-        .body(manifest.to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
+    let manifest = manifest_json(stack, imported, customer_errors, Some(1));
+    put_manifest_bytes(s3, stack, job_id, manifest).await;
 }

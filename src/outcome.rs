@@ -1,0 +1,643 @@
+//! From IMPORTED to a final status: reading a finished import's results in S3 and recording them.
+//!
+//! This comes after [`crate::import`] in the data flow, and runs in the gateway rather than in the
+//! state machine because a manifest can outgrow Step Functions: a state's input or output is capped
+//! at 256 KiB and `States.DataLimitExceeded` cannot be caught ("Step Functions service quotas",
+//! https://docs.aws.amazon.com/step-functions/latest/dg/service-quotas.html; "Handling errors in
+//! Step Functions workflows", https://docs.aws.amazon.com/step-functions/latest/dg/concepts-error-handling.html;
+//! docs/aws-facts.md §1), while `imageSetsSummary` has one entry per image set. So the state
+//! machine only records IMPORTED with the import's `OutputS3Uri`, and the [`OutcomeReader`] of any
+//! gateway of the fleet then:
+//!
+//! 1. lists IMPORTED jobs every poll interval;
+//! 2. takes the job's [`OutcomeClaim`] with a conditional write (unclaimed, its own, or expired), so
+//!    exactly one gateway works on a job, and one that dies midway is replaced once its claim
+//!    expires; a manifest not readable yet releases the claim for the next look;
+//! 3. streams `job-output-manifest.json` from S3 into a parser that keeps only the counts and the
+//!    first image set ids, in memory bounded whatever the manifest's size ([`parse_manifest`]);
+//! 4. ends the job COMPLETED, COMPLETED_WITH_ERRORS or FAILED ([`outcome_of`]) with a write
+//!    conditional on IMPORTED and on holding the claim.
+//!
+//! Result files are opened through [`ImportResults`], which hands out a blocking [`ResultStream`]
+//! for any file of an import's output folder: the per-instance `SUCCESS/success.ndjson`,
+//! `FAILURE/failure.ndjson` and `WARNING/warning.ndjson` files can be read the same way, line by
+//! line, in `spawn_blocking`.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes};
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::jobs::{
+    IMAGE_SET_IDS_KEPT, ImportCounts, ImportOutcome, Job, JobStatus, JobStore, JobStoreError,
+    OutcomeClaim,
+};
+
+/// The summary HealthImaging writes in an import's output folder ("Understanding import jobs",
+/// https://docs.aws.amazon.com/healthimaging/latest/devguide/understanding-import-jobs.html).
+pub(crate) const MANIFEST: &str = "job-output-manifest.json";
+
+/// How long a claim lasts: far longer than reading a manifest takes (a holder that needs longer
+/// renews it), short enough that a job whose gateway died midway is soon finished by another.
+pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// How long after the import's end a missing or unreadable manifest is waited for before the job
+/// is recorded FAILED. HealthImaging writes it before it reports the job COMPLETED; this covers
+/// S3 or network trouble on the gateway's side.
+pub(crate) const MANIFEST_WAIT: Duration = Duration::from_secs(600);
+
+/// Chunks of a result file buffered between the S3 body and its parser.
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Read buffer of the manifest parser.
+const PARSE_BUFFER: usize = 16 * 1024;
+
+/// The output folder of one import: `s3://{bucket}/{prefix}` where the prefix ends in
+/// `{datastoreId}-DicomImport-{importJobId}/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ResultsLocation {
+    pub bucket: String,
+    /// Ends with `/`.
+    pub prefix: String,
+}
+
+impl ResultsLocation {
+    /// The folder of `job`'s import, from the `OutputS3Uri` that `GetDICOMImportJob` reported (the
+    /// state machine records it with IMPORTED). The documented example shows the manifest's folder
+    /// as the requested output prefix plus `{datastoreId}-DicomImport-{jobId}/`; whether the API
+    /// value already ends so is not documented, so the suffix is appended when missing
+    /// (docs/aws-facts.md §1).
+    pub(crate) fn of(job: &Job) -> Result<ResultsLocation, String> {
+        let uri = job
+            .output_s3_uri
+            .as_deref()
+            .ok_or("the job has no outputS3Uri")?;
+        let import_job_id = job
+            .import_job_id
+            .as_deref()
+            .ok_or("the job has no importJobId")?;
+        let rest = uri
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("outputS3Uri {uri} is not an s3:// URI"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("outputS3Uri {uri} names no bucket"));
+        }
+        let mut prefix = prefix.to_string();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        if !prefix.ends_with(&format!("-DicomImport-{import_job_id}/")) {
+            let datastore_id = job.datastore_id.as_deref().ok_or_else(|| {
+                format!(
+                    "outputS3Uri {uri} lacks the import's folder and the job has no datastoreId"
+                )
+            })?;
+            prefix.push_str(&format!("{datastore_id}-DicomImport-{import_job_id}/"));
+        }
+        Ok(ResultsLocation {
+            bucket: bucket.to_string(),
+            prefix,
+        })
+    }
+
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    pub(crate) fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// Why a result file could not be opened.
+#[derive(Debug, Error)]
+pub(crate) enum ResultsError {
+    #[error("S3 GetObject s3://{bucket}/{key} failed: {message}")]
+    GetObject {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Where import results are read from (S3; a fake in tests).
+#[async_trait]
+pub(crate) trait ImportResults: Send + Sync + 'static {
+    /// Opens result file `name` (e.g. [`MANIFEST`], `FAILURE/failure.ndjson`) of the import at
+    /// `at` for streaming; `Ok(None)` when it does not exist (yet).
+    async fn open(
+        &self,
+        at: &ResultsLocation,
+        name: &str,
+    ) -> Result<Option<ResultStream>, ResultsError>;
+}
+
+/// Reads import results with S3 GetObject. The gateway's task role has `s3:GetObject` and
+/// `s3:ListBucket` on the results prefix: with ListBucket, a manifest not written yet answers 404
+/// NoSuchKey rather than 403 AccessDenied (GetObject API reference, Permissions,
+/// https://docs.aws.amazon.com/AmazonS3/latest/API/API_GetObject.html).
+pub(crate) struct S3Results {
+    client: aws_sdk_s3::Client,
+}
+
+impl S3Results {
+    pub(crate) fn new(client: aws_sdk_s3::Client) -> Self {
+        S3Results { client }
+    }
+}
+
+#[async_trait]
+impl ImportResults for S3Results {
+    async fn open(
+        &self,
+        at: &ResultsLocation,
+        name: &str,
+    ) -> Result<Option<ResultStream>, ResultsError> {
+        let key = at.key(name);
+        match self
+            .client
+            .get_object()
+            .bucket(&at.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ResultStream::from_body(out.body))),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),
+            Err(e) => Err(ResultsError::GetObject {
+                bucket: at.bucket.clone(),
+                key,
+                message: crate::aws::describe(&e),
+            }),
+        }
+    }
+}
+
+/// A result file as a blocking [`Read`], fed chunk by chunk from its asynchronous body through a
+/// channel of [`CHUNKS_IN_FLIGHT`] chunks: at most a few chunks are in memory, whatever the file's
+/// size. Read it in `spawn_blocking` (its reads block the thread).
+pub(crate) struct ResultStream {
+    chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl ResultStream {
+    /// The stream of chunks sent on the other end of `chunks`; it ends when the sender is dropped.
+    pub(crate) fn from_chunks(chunks: mpsc::Receiver<std::io::Result<Bytes>>) -> Self {
+        ResultStream {
+            chunks,
+            current: Bytes::new(),
+        }
+    }
+
+    /// A stream of `bytes`.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: impl Into<Bytes>) -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Ok(bytes.into()));
+        ResultStream::from_chunks(rx)
+    }
+
+    /// Streams an S3 object's body: a task pulls its chunks as the reader consumes them, and
+    /// stops when the reader is dropped.
+    fn from_body(mut body: aws_sdk_s3::primitives::ByteStream) -> Self {
+        let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        tokio::spawn(async move {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(std::io::Error::other);
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        ResultStream::from_chunks(rx)
+    }
+}
+
+impl Read for ResultStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                None => return Ok(0),
+                Some(chunk) => self.current = chunk?,
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// What the gateway keeps of a job-output-manifest.json.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ManifestSummary {
+    pub counts: ImportCounts,
+    /// The first [`IMAGE_SET_IDS_KEPT`] ids of `imageSetsSummary` (none when it is missing).
+    pub image_set_ids: Vec<String>,
+}
+
+/// Why a manifest gave no counts.
+#[derive(Debug, Error)]
+pub(crate) enum ManifestError {
+    /// Reading failed (S3, network): it may work later.
+    #[error("reading {MANIFEST} failed: {0}")]
+    Read(String),
+    /// The manifest is complete (S3 objects are written whole) but not what HealthImaging
+    /// documents: reading it again gives the same.
+    #[error("{MANIFEST} is not a usable import manifest: {0}")]
+    Malformed(String),
+}
+
+/// The manifest as far as the gateway reads it; every other field is skipped as it streams by.
+#[derive(Deserialize)]
+struct ManifestDoc {
+    #[serde(rename = "jobSummary")]
+    job_summary: Option<JobSummaryDoc>,
+}
+
+/// `jobSummary`, with the fields documented in "Understanding import jobs" (docs/aws-facts.md §1).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobSummaryDoc {
+    number_of_scanned_files: Option<u64>,
+    number_of_imported_files: Option<u64>,
+    number_of_files_with_customer_error: Option<u64>,
+    number_of_files_with_server_error: Option<u64>,
+    number_of_generated_image_sets: Option<u64>,
+    #[serde(default)]
+    image_sets_summary: ImageSetsSummary,
+}
+
+/// `imageSetsSummary` read entry by entry: counted, the first [`IMAGE_SET_IDS_KEPT`] ids kept, the
+/// rest skipped without being held.
+#[derive(Default)]
+struct ImageSetsSummary {
+    entries: Option<u64>,
+    first_ids: Vec<String>,
+}
+
+/// One entry of `imageSetsSummary`; its other fields are skipped.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageSetEntry {
+    image_set_id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ImageSetsSummary {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Visits the array without collecting it.
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = ImageSetsSummary;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of image set summaries")
+            }
+            fn visit_unit<E>(self) -> Result<ImageSetsSummary, E> {
+                Ok(ImageSetsSummary::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ImageSetsSummary, A::Error> {
+                let mut first_ids = Vec::new();
+                let mut entries = 0u64;
+                loop {
+                    let more = if first_ids.len() < IMAGE_SET_IDS_KEPT {
+                        seq.next_element::<ImageSetEntry>()?.map(|e| {
+                            first_ids.extend(e.image_set_id);
+                        })
+                    } else {
+                        seq.next_element::<IgnoredAny>()?.map(|_| ())
+                    };
+                    if more.is_none() {
+                        break;
+                    }
+                    entries += 1;
+                }
+                Ok(ImageSetsSummary {
+                    entries: Some(entries),
+                    first_ids,
+                })
+            }
+        }
+        d.deserialize_any(Entries)
+    }
+}
+
+/// Reads the counts of a job-output-manifest.json from `reader`, in memory bounded by a read
+/// buffer, the [`IMAGE_SET_IDS_KEPT`] ids and the longest single key or kept value, whatever the
+/// manifest's size: values not kept (notably the rest of `imageSetsSummary`) are skipped as they
+/// stream by (`serde::de::IgnoredAny`). Blocking: run it in `spawn_blocking` over a
+/// [`ResultStream`].
+pub(crate) fn parse_manifest(reader: impl Read) -> Result<ManifestSummary, ManifestError> {
+    let reader = std::io::BufReader::with_capacity(PARSE_BUFFER, reader);
+    let doc: ManifestDoc = serde_json::from_reader(reader).map_err(|e| {
+        if e.is_io() {
+            ManifestError::Read(e.to_string())
+        } else {
+            ManifestError::Malformed(e.to_string())
+        }
+    })?;
+    let summary = doc
+        .job_summary
+        .ok_or_else(|| ManifestError::Malformed("it has no jobSummary".into()))?;
+    let required = [
+        ("numberOfImportedFiles", summary.number_of_imported_files),
+        (
+            "numberOfFilesWithCustomerError",
+            summary.number_of_files_with_customer_error,
+        ),
+        (
+            "numberOfFilesWithServerError",
+            summary.number_of_files_with_server_error,
+        ),
+    ];
+    let missing: Vec<&str> = required
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(name, _)| *name)
+        .collect();
+    let (Some(imported), Some(customer_errors), Some(server_errors)) =
+        (required[0].1, required[1].1, required[2].1)
+    else {
+        return Err(ManifestError::Malformed(format!(
+            "jobSummary has no {}",
+            missing.join(", ")
+        )));
+    };
+    Ok(ManifestSummary {
+        counts: ImportCounts {
+            scanned: summary.number_of_scanned_files,
+            imported,
+            customer_errors,
+            server_errors,
+            image_sets: summary
+                .number_of_generated_image_sets
+                .or(summary.image_sets_summary.entries),
+        },
+        image_set_ids: summary.image_sets_summary.first_ids,
+    })
+}
+
+/// What one attempt to read an import's results gave.
+#[derive(Debug)]
+pub(crate) enum Reading {
+    Read(ManifestSummary),
+    /// Not there, or not readable now (S3 error, broken stream): worth another try.
+    NotYet(String),
+    /// Never usable as it is (malformed manifest, no location to read): no point in waiting.
+    Unusable(String),
+}
+
+/// Opens and parses the manifest of the import at `at`.
+pub(crate) async fn read_manifest(results: &dyn ImportResults, at: &ResultsLocation) -> Reading {
+    let stream = match results.open(at, MANIFEST).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return Reading::NotYet(format!("{MANIFEST} is not in {}", at.uri())),
+        Err(e) => return Reading::NotYet(e.to_string()),
+    };
+    match tokio::task::spawn_blocking(move || parse_manifest(stream)).await {
+        Ok(Ok(summary)) => Reading::Read(summary),
+        Ok(Err(e @ ManifestError::Read(_))) => Reading::NotYet(e.to_string()),
+        Ok(Err(e @ ManifestError::Malformed(_))) => Reading::Unusable(e.to_string()),
+        Err(e) => Reading::NotYet(format!("the manifest parser stopped: {e}")),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The outcome a reading gives `job` at `now`, or `None` to try again later: a manifest not
+/// (yet) readable is waited for until `wait` after the import's end (`importEndedAt`; without one,
+/// not at all). `results` names the output folder in messages.
+pub(crate) fn outcome_of(
+    job: &Job,
+    results: &str,
+    reading: Reading,
+    now: SystemTime,
+    wait: Duration,
+) -> Option<ImportOutcome> {
+    let failed = |message: String| ImportOutcome {
+        status: JobStatus::Failed,
+        counts: None,
+        image_set_ids: Vec::new(),
+        message: Some(message),
+        ended_at: rfc3339(now),
+    };
+    let import = job.import_job_id.as_deref().unwrap_or("-");
+    match reading {
+        Reading::Read(summary) => {
+            let c = summary.counts;
+            let (status, message) = if c.imported == 0 {
+                let scanned = c.scanned.unwrap_or(c.failed());
+                (
+                    JobStatus::Failed,
+                    Some(format!(
+                        "HealthImaging import job {import} imported none of {scanned} file(s): {} customer error(s), {} server error(s); see FAILURE/failure.ndjson under {results}",
+                        c.customer_errors, c.server_errors
+                    )),
+                )
+            } else if c.failed() > 0 {
+                (
+                    JobStatus::CompletedWithErrors,
+                    Some(format!(
+                        "{} file(s) failed to import ({} customer error(s), {} server error(s)); see FAILURE/failure.ndjson under {results}",
+                        c.failed(),
+                        c.customer_errors,
+                        c.server_errors
+                    )),
+                )
+            } else {
+                (JobStatus::Completed, None)
+            };
+            Some(ImportOutcome {
+                status,
+                counts: Some(c),
+                image_set_ids: summary.image_set_ids,
+                message,
+                ended_at: rfc3339(now),
+            })
+        }
+        Reading::Unusable(why) => Some(failed(format!(
+            "HealthImaging import job {import} COMPLETED, but its outcome cannot be read: {why}"
+        ))),
+        Reading::NotYet(why) => {
+            let ended = job
+                .import_ended_at
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+            let waited = ended.is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= wait));
+            waited.then(|| {
+                failed(format!(
+                    "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of its end: {why}",
+                    humantime::format_duration(wait)
+                ))
+            })
+        }
+    }
+}
+
+/// How often the reader looks, and how long it claims and waits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutcomeTiming {
+    pub interval: Duration,
+    pub claim_ttl: Duration,
+    pub manifest_wait: Duration,
+}
+
+impl OutcomeTiming {
+    /// Looking every `interval` (the import poll interval), with the default claim and wait.
+    pub(crate) fn every(interval: Duration) -> Self {
+        OutcomeTiming {
+            interval: interval.max(Duration::from_secs(1)),
+            claim_ttl: CLAIM_TTL,
+            manifest_wait: MANIFEST_WAIT,
+        }
+    }
+}
+
+/// Finishes IMPORTED jobs, on every gateway that imports; the claim makes exactly one of them do
+/// each job.
+pub(crate) struct OutcomeReader {
+    jobs: Arc<dyn JobStore>,
+    results: Arc<dyn ImportResults>,
+    /// This gateway's name in claims.
+    gateway_id: String,
+    timing: OutcomeTiming,
+}
+
+impl OutcomeReader {
+    pub(crate) fn new(
+        jobs: Arc<dyn JobStore>,
+        results: Arc<dyn ImportResults>,
+        gateway_id: String,
+        timing: OutcomeTiming,
+    ) -> Arc<Self> {
+        Arc::new(OutcomeReader {
+            jobs,
+            results,
+            gateway_id,
+            timing,
+        })
+    }
+
+    /// Looks for IMPORTED jobs every interval until `stop`, then returns once the job in hand is
+    /// done (no new claim is taken after `stop`). Dropping the task midway is safe too: the claim
+    /// expires and the job is finished by the next gateway to look.
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.timing.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.pass(&stop).await {
+                warn!(error = %e, "import outcome: cannot list IMPORTED jobs; will retry");
+            }
+        }
+    }
+
+    /// One look at the IMPORTED jobs: finishes those this gateway can claim, until `stop`.
+    /// Returns how many it ended.
+    pub(crate) async fn pass(&self, stop: &CancellationToken) -> Result<usize, JobStoreError> {
+        let mut ended = 0;
+        for job in self.jobs.list_by_status(JobStatus::Imported).await? {
+            if stop.is_cancelled() {
+                break;
+            }
+            // A cheap check first; the claim's conditional write is what decides.
+            if !job.outcome_claimable_by(&self.gateway_id, &rfc3339(SystemTime::now())) {
+                continue;
+            }
+            match self.finish(&job).await {
+                Ok(true) => ended += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(job_id = %job.job_id, error = %e, "import outcome: recording failed; will retry")
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Claims `job`, reads its results and ends it. `Ok(false)`: not this gateway's to end, or
+    /// not yet.
+    async fn finish(&self, job: &Job) -> Result<bool, JobStoreError> {
+        let now = SystemTime::now();
+        let claim = OutcomeClaim {
+            gateway_id: self.gateway_id.clone(),
+            expires_at: rfc3339(now + self.timing.claim_ttl),
+        };
+        if !self
+            .jobs
+            .claim_outcome(&job.job_id, &claim, &rfc3339(now))
+            .await?
+        {
+            return Ok(false);
+        }
+        let (results, reading) = match ResultsLocation::of(job) {
+            Ok(at) => (at.uri(), read_manifest(self.results.as_ref(), &at).await),
+            Err(why) => (
+                job.output_s3_uri.clone().unwrap_or_else(|| "-".into()),
+                Reading::Unusable(why),
+            ),
+        };
+        if let Reading::NotYet(why) = &reading {
+            debug!(job_id = %job.job_id, reason = %why, "import outcome: manifest not readable yet");
+        }
+        let Some(outcome) = outcome_of(
+            job,
+            &results,
+            reading,
+            SystemTime::now(),
+            self.timing.manifest_wait,
+        ) else {
+            // Nothing to record yet: let whichever gateway looks next try, rather than keep others
+            // out until the claim expires (this gateway may stop meanwhile).
+            self.jobs
+                .release_outcome(&job.job_id, &self.gateway_id)
+                .await?;
+            return Ok(false);
+        };
+        match self
+            .jobs
+            .record_outcome(&job.job_id, &self.gateway_id, &outcome)
+            .await
+        {
+            Ok(()) => {
+                let counts = outcome.counts;
+                info!(
+                    job_id = %job.job_id,
+                    status = %outcome.status,
+                    imported = counts.map(|c| c.imported),
+                    failed = counts.map(|c| c.failed()),
+                    message = outcome.message.as_deref().unwrap_or(""),
+                    "import outcome recorded"
+                );
+                Ok(true)
+            }
+            // Another gateway took over (our claim expired) or ended it: nothing left to do.
+            Err(JobStoreError::NotForward { .. } | JobStoreError::ClaimLost(_)) => {
+                info!(job_id = %job.job_id, "import outcome: recorded by another gateway");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,508 @@
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::*;
+use crate::jobs::local::LocalJournal;
+
+/// Counts this thread's live heap bytes, so a test can show what parsing holds at its peak.
+mod heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// The system allocator, counting per thread.
+    pub struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn add(delta: isize) {
+        let _ = LIVE.try_with(|live| {
+            let now = live.get() + delta;
+            live.set(now);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+        });
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: same contract as the caller's.
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                add(layout.size() as isize);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as the caller's.
+            unsafe { System.dealloc(ptr, layout) };
+            add(-(layout.size() as isize));
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: same contract as the caller's.
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                add(new_size as isize - layout.size() as isize);
+            }
+            p
+        }
+    }
+
+    /// Runs `f` on this thread; returns its result and the most heap it held above the start.
+    pub fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let start = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(start));
+        let out = f();
+        let peak = PEAK.with(Cell::get);
+        (out, (peak - start).max(0) as usize)
+    }
+}
+
+#[global_allocator]
+static HEAP: heap::Counting = heap::Counting;
+
+/// A manifest as HealthImaging documents it, with `image_sets` entries in `imageSetsSummary`.
+fn manifest(image_sets: usize, imported: u64, customer: u64, server: u64) -> Vec<u8> {
+    let mut out = format!(
+        r#"{{"jobSummary":{{"jobId":"import-job-0001","datastoreId":"0123456789abcdef0123456789abcdef","inputS3Uri":"s3://b/import/J/","outputS3Uri":"s3://b/results/J/0123456789abcdef0123456789abcdef-DicomImport-import-job-0001/","successOutputS3Uri":"s3://b/results/J/x/SUCCESS/","failureOutputS3Uri":"s3://b/results/J/x/FAILURE/","numberOfScannedFiles":{},"numberOfImportedFiles":{imported},"numberOfFilesWithCustomerError":{customer},"numberOfFilesWithServerError":{server},"numberOfGeneratedImageSets":{image_sets},"imageSetsSummary":["#,
+        imported + customer + server
+    );
+    for i in 0..image_sets {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            r#"{{"imageSetId":"{i:032x}","imageSetVersion":1,"isPrimary":true,"numberOfMatchedSOPInstances":1}}"#
+        ));
+    }
+    out.push_str("]}}");
+    out.into_bytes()
+}
+
+#[test]
+fn the_counts_are_read_from_the_job_summary() {
+    let m = parse_manifest(&manifest(2, 5, 1, 1)[..]).unwrap();
+    assert_eq!(
+        m.counts,
+        ImportCounts {
+            scanned: Some(7),
+            imported: 5,
+            customer_errors: 1,
+            server_errors: 1,
+            image_sets: Some(2),
+        }
+    );
+    assert_eq!(m.counts.failed(), 2);
+    assert_eq!(
+        m.image_set_ids,
+        vec![format!("{:032x}", 0), format!("{:032x}", 1)]
+    );
+}
+
+#[test]
+fn a_manifest_without_image_sets_summary_still_gives_the_counts() {
+    let json = br#"{"jobSummary":{"numberOfScannedFiles":3,"numberOfImportedFiles":3,
+        "numberOfFilesWithCustomerError":0,"numberOfFilesWithServerError":0}}"#;
+    let m = parse_manifest(&json[..]).unwrap();
+    assert_eq!(m.counts.imported, 3);
+    assert_eq!(m.counts.image_sets, None, "neither the count nor the list");
+    assert!(m.image_set_ids.is_empty());
+    let null_list =
+        br#"{"jobSummary":{"numberOfImportedFiles":1,"numberOfFilesWithCustomerError":0,
+        "numberOfFilesWithServerError":0,"imageSetsSummary":null}}"#;
+    assert_eq!(parse_manifest(&null_list[..]).unwrap().counts.scanned, None);
+}
+
+#[test]
+fn missing_or_malformed_parts_are_named() {
+    let no_summary = parse_manifest(&br#"{"somethingElse":[1,2,3]}"#[..]).unwrap_err();
+    assert!(
+        matches!(&no_summary, ManifestError::Malformed(m) if m.contains("no jobSummary")),
+        "{no_summary}"
+    );
+    let no_counts =
+        parse_manifest(&br#"{"jobSummary":{"numberOfImportedFiles":2}}"#[..]).unwrap_err();
+    assert!(
+        matches!(&no_counts, ManifestError::Malformed(m)
+            if m.contains("numberOfFilesWithCustomerError, numberOfFilesWithServerError")),
+        "{no_counts}"
+    );
+    let whole = manifest(3, 3, 0, 0);
+    let truncated = parse_manifest(&whole[..whole.len() - 10]).unwrap_err();
+    assert!(
+        matches!(truncated, ManifestError::Malformed(_)),
+        "{truncated}"
+    );
+    let not_json = parse_manifest(&b"<Error>AccessDenied</Error>"[..]).unwrap_err();
+    assert!(
+        matches!(not_json, ManifestError::Malformed(_)),
+        "{not_json}"
+    );
+}
+
+/// A reader whose stream breaks after `ok` bytes, as a dropped connection would.
+struct Breaks<'a> {
+    ok: &'a [u8],
+}
+
+impl Read for Breaks<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.ok.is_empty() {
+            return Err(std::io::Error::other("connection reset"));
+        }
+        let n = buf.len().min(self.ok.len());
+        buf[..n].copy_from_slice(&self.ok[..n]);
+        self.ok = &self.ok[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_broken_stream_is_a_read_error_worth_retrying() {
+    let whole = manifest(10, 10, 0, 0);
+    let err = parse_manifest(Breaks { ok: &whole[..100] }).unwrap_err();
+    assert!(matches!(err, ManifestError::Read(_)), "{err}");
+}
+
+#[test]
+fn a_huge_image_sets_summary_is_skipped_not_held() {
+    // 6,000 image sets: over the 256 KiB that Step Functions allows a state, the case of the issue.
+    let big = manifest(6_000, 6_000, 0, 0);
+    assert!(big.len() > 256 * 1024, "{} bytes", big.len());
+    // Ten times that: if the parser held the list, its peak would grow with it.
+    let huge = manifest(60_000, 60_000, 0, 0);
+    let (m_big, peak_big) = heap::peak_of(|| parse_manifest(&big[..]).unwrap());
+    let (m_huge, peak_huge) = heap::peak_of(|| parse_manifest(&huge[..]).unwrap());
+    assert!(
+        peak_big >= PARSE_BUFFER,
+        "the meter sees the read buffer ({peak_big} bytes)"
+    );
+    assert_eq!(m_big.counts.imported, 6_000);
+    assert_eq!(m_big.counts.image_sets, Some(6_000));
+    assert_eq!(m_huge.counts.image_sets, Some(60_000));
+    assert_eq!(m_big.image_set_ids.len(), IMAGE_SET_IDS_KEPT);
+    assert_eq!(m_huge.image_set_ids.len(), IMAGE_SET_IDS_KEPT);
+    // The read buffer, the kept ids and their Vec, small change: far below the manifests' sizes.
+    let bound = PARSE_BUFFER + IMAGE_SET_IDS_KEPT * 64 + 16 * 1024;
+    assert!(
+        peak_big < bound && peak_huge < bound,
+        "peak heap {peak_big} and {peak_huge} bytes for manifests of {} and {} bytes",
+        big.len(),
+        huge.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stream_is_read_chunk_by_chunk_with_few_in_flight() {
+    let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let body = manifest(6_000, 5_999, 1, 0);
+    let chunks: Vec<Bytes> = body.chunks(8 * 1024).map(Bytes::copy_from_slice).collect();
+    let feeder = tokio::spawn(async move {
+        let mut most_queued = 0;
+        for chunk in chunks {
+            tx.send(Ok(chunk)).await.unwrap();
+            most_queued = most_queued.max(CHUNKS_IN_FLIGHT - tx.capacity());
+        }
+        most_queued
+    });
+    let stream = ResultStream::from_chunks(rx);
+    let parsed = tokio::task::spawn_blocking(move || parse_manifest(stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(parsed.counts.customer_errors, 1);
+    assert!(feeder.await.unwrap() <= CHUNKS_IN_FLIGHT);
+
+    let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    tx.send(Ok(Bytes::from_static(b"{\"jobSummary\":{")))
+        .await
+        .unwrap();
+    tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
+    drop(tx);
+    let err = tokio::task::spawn_blocking(move || parse_manifest(ResultStream::from_chunks(rx)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ManifestError::Read(_)), "{err}");
+}
+
+fn imported_job(output: &str) -> Job {
+    let mut job = Job::opened(
+        "J1",
+        "2026-11-23T10:00:00.000Z",
+        "s3://b/import/J1/",
+        "gw-a",
+    );
+    job.status = JobStatus::Imported;
+    job.output_s3_uri = Some(output.into());
+    job.import_job_id = Some("import-job-0001".into());
+    job.datastore_id = Some("ds".into());
+    job.import_ended_at = Some("2026-11-23T10:05:00.000Z".into());
+    job
+}
+
+#[test]
+fn the_results_folder_is_the_output_uri_with_the_import_folder_once() {
+    let with = imported_job("s3://b/results/J1/ds-DicomImport-import-job-0001/");
+    let without = imported_job("s3://b/results/J1/");
+    let no_slash = imported_job("s3://b/results/J1/ds-DicomImport-import-job-0001");
+    for job in [&with, &without, &no_slash] {
+        let at = ResultsLocation::of(job).unwrap();
+        assert_eq!(at.bucket, "b");
+        assert_eq!(at.prefix, "results/J1/ds-DicomImport-import-job-0001/");
+        assert_eq!(
+            at.key(MANIFEST),
+            "results/J1/ds-DicomImport-import-job-0001/job-output-manifest.json"
+        );
+    }
+    let root = ResultsLocation::of(&imported_job("s3://b")).unwrap();
+    assert_eq!(root.prefix, "ds-DicomImport-import-job-0001/");
+    assert!(ResultsLocation::of(&imported_job("/tmp/results/")).is_err());
+    let mut no_import = with.clone();
+    no_import.import_job_id = None;
+    assert!(ResultsLocation::of(&no_import).is_err());
+}
+
+fn at(t: &str) -> SystemTime {
+    humantime::parse_rfc3339(t).unwrap()
+}
+
+fn read(imported: u64, customer: u64, server: u64) -> Reading {
+    Reading::Read(parse_manifest(&manifest(1, imported, customer, server)[..]).unwrap())
+}
+
+#[test]
+fn the_counts_decide_the_final_status() {
+    let job = imported_job("s3://b/results/J1/");
+    let now = at("2026-11-23T10:06:00Z");
+    let wait = Duration::from_secs(600);
+    let o = outcome_of(&job, "s3://b/r/", read(2, 0, 0), now, wait).unwrap();
+    assert_eq!((o.status, o.message), (JobStatus::Completed, None));
+    assert_eq!(o.ended_at, "2026-11-23T10:06:00.000Z");
+    let o = outcome_of(&job, "s3://b/r/", read(1, 1, 0), now, wait).unwrap();
+    assert_eq!(o.status, JobStatus::CompletedWithErrors);
+    assert!(
+        o.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("1 file(s) failed to import")
+                && m.contains("FAILURE/failure.ndjson under s3://b/r/")),
+        "{o:?}"
+    );
+    let o = outcome_of(&job, "s3://b/r/", read(0, 1, 1), now, wait).unwrap();
+    assert_eq!(o.status, JobStatus::Failed);
+    assert!(
+        o.message
+            .as_deref()
+            .is_some_and(|m| m.contains("imported none of 2 file(s)"))
+    );
+    assert_eq!(o.counts.map(|c| c.failed()), Some(2), "the counts are kept");
+}
+
+#[test]
+fn a_missing_manifest_is_waited_for_then_failed_and_a_malformed_one_fails_at_once() {
+    let mut job = imported_job("s3://b/results/J1/");
+    // As LocalStack writes $$.State.EnteredTime (AWS writes ...00.000Z).
+    job.import_ended_at = Some("2026-11-23T10:05:00.036593+00:00".into());
+    let wait = Duration::from_secs(600);
+    let not_yet = || Reading::NotYet("job-output-manifest.json is not in s3://b/r/".into());
+    assert!(
+        outcome_of(
+            &job,
+            "s3://b/r/",
+            not_yet(),
+            at("2026-11-23T10:14:59Z"),
+            wait
+        )
+        .is_none()
+    );
+    let o = outcome_of(
+        &job,
+        "s3://b/r/",
+        not_yet(),
+        at("2026-11-23T10:15:01Z"),
+        wait,
+    )
+    .unwrap();
+    assert_eq!(o.status, JobStatus::Failed);
+    assert!(
+        o.message.as_deref().is_some_and(
+            |m| m.contains("could not be read within 10m") && m.contains("is not in s3://b/r/")
+        ),
+        "{o:?}"
+    );
+    let o = outcome_of(
+        &job,
+        "s3://b/r/",
+        Reading::Unusable("job-output-manifest.json is not a usable import manifest: x".into()),
+        at("2026-11-23T10:05:01Z"),
+        wait,
+    )
+    .unwrap();
+    assert_eq!(o.status, JobStatus::Failed);
+    assert!(
+        o.message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot be read: job-output"))
+    );
+}
+
+/// Results held in memory, as S3 would serve them; counts the manifest reads.
+#[derive(Default)]
+struct FakeResults {
+    files: Mutex<HashMap<String, Vec<u8>>>,
+    reads: Mutex<usize>,
+}
+
+#[async_trait]
+impl ImportResults for FakeResults {
+    async fn open(
+        &self,
+        at: &ResultsLocation,
+        name: &str,
+    ) -> Result<Option<ResultStream>, ResultsError> {
+        *self.reads.lock().unwrap() += 1;
+        let file = self.files.lock().unwrap().get(&at.key(name)).cloned();
+        Ok(file.map(ResultStream::from_bytes))
+    }
+}
+
+fn timing(manifest_wait: Duration) -> OutcomeTiming {
+    OutcomeTiming {
+        interval: Duration::from_secs(1),
+        claim_ttl: CLAIM_TTL,
+        manifest_wait,
+    }
+}
+
+#[tokio::test]
+async fn of_two_gateways_exactly_one_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path()));
+    let mut job = imported_job("s3://b/results/J1/");
+    job.import_ended_at = Some(rfc3339(SystemTime::now()));
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    results.files.lock().unwrap().insert(
+        "results/J1/ds-DicomImport-import-job-0001/job-output-manifest.json".into(),
+        manifest(6_000, 6_000, 0, 0),
+    );
+    let a = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        "gw-a".into(),
+        timing(MANIFEST_WAIT),
+    );
+    let b = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        "gw-b".into(),
+        timing(MANIFEST_WAIT),
+    );
+    let go = CancellationToken::new();
+    let (ended_a, ended_b) = tokio::join!(a.pass(&go), b.pass(&go));
+    assert_eq!(ended_a.unwrap() + ended_b.unwrap(), 1);
+    assert_eq!(*results.reads.lock().unwrap(), 1, "only the claimant reads");
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(done.imported_count, Some(6_000));
+    assert_eq!(done.image_set_count, Some(6_000));
+    assert_eq!(done.image_set_ids.len(), IMAGE_SET_IDS_KEPT);
+    assert_eq!(done.claim, None);
+    assert_eq!(
+        a.pass(&CancellationToken::new()).await.unwrap()
+            + b.pass(&CancellationToken::new()).await.unwrap(),
+        0,
+        "nothing left"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_left_by_a_dead_gateway_is_taken_over_once_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path()));
+    let mut job = imported_job("s3://b/results/J1/ds-DicomImport-import-job-0001/");
+    job.import_ended_at = Some(rfc3339(SystemTime::now()));
+    job.claim = Some(OutcomeClaim {
+        gateway_id: "gw-dead".into(),
+        expires_at: rfc3339(SystemTime::now() + Duration::from_secs(60)),
+    });
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    results.files.lock().unwrap().insert(
+        "results/J1/ds-DicomImport-import-job-0001/job-output-manifest.json".into(),
+        manifest(1, 1, 1, 0),
+    );
+    let b = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        "gw-b".into(),
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(
+        b.pass(&CancellationToken::new()).await.unwrap(),
+        0,
+        "the claim still runs"
+    );
+    assert_eq!(*results.reads.lock().unwrap(), 0);
+
+    let mut expired = jobs.get("J1").await.unwrap().unwrap();
+    expired.claim = Some(OutcomeClaim {
+        gateway_id: "gw-dead".into(),
+        expires_at: rfc3339(SystemTime::now() - Duration::from_secs(1)),
+    });
+    std::fs::write(
+        dir.path().join("J1.json"),
+        serde_json::to_vec(&expired).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 1);
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::CompletedWithErrors);
+    assert_eq!((done.imported_count, done.failed_count), (Some(1), Some(1)));
+}
+
+#[tokio::test]
+async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path()));
+    let mut job = imported_job("s3://b/results/J1/");
+    job.import_ended_at = Some(rfc3339(SystemTime::now()));
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    let patient = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        "gw-a".into(),
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(patient.pass(&CancellationToken::new()).await.unwrap(), 0);
+    let waiting = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        waiting.status,
+        JobStatus::Imported,
+        "still waiting for the manifest"
+    );
+    assert_eq!(waiting.claim, None, "released for whoever looks next");
+    // Past the wait, the next gateway to look records why the job failed.
+    let done_waiting = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        "gw-b".into(),
+        timing(Duration::ZERO),
+    );
+    assert_eq!(
+        done_waiting.pass(&CancellationToken::new()).await.unwrap(),
+        1
+    );
+    let failed = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("job-output-manifest.json could not be read")),
+        "{failed:?}"
+    );
+}
