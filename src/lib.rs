@@ -15,7 +15,7 @@
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
 //! - `import`: recording batches and starting their HealthImaging imports;
 //! - `recovery`: finishing the jobs a stopped gateway left OPEN or CLOSED;
-//! - `policy`, `uid`: what is accepted; `health`, `metrics`: what operators see;
+//! - `policy`, `uid`: what is accepted; `health`, `metrics`, `emf` (CloudWatch): what operators see;
 //! - `cli`, `config`: the command line, turned once into a checked, typed configuration;
 //! - `server`: the wiring for `dicom-gateway serve`; `echo`: the client behind `dicom-gateway echo`;
 //! - `commands`: the subcommands, run by `main`.
@@ -29,6 +29,7 @@ pub(crate) mod config;
 pub(crate) mod connection;
 pub mod dimse;
 pub(crate) mod echo;
+pub(crate) mod emf;
 pub(crate) mod health;
 pub(crate) mod import;
 pub(crate) mod instance;
