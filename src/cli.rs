@@ -554,6 +554,11 @@ pub(crate) struct OperationsArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. info or dicom_gateway=debug). RUST_LOG also works.
     #[arg(long, env = "DICOM_GATEWAY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// With --log-format json: how often CloudWatch embedded metric format records are written
+    /// (default 60s, CloudWatch's standard resolution). Hidden: shorter only for tests.
+    #[arg(long, env = "DICOM_GATEWAY_EMF_INTERVAL", default_value = crate::emf::DEFAULT_INTERVAL, value_parser = humantime::parse_duration, hide = true)]
+    pub emf_interval: Duration,
 }
 
 /// Parses a byte size: a plain number, or a number with B, KB, MB, GB (powers of 1000) or
@@ -635,6 +640,7 @@ impl ServeArgs {
             duplicate_policy: batches.duplicate_policy,
             shutdown_deadline: operations.shutdown_deadline,
             metrics_listen: operations.metrics_listen,
+            emf_interval: operations.emf_interval.max(Duration::from_millis(10)),
             log: LogConfig {
                 format: operations.log_format,
                 filter: operations.log_level,

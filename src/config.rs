@@ -49,6 +49,8 @@ pub(crate) struct ServeConfig {
     pub shutdown_deadline: Duration,
     /// Address of the HTTP health and metrics endpoints, when they are on.
     pub metrics_listen: Option<SocketAddr>,
+    /// With JSON logs, how often CloudWatch embedded metric format records are written.
+    pub emf_interval: Duration,
     pub log: LogConfig,
 }
 

@@ -17,7 +17,7 @@
 //! - `outcome`: ending imported jobs from their results in S3 (the manifest is too large for
 //!   Step Functions state), exactly one gateway of the fleet per job;
 //! - `recovery`: finishing the jobs a stopped gateway left OPEN or CLOSED;
-//! - `policy`, `uid`: what is accepted; `health`, `metrics`: what operators see;
+//! - `policy`, `uid`: what is accepted; `health`, `metrics`, `emf` (CloudWatch): what operators see;
 //! - `cli`, `config`: the command line, turned once into a checked, typed configuration;
 //! - `server`: the wiring for `dicom-gateway serve`; `echo`: the client behind `dicom-gateway echo`;
 //! - `commands`: the subcommands, run by `main`.
@@ -31,6 +31,7 @@ pub(crate) mod config;
 pub(crate) mod connection;
 pub mod dimse;
 pub(crate) mod echo;
+pub(crate) mod emf;
 pub(crate) mod health;
 pub(crate) mod import;
 pub(crate) mod instance;

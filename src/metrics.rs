@@ -4,8 +4,15 @@
 //! part of the gateway (listener, associations, instances, batches, the import pipeline) reports
 //! to the same place without the registry being threaded through every constructor. The metric
 //! names follow Prometheus conventions (`dicom_gateway_` prefix, `_total` counters, seconds).
+//!
+//! This is also the one place where things are counted for CloudWatch: [`crate::emf`] reads the same
+//! counters ([`Metrics::totals`]) and turns their growth per interval into embedded metric format
+//! records; only store latencies need more than a counter holds, a sample of single observations
+//! ([`StoreSeconds`]), collected only while the EMF emitter runs.
 
-use std::sync::LazyLock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -26,6 +33,105 @@ pub(crate) struct StatusLabel {
     pub status: String,
 }
 
+/// Most store latencies (milliseconds) kept between two drains by the EMF emitter: at 2,000
+/// instances/s a minute holds 120,000 observations, and CloudWatch takes at most 100 values per
+/// metric per record, so a bounded, evenly spaced sample is sent instead of every value.
+pub(crate) const LATENCY_SAMPLE_MAX: usize = 1000;
+
+/// The store-latency histogram (for Prometheus) and an evenly spaced sample of the observations
+/// themselves (for CloudWatch percentiles, which a histogram's buckets cannot give).
+pub(crate) struct StoreSeconds {
+    histogram: Histogram,
+    sampling: AtomicBool,
+    sample: Mutex<LatencySample>,
+}
+
+/// Observations kept in arrival order: every `stride`-th one; when full, every other one is
+/// dropped and the stride doubles, so the sample stays evenly spread over the interval.
+#[derive(Debug, Default)]
+struct LatencySample {
+    values_ms: Vec<f64>,
+    stride: u64,
+    seen: u64,
+}
+
+impl LatencySample {
+    fn record(&mut self, ms: f64) {
+        let stride = self.stride.max(1);
+        if self.seen.is_multiple_of(stride) {
+            if self.values_ms.len() >= LATENCY_SAMPLE_MAX {
+                let mut i = 0;
+                self.values_ms.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+                self.stride = stride * 2;
+            }
+            if self.seen.is_multiple_of(self.stride.max(1)) {
+                self.values_ms.push(ms);
+            }
+        }
+        self.seen += 1;
+    }
+}
+
+impl StoreSeconds {
+    fn new() -> Self {
+        StoreSeconds {
+            // 1 ms to about 1 minute.
+            histogram: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            sampling: AtomicBool::new(false),
+            sample: Mutex::new(LatencySample::default()),
+        }
+    }
+
+    /// One store: from the end of the data set to the object being durable.
+    pub(crate) fn observe(&self, seconds: f64) {
+        self.histogram.observe(seconds);
+        if self.sampling.load(Ordering::Relaxed) {
+            lock(&self.sample).record(seconds * 1000.0);
+        }
+    }
+
+    /// Starts keeping the sample (the EMF emitter calls this once; without it nothing is kept).
+    pub(crate) fn start_sampling(&self) {
+        self.sampling.store(true, Ordering::Relaxed);
+    }
+
+    /// The sample since the last call, at most [`LATENCY_SAMPLE_MAX`] values in milliseconds.
+    pub(crate) fn drain_sample(&self) -> Vec<f64> {
+        std::mem::take(&mut *lock(&self.sample)).values_ms
+    }
+}
+
+/// Locks `m`, also after a panic elsewhere poisoned it: counts stay usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Label values seen so far: a `Family` cannot be iterated, and [`Metrics::totals`] needs them.
+#[derive(Debug, Default)]
+struct SeenLabels {
+    reasons: BTreeSet<String>,
+    statuses: BTreeSet<String>,
+    job_statuses: BTreeSet<String>,
+}
+
+/// The counters' values at one moment, by label where they have one. [`crate::emf`] subtracts two
+/// of these to get what happened in an interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub instances_stored: u64,
+    pub bytes_received: u64,
+    pub associations: u64,
+    /// Rejected associations by reason.
+    pub rejected: BTreeMap<String, u64>,
+    /// Failed instances by DIMSE status (`0xA700`).
+    pub failed: BTreeMap<String, u64>,
+    /// Import jobs ended by status (`COMPLETED`, `COMPLETED_WITH_ERRORS`, `FAILED`).
+    pub jobs_ended: BTreeMap<String, u64>,
+}
+
 /// Every metric the gateway exports, registered once per process.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -35,12 +141,14 @@ pub(crate) struct Metrics {
     pub instances_stored: Counter,
     pub instances_failed: Family<StatusLabel, Counter>,
     pub bytes_received: Counter,
-    pub store_seconds: Histogram,
+    pub store_seconds: StoreSeconds,
     pub batches_open: Gauge,
     pub batches_closed: Counter,
     pub batches_submitted: Counter,
     pub job_store_errors: Counter,
     pub import_trigger_errors: Counter,
+    pub jobs_ended: Family<StatusLabel, Counter>,
+    seen: Mutex<SeenLabels>,
 }
 
 impl Metrics {
@@ -54,13 +162,14 @@ impl Metrics {
             instances_stored: Counter::default(),
             instances_failed: Family::default(),
             bytes_received: Counter::default(),
-            // 1 ms to about 1 minute.
-            store_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            store_seconds: StoreSeconds::new(),
             batches_open: Gauge::default(),
             batches_closed: Counter::default(),
             batches_submitted: Counter::default(),
             job_store_errors: Counter::default(),
             import_trigger_errors: Counter::default(),
+            jobs_ended: Family::default(),
+            seen: Mutex::new(SeenLabels::default()),
         };
         // Metric handles are shared: the registered clones and the struct's fields are one metric.
         registry.register(
@@ -96,7 +205,7 @@ impl Metrics {
         registry.register(
             "store_seconds",
             "Time from the end of a data set to the object being durable",
-            m.store_seconds.clone(),
+            m.store_seconds.histogram.clone(),
         );
         registry.register(
             "batches_open",
@@ -119,23 +228,84 @@ impl Metrics {
             "Failed import starts (each is retried)",
             m.import_trigger_errors.clone(),
         );
+        registry.register(
+            "jobs_ended",
+            "Import jobs this gateway saw end, by final status",
+            m.jobs_ended.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     pub(crate) fn reject(&self, reason: &str) {
+        let reason = reason.to_string();
+        lock(&self.seen).reasons.insert(reason.clone());
         self.associations_rejected
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
     pub(crate) fn failed(&self, status: crate::dimse::Status) {
+        let status = status.to_string();
+        lock(&self.seen).statuses.insert(status.clone());
         self.instances_failed
-            .get_or_create(&StatusLabel {
-                status: status.to_string(),
-            })
+            .get_or_create(&StatusLabel { status })
             .inc();
+    }
+
+    /// Counts an import job that ended with `status`, once per job, by whoever records the final
+    /// status in the gateway (the import start on a permanent error, the outcome reader). It is
+    /// `dicom_gateway_jobs_ended_total{status}` on `/metrics` and `ImportJobsEnded` by `Status` in
+    /// CloudWatch. A status that is not final (OPEN … IMPORTING) is ignored.
+    #[allow(
+        dead_code,
+        reason = "the hook for the outcome reader and the import start's permanent errors, which land on other branches: remove this allow once one calls it"
+    )]
+    pub(crate) fn job_ended(&self, status: crate::jobs::JobStatus) {
+        use crate::jobs::JobStatus;
+        if !matches!(
+            status,
+            JobStatus::Completed | JobStatus::CompletedWithErrors | JobStatus::Failed
+        ) {
+            return;
+        }
+        let status = status.as_str().to_string();
+        lock(&self.seen).job_statuses.insert(status.clone());
+        self.jobs_ended.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    /// The counters now (see [`Totals`]).
+    pub(crate) fn totals(&self) -> Totals {
+        let seen = lock(&self.seen);
+        let by_reason = |family: &Family<ReasonLabel, Counter>, labels: &BTreeSet<String>| {
+            labels
+                .iter()
+                .map(|reason| {
+                    let label = ReasonLabel {
+                        reason: reason.clone(),
+                    };
+                    (reason.clone(), family.get(&label).map_or(0, |c| c.get()))
+                })
+                .collect()
+        };
+        let by_status = |family: &Family<StatusLabel, Counter>, labels: &BTreeSet<String>| {
+            labels
+                .iter()
+                .map(|status| {
+                    let label = StatusLabel {
+                        status: status.clone(),
+                    };
+                    (status.clone(), family.get(&label).map_or(0, |c| c.get()))
+                })
+                .collect()
+        };
+        Totals {
+            instances_stored: self.instances_stored.get(),
+            bytes_received: self.bytes_received.get(),
+            associations: self.associations.get(),
+            rejected: by_reason(&self.associations_rejected, &seen.reasons),
+            failed: by_status(&self.instances_failed, &seen.statuses),
+            jobs_ended: by_status(&self.jobs_ended, &seen.job_statuses),
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -180,5 +350,49 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn totals_by_label() {
+        let m = Metrics::new();
+        m.instances_stored.inc();
+        m.reject("association limit reached");
+        m.reject("association limit reached");
+        m.failed(crate::dimse::Status::OUT_OF_RESOURCES);
+        m.job_ended(crate::jobs::JobStatus::CompletedWithErrors);
+        // Not an end: ignored.
+        m.job_ended(crate::jobs::JobStatus::Importing);
+        let t = m.totals();
+        assert_eq!(t.instances_stored, 1);
+        assert_eq!(t.rejected["association limit reached"], 2);
+        assert_eq!(t.failed["0xA700"], 1);
+        assert_eq!(
+            t.jobs_ended,
+            BTreeMap::from([("COMPLETED_WITH_ERRORS".to_string(), 1)])
+        );
+        assert!(
+            m.encode()
+                .contains("dicom_gateway_jobs_ended_total{status=\"COMPLETED_WITH_ERRORS\"} 1")
+        );
+    }
+
+    #[test]
+    fn latency_sample_only_when_asked_and_bounded() {
+        let s = StoreSeconds::new();
+        s.observe(0.002);
+        assert!(s.drain_sample().is_empty(), "not sampling until started");
+        s.start_sampling();
+        for i in 0..10_000 {
+            s.observe(f64::from(i) / 1000.0);
+        }
+        let sample = s.drain_sample();
+        assert!(sample.len() <= LATENCY_SAMPLE_MAX && sample.len() > LATENCY_SAMPLE_MAX / 2);
+        // Evenly spread over the whole interval, in arrival order.
+        assert_eq!(sample[0], 0.0);
+        assert!(*sample.last().unwrap() > 9000.0, "{:?}", sample.last());
+        assert!(sample.windows(2).all(|w| w[0] < w[1]));
+        let gap = sample[1] - sample[0];
+        assert!(sample.windows(2).all(|w| (w[1] - w[0] - gap).abs() < 1e-6));
+        assert!(s.drain_sample().is_empty(), "drained");
     }
 }

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
 use crate::batch::Batcher;
-use crate::config::{ImportConfig, JobStoreConfig, ServeConfig, StoreConfig, TlsConfig};
+use crate::config::{ImportConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig};
+use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
 use crate::jobs::JobStore;
@@ -315,6 +316,12 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             )))
         }
     };
+    // CloudWatch metrics ride on the JSON log (the container's format); text logs are for people.
+    let emf_stop = CancellationToken::new();
+    let emf = (config.log.format == LogFormat::Json).then(|| {
+        let jobs = config.import.is_some().then(|| jobs.clone());
+        tokio::spawn(Emitter::new(config.emf_interval, jobs).run(emf_stop.clone()))
+    });
     listener.run(shutdown, config.shutdown_deadline).await;
 
     // Every association has ended: close the open batch and record what is left.
@@ -343,6 +350,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     health_stop.cancel();
     if let Some(h) = health {
         let _ = h.await;
+    }
+    // Last: the final record counts everything the shutdown still did.
+    emf_stop.cancel();
+    if let Some(e) = emf {
+        let _ = e.await;
     }
     info!("dicom-gateway stopped");
     Ok(())
