@@ -29,7 +29,8 @@ echo "[deploy] packaging infra/gateway.yaml into s3://$artifacts/$stack/" >&2
 "${AWS[@]}" cloudformation package --template-file infra/gateway.yaml --s3-bucket "$artifacts" --s3-prefix "$stack" \
   --output-template-file "$tmp/packaged.yaml" >/dev/null
 echo "[deploy] deploying stack $stack" >&2
-deploy_args=(cloudformation deploy --stack-name "$stack" --template-file "$tmp/packaged.yaml" --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset)
+deploy_args=(cloudformation deploy --stack-name "$stack" --template-file "$tmp/packaged.yaml" --capabilities CAPABILITY_IAM --no-fail-on-empty-changeset
+  --s3-bucket "$artifacts" --s3-prefix "$stack")
 if [ $# -gt 0 ]; then deploy_args+=(--parameter-overrides "$@"); fi
 "${AWS[@]}" "${deploy_args[@]}" >&2
 "${AWS[@]}" cloudformation describe-stacks --stack-name "$stack" --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text \

@@ -21,6 +21,7 @@
 //! | metric | unit | extra dimension | what |
 //! |---|---|---|---|
 //! | `InstancesStored` | Count | | instances made durable and acknowledged with Success |
+//! | `BytesStored` | Bytes | | bytes of the objects made durable |
 //! | `BytesReceived` | Bytes | | data set bytes received (stored or not) |
 //! | `StoreLatency` | Milliseconds | | end of data set to durable: a sample of single stores, for p50/p99 |
 //! | `StoreFailures` | Count | — and `Status` | instances answered with a failure status (`0xA700` …) |
@@ -103,6 +104,7 @@ impl Interval {
         Totals {
             instances_stored: end.instances_stored.saturating_sub(start.instances_stored),
             bytes_received: end.bytes_received.saturating_sub(start.bytes_received),
+            bytes_stored: end.bytes_stored.saturating_sub(start.bytes_stored),
             associations: end.associations.saturating_sub(start.associations),
             rejected: diff(&start.rejected, &end.rejected),
             failed: diff(&start.failed, &end.failed),
@@ -126,6 +128,7 @@ impl Interval {
         let mut chunks = self.store_latencies_ms.chunks(MAX_VALUES);
         let mut main = vec![
             Metric::count("InstancesStored", c.instances_stored),
+            Metric::new("BytesStored", Unit::Bytes, c.bytes_stored.into()),
             Metric::new("BytesReceived", Unit::Bytes, c.bytes_received.into()),
             Metric::count("StoreFailures", c.failed.values().sum()),
             Metric::count("AssociationsAccepted", c.associations),
@@ -416,6 +419,7 @@ mod tests {
             check_layout(main),
             [
                 "InstancesStored",
+                "BytesStored",
                 "BytesReceived",
                 "StoreFailures",
                 "AssociationsAccepted",
@@ -440,6 +444,7 @@ mod tests {
             units,
             [
                 "Count",
+                "Bytes",
                 "Bytes",
                 "Count",
                 "Count",

@@ -471,9 +471,13 @@ impl Pipeline {
                                 .transition(&job.job_id, JobStatus::Failed, failed.clone())
                                 .await
                             {
+                                Ok(()) => {
+                                    metrics().job_ended(JobStatus::Failed);
+                                    Ok(())
+                                }
                                 // Already further along (another gateway started it): leave it.
                                 Err(JobStoreError::NotForward { .. }) => Ok(()),
-                                other => other,
+                                Err(e) => Err(e),
                             }
                         },
                     )

@@ -388,6 +388,7 @@ impl Target {
         match up.upload.commit().await {
             Ok(stored) => {
                 metrics().instances_stored.inc();
+                metrics().bytes_stored.inc_by(stored.size);
                 metrics()
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());

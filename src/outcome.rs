@@ -618,6 +618,7 @@ impl OutcomeReader {
             .await
         {
             Ok(()) => {
+                crate::metrics::metrics().job_ended(outcome.status);
                 let counts = outcome.counts;
                 info!(
                     job_id = %job.job_id,
