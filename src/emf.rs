@@ -230,12 +230,18 @@ fn record(timestamp_ms: u64, extra: &[(&str, &str)], metrics: &[Metric]) -> Valu
     Value::Object(root)
 }
 
-/// Age of the oldest job whose import was started and has not ended (SUBMITTED or IMPORTING), from
+/// Age of the oldest job whose import was started and has not ended (SUBMITTED, IMPORTING, or
+/// IMPORTED and waiting for a gateway to read its outcome), from
 /// the time its import was started (`submittedAt`; the close or creation time for a job recorded
 /// without it). `None` when there is no such job.
 pub(crate) fn oldest_import_age(jobs: &[Job], now: SystemTime) -> Option<Duration> {
     jobs.iter()
-        .filter(|j| matches!(j.status, JobStatus::Submitted | JobStatus::Importing))
+        .filter(|j| {
+            matches!(
+                j.status,
+                JobStatus::Submitted | JobStatus::Importing | JobStatus::Imported
+            )
+        })
         .filter_map(|j| {
             let since = j
                 .submitted_at
@@ -294,6 +300,7 @@ impl Emitter {
         let list = async {
             let mut all = jobs.list_by_status(JobStatus::Submitted).await?;
             all.extend(jobs.list_by_status(JobStatus::Importing).await?);
+            all.extend(jobs.list_by_status(JobStatus::Imported).await?);
             Ok::<_, JobStoreError>(all)
         };
         match tokio::time::timeout(PROBE_TIMEOUT, list).await {
