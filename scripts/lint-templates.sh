@@ -34,32 +34,9 @@ if "$TOOLS_HOME/venv/bin/python" scripts/check-iam.py tests/fixtures/iam-wildcar
   echo "[iam] check-iam.py did not flag tests/fixtures/iam-wildcard.yaml" >&2; exit 1
 fi
 
-# Fargate accepts only these task CPU / memory pairs ("Troubleshoot Amazon ECS task definition invalid CPU or
-# memory errors", https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-cpu-memory-error.html).
-# cfn-lint does not check pairs that come from Mappings, so check Mappings.TaskSizes here.
-"$TOOLS_HOME/venv/bin/python" - infra/gateway.yaml <<'EOF'
-import sys
-from cfnlint.decode import decode
-
-VALID = {  # CPU units: the memory sizes (MiB) allowed with them
-    256: [512, 1024, 2048],
-    512: list(range(1024, 4096 + 1, 1024)),
-    1024: list(range(2048, 8192 + 1, 1024)),
-    2048: list(range(4096, 16384 + 1, 1024)),
-    4096: list(range(8192, 30720 + 1, 1024)),
-    8192: list(range(16384, 61440 + 1, 4096)),
-    16384: list(range(32768, 122880 + 1, 8192)),
-}
-template, matches = decode(sys.argv[1])
-if matches:
-    sys.exit(f"[fargate] cannot parse {sys.argv[1]}: {matches}")
-sizes = template.get("Mappings", {}).get("TaskSizes", {})
-offered = template["Parameters"]["TaskSize"]["AllowedValues"]
-bad = [f"{name}: cpu {v['Cpu']} memory {v['Memory']}" for name, v in sizes.items()
-       if int(v["Memory"]) not in VALID.get(int(v["Cpu"]), [])]
-bad += [f"TaskSize {name} has no Mappings.TaskSizes entry" for name in offered if name not in sizes]
-for b in bad:
-    print(f"[fargate] {b}: not a Fargate CPU/memory pair", file=sys.stderr)
-print(f"[fargate] {len(sizes)} task sizes checked, {len(bad)} problem(s)")
-sys.exit(1 if bad else 0)
-EOF
+# Fargate task sizes: every TaskSize the template offers maps to a pair Fargate accepts.
+"$TOOLS_HOME/venv/bin/python" scripts/check-fargate.py infra/gateway.yaml
+# The check itself must catch an invalid pair.
+if "$TOOLS_HOME/venv/bin/python" scripts/check-fargate.py tests/fixtures/fargate-invalid.yaml >/dev/null 2>&1; then
+  echo "[fargate] check-fargate.py did not flag tests/fixtures/fargate-invalid.yaml" >&2; exit 1
+fi
