@@ -472,7 +472,7 @@ impl Pipeline {
                                 .await
                             {
                                 Ok(()) => {
-                                    metrics().job_ended(JobStatus::Failed);
+                                    metrics().job_ended(JobStatus::Failed.as_str());
                                     Ok(())
                                 }
                                 // Already further along (another gateway started it): leave it.

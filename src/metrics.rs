@@ -264,16 +264,10 @@ impl Metrics {
     /// Counts an import job that ended with `status`, once per job, by whoever records the final
     /// status in the gateway (the import start on a permanent error, the outcome reader). It is
     /// `dicom_gateway_jobs_ended_total{status}` on `/metrics` and `ImportJobsEnded` by `Status` in
-    /// CloudWatch. A status that is not final (OPEN … IMPORTING) is ignored.
-    pub(crate) fn job_ended(&self, status: crate::jobs::JobStatus) {
-        use crate::jobs::JobStatus;
-        if !matches!(
-            status,
-            JobStatus::Completed | JobStatus::CompletedWithErrors | JobStatus::Failed
-        ) {
-            return;
-        }
-        let status = status.as_str().to_string();
+    /// CloudWatch. `status` is the final status's name (`JobStatus::as_str`): metrics sit below the
+    /// job records in the module graph, so callers name it.
+    pub(crate) fn job_ended(&self, status: &str) {
+        let status = status.to_string();
         lock(&self.seen).job_statuses.insert(status.clone());
         self.jobs_ended.get_or_create(&StatusLabel { status }).inc();
     }
@@ -365,9 +359,7 @@ mod tests {
         m.reject("association limit reached");
         m.reject("association limit reached");
         m.failed(crate::dimse::Status::OUT_OF_RESOURCES);
-        m.job_ended(crate::jobs::JobStatus::CompletedWithErrors);
-        // Not an end: ignored.
-        m.job_ended(crate::jobs::JobStatus::Importing);
+        m.job_ended("COMPLETED_WITH_ERRORS");
         let t = m.totals();
         assert_eq!(t.instances_stored, 1);
         assert_eq!(t.rejected["association limit reached"], 2);

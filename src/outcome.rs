@@ -618,7 +618,7 @@ impl OutcomeReader {
             .await
         {
             Ok(()) => {
-                crate::metrics::metrics().job_ended(outcome.status);
+                crate::metrics::metrics().job_ended(outcome.status.as_str());
                 let counts = outcome.counts;
                 info!(
                     job_id = %job.job_id,
