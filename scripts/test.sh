@@ -25,6 +25,7 @@ esac
 
 echo "[test] checking formatting" >&2
 cargo fmt --all -- --check || { echo "[test] formatting differs: run \`cargo fmt --all\`" >&2; exit 1; }
+python3 scripts/check-modules.py   # the module graph runs one way (README, Architecture)
 echo "[test] running clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings || {
   echo "[test] clippy found problems: fix what \`cargo clippy --locked --all-targets -- -D warnings\` reports" >&2
