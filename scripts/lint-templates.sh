@@ -34,6 +34,20 @@ if "$TOOLS_HOME/venv/bin/python" scripts/check-iam.py tests/fixtures/iam-wildcar
   echo "[iam] check-iam.py did not flag tests/fixtures/iam-wildcard.yaml" >&2; exit 1
 fi
 
+# KmsKeyArn takes a key ARN, never an alias (HealthImaging and the key policy need the key itself);
+# LocalStack does not enforce AllowedPattern, so the pattern is checked here.
+"$TOOLS_HOME/venv/bin/python" - infra/gateway.yaml <<'EOF'
+import re, sys
+from cfnlint.decode import decode
+template, _ = decode(sys.argv[1])
+pattern = re.compile(template["Parameters"]["KmsKeyArn"]["AllowedPattern"])
+ok = ["", "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+bad = ["arn:aws:kms:eu-west-1:123456789012:alias/gateway", "alias/gateway", "1234abcd-12ab-34cd-56ef-1234567890ab"]
+wrong = [v for v in ok if not pattern.fullmatch(v)] + [v for v in bad if pattern.fullmatch(v)]
+if wrong:
+    sys.exit(f"[kms] KmsKeyArn's AllowedPattern misjudges: {wrong}")
+print("[kms] KmsKeyArn accepts key ARNs only")
+EOF
 # Fargate task sizes: every TaskSize the template offers maps to a pair Fargate accepts.
 "$TOOLS_HOME/venv/bin/python" scripts/check-fargate.py infra/gateway.yaml
 # The check itself must catch an invalid pair.

@@ -6,6 +6,8 @@
 #   - LocalStack 4.8.1 in a venv under $LS_HOME (default ~/.cache/localstack-offline), see scripts/localstack/.
 # Then it deploys infra/gateway.yaml to LocalStack with scripts/deploy.sh (the production template,
 # not a test copy) and hands its outputs to the tests in DICOM_GATEWAY_TEST_STACK_<OutputKey>.
+# A second deployment of the same template checks that KmsKeyArn, TLS pass-through and the
+# HealthImaging preset deploy.
 # Before all that, it fails fast when `cargo fmt --all -- --check` or clippy (warnings denied) fails.
 # Tests that need LocalStack are #[ignore]d in a plain `cargo test`; this script runs them too
 # (--include-ignored). Extra arguments go to `cargo test`, those after a `--` to the test binaries
@@ -70,6 +72,17 @@ while IFS='=' read -r key value; do
   [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
 done <<<"$outputs"
 [ -n "${DICOM_GATEWAY_TEST_STACK_StateMachineArn:-}" ] || { echo "[test] stack deployment gave no outputs" >&2; exit 1; }
+
+# The same template with the options a hardened deployment uses: a customer managed KMS key (its key
+# policy statements and the roles' kms:* grants must be accepted), TLS pass-through and the HealthImaging
+# transfer-syntax preset. Deployed only to prove it deploys; the tests use the stack above.
+echo "[test] deploying it again with KmsKeyArn, TlsMode=passthrough and the healthimaging preset" >&2
+kms_key=$("$AWS_CLI" kms create-key --description "dicom-gateway test key" --query KeyMetadata.Arn --output text)
+AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test-kms dicom-gateway-test-artifacts \
+  DeployService=false KmsKeyArn="$kms_key" TlsMode=passthrough TransferSyntaxAllow=healthimaging \
+  DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test-kms \
+  JobTableName=dicom-gateway-jobs-test-kms BucketName=dicom-gateway-test-kms >/dev/null 2>"$deploy_log" \
+  || { cat "$deploy_log" >&2; exit 1; }
 
 cargo test --locked "${cargo_args[@]}" -- "${test_args[@]}"
 
