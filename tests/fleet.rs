@@ -12,25 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A plain HTTP/1.1 GET; returns (status code, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The AWS settings that could give `serve` a region or credentials from this machine's
 /// environment (the shared test environment may set some of them).
 const AWS_ENV: &[&str] = &[
@@ -163,10 +144,10 @@ fn an_unreachable_endpoint_is_one_error_and_unready_but_the_gateway_serves() {
         ],
     );
     let log = gw.wait_for_log("does not answer at start-up");
-    let (status, body) = get(http, "/readyz");
+    let (status, body) = http_get(http, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("object store"), "{body}");
-    assert_eq!(get(http, "/healthz").0, 200, "alive, only not ready");
+    assert_eq!(http_get(http, "/healthz").0, 200, "alive, only not ready");
     let out = echoscu(gw.port, AE, "ECHOSCU");
     assert!(out.status.success(), "the listener serves: {}", text(&out));
 

@@ -2,29 +2,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn metric(body: &str, name: &str) -> f64 {
     body.lines()
@@ -38,9 +18,9 @@ fn metric(body: &str, name: &str) -> f64 {
 fn health_readiness_and_metrics_follow_a_study() {
     let http = free_port();
     let (gw, _store) = local_gateway(&["--metrics-listen", &format!("127.0.0.1:{http}")]);
-    assert_eq!(get(http, "/healthz"), (200, "ok\n".into()));
-    assert_eq!(get(http, "/readyz"), (200, "ready\n".into()));
-    let (_, before) = get(http, "/metrics");
+    assert_eq!(http_get(http, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(http, "/readyz"), (200, "ready\n".into()));
+    let (_, before) = http_get(http, "/metrics");
     assert_eq!(metric(&before, "dicom_gateway_instances_stored_total"), 0.0);
 
     send_testdata(gw.port);
@@ -57,7 +37,7 @@ fn health_readiness_and_metrics_follow_a_study() {
     );
     scu.release();
 
-    let (status, after) = get(http, "/metrics");
+    let (status, after) = http_get(http, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(
         metric(&after, "dicom_gateway_instances_stored_total"),
@@ -131,7 +111,7 @@ fn readiness_turns_unready_when_s3_is_unreachable_and_ready_again_when_it_return
         eventually(
             &format!("/readyz to answer {want}"),
             Duration::from_secs(40),
-            || match get(http, "/readyz") {
+            || match http_get(http, "/readyz") {
                 (status, body) if status == want => Ok(body),
                 (status, body) => Err(format!("{status} {body}")),
             },
@@ -141,7 +121,7 @@ fn readiness_turns_unready_when_s3_is_unreachable_and_ready_again_when_it_return
     proxy.down();
     let body = wait_for(503);
     assert!(body.contains("object store"), "{body}");
-    assert_eq!(get(http, "/healthz").0, 200, "alive while unready");
+    assert_eq!(http_get(http, "/healthz").0, 200, "alive while unready");
     proxy.up();
     wait_for(200);
 }
