@@ -131,6 +131,13 @@ pub(crate) enum LimitError {
         "import batch full: it would exceed {limit} bytes (--job-max-bytes); send the instance again"
     )]
     BatchFull { limit: u64 },
+    /// The instance took longer than its batch may stay open (twice `--batch-max-age`): past that,
+    /// recovery on another gateway may take the batch over, and an object it did not count would
+    /// never be imported.
+    #[error(
+        "the instance outlived its batch (open for more than twice --batch-max-age); send it again"
+    )]
+    BatchExpired,
 }
 
 impl LimitError {
@@ -141,6 +148,7 @@ impl LimitError {
                 format!("instance larger than the per-file limit of {limit} bytes")
             }
             LimitError::BatchFull { .. } => "import batch full; send the instance again".into(),
+            LimitError::BatchExpired => "import batch expired; send the instance again".into(),
         }
     }
 }
@@ -355,6 +363,10 @@ pub(crate) struct BatchLease {
     seen: Seen,
     /// Bytes reserved in the batch for this instance (what it received so far).
     reserved: u64,
+    /// When the batch has been open for twice `max_age`; the instance must be durable before.
+    /// `--orphan-age` is at least that, so no other gateway's recovery takes the batch over
+    /// while this instance can still count in it.
+    deadline: Instant,
     batcher: Option<Arc<Batcher>>,
 }
 
@@ -376,6 +388,7 @@ impl BatchLease {
         let Some(batcher) = &self.batcher else {
             return Ok(());
         };
+        self.check_deadline()?;
         let size = self.reserved.saturating_add(n);
         if size > batcher.limits.max_instance_bytes {
             return Err(LimitError::InstanceTooLarge {
@@ -384,6 +397,15 @@ impl BatchLease {
         }
         batcher.reserve(&self.job_id, n)?;
         self.reserved = size;
+        Ok(())
+    }
+
+    /// Refused once the batch has been open too long for this instance to still count in it
+    /// (checked as bytes arrive and just before the object is committed).
+    pub(crate) fn check_deadline(&self) -> Result<(), LimitError> {
+        if Instant::now() >= self.deadline {
+            return Err(LimitError::BatchExpired);
+        }
         Ok(())
     }
 
@@ -455,11 +477,6 @@ impl Batcher {
             let created = SystemTime::now();
             info!(job_id = %job_id, "batch opened");
             crate::metrics::metrics().batches_open.inc();
-            let _ = self.events.send(BatchEvent::Opened {
-                job_id: job_id.clone(),
-                created_at: humantime::format_rfc3339_millis(created).to_string(),
-                input_s3_uri: (self.input_s3_uri)(&job_id),
-            });
             Batch {
                 job_id,
                 objects: HashMap::new(),
@@ -492,6 +509,7 @@ impl Batcher {
             path,
             seen,
             reserved: 0,
+            deadline: batch.opened_at + self.limits.max_age.saturating_mul(2),
             batcher: Some(self.clone()),
         }
     }
@@ -556,6 +574,16 @@ impl Batcher {
                         sop.stored += 1;
                         batch.committed += 1;
                         batch.bytes += size;
+                        // The job is recorded OPEN with its first durable instance: a batch whose
+                        // instances all failed leaves no record for recovery to misread.
+                        if batch.committed == 1 {
+                            let _ = self.events.send(BatchEvent::Opened {
+                                job_id: batch.job_id.clone(),
+                                created_at: humantime::format_rfc3339_millis(batch.created)
+                                    .to_string(),
+                                input_s3_uri: (self.input_s3_uri)(&batch.job_id),
+                            });
+                        }
                     }
                     // A repeat under the same key replaced the object: it counts once.
                     Some(old) => batch.bytes = batch.bytes - old + size,
@@ -722,18 +750,27 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
         let lease = b.lease(uid());
+        let job = lease.job_id().to_string();
+        drop(lease);
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing durable yet: no job to record"
+        );
+        let lease = b.lease(uid());
+        assert_eq!(lease.job_id(), job, "same open batch");
+        lease.commit(10, "CT1");
         match rx.try_recv().unwrap() {
             BatchEvent::Opened {
                 job_id,
                 input_s3_uri,
                 ..
             } => {
-                assert_eq!(job_id, lease.job_id());
+                assert_eq!(job_id, job);
                 assert_eq!(input_s3_uri, format!("s3://b/p/{job_id}/"));
             }
             other => panic!("{other:?}"),
         }
-        drop(b.lease(uid()));
+        b.lease(uid()).commit(10, "CT1");
         assert!(rx.try_recv().is_err(), "one opening per batch");
     }
 
@@ -747,6 +784,23 @@ mod tests {
             max_instance_bytes: 1200,
             max_folders: 100,
         }
+    }
+
+    #[test]
+    fn an_instance_that_outlives_twice_the_batch_age_is_refused() {
+        let (b, _rx) = batcher(BatchLimits {
+            max_age: Duration::ZERO,
+            ..limits()
+        });
+        let mut lease = b.lease(uid());
+        assert!(matches!(lease.grow(1), Err(LimitError::BatchExpired)));
+        assert!(matches!(
+            lease.check_deadline(),
+            Err(LimitError::BatchExpired)
+        ));
+        let (b, _rx) = batcher(limits());
+        let mut lease = b.lease(uid());
+        assert!(lease.grow(1).is_ok() && lease.check_deadline().is_ok());
     }
 
     #[test]

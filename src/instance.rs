@@ -384,6 +384,12 @@ impl Target {
 
     /// Makes the upload durable and counts it in its batch.
     async fn commit(&self, up: Upload, started: Instant) -> Result<(), InstanceError> {
+        if let Err(e) = up.lease.check_deadline() {
+            up.upload.abort().await; // the lease is dropped with it: the instance never counts
+            let error = InstanceError::Limit(e);
+            self.log_failure(&error);
+            return Err(error);
+        }
         let committing = Instant::now();
         match up.upload.commit().await {
             Ok(stored) => {

@@ -78,6 +78,20 @@ fn wait_for_new_job(store: &Path, status: &str, known: &[String]) -> String {
     )
 }
 
+/// The job id of the first batch the gateway opened (it is recorded OPEN only once an instance in
+/// it is durable, so the log says it first).
+fn first_opened_batch(gw: &Gateway) -> String {
+    eventually("a batch to open", Duration::from_secs(20), || {
+        let log = gw.log_text();
+        log.lines()
+            .find(|l| l.contains("batch opened"))
+            .and_then(|l| l.split("job_id=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .ok_or(log.clone())
+    })
+}
+
 /// The job of the journal whose id is `id`.
 fn job(store: &Path, id: &str) -> serde_json::Value {
     local_jobs(store)
@@ -104,7 +118,7 @@ fn concurrent_associations_cannot_push_a_batch_past_the_byte_limit() {
 
     // Both instances start while the batch is nearly empty: they are both in it.
     begin_store(&mut sender_a, 1, "1.2.3.7.1", &a, FRAGMENT);
-    let first = wait_for_new_job(store.path(), "OPEN", &[]);
+    let first = first_opened_batch(&gw);
     begin_store(&mut sender_b, 1, "1.2.3.7.2", &b, FRAGMENT);
     // A completes (0.9 MB). B's bytes then take the batch to 1 MB, which closes it to new
     // instances, and on towards 1.8 MB: B is refused before the batch passes 1.5 MB.
