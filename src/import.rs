@@ -14,8 +14,9 @@
 //! - recording OPEN: given up (recording CLOSED creates the job if the OPEN record never made it);
 //! - recording CLOSED: kept trying at the longest backoff, quietly: it is the batch's only record,
 //!   and a corrected IAM policy or table must let it through without a restart;
-//! - starting the import: the job is recorded FAILED with the service's message (it would fail
-//!   the same way every time);
+//! - starting the import: given up; the job stays CLOSED (its instances are acknowledged) and
+//!   periodic recovery tries again every `--recovery-interval`, so a corrected policy or state
+//!   machine takes effect without a restart and without a tight loop;
 //! - recording SUBMITTED: given up; the job stays CLOSED and periodic recovery starts it again
 //!   (idempotently) later.
 //!
@@ -453,35 +454,11 @@ impl Pipeline {
         {
             Ok(started) => started,
             Err(e) => {
-                // Refused for good (access denied, a missing state machine, invalid input):
-                // record it on the job, where `jobs show` and the operator see it.
-                let failed = Transition {
-                    message: Some(format!("the import could not be started: {e}")),
-                    ..Default::default()
-                };
-                let _ = self
-                    .retry(
-                        "recording FAILED",
-                        &job.job_id,
-                        &metrics().job_store_errors,
-                        OnPermanent::GiveUp,
-                        || async {
-                            match self
-                                .jobs
-                                .transition(&job.job_id, JobStatus::Failed, failed.clone())
-                                .await
-                            {
-                                Ok(()) => {
-                                    metrics().job_ended(JobStatus::Failed.as_str());
-                                    Ok(())
-                                }
-                                // Already further along (another gateway started it): leave it.
-                                Err(JobStoreError::NotForward { .. }) => Ok(()),
-                                Err(e) => Err(e),
-                            }
-                        },
-                    )
-                    .await;
+                // Refused (access denied, a missing state machine, invalid input). The job stays
+                // CLOSED: its instances are acknowledged, and the cause is usually a policy or a
+                // stack update an operator fixes; periodic recovery starts it again every
+                // --recovery-interval (jittered), so a fix takes effect without a restart.
+                error!(job_id = %job.job_id, error = %e, "the import could not be started; the job stays CLOSED and recovery tries again every --recovery-interval");
                 return;
             }
         };
@@ -714,7 +691,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_permanent_start_error_fails_the_job_with_its_message_at_once() {
+    async fn a_permanent_start_error_is_not_retried_and_leaves_the_job_closed_for_recovery() {
         let denied = ImportError::StartExecution {
             message: "AccessDeniedException: not authorized to perform states:StartExecution"
                 .into(),
@@ -728,11 +705,10 @@ mod tests {
             "not retried"
         );
         let job = jobs.get(&job.job_id).await.unwrap().unwrap();
-        assert_eq!(job.status, JobStatus::Failed);
-        let message = job.message.unwrap_or_default();
-        assert!(
-            message.starts_with("the import could not be started: Step Functions StartExecution failed: AccessDeniedException: not authorized"),
-            "{message}"
+        assert_eq!(
+            job.status,
+            JobStatus::Closed,
+            "acknowledged instances are never given up: recovery starts the job again"
         );
     }
 
