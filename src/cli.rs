@@ -469,7 +469,8 @@ pub(crate) struct ImportArgs {
     #[arg(long, env = "DICOM_GATEWAY_IMPORT_POLL_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub import_poll_interval: Duration,
 
-    /// Polls after which a still-running import is recorded FAILED (default: 12 hours at 60 s).
+    /// Polls after which a still-running import is recorded FAILED (default: 12 hours at 60 s; at
+    /// most 1000, which keeps an execution below Step Functions' 25,000 history events).
     #[arg(long, env = "DICOM_GATEWAY_IMPORT_MAX_POLLS", default_value_t = 720)]
     pub import_max_polls: u32,
 
@@ -922,6 +923,16 @@ impl ImportArgs {
                 format!("'{arn}' is not an ARN"),
             ));
         }
+        // Each poll adds about 15 events to the execution's history, which Step Functions caps at
+        // 25,000, failing the execution outside any Catch ("Avoid reaching the history quota",
+        // https://docs.aws.amazon.com/step-functions/latest/dg/bp-history-limit.html): its job
+        // would stay IMPORTING.
+        if !(1..=1000).contains(&self.import_max_polls) {
+            return Err(ConfigError::invalid(
+                "--import-max-polls",
+                "must be between 1 and 1000 (Step Functions keeps at most 25,000 events of an execution; raise --import-poll-interval for longer imports)",
+            ));
+        }
         match (
             &storage.s3_bucket,
             &self.job_table.job_table,
@@ -1190,6 +1201,32 @@ mod tests {
         assert_eq!(s.table_name, "t");
         assert_eq!(s.poll_interval, Duration::from_secs(60));
         assert_eq!(s.max_polls, 10);
+    }
+
+    #[test]
+    fn import_polls_stay_within_the_execution_history_quota() {
+        let import = [
+            "--state-machine-arn",
+            "arn:aws:states:us-east-1:1:stateMachine:x",
+            "--s3-bucket",
+            "b",
+            "--job-table",
+            "t",
+            "--datastore-id",
+            "d",
+            "--data-access-role-arn",
+            "arn:aws:iam::1:role/r",
+        ];
+        let mut too_many = import.to_vec();
+        too_many.extend(["--import-max-polls", "5000"]);
+        let e = parse(&too_many).unwrap_err().to_string();
+        assert!(
+            e.contains("--import-max-polls") && e.contains("1000"),
+            "{e}"
+        );
+        let mut fine = import.to_vec();
+        fine.extend(["--import-max-polls", "1000"]);
+        assert!(parse(&fine).is_ok());
     }
 
     #[test]

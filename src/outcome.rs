@@ -315,7 +315,13 @@ impl<'de> Deserialize<'de> for ImageSetsSummary {
                 loop {
                     let more = if first_ids.len() < IMAGE_SET_IDS_KEPT {
                         seq.next_element::<ImageSetEntry>()?.map(|e| {
-                            first_ids.extend(e.image_set_id);
+                            // Written as a DynamoDB string set, which refuses empty and repeated
+                            // members: a ValidationException would never clear.
+                            if let Some(id) = e.image_set_id.filter(|id| !id.is_empty())
+                                && !first_ids.contains(&id)
+                            {
+                                first_ids.push(id);
+                            }
                         })
                     } else {
                         seq.next_element::<IgnoredAny>()?.map(|_| ())

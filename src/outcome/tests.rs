@@ -102,6 +102,16 @@ fn the_counts_are_read_from_the_job_summary() {
 }
 
 #[test]
+fn repeated_and_empty_image_set_ids_are_kept_once_or_not_at_all() {
+    // They become a DynamoDB string set, which refuses both.
+    let json = br#"{"jobSummary":{"numberOfImportedFiles":3,"numberOfFilesWithCustomerError":0,
+        "numberOfFilesWithServerError":0,"imageSetsSummary":[{"imageSetId":"a"},
+        {"imageSetId":"a"},{"imageSetId":""},{"imageSetId":"b"}]}}"#;
+    let m = parse_manifest(&json[..]).unwrap();
+    assert_eq!(m.image_set_ids, vec!["a".to_string(), "b".to_string()]);
+}
+
+#[test]
 fn a_manifest_without_image_sets_summary_still_gives_the_counts() {
     let json = br#"{"jobSummary":{"numberOfScannedFiles":3,"numberOfImportedFiles":3,
         "numberOfFilesWithCustomerError":0,"numberOfFilesWithServerError":0}}"#;
