@@ -38,6 +38,16 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// At shutdown, time given to recording the last batches before giving up (recovery at the next
 /// start picks up CLOSED jobs; see the README).
 const PIPELINE_DRAIN: Duration = Duration::from_secs(10);
+/// Bounds on each S3 call. Without them the SDK waits on a half-open connection for ever, and the
+/// association whose instance is being stored keeps its slot (and holds up shutdown). An attempt
+/// may move one part (8 MiB by default) over a slow link; the SDK retries a timed-out attempt.
+fn s3_timeouts() -> aws_smithy_types::timeout::TimeoutConfig {
+    aws_smithy_types::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .operation_attempt_timeout(Duration::from_secs(120))
+        .build()
+}
+
 /// At shutdown, time given to the outcome reader to finish the job in hand.
 const OUTCOME_DRAIN: Duration = Duration::from_secs(5);
 
@@ -78,6 +88,7 @@ pub(crate) async fn open_job_store(
 async fn s3_client(aws: &Aws, force_path_style: bool) -> anyhow::Result<aws_sdk_s3::Client> {
     let s3_conf = aws_sdk_s3::config::Builder::from(aws.config().await?)
         .force_path_style(force_path_style)
+        .timeout_config(s3_timeouts())
         .build();
     Ok(aws_sdk_s3::Client::from_conf(s3_conf))
 }

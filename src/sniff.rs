@@ -34,6 +34,15 @@ const ITEM_DELIMITATION: u32 = tag_number(Tag(0xFFFE, 0xE00D));
 const SEQUENCE_DELIMITATION: u32 = tag_number(Tag(0xFFFE, 0xE0DD));
 const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
 
+/// Deepest nesting of undefined-length sequences and items followed. Real headers nest a few
+/// levels; the bound keeps a hostile data set from growing the stack without end.
+const MAX_DEPTH: usize = 64;
+
+/// Most inflated bytes read from a deflated data set's header. The instance receiver bounds the
+/// *received* (compressed) bytes it holds; a deflate bomb of a few megabytes could otherwise
+/// inflate to gigabytes of header to walk through.
+const MAX_INFLATED: u64 = 64 * 1024 * 1024;
+
 /// Longest value of interest we keep (UIDs are at most 64 bytes, CS at most 16; padding allowed).
 const MAX_VALUE_LEN: u32 = 256;
 
@@ -184,6 +193,11 @@ impl HeaderSniffer {
                     let consumed = (inflater.total_in() - before_in) as usize;
                     let produced = (inflater.total_out() - before_out) as usize;
                     input = &input[consumed..];
+                    if inflater.total_out() > MAX_INFLATED {
+                        return Err(SniffError::Malformed(
+                            "deflated header inflates beyond 64 MiB without the identifying UIDs",
+                        ));
+                    }
                     self.feed_plain(&out[..produced])?;
                     if status == Status::StreamEnd || (consumed == 0 && produced == 0) {
                         break;
@@ -279,6 +293,9 @@ impl HeaderSniffer {
         match (self.stack.last().copied(), tag) {
             (Some(Frame::Sequence(_)), ITEM) => {
                 if len == UNDEFINED_LENGTH {
+                    if self.stack.len() >= MAX_DEPTH {
+                        return Err(SniffError::Malformed("sequences nested too deeply"));
+                    }
                     self.stack.push(Frame::Item(syntax));
                 } else {
                     self.skip = len as u64;
@@ -317,6 +334,9 @@ impl HeaderSniffer {
                         }
                         None => syntax,
                     };
+                    if self.stack.len() >= MAX_DEPTH {
+                        return Err(SniffError::Malformed("sequences nested too deeply"));
+                    }
                     self.stack.push(Frame::Sequence(inner));
                 } else if frame.is_none() && is_interesting(tag) {
                     if len > MAX_VALUE_LEN {
@@ -561,6 +581,43 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_deflate_bomb_is_refused_once_its_header_inflates_past_the_bound() {
+        // 80 MB of an uninteresting value before any UID, deflated to about 80 KB.
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut e = Enc::new(true, false);
+        e.header(0x0009_1001, b"OB", 80_000_000);
+        z.write_all(&e.out).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..77 {
+            z.write_all(&zeros).unwrap();
+        }
+        let bomb = z.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let err = sniff_in_chunks(
+            DatasetEncoding::DeflatedExplicitVrLittleEndian,
+            &bomb,
+            16384,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SniffError::Malformed(m) if m.contains("64 MiB")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sequences_nested_beyond_the_bound_are_refused() {
+        let mut e = Enc::new(true, false);
+        for _ in 0..100 {
+            e.header(0x0008_1140, b"SQ", UNDEFINED_LENGTH)
+                .header(ITEM, b"  ", UNDEFINED_LENGTH);
+        }
+        let err =
+            sniff_in_chunks(DatasetEncoding::ExplicitVrLittleEndian, &e.out, 1000).unwrap_err();
+        assert_eq!(err, SniffError::Malformed("sequences nested too deeply"));
     }
 
     #[test]
