@@ -1343,6 +1343,30 @@ mod tests {
     }
 
     #[test]
+    fn instances_show_parses_with_the_store_options_of_jobs() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "instances",
+            "show",
+            "1.2.3.4",
+            "--json",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Instances(i) = cli.command else {
+            panic!("not instances")
+        };
+        let InstancesCommand::Show {
+            sop_instance_uid,
+            json,
+        } = i.command;
+        assert_eq!((sop_instance_uid.as_str(), json), ("1.2.3.4", true));
+        assert_eq!(i.store.store_dir.store_dir, PathBuf::from("/data"));
+        assert!(Cli::try_parse_from(["dicom-gateway", "instances", "show"]).is_err());
+    }
+
+    #[test]
     fn jobs_subcommands_parse() {
         let cli = Cli::try_parse_from([
             "dicom-gateway",

@@ -107,11 +107,12 @@ impl LocalIndex {
     }
 
     /// Adds a record for every object of the store that its job's index file lacks (blocking).
-    /// Returns how many were added. Memory is bounded by one job's keys.
+    /// Returns how many were added. Memory is bounded by one job's keys, and the lock is taken one
+    /// job at a time, so the writer waits for one job's scan at most.
     pub(crate) fn rebuild(&self) -> Result<u64, IndexError> {
-        let _guard = self.locked();
         let mut added = 0;
         for job_id in job_dirs(&self.store_root)? {
+            let _guard = self.locked();
             let indexed: HashSet<String> = self
                 .read_job(&job_id)?
                 .into_iter()
