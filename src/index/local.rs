@@ -100,6 +100,9 @@ impl LocalIndex {
             }
         }
         found.retain(|r| r.sop_instance_uid == sop_instance_uid);
+        // One record per object key, the last written: an overwrite (--duplicate-policy
+        // overwrite) or the live record after a rebuild's copy.
+        found.reverse();
         let mut seen = HashSet::new();
         found.retain(|r| seen.insert(r.object_key.clone()));
         found.sort_by(|a, b| a.received_at.cmp(&b.received_at));
@@ -363,9 +366,12 @@ mod tests {
         );
         assert_eq!(index.find("9.9").await.unwrap(), vec![]);
         assert_eq!(index.read_job(JOB).unwrap().len(), 3);
-        // The same object recorded twice (a rebuild raced the writer) is one record.
-        index.append(vec![record("1.2.3.2")]).await.unwrap();
-        assert_eq!(index.find("1.2.3.2").await.unwrap().len(), 1);
+        // The same object recorded twice (overwritten, or a rebuild raced the writer) is one
+        // record: the last written.
+        let mut again = record("1.2.3.2");
+        again.size = 200;
+        index.append(vec![again.clone()]).await.unwrap();
+        assert_eq!(index.find("1.2.3.2").await.unwrap(), vec![again]);
     }
 
     #[tokio::test]

@@ -133,8 +133,8 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
     /// return one record per object key.
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError>;
 
-    /// Every record of this SOP Instance UID (one per object key; several if it was stored in
-    /// several jobs), oldest first.
+    /// Every record of this SOP Instance UID (one per object key, the last written; several if
+    /// it was stored in several jobs), oldest first.
     async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError>;
 
     /// A short description for log lines and error messages.
