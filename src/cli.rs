@@ -1,4 +1,4 @@
-//! The command line: `dicom-gateway serve | jobs | echo` and their options.
+//! The command line: `dicom-gateway serve | jobs | instances | echo` and their options.
 //!
 //! Every option can also come from an environment variable, `DICOM_GATEWAY_` + the option name in
 //! upper snake case, so the same names work on a command line, in a container and in a template.
@@ -56,6 +56,8 @@ pub(crate) enum Command {
     Serve(Box<ServeArgs>),
     /// Inspect import jobs (one per batch): where a study is, and whether it reached HealthImaging.
     Jobs(JobsArgs),
+    /// Trace one instance: where it is stored, which job, when and from which AE it arrived.
+    Instances(InstancesArgs),
     /// Send a C-ECHO to a DICOM peer (this gateway or any SCP); exit 0 on Success. Used by the
     /// container health check.
     Echo(EchoArgs),
@@ -210,6 +212,30 @@ pub(crate) enum JobsCommand {
         /// The job id (the batch's ULID, also the folder name under the import prefix).
         job_id: String,
         /// Print JSON instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `dicom-gateway instances`: the same store options as `jobs`, and what to show.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct InstancesArgs {
+    #[command(flatten)]
+    pub store: JobStoreArgs,
+
+    #[command(subcommand)]
+    pub command: InstancesCommand,
+}
+
+/// `instances show`.
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum InstancesCommand {
+    /// Where one instance is (object key), which job, when and from which AE it arrived, and its
+    /// outcome, from the instance index (`--store-dir`/index/).
+    Show {
+        /// The SOP Instance UID (0008,0018).
+        sop_instance_uid: String,
+        /// Print JSON (one array, a record per stored copy) instead of aligned lines.
         #[arg(long)]
         json: bool,
     },
@@ -1351,6 +1377,30 @@ mod tests {
         );
         let e = parse(&["--recovery-interval", "0s"]).unwrap_err();
         assert!(e.contains("--recovery-interval"), "{e}");
+    }
+
+    #[test]
+    fn instances_show_parses_with_the_store_options_of_jobs() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "instances",
+            "show",
+            "1.2.3.4",
+            "--json",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Instances(i) = cli.command else {
+            panic!("not instances")
+        };
+        let InstancesCommand::Show {
+            sop_instance_uid,
+            json,
+        } = i.command;
+        assert_eq!((sop_instance_uid.as_str(), json), ("1.2.3.4", true));
+        assert_eq!(i.store.store_dir.store_dir, PathBuf::from("/data"));
+        assert!(Cli::try_parse_from(["dicom-gateway", "instances", "show"]).is_err());
     }
 
     #[test]

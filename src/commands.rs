@@ -1,4 +1,4 @@
-//! The subcommands (`serve`, `jobs`, `echo`): what `main` runs once the command line is parsed
+//! The subcommands (`serve`, `jobs`, `instances`, `echo`): what `main` runs once the command line is parsed
 //! into a typed configuration ([`crate::cli`]). Exit status: 0 on success, 2 for a usage or
 //! configuration error, 1 when running fails.
 
@@ -9,8 +9,12 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, ConfigError, EchoArgs, JobsArgs, JobsCommand};
+use crate::cli::{
+    Cli, Command, ConfigError, EchoArgs, InstancesArgs, InstancesCommand, JobsArgs, JobsCommand,
+};
 use crate::config::{LogConfig, LogFormat, ServeConfig};
+use crate::index::local::LocalIndex;
+use crate::index::{InstanceIndex, InstanceRecord};
 use crate::jobs::report;
 
 /// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
@@ -126,6 +130,67 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `dicom-gateway instances show`: reads the instance index of the local store.
+fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
+    let InstancesArgs { store, command } = args;
+    if store.job_table.job_table.is_some() {
+        anyhow::bail!(
+            "`instances show` reads the local instance index (--store-dir) only; the DynamoDB index for --job-table is not built yet"
+        );
+    }
+    let index = LocalIndex::new(&store.store_dir.store_dir);
+    let InstancesCommand::Show {
+        sop_instance_uid,
+        json,
+    } = command;
+    let records = runtime()?
+        .block_on(index.find(&sop_instance_uid))
+        .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+    if records.is_empty() {
+        anyhow::bail!(
+            "no instance '{sop_instance_uid}' in {}. Check the UID (the SOP Instance UID, 0008,0018) and --store-dir; an instance stored just before a crash is indexed when the gateway starts again.",
+            index.describe()
+        );
+    }
+    let text = if json {
+        serde_json::to_string_pretty(&records).unwrap_or_default() + "\n"
+    } else {
+        records
+            .iter()
+            .map(instance_details)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One record as aligned `name: value` lines.
+fn instance_details(r: &InstanceRecord) -> String {
+    let unknown = || "(unknown)".to_string();
+    [
+        ("SOP Instance UID", r.sop_instance_uid.clone()),
+        (
+            "SOP Class UID",
+            r.sop_class_uid.clone().unwrap_or_else(unknown),
+        ),
+        ("Study Instance UID", r.study_instance_uid.clone()),
+        ("Series Instance UID", r.series_instance_uid.clone()),
+        ("Object key", r.object_key.clone()),
+        ("Job", r.job_id.clone()),
+        ("Size", format!("{} bytes", r.size)),
+        (
+            "Calling AE",
+            r.calling_ae_title.clone().unwrap_or_else(unknown),
+        ),
+        ("Received at", r.received_at.clone()),
+        ("Outcome", r.outcome.to_string()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{:<20}{v}\n", format!("{k}:")))
+    .collect()
+}
+
 /// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
 fn echo(args: EchoArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
@@ -160,6 +225,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args.into_config()?),
         Command::Jobs(args) => jobs(args),
+        Command::Instances(args) => instances(args),
         Command::Echo(args) => echo(args),
     }
 }

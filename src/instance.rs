@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::batch::{BatchLease, Batcher, DuplicatePolicy, LimitError, ObjectPath, Seen};
 use crate::dimse::{Command, Status};
+use crate::index::{IndexSender, KeyParts, now_rfc3339};
 use crate::metrics::metrics;
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
@@ -151,6 +152,8 @@ struct Target {
     transfer_syntax_uid: String,
     /// The sender, recorded in the meta group and the batch.
     calling_ae_title: String,
+    /// Where the record of the stored object goes (never waited for).
+    index: IndexSender,
 }
 
 /// What an instance needs from its association.
@@ -160,6 +163,7 @@ pub(crate) struct InstanceContext<'a> {
     pub transfer_syntax: &'a str,
     pub calling_ae_title: &'a str,
     pub duplicates: DuplicatePolicy,
+    pub index: IndexSender,
 }
 
 impl InstanceReceiver {
@@ -199,6 +203,7 @@ impl InstanceReceiver {
                 sop_instance_uid,
                 transfer_syntax_uid: context.transfer_syntax.to_string(),
                 calling_ae_title: context.calling_ae_title.to_string(),
+                index: context.index,
             },
             state,
             received: 0,
@@ -399,6 +404,16 @@ impl Target {
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());
                 up.lease.commit(stored.size, &self.calling_ae_title);
+                // Durable: the index may now say so. Handed over, never waited for.
+                if let Some(parts) = KeyParts::parse(up.key.as_str()) {
+                    self.index.record(parts.record(
+                        up.key.as_str(),
+                        stored.size,
+                        Some(self.sop_class_uid.clone()),
+                        Some(self.calling_ae_title.clone()),
+                        now_rfc3339(),
+                    ));
+                }
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,
                     size = stored.size,
@@ -462,6 +477,7 @@ mod tests {
             abstract_syntax: CT,
             transfer_syntax: dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN,
             calling_ae_title: "CT1",
+            index: IndexSender::disabled(),
             duplicates: DuplicatePolicy::Overwrite,
         };
         (InstanceReceiver::new(store, batcher, &command, context), rx)

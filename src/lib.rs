@@ -12,6 +12,7 @@
 //! - `part10`: the file meta group written in front of the data set;
 //! - `store`: the object stores (S3, local directory);
 //! - `batch`: grouping stored instances into import batches, one job each;
+//! - `index`: one record per stored instance (local journal), written off the acknowledgement path;
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
 //! - `import`: recording batches and starting their HealthImaging imports;
 //! - `outcome`: ending imported jobs from their results in S3 (the manifest is too large for
@@ -34,6 +35,7 @@ pub(crate) mod echo;
 pub(crate) mod emf;
 pub(crate) mod health;
 pub(crate) mod import;
+pub(crate) mod index;
 pub(crate) mod instance;
 pub mod jobs;
 pub(crate) mod listener;

@@ -16,6 +16,8 @@ use crate::config::{ImportConfig, JobStoreConfig, LogFormat, ServeConfig, StoreC
 use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::index::local::LocalIndex;
+use crate::index::{CHANNEL_CAPACITY, IndexSender, InstanceIndex, run_writer};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
@@ -187,6 +189,32 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
     Ok((listener, switch))
 }
 
+/// The instance index of the local store: a rebuild of what a crash lost (in the background, so
+/// receiving starts at once) and the writer the receive path hands records to. Other stores have
+/// no index yet.
+fn open_index(store: &StoreConfig) -> (IndexSender, Option<tokio::task::JoinHandle<()>>) {
+    let StoreConfig::Local { dir } = store else {
+        return (IndexSender::disabled(), None);
+    };
+    let index = LocalIndex::new(dir);
+    {
+        let index = index.clone();
+        tokio::spawn(async move {
+            match index.rebuild_async().await {
+                Ok(added) => {
+                    info!(added, index = %index.describe(), "instance index rebuilt from the store")
+                }
+                Err(e) => {
+                    warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
+                }
+            }
+        });
+    }
+    let (tx, rx) = IndexSender::channel(CHANNEL_CAPACITY);
+    let writer = tokio::spawn(run_writer(Arc::new(index), rx));
+    (tx, Some(writer))
+}
+
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
 pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     // A missing region or credentials stops start-up here, naming what to set (exit status 2).
@@ -264,12 +292,14 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
+    let (index, index_writer) = open_index(&config.store);
     let services = Arc::new(Services {
         acceptance: config.acceptance.clone(),
         timeouts: config.timeouts,
         store: store.clone(),
         batcher: batcher.clone(),
         duplicates: config.duplicate_policy,
+        index,
     });
     let listener = Listener::new(
         plain,
@@ -342,6 +372,14 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     drop(batcher);
     recovery_stop.cancel();
     recovery.abort();
+    // Every sender went with the associations: the writer appends what it holds, then ends.
+    if let Some(writer) = index_writer
+        && tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .is_err()
+    {
+        warn!("instance index: still writing at shutdown; the next start rebuilds what is missing");
+    }
     // The job in hand is finished; should that take too long, its claim expires and the next
     // gateway to look finishes it.
     if let Some((task, stop)) = outcomes {

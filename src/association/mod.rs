@@ -25,6 +25,7 @@ use tracing::{Instrument, Span, debug, info, warn};
 use crate::batch::{Batcher, DuplicatePolicy};
 use crate::connection::Connection;
 use crate::dimse::{self, Command, Status, command_field};
+use crate::index::IndexSender;
 use crate::instance::{InstanceContext, InstanceError, InstanceReceiver};
 use crate::pdu::{Incoming, PduError, Pdv};
 use crate::store::ObjectStore;
@@ -66,6 +67,8 @@ pub(crate) struct Services {
     pub store: Arc<dyn ObjectStore>,
     pub batcher: Arc<Batcher>,
     pub duplicates: DuplicatePolicy,
+    /// Where records of stored instances go.
+    pub index: IndexSender,
 }
 
 /// The status a request is answered with, and for failures a short, patient-data-free Error
@@ -458,6 +461,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             transfer_syntax: &context.transfer_syntax,
                             calling_ae_title: calling_ae,
                             duplicates: self.services.duplicates,
+                            index: self.services.index.clone(),
                         },
                     )
                 });

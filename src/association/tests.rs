@@ -68,6 +68,7 @@ impl Association {
             store: Arc::new(local),
             batcher: Batcher::new(BatchLimits::default(), |id| id.to_string(), events),
             duplicates: DuplicatePolicy::Overwrite,
+            index: crate::index::IndexSender::disabled(),
         });
         let (scu, gateway) = tokio::io::duplex(1 << 20);
         let mut handler = Handler::new(gateway, services, CancellationToken::new());

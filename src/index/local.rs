@@ -1,0 +1,442 @@
+//! The local instance index: one append-only JSON-lines file per job, `{store}/index/{jobId}.jsonl`.
+//!
+//! A record is one line, written with a single append. A crash can leave at most the last line
+//! torn; a line that is not a whole record is skipped when read, and the next append starts on a
+//! new line, so a torn record is never read as valid. Nothing is fsynced: the index is derived
+//! data, and [`LocalIndex::rebuild`] adds what a crash lost from the store's objects. A lookup
+//! reads the files line by line (memory bounded by one line), cheap at the scale of a local store.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::{IndexError, InstanceIndex, InstanceRecord, KeyParts};
+
+/// Most bytes read from the start of an object to find its meta group during a rebuild.
+const META_READ_LIMIT: u64 = 64 * 1024;
+
+/// Instance records as JSON lines in the local store directory: the embedded default.
+#[derive(Clone)]
+pub(crate) struct LocalIndex {
+    /// `{store}/index`.
+    dir: PathBuf,
+    /// The store root, whose `{jobId}/{study}/{series}/{sop}.dcm` objects a rebuild reads.
+    store_root: PathBuf,
+    /// Serialises appends and rebuilds in this process, so a rebuild's view of a job's file holds
+    /// while it adds the missing records.
+    lock: Arc<Mutex<()>>,
+}
+
+impl LocalIndex {
+    pub(crate) const DIR_NAME: &'static str = "index";
+
+    /// The index of the local store rooted at `store_root`.
+    pub(crate) fn new(store_root: impl Into<PathBuf>) -> Self {
+        let store_root = store_root.into();
+        LocalIndex {
+            dir: store_root.join(Self::DIR_NAME),
+            store_root,
+            lock: Arc::new(Mutex::new(())),
+        }
+    }
+
+    fn path_of(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{job_id}.jsonl"))
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one job's records as lines (blocking), after a newline if a torn line ends the file.
+    fn append_job(&self, job_id: &str, records: &[InstanceRecord]) -> Result<(), IndexError> {
+        let mut buf = Vec::new();
+        for r in records {
+            serde_json::to_writer(&mut buf, r)?;
+            buf.push(b'\n');
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(self.path_of(job_id))?;
+        let len = file.metadata()?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                buf.insert(0, b'\n');
+            }
+        }
+        file.write_all(&buf)?;
+        Ok(())
+    }
+
+    /// The whole records of one job's file, in order (blocking). Torn or foreign lines are skipped.
+    pub(crate) fn read_job(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        let mut out = Vec::new();
+        read_lines(&self.path_of(job_id), |_| true, &mut out)?;
+        Ok(out)
+    }
+
+    fn find_blocking(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        let mut found = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e.into()),
+        };
+        // The UID as it appears in a line: a cheap filter before parsing.
+        let needle = format!("\"sopInstanceUid\":\"{sop_instance_uid}\"");
+        for entry in rd {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "jsonl") {
+                read_lines(&path, |line| line.contains(&needle), &mut found)?;
+            }
+        }
+        found.retain(|r| r.sop_instance_uid == sop_instance_uid);
+        // One record per object key, the last written: an overwrite (--duplicate-policy
+        // overwrite) or the live record after a rebuild's copy.
+        found.reverse();
+        let mut seen = HashSet::new();
+        found.retain(|r| seen.insert(r.object_key.clone()));
+        found.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+        Ok(found)
+    }
+
+    /// Adds a record for every object of the store that its job's index file lacks (blocking).
+    /// Returns how many were added. Memory is bounded by one job's keys, and the lock is taken one
+    /// job at a time, so the writer waits for one job's scan at most.
+    pub(crate) fn rebuild(&self) -> Result<u64, IndexError> {
+        let mut added = 0;
+        for job_id in job_dirs(&self.store_root)? {
+            let _guard = self.locked();
+            let indexed: HashSet<String> = self
+                .read_job(&job_id)?
+                .into_iter()
+                .map(|r| r.object_key)
+                .collect();
+            let mut missing = Vec::new();
+            for key in object_keys(&self.store_root, &job_id)? {
+                if !indexed.contains(&key)
+                    && let Some(record) = record_from_object(&self.store_root, &key)?
+                {
+                    missing.push(record);
+                }
+            }
+            if !missing.is_empty() {
+                added += missing.len() as u64;
+                self.append_job(&job_id, &missing)?;
+            }
+        }
+        Ok(added)
+    }
+
+    /// [`LocalIndex::rebuild`] off the async threads.
+    pub(crate) async fn rebuild_async(&self) -> Result<u64, IndexError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.rebuild())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl InstanceIndex for LocalIndex {
+    async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), IndexError> {
+            let _guard = this.locked();
+            let mut records = records;
+            records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+            for chunk in records.chunk_by(|a, b| a.job_id == b.job_id) {
+                this.append_job(&chunk[0].job_id, chunk)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        let this = self.clone();
+        let uid = sop_instance_uid.to_string();
+        tokio::task::spawn_blocking(move || this.find_blocking(&uid))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    fn describe(&self) -> String {
+        format!("the local instance index in {}", self.dir.display())
+    }
+}
+
+/// Appends to `out` the records of the lines of `path` that `keep` accepts and that parse; a
+/// missing file has none. A torn line (cut by a crash) does not parse, and is skipped.
+fn read_lines(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+    out: &mut Vec<InstanceRecord>,
+) -> Result<(), IndexError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line?;
+        let Ok(text) = std::str::from_utf8(&line) else {
+            continue;
+        };
+        if keep(text)
+            && let Ok(record) = serde_json::from_str::<InstanceRecord>(text)
+        {
+            out.push(record);
+        }
+    }
+    Ok(())
+}
+
+/// The job folders of the store root (names of 26 letters and digits, as ULIDs are).
+fn job_dirs(root: &Path) -> Result<Vec<String>, IndexError> {
+    let mut jobs = Vec::new();
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(jobs),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in rd {
+        let entry = entry?;
+        if let Some(name) = entry.file_name().to_str()
+            && name.len() == 26
+            && name.bytes().all(|b| b.is_ascii_alphanumeric())
+            && entry.file_type()?.is_dir()
+        {
+            jobs.push(name.to_string());
+        }
+    }
+    jobs.sort();
+    Ok(jobs)
+}
+
+/// The keys `{job}/{study}/{series}/{sop}.dcm` of a job's committed objects (temporary files of
+/// uploads in progress do not end in `.dcm` there).
+fn object_keys(root: &Path, job_id: &str) -> Result<Vec<String>, IndexError> {
+    let mut keys = Vec::new();
+    for study in sub_dirs(&root.join(job_id))? {
+        for series in sub_dirs(&root.join(job_id).join(&study))? {
+            let dir = root.join(job_id).join(&study).join(&series);
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if let Some(name) = entry.file_name().to_str()
+                    && name.ends_with(".dcm")
+                    && entry.file_type()?.is_file()
+                {
+                    keys.push(format!("{job_id}/{study}/{series}/{name}"));
+                }
+            }
+        }
+    }
+    Ok(keys)
+}
+
+fn sub_dirs(dir: &Path) -> Result<Vec<String>, IndexError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir()
+            && let Some(name) = entry.file_name().to_str()
+        {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// A record for a stored object, from its key, size, modification time and meta group (SOP Class
+/// UID (0002,0002), Source Application Entity Title (0002,0016)). `None` if the key is not of the
+/// store layout or the object vanished meanwhile.
+fn record_from_object(root: &Path, key: &str) -> Result<Option<InstanceRecord>, IndexError> {
+    let Some(parts) = KeyParts::parse(key) else {
+        return Ok(None);
+    };
+    let path = root.join(key);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let metadata = file.metadata()?;
+    let mut head = Vec::new();
+    file.take(META_READ_LIMIT).read_to_end(&mut head)?;
+    let (sop_class_uid, calling_ae_title) = match meta_of(&head) {
+        Some((class, ae)) => (Some(class), ae),
+        None => (None, None),
+    };
+    let received_at = metadata
+        .modified()
+        .map(|t| humantime::format_rfc3339_millis(t).to_string())
+        .unwrap_or_else(|_| super::now_rfc3339());
+    Ok(Some(parts.record(
+        key,
+        metadata.len(),
+        sop_class_uid,
+        calling_ae_title,
+        received_at,
+    )))
+}
+
+/// SOP Class UID and Source Application Entity Title from the start of a Part-10 object, if its
+/// whole meta group is there.
+fn meta_of(head: &[u8]) -> Option<(String, Option<String>)> {
+    let group_len = u32::from_le_bytes(head.get(140..144)?.try_into().ok()?) as usize;
+    if 144usize.checked_add(group_len)? > head.len() {
+        return None;
+    }
+    let (meta, _) = crate::part10::split_part10(head)?;
+    let clean = |s: &str| s.trim_end_matches(['\0', ' ']).to_string();
+    Some((
+        clean(&meta.media_storage_sop_class_uid),
+        meta.source_application_entity_title
+            .as_deref()
+            .map(clean)
+            .filter(|s| !s.is_empty()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::InstanceOutcome;
+    use crate::part10::FileMeta;
+
+    const JOB: &str = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N";
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    fn record(sop: &str) -> InstanceRecord {
+        let key = format!("{JOB}/1.2/1.2.3/{sop}.dcm");
+        KeyParts::parse(&key).unwrap().record(
+            &key,
+            100,
+            Some(CT.into()),
+            Some("CT1".into()),
+            "2026-11-24T06:00:00.000Z".into(),
+        )
+    }
+
+    /// Writes a Part-10 object at `key` under `root`, as the store would.
+    fn write_object(root: &Path, key: &str, ae: &str) {
+        let sop = KeyParts::parse(key).unwrap().sop_instance_uid.to_string();
+        let mut bytes = FileMeta {
+            sop_class_uid: CT,
+            sop_instance_uid: &sop,
+            transfer_syntax_uid: "1.2.840.10008.1.2.1",
+            source_ae_title: ae,
+        }
+        .encode()
+        .unwrap();
+        bytes.extend_from_slice(&[0u8; 64]);
+        let path = root.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn appended_records_are_found_by_sop_instance_uid() {
+        let root = tempfile::tempdir().unwrap();
+        let index = LocalIndex::new(root.path());
+        index
+            .append(vec![record("1.2.3.1"), record("1.2.3.2")])
+            .await
+            .unwrap();
+        index.append(vec![record("1.2.3.3")]).await.unwrap();
+        assert_eq!(
+            index.find("1.2.3.2").await.unwrap(),
+            vec![record("1.2.3.2")]
+        );
+        assert_eq!(
+            index.find("1.2.3").await.unwrap(),
+            vec![],
+            "no prefix match"
+        );
+        assert_eq!(index.find("9.9").await.unwrap(), vec![]);
+        assert_eq!(index.read_job(JOB).unwrap().len(), 3);
+        // The same object recorded twice (overwritten, or a rebuild raced the writer) is one
+        // record: the last written.
+        let mut again = record("1.2.3.2");
+        again.size = 200;
+        index.append(vec![again.clone()]).await.unwrap();
+        assert_eq!(index.find("1.2.3.2").await.unwrap(), vec![again]);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_skipped_and_the_next_append_starts_a_new_line() {
+        let root = tempfile::tempdir().unwrap();
+        let index = LocalIndex::new(root.path());
+        index.append(vec![record("1.2.3.1")]).await.unwrap();
+        let line = serde_json::to_string(&record("1.2.3.2")).unwrap();
+        let torn = &line[..line.len() / 2];
+        let path = index.path_of(JOB);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(torn.as_bytes()).unwrap();
+        drop(f);
+        assert_eq!(index.read_job(JOB).unwrap(), vec![record("1.2.3.1")]);
+        assert_eq!(index.find("1.2.3.2").await.unwrap(), vec![]);
+        index.append(vec![record("1.2.3.3")]).await.unwrap();
+        assert_eq!(
+            index.read_job(JOB).unwrap(),
+            vec![record("1.2.3.1"), record("1.2.3.3")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_adds_the_objects_the_index_lacks_from_their_keys_and_meta_groups() {
+        let root = tempfile::tempdir().unwrap();
+        let index = LocalIndex::new(root.path());
+        let indexed = format!("{JOB}/1.2/1.2.3/1.2.3.1.dcm");
+        let lost = format!("{JOB}/1.2/1.2.3/1.2.3.2.dcm");
+        write_object(root.path(), &indexed, "CT1");
+        write_object(root.path(), &lost, "MR7");
+        // Not objects: a job journal, an upload in progress, a foreign folder.
+        std::fs::create_dir_all(root.path().join("jobs")).unwrap();
+        std::fs::write(root.path().join(format!("jobs/{JOB}.json")), "{}").unwrap();
+        std::fs::write(root.path().join(format!("{JOB}/1.2/1.2.3/.x.tmp")), "x").unwrap();
+        index.append(vec![record("1.2.3.1")]).await.unwrap();
+
+        assert_eq!(index.rebuild_async().await.unwrap(), 1);
+        let found = index.find("1.2.3.2").await.unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        let r = &found[0];
+        assert_eq!(r.object_key, lost);
+        assert_eq!(r.job_id, JOB);
+        assert_eq!(r.study_instance_uid, "1.2");
+        assert_eq!(r.series_instance_uid, "1.2.3");
+        assert_eq!(r.sop_class_uid.as_deref(), Some(CT));
+        assert_eq!(r.calling_ae_title.as_deref(), Some("MR7"));
+        assert_eq!(
+            r.size,
+            std::fs::metadata(root.path().join(&lost)).unwrap().len()
+        );
+        assert_eq!(r.outcome, InstanceOutcome::Stored);
+        // Nothing more to add the second time.
+        assert_eq!(index.rebuild_async().await.unwrap(), 0);
+        assert_eq!(index.read_job(JOB).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_object_without_a_whole_meta_group_is_rebuilt_without_class_and_ae() {
+        assert_eq!(meta_of(b"short"), None);
+        let mut head = vec![0u8; 128];
+        head.extend_from_slice(b"DICM");
+        head.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0, 0xFF, 0xFF, 0xFF, 0x7F]);
+        assert_eq!(meta_of(&head), None, "a group length past the data");
+    }
+}
