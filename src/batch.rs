@@ -579,8 +579,7 @@ impl Batcher {
                         if batch.committed == 1 {
                             let _ = self.events.send(BatchEvent::Opened {
                                 job_id: batch.job_id.clone(),
-                                created_at: humantime::format_rfc3339_millis(batch.created)
-                                    .to_string(),
+                                created_at: crate::clock::rfc3339(batch.created),
                                 input_s3_uri: (self.input_s3_uri)(&batch.job_id),
                             });
                         }
@@ -636,8 +635,8 @@ impl Batcher {
         let summary = BatchSummary {
             input_s3_uri: (self.input_s3_uri)(&b.job_id),
             job_id: b.job_id,
-            created_at: humantime::format_rfc3339_millis(b.created).to_string(),
-            closed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            created_at: crate::clock::rfc3339(b.created),
+            closed_at: crate::clock::now_rfc3339(),
             close_reason: reason,
             instance_count: b.committed,
             total_bytes: b.bytes,

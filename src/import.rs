@@ -27,7 +27,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::batch::BatchEvent;
+use crate::clock::now_rfc3339;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::metrics::metrics;
 use prometheus_client::metrics::counter::Counter;
@@ -301,10 +302,6 @@ pub(crate) struct Pipeline {
     max_backoff: Duration,
     /// Jobs whose import this process is starting now.
     in_flight: Mutex<HashSet<String>>,
-}
-
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 impl Pipeline {

@@ -14,8 +14,9 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::batch::{BatchLease, Batcher, DuplicatePolicy, LimitError, ObjectPath, Seen};
+use crate::clock::now_rfc3339;
 use crate::dimse::{Command, Status};
-use crate::index::{IndexSender, KeyParts, now_rfc3339};
+use crate::index::{IndexSender, KeyParts};
 use crate::metrics::metrics;
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;

@@ -27,6 +27,7 @@ pub(crate) mod association;
 pub(crate) mod aws;
 pub(crate) mod batch;
 pub(crate) mod cli;
+pub(crate) mod clock;
 pub mod commands;
 pub(crate) mod config;
 pub(crate) mod connection;

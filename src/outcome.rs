@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clock::rfc3339;
 use crate::jobs::{
     IMAGE_SET_IDS_KEPT, ImportCounts, ImportOutcome, Job, JobStatus, JobStore, JobStoreError,
     OutcomeClaim,
@@ -419,10 +420,6 @@ pub(crate) async fn read_manifest(results: &dyn ImportResults, at: &ResultsLocat
         Ok(Err(e @ ManifestError::Malformed(_))) => Reading::Unusable(e.to_string()),
         Err(e) => Reading::NotYet(format!("the manifest parser stopped: {e}")),
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// The outcome a reading gives `job` at `now`, or `None` to try again later: a manifest not

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::batch::CloseReason;
-use crate::import::{Pipeline, now_rfc3339, random_below};
+use crate::clock::now_rfc3339;
+use crate::import::{Pipeline, random_below};
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::store::ObjectStore;
 

@@ -280,8 +280,8 @@ fn record_from_object(root: &Path, key: &str) -> Result<Option<InstanceRecord>, 
     };
     let received_at = metadata
         .modified()
-        .map(|t| humantime::format_rfc3339_millis(t).to_string())
-        .unwrap_or_else(|_| super::now_rfc3339());
+        .map(crate::clock::rfc3339)
+        .unwrap_or_else(|_| crate::clock::now_rfc3339());
     Ok(Some(parts.record(
         key,
         metadata.len(),

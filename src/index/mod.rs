@@ -189,11 +189,6 @@ pub(crate) async fn run_writer(
     }
 }
 
-/// The current time as RFC 3339 with milliseconds, UTC (the job records' format).
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,9 +233,10 @@ mod tests {
     #[tokio::test]
     async fn a_full_channel_drops_the_record_instead_of_waiting() {
         let (tx, mut rx) = IndexSender::channel(1);
-        let r = KeyParts::parse(KEY)
-            .unwrap()
-            .record(KEY, 1, None, None, now_rfc3339());
+        let r =
+            KeyParts::parse(KEY)
+                .unwrap()
+                .record(KEY, 1, None, None, crate::clock::now_rfc3339());
         tx.record(r.clone());
         tx.record(r.clone()); // full: dropped at once
         assert_eq!(rx.recv().await, Some(r));
@@ -250,7 +246,7 @@ mod tests {
             1,
             None,
             None,
-            now_rfc3339(),
+            crate::clock::now_rfc3339(),
         ));
     }
 }
