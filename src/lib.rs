@@ -19,6 +19,7 @@
 //!   Step Functions state), exactly one gateway of the fleet per job;
 //! - `recovery`: finishing the jobs a stopped gateway left OPEN or CLOSED;
 //! - `policy`, `uid`: what is accepted; `health`, `metrics`, `emf` (CloudWatch): what operators see;
+//! - `clock`: the one timestamp format of job records, the index and logs;
 //! - `cli`, `config`: the command line, turned once into a checked, typed configuration;
 //! - `server`: the wiring for `dicom-gateway serve`; `echo`: the client behind `dicom-gateway echo`;
 //! - `commands`: the subcommands, run by `main`.
