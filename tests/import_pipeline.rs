@@ -51,13 +51,23 @@ fn gateway(stack: &Stack, case: &str, gateway_id: &str) -> Gateway {
 }
 
 /// Sends two instances, lets the batch close, and returns the job id (manifest already in place).
+/// What a test puts where the mocked import's manifest goes (the mock itself writes nothing).
+enum Manifest {
+    /// No manifest: the import fails, or the test writes one itself.
+    None,
+    /// One with these imported and failed counts.
+    Counts(u32, u32),
+    /// This exact document.
+    Json(Vec<u8>),
+}
+
 async fn send_study(
     stack: &Stack,
     s3: &aws_sdk_s3::Client,
     db: &aws_sdk_dynamodb::Client,
     gw: &Gateway,
     gateway_id: &str,
-    manifest: Option<(u32, u32)>,
+    manifest: Manifest,
 ) -> String {
     let out = storescu(
         gw.port,
@@ -78,15 +88,21 @@ async fn send_study(
     let job_id = wait_for_job_of_gateway(db, &stack.table, gw, gateway_id)
         .await
         .job_id;
-    if let Some((imported, failed)) = manifest {
-        put_manifest(s3, stack, &job_id, imported, failed).await;
+    match manifest {
+        Manifest::None => {}
+        Manifest::Counts(imported, failed) => {
+            put_manifest(s3, stack, &job_id, imported, failed).await
+        }
+        Manifest::Json(bytes) => {
+            put_manifest_bytes(s3, stack, &job_id, bytes).await;
+        }
     }
     job_id
 }
 
 /// Sends a study to a gateway whose state machine runs mocked test case `case`, puts `manifest`
 /// (imported, failed) if given, and returns the stack and the job once final.
-async fn import_study(case: &str, manifest: Option<(u32, u32)>) -> (Stack, Job) {
+async fn import_study(case: &str, manifest: Manifest) -> (Stack, Job) {
     let stack = stack();
     let (s3, db) = clients().await;
     let id = unique(&format!("gw-{}", case.to_lowercase()));
@@ -99,7 +115,7 @@ async fn import_study(case: &str, manifest: Option<(u32, u32)>) -> (Stack, Job) 
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
-    let (stack, job) = import_study("Completed", Some((2, 0))).await;
+    let (stack, job) = import_study("Completed", Manifest::Counts(2, 0)).await;
     let job_id = job.job_id.clone();
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!(job.instance_count, Some(2));
@@ -167,7 +183,7 @@ async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn failed_files_in_a_completed_import_end_completed_with_errors() {
-    let (_, job) = import_study("CompletedWithErrors", Some((1, 1))).await;
+    let (_, job) = import_study("CompletedWithErrors", Manifest::Counts(1, 1)).await;
     assert_eq!(job.status, JobStatus::CompletedWithErrors, "{job:?}");
     assert_eq!((job.imported_count, job.failed_count), (Some(1), Some(1)));
     assert_eq!(job.customer_error_count, Some(1));
@@ -182,7 +198,7 @@ async fn failed_files_in_a_completed_import_end_completed_with_errors() {
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_failed_import_ends_failed_with_its_message() {
-    let (_, job) = import_study("Failed", None).await;
+    let (_, job) = import_study("Failed", Manifest::None).await;
     assert_eq!(job.status, JobStatus::Failed, "{job:?}");
     let message = job.message.unwrap_or_default();
     assert!(
@@ -194,7 +210,7 @@ async fn a_failed_import_ends_failed_with_its_message() {
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_throttled_start_is_retried_and_the_import_completes() {
-    let (_, job) = import_study("ThrottledThenStarted", Some((2, 0))).await;
+    let (_, job) = import_study("ThrottledThenStarted", Manifest::Counts(2, 0)).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
 }
 
@@ -232,19 +248,13 @@ async fn a_job_left_closed_without_an_execution_is_submitted_at_start_up() {
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_manifest_of_6000_image_sets_larger_than_a_state_ends_completed_with_its_counts() {
-    let stack = stack();
-    let (s3, db) = clients().await;
-    let id = unique("gw-largemanifest");
-    let gw = gateway(&stack, "LargeManifest", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, None).await;
-    let manifest = manifest_json(&stack, 6_000, 0, Some(6_000));
+    let manifest = manifest_json(&stack(), 6_000, 0, Some(6_000));
     assert!(
         manifest.len() > 256 * 1024,
         "over Step Functions' 256 KiB: {} bytes",
         manifest.len()
     );
-    put_manifest_bytes(&s3, &stack, &job_id, manifest).await;
-    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    let (_, job) = import_study("LargeManifest", Manifest::Json(manifest)).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!(
         (job.scanned_count, job.imported_count, job.failed_count),
@@ -258,13 +268,8 @@ async fn a_manifest_of_6000_image_sets_larger_than_a_state_ends_completed_with_i
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn a_manifest_without_image_sets_summary_ends_with_the_counts_of_its_job_summary() {
-    let stack = stack();
-    let (s3, db) = clients().await;
-    let id = unique("gw-nosummary");
-    let gw = gateway(&stack, "NoImageSetsSummary", &id);
-    let job_id = send_study(&stack, &s3, &db, &gw, &id, None).await;
-    put_manifest_bytes(&s3, &stack, &job_id, manifest_json(&stack, 2, 0, None)).await;
-    let job = wait_for_final(&db, &stack.table, &job_id, &gw).await;
+    let manifest = manifest_json(&stack(), 2, 0, None);
+    let (_, job) = import_study("NoImageSetsSummary", Manifest::Json(manifest)).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!((job.imported_count, job.failed_count), (Some(2), Some(0)));
     assert_eq!(job.image_set_count, Some(1), "numberOfGeneratedImageSets");
@@ -274,7 +279,7 @@ async fn a_manifest_without_image_sets_summary_ends_with_the_counts_of_its_job_s
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn an_output_uri_without_the_import_folder_gets_it_appended() {
-    let (_, job) = import_study("OutputWithoutFolder", Some((2, 0))).await;
+    let (_, job) = import_study("OutputWithoutFolder", Manifest::Counts(2, 0)).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!(
         job.output_s3_uri.as_deref(),
@@ -286,7 +291,7 @@ async fn an_output_uri_without_the_import_folder_gets_it_appended() {
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn access_denied_at_start_ends_failed_at_once_with_the_message() {
-    let (_, job) = import_study("AccessDeniedAtStart", None).await;
+    let (_, job) = import_study("AccessDeniedAtStart", Manifest::None).await;
     assert_eq!(job.status, JobStatus::Failed, "{job:?}");
     let message = job.message.clone().unwrap_or_default();
     assert!(
@@ -367,7 +372,7 @@ async fn an_imported_job_claimed_by_a_gateway_that_died_is_ended_by_another_once
 #[tokio::test]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn without_an_output_uri_from_get_dicom_import_job_the_requested_prefix_is_read() {
-    let (stack, job) = import_study("OutputMissing", Some((2, 0))).await;
+    let (stack, job) = import_study("OutputMissing", Manifest::Counts(2, 0)).await;
     assert_eq!(job.status, JobStatus::Completed, "{job:?}");
     assert_eq!(
         job.output_s3_uri,
