@@ -58,14 +58,7 @@ fn sigkill_mid_association_loses_nothing_acknowledged_and_the_next_start_closes_
     ];
     let mut gw = Gateway::start(&args, &[]);
     let log = work.path().join("storescu.log");
-    let mut sender = storescu_background(gw.port, &files, &log);
-    wait_for_successes(&log, 100);
-    let mut child = gw.child.take().unwrap();
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    let _ = sender.wait();
-
-    let acked = acknowledged(&log, ROOT);
+    let acked = kill_mid_study(&mut gw, &files, &log, 100, ROOT);
     assert!(
         acked.len() >= 100 && acked.len() < files.len(),
         "killed mid-study: {} acknowledged",

@@ -213,9 +213,7 @@ async fn sigkill_mid_association_with_s3_loses_nothing_acknowledged_and_recovery
     let log = work.path().join("storescu.log");
     let mut sender = storescu_background(gw.port, &files, &log);
     tokio::task::block_in_place(|| wait_for_successes(&log, 50));
-    let mut child = gw.child.take().unwrap();
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    gw.kill();
     tokio::task::block_in_place(|| sender.wait()).unwrap();
 
     let acked = acknowledged(&log, root);

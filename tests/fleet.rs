@@ -272,9 +272,7 @@ fn a_running_gateway_adopts_a_killed_gateways_open_batch_without_a_restart() {
     assert_eq!(jobs[0]["gatewayId"], "gw-victim");
     let job_id = jobs[0]["jobId"].as_str().unwrap().to_string();
 
-    let mut child = victim.child.take().unwrap();
-    child.kill().unwrap(); // SIGKILL: the batch stays OPEN
-    child.wait().unwrap();
+    victim.kill(); // SIGKILL: the batch stays OPEN
 
     let job = eventually(
         "the survivor's periodic recovery to adopt the batch",

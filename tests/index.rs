@@ -111,13 +111,8 @@ fn after_a_sigkill_that_lost_index_lines_the_next_start_rebuilds_every_acknowled
     ];
     let mut gw = Gateway::start(&args, &[]);
     let log = work.path().join("storescu.log");
-    let mut sender = storescu_background(gw.port, &files, &log);
-    wait_for_successes(&log, 100);
-    let mut child = gw.child.take().unwrap();
-    child.kill().unwrap(); // SIGKILL: the writer's channel and any unwritten lines are lost
-    child.wait().unwrap();
-    let _ = sender.wait();
-    let acked = acknowledged(&log, ROOT);
+    // SIGKILL: the index writer's channel and any unwritten lines are lost.
+    let acked = kill_mid_study(&mut gw, &files, &log, 100, ROOT);
     assert!(acked.len() >= 100, "{} acknowledged", acked.len());
 
     // Make the loss certain whatever the writer managed: cut the index file in the middle of a

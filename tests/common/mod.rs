@@ -217,6 +217,32 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// SIGKILL, and wait for the process to be gone: the gateway gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the gateway is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// Sends the corpus `files` (under `root`) to `gw` with storescu in the background, SIGKILLs the
+/// gateway once `after` of them were acknowledged, and returns the SOP Instance UIDs storescu saw
+/// acknowledged. storescu's log goes to `log`.
+pub fn kill_mid_study(
+    gw: &mut Gateway,
+    files: &[PathBuf],
+    log: &Path,
+    after: usize,
+    root: &str,
+) -> Vec<String> {
+    let mut sender = storescu_background(gw.port, files, log);
+    wait_for_successes(log, after);
+    gw.kill();
+    let _ = sender.wait();
+    acknowledged(log, root)
+}
+
 impl Drop for Gateway {
     /// A gateway the test did not stop is of no further interest: kill it at once.
     fn drop(&mut self) {
