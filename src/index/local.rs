@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{IndexError, InstanceIndex, InstanceRecord, KeyParts};
+use super::{IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts};
 
 /// Most bytes read from the start of an object to find its meta group during a rebuild.
 const META_READ_LIMIT: u64 = 64 * 1024;
@@ -82,6 +82,41 @@ impl LocalIndex {
         let mut out = Vec::new();
         read_lines(&self.path_of(job_id), |_| true, &mut out)?;
         Ok(out)
+    }
+
+    /// One job's records, the last written per object key (blocking).
+    fn latest_of_job(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        let mut records = self.read_job(job_id)?;
+        records.reverse();
+        let mut seen = HashSet::new();
+        records.retain(|r| seen.insert(r.object_key.clone()));
+        records.reverse();
+        Ok(records)
+    }
+
+    /// Appends an updated copy of each record whose outcome changes (blocking); the last written
+    /// record of an object key is the one lookups return.
+    fn record_outcomes_blocking(
+        &self,
+        job_id: &str,
+        outcomes: Vec<(String, InstanceOutcome)>,
+    ) -> Result<u64, IndexError> {
+        let _guard = self.locked();
+        let mut by_key: std::collections::HashMap<String, InstanceOutcome> =
+            outcomes.into_iter().collect();
+        let mut updated = Vec::new();
+        for mut record in self.latest_of_job(job_id)? {
+            if let Some(outcome) = by_key.remove(&record.object_key) {
+                if record.outcome != outcome {
+                    record.outcome = outcome;
+                    updated.push(record);
+                }
+            }
+        }
+        if !updated.is_empty() {
+            self.append_job(job_id, &updated)?;
+        }
+        Ok(updated.len() as u64)
     }
 
     fn find_blocking(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
@@ -169,6 +204,34 @@ impl InstanceIndex for LocalIndex {
         tokio::task::spawn_blocking(move || this.find_blocking(&uid))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    async fn record_outcomes(
+        &self,
+        job_id: &str,
+        outcomes: Vec<(String, InstanceOutcome)>,
+    ) -> Result<u64, IndexError> {
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        tokio::task::spawn_blocking(move || this.record_outcomes_blocking(&job_id, outcomes))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut failed: Vec<InstanceRecord> = this
+                .latest_of_job(&job_id)?
+                .into_iter()
+                .filter(|r| matches!(r.outcome, InstanceOutcome::Failed { .. }))
+                .collect();
+            failed.sort_by(|a, b| a.object_key.cmp(&b.object_key));
+            Ok(failed)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     fn describe(&self) -> String {
@@ -312,7 +375,6 @@ fn meta_of(head: &[u8]) -> Option<(String, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::InstanceOutcome;
     use crate::part10::FileMeta;
 
     const JOB: &str = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N";
@@ -429,6 +491,48 @@ mod tests {
         // Nothing more to add the second time.
         assert_eq!(index.rebuild_async().await.unwrap(), 0);
         assert_eq!(index.read_job(JOB).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn outcomes_update_the_records_once_and_failed_ones_are_listed() {
+        let root = tempfile::tempdir().unwrap();
+        let index = LocalIndex::new(root.path());
+        index
+            .append(vec![record("1.2.3.1"), record("1.2.3.2")])
+            .await
+            .unwrap();
+        let key = |sop: &str| format!("{JOB}/1.2/1.2.3/{sop}.dcm");
+        let failed = InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "bad".into(),
+        };
+        let outcomes = vec![
+            (
+                key("1.2.3.1"),
+                InstanceOutcome::Imported {
+                    image_set_id: "a".repeat(32),
+                    is_primary: true,
+                },
+            ),
+            (key("1.2.3.2"), failed.clone()),
+            (key("9.9"), failed.clone()),
+        ];
+        assert_eq!(
+            index.record_outcomes(JOB, outcomes.clone()).await.unwrap(),
+            2
+        );
+        // A resumed reader records the same again: nothing changes.
+        assert_eq!(index.record_outcomes(JOB, outcomes).await.unwrap(), 0);
+        assert_eq!(index.read_job(JOB).unwrap().len(), 4);
+        let found = index.find("1.2.3.2").await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].outcome, failed);
+        let listed = index.failed(JOB).await.unwrap();
+        assert_eq!(listed, found);
+        assert_eq!(
+            index.find("1.2.3.1").await.unwrap()[0].outcome.name(),
+            "IMPORTED"
+        );
     }
 
     #[test]

@@ -27,20 +27,52 @@ pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 /// Most records the writer appends in one go.
 const WRITE_BATCH: usize = 512;
 
-/// Where an instance stands on its way into HealthImaging. Only `stored` exists today; the
-/// outcome reader will add imported, failed and imported-with-warnings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+/// Where an instance stands on its way into HealthImaging: stored, then what the import's
+/// per-file results (`SUCCESS/success.ndjson`, `WARNING/warning.ndjson`, `FAILURE/failure.ndjson`
+/// under the import's output folder; see docs/aws-facts.md) said about its object. In a record it
+/// is flattened: `"outcome":"IMPORTED","imageSetId":…,"isPrimary":…`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "outcome",
+    rename_all = "SCREAMING_SNAKE_CASE",
+    rename_all_fields = "camelCase"
+)]
 pub(crate) enum InstanceOutcome {
     /// Durable in the object store, not (yet) known to be imported.
     Stored,
+    /// Listed in `success.ndjson`: part of image set `image_set_id` (primary or not).
+    Imported {
+        image_set_id: String,
+        is_primary: bool,
+    },
+    /// Listed in `warning.ndjson`: imported, with each warning as `type (code): message`.
+    ImportedWithWarnings {
+        image_set_id: String,
+        is_primary: bool,
+        warnings: Vec<String>,
+    },
+    /// Listed in `failure.ndjson`: not imported, with the exception HealthImaging gave.
+    Failed {
+        exception_type: String,
+        message: String,
+    },
+}
+
+impl InstanceOutcome {
+    /// The upper-case word records, logs and docs use for this outcome.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            InstanceOutcome::Stored => "STORED",
+            InstanceOutcome::Imported { .. } => "IMPORTED",
+            InstanceOutcome::ImportedWithWarnings { .. } => "IMPORTED_WITH_WARNINGS",
+            InstanceOutcome::Failed { .. } => "FAILED",
+        }
+    }
 }
 
 impl std::fmt::Display for InstanceOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            InstanceOutcome::Stored => "STORED",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -62,6 +94,7 @@ pub(crate) struct InstanceRecord {
     pub calling_ae_title: Option<String>,
     /// RFC 3339, UTC. For a rebuilt record, the object's modification time.
     pub received_at: String,
+    #[serde(flatten)]
     pub outcome: InstanceOutcome,
 }
 
@@ -136,6 +169,19 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
     /// Every record of this SOP Instance UID (one per object key, the last written; several if
     /// it was stored in several jobs), oldest first.
     async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError>;
+
+    /// Records the import outcome of objects of job `job_id`, each given by its object key.
+    /// Idempotent: recording the same outcomes again (a resumed outcome reader) changes nothing
+    /// that a lookup returns. A key the index has no record of is skipped. Returns how many
+    /// records were updated. Callers pass bounded chunks.
+    async fn record_outcomes(
+        &self,
+        job_id: &str,
+        outcomes: Vec<(String, InstanceOutcome)>,
+    ) -> Result<u64, IndexError>;
+
+    /// The records of job `job_id` whose outcome is FAILED, in object key order.
+    async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError>;
 
     /// A short description for log lines and error messages.
     fn describe(&self) -> String;
@@ -227,6 +273,32 @@ mod tests {
         assert!(json.contains(r#""outcome":"STORED""#), "{json}");
         assert!(json.contains(r#""objectKey":"01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3"#));
         assert!(json.contains(r#""callingAeTitle":"CT1""#));
+        assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn an_outcome_is_flattened_into_the_record_with_camel_case_fields() {
+        let mut r = KeyParts::parse(KEY).unwrap().record(
+            KEY,
+            42,
+            None,
+            None,
+            "2026-11-24T06:00:00.000Z".into(),
+        );
+        r.outcome = InstanceOutcome::ImportedWithWarnings {
+            image_set_id: "0123".into(),
+            is_primary: false,
+            warnings: vec!["InvalidOffsetTable (45330): offsets".into()],
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""outcome":"IMPORTED_WITH_WARNINGS""#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""imageSetId":"0123","isPrimary":false"#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), r);
     }
 
