@@ -106,11 +106,11 @@ impl LocalIndex {
             outcomes.into_iter().collect();
         let mut updated = Vec::new();
         for mut record in self.latest_of_job(job_id)? {
-            if let Some(outcome) = by_key.remove(&record.object_key) {
-                if record.outcome != outcome {
-                    record.outcome = outcome;
-                    updated.push(record);
-                }
+            if let Some(outcome) = by_key.remove(&record.object_key)
+                && record.outcome != outcome
+            {
+                record.outcome = outcome;
+                updated.push(record);
             }
         }
         if !updated.is_empty() {
