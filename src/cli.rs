@@ -19,8 +19,8 @@ use crate::batch::{
     BatchLimits, DuplicatePolicy, HEALTHIMAGING_MAX_JOB_BYTES, HEALTHIMAGING_MAX_NESTED_FOLDERS,
 };
 use crate::config::{
-    ImportConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig, StoreConfig,
-    TlsConfig, validate_ae_title,
+    ImportConfig, IndexConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig,
+    StoreConfig, TlsConfig, validate_ae_title,
 };
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
@@ -649,6 +649,12 @@ impl ServeArgs {
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
+        let index = match job_store {
+            JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
+                store_root: storage.store_dir.store_dir.clone(),
+            },
+            JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
+        };
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -660,6 +666,7 @@ impl ServeArgs {
             timeouts,
             store,
             job_store,
+            index,
             import: import_config,
             gateway_id: import.gateway_id,
             recovery,

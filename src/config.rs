@@ -36,6 +36,7 @@ pub(crate) struct ServeConfig {
     pub timeouts: Timeouts,
     pub store: StoreConfig,
     pub job_store: JobStoreConfig,
+    pub index: IndexConfig,
     /// The HealthImaging import; `None` leaves closed batches CLOSED.
     pub import: Option<ImportConfig>,
     /// This gateway's name in job records when given (`--gateway-id`); otherwise the server
@@ -87,6 +88,16 @@ pub(crate) enum JobStoreConfig {
     DynamoDb { table: String },
     /// A journal of JSON files in this directory (the embedded default).
     LocalJournal { dir: PathBuf },
+}
+
+/// Where the instance index is kept ([`crate::index`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum IndexConfig {
+    /// JSON lines in `{store_root}/index/` beside the local job journal; rebuilt from the local
+    /// store's objects at start-up.
+    Local { store_root: PathBuf },
+    /// No index: the job records are in DynamoDB, whose instance table is not built yet.
+    Off,
 }
 
 /// The import state machine and the settings passed to each of its executions.

@@ -12,7 +12,9 @@ use tracing::{info, warn};
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
 use crate::batch::Batcher;
-use crate::config::{ImportConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig};
+use crate::config::{
+    ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
+};
 use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
@@ -189,14 +191,25 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
     Ok((listener, switch))
 }
 
-/// The instance index of the local store: a rebuild of what a crash lost (in the background, so
-/// receiving starts at once) and the writer the receive path hands records to. Other stores have
-/// no index yet.
-fn open_index(store: &StoreConfig) -> (IndexSender, Option<tokio::task::JoinHandle<()>>) {
-    let StoreConfig::Local { dir } = store else {
-        return (IndexSender::disabled(), None);
+/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
+/// receive path's sender and the writer task to wait for at shutdown.
+struct OpenIndex {
+    index: Option<Arc<dyn InstanceIndex>>,
+    sender: IndexSender,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The instance index the configuration names: a rebuild of what a crash lost (in the background,
+/// so receiving starts at once) and the writer the receive path hands records to.
+fn open_index(config: &IndexConfig) -> OpenIndex {
+    let IndexConfig::Local { store_root } = config else {
+        return OpenIndex {
+            index: None,
+            sender: IndexSender::disabled(),
+            writer: None,
+        };
     };
-    let index = LocalIndex::new(dir);
+    let index = LocalIndex::new(store_root);
     {
         let index = index.clone();
         tokio::spawn(async move {
@@ -210,9 +223,14 @@ fn open_index(store: &StoreConfig) -> (IndexSender, Option<tokio::task::JoinHand
             }
         });
     }
-    let (tx, rx) = IndexSender::channel(CHANNEL_CAPACITY);
-    let writer = tokio::spawn(run_writer(Arc::new(index), rx));
-    (tx, Some(writer))
+    let index: Arc<dyn InstanceIndex> = Arc::new(index);
+    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
+    let writer = tokio::spawn(run_writer(index.clone(), rx));
+    OpenIndex {
+        index: Some(index),
+        sender,
+        writer: Some(writer),
+    }
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
@@ -292,7 +310,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
-    let (index, index_writer) = open_index(&config.store);
+    let OpenIndex {
+        index: _index,
+        sender: index,
+        writer: index_writer,
+    } = open_index(&config.index);
     let services = Arc::new(Services {
         acceptance: config.acceptance.clone(),
         timeouts: config.timeouts,
