@@ -69,6 +69,7 @@ impl Association {
             batcher: Batcher::new(BatchLimits::default(), |id| id.to_string(), events),
             duplicates: DuplicatePolicy::Overwrite,
             index: crate::index::IndexSender::disabled(),
+            commitments: None,
         });
         let (scu, gateway) = tokio::io::duplex(1 << 20);
         let mut handler = Handler::new(gateway, services, CancellationToken::new());
