@@ -5,7 +5,7 @@ use super::*;
 use crate::jobs::local::LocalJournal;
 
 /// Counts this thread's live heap bytes, so a test can show what parsing holds at its peak.
-mod heap {
+pub(super) mod heap {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 
@@ -401,12 +401,14 @@ async fn of_two_gateways_exactly_one_ends_the_job() {
     let a = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-a".into(),
         timing(MANIFEST_WAIT),
     );
     let b = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
@@ -447,6 +449,7 @@ async fn a_claim_left_by_a_dead_gateway_is_taken_over_once_expired() {
     let b = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
@@ -484,6 +487,7 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
     let patient = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-a".into(),
         timing(MANIFEST_WAIT),
     );
@@ -499,6 +503,7 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
     let done_waiting = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(Duration::ZERO),
     );
