@@ -1442,10 +1442,40 @@ mod tests {
         let Command::Jobs(j) = cli.command else {
             panic!()
         };
-        assert!(matches!(j.command, JobsCommand::Show { .. }));
+        assert!(matches!(j.command, JobsCommand::Show { failed: false, .. }));
+        assert_eq!(j.store.index_config(), IndexConfig::Off);
         assert_eq!(
             j.store.into_config(),
             JobStoreConfig::DynamoDb { table: "t".into() }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "show",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "--failed",
+            "--json",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(
+            j.command,
+            JobsCommand::Show {
+                failed: true,
+                json: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            j.store.index_config(),
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            },
+            "the index serve keeps beside the local journal"
         );
         let cli = Cli::try_parse_from([
             "dicom-gateway",

@@ -345,6 +345,73 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
 mod tests {
     use super::*;
 
+    fn record(outcome: InstanceOutcome) -> InstanceRecord {
+        let key = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4.dcm";
+        let mut r = crate::index::KeyParts::parse(key).unwrap().record(
+            key,
+            42,
+            None,
+            Some("CT1".into()),
+            "2026-11-24T06:00:00.000Z".into(),
+        );
+        r.outcome = outcome;
+        r
+    }
+
+    #[test]
+    fn instances_show_prints_the_outcome_details() {
+        let warned = instance_details(&record(InstanceOutcome::ImportedWithWarnings {
+            image_set_id: "0a1b".into(),
+            is_primary: false,
+            warnings: vec!["InvalidOffsetTable (45330): bad".into(), "W (1)".into()],
+        }));
+        assert!(
+            warned.contains("Outcome:            IMPORTED_WITH_WARNINGS\n"),
+            "{warned}"
+        );
+        assert!(warned.contains("Image set:          0a1b\n"), "{warned}");
+        assert!(warned.contains("Primary:            no"), "{warned}");
+        assert!(
+            warned.contains(
+                "Warning:            InvalidOffsetTable (45330): bad\nWarning:            W (1)\n"
+            ),
+            "{warned}"
+        );
+        let failed = instance_details(&record(InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "not DICOM".into(),
+        }));
+        assert!(
+            failed.contains(
+                "Exception:          ValidationException\nMessage:            not DICOM\n"
+            ),
+            "{failed}"
+        );
+        let stored = instance_details(&record(InstanceOutcome::Stored));
+        assert!(stored.ends_with("Outcome:            STORED\n"), "{stored}");
+    }
+
+    #[test]
+    fn jobs_show_failed_lists_each_instance_with_its_exception() {
+        let text = failed_instances(&[record(InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "not DICOM".into(),
+        })]);
+        assert!(
+            text.starts_with("\nFailed instances: 1\n\nSOP Instance UID:   1.2.3.4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Object key:         01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4.dcm")
+        );
+        assert!(
+            text.contains(
+                "Exception:          ValidationException\nMessage:            not DICOM\n"
+            )
+        );
+        assert!(failed_instances(&[]).contains("Failed instances: 0\n(none recorded"));
+    }
+
     #[test]
     fn aws_probing_is_quiet_unless_rust_log_says_otherwise() {
         let f = log_filter(None, "info").unwrap().to_string();

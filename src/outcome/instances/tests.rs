@@ -166,14 +166,15 @@ fn an_input_file_maps_to_its_object_key_with_or_without_a_store_prefix() {
     assert!(InputPrefix::of(&job("s3://b/import/someone-else/")).is_err());
 }
 
-/// `n` lines of `file` for objects of [`JOB`] (every tenth one of another job).
-pub(crate) fn result_lines(file: ResultFile, n: usize, input: &str) -> Vec<u8> {
+/// `n` lines of `file` for objects `{input}1.2/{series}/{series}.{i}.dcm` (every tenth one of
+/// another job instead).
+pub(crate) fn result_lines(file: ResultFile, n: usize, input: &str, series: &str) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..n {
         let object = if i % 10 == 9 {
-            format!("s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6M/1.2/1.2.3/1.2.3.{i}.dcm")
+            format!("s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6M/1.2/{series}/{series}.{i}.dcm")
         } else {
-            format!("{input}1.2/1.2.3/1.2.3.{i}.dcm")
+            format!("{input}1.2/{series}/{series}.{i}.dcm")
         };
         let line = match file {
             ResultFile::Success => format!(
@@ -195,10 +196,10 @@ pub(crate) fn result_lines(file: ResultFile, n: usize, input: &str) -> Vec<u8> {
 #[test]
 fn a_file_is_handed_over_in_chunks_and_its_lines_counted() {
     let input = format!("s3://b/import/{JOB}/");
-    let mut body = result_lines(ResultFile::Success, 1_203, &input);
+    let mut body = result_lines(ResultFile::Success, 1_203, &input, "1.2.3");
     // Blank lines, a CRLF line, a malformed line in the middle, no newline at the end.
     body.extend_from_slice(b"\n\r\nnot json\n");
-    body.extend_from_slice(&result_lines(ResultFile::Success, 1, &input)[..]);
+    body.extend_from_slice(&result_lines(ResultFile::Success, 1, &input, "1.2.3")[..]);
     body.pop();
     body.extend_from_slice(b"\r");
     let mut chunks = Vec::new();
@@ -231,7 +232,7 @@ fn an_overlong_line_is_skipped_as_it_streams_by_and_the_next_one_read() {
     let input = format!("s3://b/import/{JOB}/");
     let mut body = vec![b'x'; MAX_LINE * 3];
     body.push(b'\n');
-    body.extend_from_slice(&result_lines(ResultFile::Failure, 1, &input));
+    body.extend_from_slice(&result_lines(ResultFile::Failure, 1, &input, "1.2.3"));
     let mut got = Vec::new();
     let (tally, peak) = heap::peak_of(|| {
         read_results(&body[..], ResultFile::Failure, &prefix(), |c| {
@@ -268,7 +269,12 @@ impl Read for Breaks<'_> {
 
 #[test]
 fn a_broken_stream_is_a_read_error_and_a_stopped_sink_stops_the_reading() {
-    let body = result_lines(ResultFile::Success, 2_000, &format!("s3://b/import/{JOB}/"));
+    let body = result_lines(
+        ResultFile::Success,
+        2_000,
+        &format!("s3://b/import/{JOB}/"),
+        "1.2.3",
+    );
     let err = read_results(
         Breaks {
             ok: &body[..body.len() / 2],
@@ -304,7 +310,7 @@ fn three_files_of_5000_lines_are_read_in_small_bounded_memory() {
     let files = |n: usize| -> Vec<(ResultFile, Vec<u8>)> {
         ResultFile::ALL
             .into_iter()
-            .map(|f| (f, result_lines(f, n, &input)))
+            .map(|f| (f, result_lines(f, n, &input, "1.2.3")))
             .collect()
     };
     let read_all = |files: &[(ResultFile, Vec<u8>)]| -> u64 {
