@@ -726,6 +726,8 @@ impl OutcomeReader {
                     return Ok(false);
                 }
             }
+            // The job ends now, after its instances.
+            outcome.ended_at = rfc3339(SystemTime::now());
         }
         match self
             .jobs
