@@ -170,6 +170,25 @@ impl JobStoreArgs {
     pub(crate) fn into_config(self) -> JobStoreConfig {
         job_store_config(self.job_table, &self.store_dir)
     }
+
+    /// The instance index that `serve` keeps with the same options.
+    pub(crate) fn index_config(&self) -> IndexConfig {
+        index_config(
+            &job_store_config(self.job_table.clone(), &self.store_dir),
+            &self.store_dir,
+        )
+    }
+}
+
+/// The instance index beside a job store: the local one in the store directory with the local
+/// journal; none yet with DynamoDB. One place, so `serve`, `jobs` and `instances` agree.
+fn index_config(job_store: &JobStoreConfig, store_dir: &StoreDirArg) -> IndexConfig {
+    match job_store {
+        JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
+            store_root: store_dir.store_dir.clone(),
+        },
+        JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
+    }
 }
 
 /// DynamoDB with a table, else the journal in the store directory.
@@ -214,6 +233,10 @@ pub(crate) enum JobsCommand {
         /// Print JSON instead of aligned lines.
         #[arg(long)]
         json: bool,
+        /// Also list the job's instances HealthImaging refused, with its exception type and
+        /// message, from the instance index (in JSON: `failedInstances`).
+        #[arg(long)]
+        failed: bool,
     },
 }
 
@@ -649,12 +672,7 @@ impl ServeArgs {
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
-        let index = match job_store {
-            JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
-                store_root: storage.store_dir.store_dir.clone(),
-            },
-            JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
-        };
+        let index = index_config(&job_store, &storage.store_dir);
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -1424,10 +1442,40 @@ mod tests {
         let Command::Jobs(j) = cli.command else {
             panic!()
         };
-        assert!(matches!(j.command, JobsCommand::Show { .. }));
+        assert!(matches!(j.command, JobsCommand::Show { failed: false, .. }));
+        assert_eq!(j.store.index_config(), IndexConfig::Off);
         assert_eq!(
             j.store.into_config(),
             JobStoreConfig::DynamoDb { table: "t".into() }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "show",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "--failed",
+            "--json",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(
+            j.command,
+            JobsCommand::Show {
+                failed: true,
+                json: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            j.store.index_config(),
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            },
+            "the index serve keeps beside the local journal"
         );
         let cli = Cli::try_parse_from([
             "dicom-gateway",
