@@ -171,6 +171,25 @@ impl JobStoreArgs {
     pub(crate) fn into_config(self) -> JobStoreConfig {
         job_store_config(self.job_table, &self.store_dir)
     }
+
+    /// The instance index that `serve` keeps with the same options.
+    pub(crate) fn index_config(&self) -> IndexConfig {
+        index_config(
+            &job_store_config(self.job_table.clone(), &self.store_dir),
+            &self.store_dir,
+        )
+    }
+}
+
+/// The instance index beside a job store: the local one in the store directory with the local
+/// journal; none yet with DynamoDB. One place, so `serve`, `jobs` and `instances` agree.
+fn index_config(job_store: &JobStoreConfig, store_dir: &StoreDirArg) -> IndexConfig {
+    match job_store {
+        JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
+            store_root: store_dir.store_dir.clone(),
+        },
+        JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
+    }
 }
 
 /// DynamoDB with a table, else the journal in the store directory.
@@ -215,6 +234,10 @@ pub(crate) enum JobsCommand {
         /// Print JSON instead of aligned lines.
         #[arg(long)]
         json: bool,
+        /// Also list the job's instances HealthImaging refused, with its exception type and
+        /// message, from the instance index (in JSON: `failedInstances`).
+        #[arg(long)]
+        failed: bool,
     },
 }
 
@@ -270,7 +293,7 @@ pub(crate) struct ServeArgs {
 #[command(next_help_heading = "Storage Commitment")]
 pub(crate) struct CommitmentArgs {
     /// When an instance is committed: stored (durable in the store and in the instance index) or
-    /// imported (HealthImaging reported it imported; needs --state-machine-arn).
+    /// imported (HealthImaging reported it imported; needs --s3-bucket, where import results are).
     #[arg(
         long,
         env = "DICOM_GATEWAY_COMMIT_WHEN",
@@ -297,10 +320,11 @@ pub(crate) struct CommitmentArgs {
 }
 
 impl CommitmentArgs {
-    /// The settings; `import_poll` is how often import outcomes can change (with an import).
+    /// The settings; `outcome_interval` is how often import outcomes are read (`None`: they are
+    /// not, without an S3 store).
     fn into_settings(
         self,
-        import_poll: Option<Duration>,
+        outcome_interval: Option<Duration>,
     ) -> Result<CommitmentSettings, ConfigError> {
         let mut peers = std::collections::HashMap::new();
         for pair in &self.commitment_peer {
@@ -312,9 +336,9 @@ impl CommitmentArgs {
                 ));
             }
         }
-        if self.commit_when == CommitWhen::Imported && import_poll.is_none() {
+        if self.commit_when == CommitWhen::Imported && outcome_interval.is_none() {
             return Err(ConfigError::Combination(
-                "--commit-when imported needs --state-machine-arn: without an import no instance is ever imported",
+                "--commit-when imported needs --s3-bucket: import outcomes are read from S3, so without it no instance is ever reported imported",
             ));
         }
         Ok(CommitmentSettings {
@@ -322,9 +346,9 @@ impl CommitmentArgs {
             peers,
             timeout: nonzero("--commitment-timeout", self.commitment_timeout)?,
             index_grace: self.commitment_index_grace,
-            // Outcomes change at most once per import poll; a store that did not answer is asked
-            // again within 10 s.
-            check_interval: import_poll
+            // Outcomes change at most once per outcome reading; a store that did not answer is
+            // asked again within 10 s.
+            check_interval: outcome_interval
                 .unwrap_or(Duration::from_secs(10))
                 .clamp(Duration::from_secs(1), Duration::from_secs(60)),
         })
@@ -734,15 +758,16 @@ impl ServeArgs {
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
-        let commitment =
-            commitment.into_settings(import_config.as_ref().map(|i| i.settings.poll_interval))?;
+        // The outcome reader runs with an S3 store, at the import poll interval (else at the
+        // recovery interval): how often an instance's import outcome can change.
+        let outcome_interval = matches!(store, StoreConfig::S3 { .. }).then(|| {
+            import_config
+                .as_ref()
+                .map_or(recovery.interval, |i| i.settings.poll_interval)
+        });
+        let commitment = commitment.into_settings(outcome_interval)?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
-        let index = match job_store {
-            JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
-                store_root: storage.store_dir.store_dir.clone(),
-            },
-            JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
-        };
+        let index = index_config(&job_store, &storage.store_dir);
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -1200,7 +1225,14 @@ mod tests {
         let e = parse(&["--commitment-peer", "CT1=a:1,CT1=b:2"]).unwrap_err();
         assert!(e.contains("names CT1 twice"), "{e}");
         let e = parse(&["--commit-when", "imported"]).unwrap_err();
-        assert!(e.contains("needs --state-machine-arn"), "{e}");
+        assert!(e.contains("needs --s3-bucket"), "{e}");
+        let c = parse(&["--commit-when", "imported", "--s3-bucket", "b"]).unwrap();
+        assert_eq!(c.commitment.commit_when, CommitWhen::Imported);
+        assert_eq!(
+            c.commitment.check_interval,
+            Duration::from_secs(60),
+            "the outcome reader's interval (here the recovery interval, 5 min), at most a minute"
+        );
         let e = parse(&["--commitment-timeout", "0s"]).unwrap_err();
         assert!(e.starts_with("--commitment-timeout"), "{e}");
     }
@@ -1557,10 +1589,40 @@ mod tests {
         let Command::Jobs(j) = cli.command else {
             panic!()
         };
-        assert!(matches!(j.command, JobsCommand::Show { .. }));
+        assert!(matches!(j.command, JobsCommand::Show { failed: false, .. }));
+        assert_eq!(j.store.index_config(), IndexConfig::Off);
         assert_eq!(
             j.store.into_config(),
             JobStoreConfig::DynamoDb { table: "t".into() }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "jobs",
+            "show",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "--failed",
+            "--json",
+            "--store-dir",
+            "/data",
+        ])
+        .unwrap();
+        let Command::Jobs(j) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(
+            j.command,
+            JobsCommand::Show {
+                failed: true,
+                json: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            j.store.index_config(),
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            },
+            "the index serve keeps beside the local journal"
         );
         let cli = Cli::try_parse_from([
             "dicom-gateway",

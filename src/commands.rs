@@ -3,6 +3,7 @@
 //! configuration error, 1 when running fails.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,9 +13,8 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{
     Cli, Command, ConfigError, EchoArgs, InstancesArgs, InstancesCommand, JobsArgs, JobsCommand,
 };
-use crate::config::{LogConfig, LogFormat, ServeConfig};
-use crate::index::local::LocalIndex;
-use crate::index::{InstanceIndex, InstanceRecord};
+use crate::config::{IndexConfig, LogConfig, LogFormat, ServeConfig};
+use crate::index::{InstanceIndex, InstanceOutcome, InstanceRecord};
 use crate::jobs::report;
 
 /// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
@@ -79,9 +79,11 @@ fn serve(config: ServeConfig) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `dicom-gateway jobs list|show`: reads the same job store as `serve`.
+/// `dicom-gateway jobs list|show`: reads the same job store (and, for `--failed`, the same
+/// instance index) as `serve`.
 fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     let JobsArgs { store, command } = args;
+    let index_config = store.index_config();
     let store_config = store.into_config();
     runtime()?.block_on(async move {
         let aws = crate::aws::Aws::new("--job-table");
@@ -107,7 +109,11 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                     report::table(&jobs)
                 }
             }
-            JobsCommand::Show { job_id, json } => {
+            JobsCommand::Show {
+                job_id,
+                json,
+                failed,
+            } => {
                 let job = store
                     .get(&job_id)
                     .await
@@ -118,10 +124,31 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                         store.describe()
                     );
                 };
-                if json {
-                    serde_json::to_string_pretty(&job).unwrap_or_default() + "\n"
+                let failed = if failed {
+                    let index = open_index(&index_config)?;
+                    Some(
+                        index
+                            .failed(&job_id)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?,
+                    )
                 } else {
-                    report::details(&job)
+                    None
+                };
+                match (json, failed) {
+                    (true, None) => serde_json::to_string_pretty(&job).unwrap_or_default() + "\n",
+                    (true, Some(failed)) => {
+                        let mut value = serde_json::to_value(&job).unwrap_or_default();
+                        if let Some(map) = value.as_object_mut() {
+                            map.insert(
+                                "failedInstances".into(),
+                                serde_json::to_value(&failed).unwrap_or_default(),
+                            );
+                        }
+                        serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+                    }
+                    (false, None) => report::details(&job),
+                    (false, Some(failed)) => report::details(&job) + &failed_instances(&failed),
                 }
             }
         };
@@ -130,15 +157,19 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `dicom-gateway instances show`: reads the instance index of the local store.
+/// The instance index `serve` keeps with the same options, or why there is none.
+fn open_index(config: &IndexConfig) -> anyhow::Result<Arc<dyn InstanceIndex>> {
+    crate::server::open_instance_index(config).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no instance index with these options: the local index lives in --store-dir with the local job journal; the DynamoDB index for --job-table is not built yet"
+        )
+    })
+}
+
+/// `dicom-gateway instances show`: reads the instance index `serve` keeps.
 fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
     let InstancesArgs { store, command } = args;
-    if store.job_table.job_table.is_some() {
-        anyhow::bail!(
-            "`instances show` reads the local instance index (--store-dir) only; the DynamoDB index for --job-table is not built yet"
-        );
-    }
-    let index = LocalIndex::new(&store.store_dir.store_dir);
+    let index = open_index(&store.index_config())?;
     let InstancesCommand::Show {
         sop_instance_uid,
         json,
@@ -165,10 +196,78 @@ fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The failed instances of a job under a heading, one paragraph each, for `jobs show --failed`.
+fn failed_instances(records: &[InstanceRecord]) -> String {
+    let mut out = format!("\nFailed instances: {}\n", records.len());
+    for r in records {
+        out.push('\n');
+        out.push_str(&aligned(&[
+            ("SOP Instance UID", r.sop_instance_uid.clone()),
+            ("Object key", r.object_key.clone()),
+        ]));
+        out.push_str(&aligned(&outcome_details(&r.outcome)));
+    }
+    if records.is_empty() {
+        out.push_str(
+            "(none recorded: the import refused no file, or its results are not read yet)\n",
+        );
+    }
+    out
+}
+
+/// What an outcome adds to an instance's lines: the image set, or the exception.
+fn outcome_details(outcome: &InstanceOutcome) -> Vec<(&'static str, String)> {
+    let yes_no = |b: bool| {
+        if b {
+            "yes"
+        } else {
+            "no (a non-primary image set)"
+        }
+        .to_string()
+    };
+    match outcome {
+        InstanceOutcome::Stored => Vec::new(),
+        InstanceOutcome::Imported {
+            image_set_id,
+            is_primary,
+        } => vec![
+            ("Image set", image_set_id.clone()),
+            ("Primary", yes_no(*is_primary)),
+        ],
+        InstanceOutcome::ImportedWithWarnings {
+            image_set_id,
+            is_primary,
+            warnings,
+        } => {
+            let mut lines = vec![
+                ("Image set", image_set_id.clone()),
+                ("Primary", yes_no(*is_primary)),
+            ];
+            lines.extend(warnings.iter().map(|w| ("Warning", w.clone())));
+            lines
+        }
+        InstanceOutcome::Failed {
+            exception_type,
+            message,
+        } => vec![
+            ("Exception", exception_type.clone()),
+            ("Message", message.clone()),
+        ],
+    }
+}
+
+/// `name: value` lines, the values aligned.
+fn aligned(lines: &[(&str, String)]) -> String {
+    lines
+        .iter()
+        .map(|(k, v)| format!("{:<20}{v}\n", format!("{k}:")))
+        .collect()
+}
+
 /// One record as aligned `name: value` lines.
 fn instance_details(r: &InstanceRecord) -> String {
     let unknown = || "(unknown)".to_string();
-    [
+    let mut lines = vec![
         ("SOP Instance UID", r.sop_instance_uid.clone()),
         (
             "SOP Class UID",
@@ -185,10 +284,9 @@ fn instance_details(r: &InstanceRecord) -> String {
         ),
         ("Received at", r.received_at.clone()),
         ("Outcome", r.outcome.to_string()),
-    ]
-    .iter()
-    .map(|(k, v)| format!("{:<20}{v}\n", format!("{k}:")))
-    .collect()
+    ];
+    lines.extend(outcome_details(&r.outcome));
+    aligned(&lines)
 }
 
 /// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
@@ -246,6 +344,73 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(outcome: InstanceOutcome) -> InstanceRecord {
+        let key = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4.dcm";
+        let mut r = crate::index::KeyParts::parse(key).unwrap().record(
+            key,
+            42,
+            None,
+            Some("CT1".into()),
+            "2026-11-24T06:00:00.000Z".into(),
+        );
+        r.outcome = outcome;
+        r
+    }
+
+    #[test]
+    fn instances_show_prints_the_outcome_details() {
+        let warned = instance_details(&record(InstanceOutcome::ImportedWithWarnings {
+            image_set_id: "0a1b".into(),
+            is_primary: false,
+            warnings: vec!["InvalidOffsetTable (45330): bad".into(), "W (1)".into()],
+        }));
+        assert!(
+            warned.contains("Outcome:            IMPORTED_WITH_WARNINGS\n"),
+            "{warned}"
+        );
+        assert!(warned.contains("Image set:          0a1b\n"), "{warned}");
+        assert!(warned.contains("Primary:            no"), "{warned}");
+        assert!(
+            warned.contains(
+                "Warning:            InvalidOffsetTable (45330): bad\nWarning:            W (1)\n"
+            ),
+            "{warned}"
+        );
+        let failed = instance_details(&record(InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "not DICOM".into(),
+        }));
+        assert!(
+            failed.contains(
+                "Exception:          ValidationException\nMessage:            not DICOM\n"
+            ),
+            "{failed}"
+        );
+        let stored = instance_details(&record(InstanceOutcome::Stored));
+        assert!(stored.ends_with("Outcome:            STORED\n"), "{stored}");
+    }
+
+    #[test]
+    fn jobs_show_failed_lists_each_instance_with_its_exception() {
+        let text = failed_instances(&[record(InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "not DICOM".into(),
+        })]);
+        assert!(
+            text.starts_with("\nFailed instances: 1\n\nSOP Instance UID:   1.2.3.4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Object key:         01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4.dcm")
+        );
+        assert!(
+            text.contains(
+                "Exception:          ValidationException\nMessage:            not DICOM\n"
+            )
+        );
+        assert!(failed_instances(&[]).contains("Failed instances: 0\n(none recorded"));
+    }
 
     #[test]
     fn aws_probing_is_quiet_unless_rust_log_says_otherwise() {

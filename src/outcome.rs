@@ -7,7 +7,7 @@
 //! Step Functions workflows", https://docs.aws.amazon.com/step-functions/latest/dg/concepts-error-handling.html;
 //! docs/aws-facts.md §1), while `imageSetsSummary` has one entry per image set. So the state
 //! machine only records IMPORTED with the import's `OutputS3Uri`, and the [`OutcomeReader`] of any
-//! gateway of the fleet then:
+//! gateway of the fleet then, in this order:
 //!
 //! 1. lists IMPORTED jobs every poll interval;
 //! 2. takes the job's [`OutcomeClaim`] with a conditional write (unclaimed, its own, or expired), so
@@ -15,13 +15,26 @@
 //!    expires; a manifest not readable yet releases the claim for the next look;
 //! 3. streams `job-output-manifest.json` from S3 into a parser that keeps only the counts and the
 //!    first image set ids, in memory bounded whatever the manifest's size ([`parse_manifest`]);
-//! 4. ends the job COMPLETED, COMPLETED_WITH_ERRORS or FAILED ([`outcome_of`]) with a write
-//!    conditional on IMPORTED and on holding the claim.
+//! 4. when the manifest was read and the gateway has an instance index, streams
+//!    `SUCCESS/success.ndjson`, `WARNING/warning.ndjson` and `FAILURE/failure.ndjson` line by line
+//!    ([`instances::read_results`]) and records each object's outcome on its index record, in
+//!    chunks ([`crate::index::InstanceIndex::record_outcomes`]), renewing the claim every third of
+//!    its life meanwhile so that no other gateway takes over a live reader;
+//! 5. ends the job COMPLETED, COMPLETED_WITH_ERRORS or FAILED ([`outcome_of`]) with the manifest's
+//!    counts, in one write conditional on IMPORTED and on holding the claim.
+//!
+//! A crash (or a lost claim) anywhere before 5 leaves the job IMPORTED: the next claimant does 3 to 5
+//! again. That is safe because step 4 only sets each record's outcome to what the files say (setting
+//! it again changes nothing), and the job's counts come from the manifest alone and are written
+//! once, by the single write of step 5 that moves the job out of IMPORTED. Per-instance outcomes
+//! that cannot be read or recorded (S3, index) are retried like a manifest not yet readable, until
+//! [`MANIFEST_WAIT`] after the import's end; then the job ends anyway, its message saying that they
+//! are incomplete.
 //!
 //! Result files are opened through [`ImportResults`], which hands out a blocking [`ResultStream`]
-//! for any file of an import's output folder: the per-instance `SUCCESS/success.ndjson`,
-//! `FAILURE/failure.ndjson` and `WARNING/warning.ndjson` files can be read the same way, line by
-//! line, in `spawn_blocking`.
+//! for any file of an import's output folder, read in `spawn_blocking`.
+
+pub(crate) mod instances;
 
 use std::io::Read;
 use std::sync::Arc;
@@ -37,10 +50,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock::rfc3339;
+use crate::index::InstanceIndex;
 use crate::jobs::{
     IMAGE_SET_IDS_KEPT, ImportCounts, ImportOutcome, Job, JobStatus, JobStore, JobStoreError,
     OutcomeClaim,
 };
+use instances::{FileTally, InputPrefix, ReadError, ResultFile, read_results};
 
 /// The summary HealthImaging writes in an import's output folder ("Understanding import jobs",
 /// https://docs.aws.amazon.com/healthimaging/latest/devguide/understanding-import-jobs.html).
@@ -477,12 +492,7 @@ pub(crate) fn outcome_of(
             "HealthImaging import job {import} COMPLETED, but its outcome cannot be read: {why}"
         ))),
         Reading::NotYet(why) => {
-            let ended = job
-                .import_ended_at
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-            let waited = ended.is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= wait));
-            waited.then(|| {
+            waited(job, now, wait).then(|| {
                 failed(format!(
                     "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of its end: {why}",
                     humantime::format_duration(wait)
@@ -490,6 +500,83 @@ pub(crate) fn outcome_of(
             })
         }
     }
+}
+
+/// Whether results not (yet) readable have been waited for long enough at `now`: `wait` after the
+/// import's end (`importEndedAt`; without one, no wait at all).
+fn waited(job: &Job, now: SystemTime, wait: Duration) -> bool {
+    let ended = job
+        .import_ended_at
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    ended.is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= wait))
+}
+
+/// What recording one job's per-instance outcomes gave, file by file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct InstanceTally {
+    pub success: FileTally,
+    pub warning: FileTally,
+    pub failure: FileTally,
+    /// Index records whose outcome this reading changed (fewer than the lines when a resumed
+    /// reader records again what its predecessor did, or when the index lacks an object).
+    pub updated: u64,
+}
+
+impl InstanceTally {
+    fn of_mut(&mut self, file: ResultFile) -> &mut FileTally {
+        match file {
+            ResultFile::Success => &mut self.success,
+            ResultFile::Warning => &mut self.warning,
+            ResultFile::Failure => &mut self.failure,
+        }
+    }
+
+    fn of(&self, file: ResultFile) -> FileTally {
+        match file {
+            ResultFile::Success => self.success,
+            ResultFile::Warning => self.warning,
+            ResultFile::Failure => self.failure,
+        }
+    }
+
+    fn foreign(&self) -> u64 {
+        self.success.foreign + self.warning.foreign + self.failure.foreign
+    }
+}
+
+/// Why per-instance outcomes could not be recorded this time.
+#[derive(Debug, Error)]
+pub(crate) enum InstancesError {
+    #[error(transparent)]
+    Open(#[from] ResultsError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("the result file reader stopped: {0}")]
+    Reader(String),
+    #[error("recording outcomes in {index} failed: {message}")]
+    Index { index: String, message: String },
+}
+
+/// How the work done under a claim ended.
+enum Held<T> {
+    Done(T),
+    /// Another gateway holds the claim now (ours expired before a renewal).
+    Lost,
+    /// The gateway is stopping.
+    Stopped,
+}
+
+/// What the per-instance step leaves for the job.
+enum InstancesStep {
+    /// Recorded (or nothing to record): end the job.
+    Done,
+    /// Not recorded, given up on: end the job, saying why.
+    Incomplete(String),
+    /// Try again at a later look: release the claim, leave the job IMPORTED.
+    Retry,
+    /// Another gateway took over: leave the job alone.
+    Lost,
 }
 
 /// How often the reader looks, and how long it claims and waits.
@@ -516,6 +603,8 @@ impl OutcomeTiming {
 pub(crate) struct OutcomeReader {
     jobs: Arc<dyn JobStore>,
     results: Arc<dyn ImportResults>,
+    /// Where per-instance outcomes are recorded; `None`: this gateway keeps no index.
+    index: Option<Arc<dyn InstanceIndex>>,
     /// This gateway's name in claims.
     gateway_id: String,
     timing: OutcomeTiming,
@@ -525,20 +614,23 @@ impl OutcomeReader {
     pub(crate) fn new(
         jobs: Arc<dyn JobStore>,
         results: Arc<dyn ImportResults>,
+        index: Option<Arc<dyn InstanceIndex>>,
         gateway_id: String,
         timing: OutcomeTiming,
     ) -> Arc<Self> {
         Arc::new(OutcomeReader {
             jobs,
             results,
+            index,
             gateway_id,
             timing,
         })
     }
 
     /// Looks for IMPORTED jobs every interval until `stop`, then returns once the job in hand is
-    /// done (no new claim is taken after `stop`). Dropping the task midway is safe too: the claim
-    /// expires and the job is finished by the next gateway to look.
+    /// done or, if its per-instance outcomes are being recorded, given back (no new claim is taken
+    /// after `stop`). Dropping the task midway is safe too: the claim expires and the job is
+    /// finished by the next gateway to look.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.timing.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -565,7 +657,7 @@ impl OutcomeReader {
             if !job.outcome_claimable_by(&self.gateway_id, &rfc3339(SystemTime::now())) {
                 continue;
             }
-            match self.finish(&job).await {
+            match self.finish(&job, stop).await {
                 Ok(true) => ended += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -576,32 +668,29 @@ impl OutcomeReader {
         Ok(ended)
     }
 
-    /// Claims `job`, reads its results and ends it. `Ok(false)`: not this gateway's to end, or
-    /// not yet.
-    async fn finish(&self, job: &Job) -> Result<bool, JobStoreError> {
+    /// Claims `job`, reads its results, records its instances' outcomes and ends it (see the
+    /// module doc for the order). `Ok(false)`: not this gateway's to end, or not yet.
+    async fn finish(&self, job: &Job, stop: &CancellationToken) -> Result<bool, JobStoreError> {
         let now = SystemTime::now();
-        let claim = OutcomeClaim {
-            gateway_id: self.gateway_id.clone(),
-            expires_at: rfc3339(now + self.timing.claim_ttl),
-        };
         if !self
             .jobs
-            .claim_outcome(&job.job_id, &claim, &rfc3339(now))
+            .claim_outcome(&job.job_id, &self.claim(now), &rfc3339(now))
             .await?
         {
             return Ok(false);
         }
-        let (results, reading) = match ResultsLocation::of(job) {
-            Ok(at) => (at.uri(), read_manifest(self.results.as_ref(), &at).await),
+        let location = ResultsLocation::of(job);
+        let (results, reading) = match &location {
+            Ok(at) => (at.uri(), read_manifest(self.results.as_ref(), at).await),
             Err(why) => (
                 job.output_s3_uri.clone().unwrap_or_else(|| "-".into()),
-                Reading::Unusable(why),
+                Reading::Unusable(why.clone()),
             ),
         };
         if let Reading::NotYet(why) = &reading {
             debug!(job_id = %job.job_id, reason = %why, "import outcome: manifest not readable yet");
         }
-        let Some(outcome) = outcome_of(
+        let Some(mut outcome) = outcome_of(
             job,
             &results,
             reading,
@@ -615,6 +704,31 @@ impl OutcomeReader {
                 .await?;
             return Ok(false);
         };
+        // Per-instance outcomes exist only beside a manifest that was read.
+        if let (Some(index), Ok(at), Some(_)) = (&self.index, &location, outcome.counts) {
+            match self.instance_outcomes(index, job, at, stop).await {
+                InstancesStep::Done => {}
+                InstancesStep::Incomplete(why) => {
+                    let note = format!("per-instance outcomes are incomplete: {why}");
+                    outcome.message = Some(match outcome.message.take() {
+                        Some(m) => format!("{m}; {note}"),
+                        None => note,
+                    });
+                }
+                InstancesStep::Retry => {
+                    self.jobs
+                        .release_outcome(&job.job_id, &self.gateway_id)
+                        .await?;
+                    return Ok(false);
+                }
+                InstancesStep::Lost => {
+                    info!(job_id = %job.job_id, "import outcome: claim taken over by another gateway");
+                    return Ok(false);
+                }
+            }
+            // The job ends now, after its instances.
+            outcome.ended_at = rfc3339(SystemTime::now());
+        }
         match self
             .jobs
             .record_outcome(&job.job_id, &self.gateway_id, &outcome)
@@ -639,6 +753,155 @@ impl OutcomeReader {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// This gateway's claim, from `now` for the claim's life.
+    fn claim(&self, now: SystemTime) -> OutcomeClaim {
+        OutcomeClaim {
+            gateway_id: self.gateway_id.clone(),
+            expires_at: rfc3339(now + self.timing.claim_ttl),
+        }
+    }
+
+    /// Step 4 of the module doc: records the outcome of every object of `job` the result files at
+    /// `at` name, holding the claim meanwhile.
+    async fn instance_outcomes(
+        &self,
+        index: &Arc<dyn InstanceIndex>,
+        job: &Job,
+        at: &ResultsLocation,
+        stop: &CancellationToken,
+    ) -> InstancesStep {
+        let prefix = match InputPrefix::of(job) {
+            Ok(prefix) => prefix,
+            Err(why) => {
+                warn!(job_id = %job.job_id, reason = %why, "import outcome: per-instance outcomes cannot be mapped to objects");
+                return InstancesStep::Incomplete(why);
+            }
+        };
+        let work = self.record_instances(index.as_ref(), &job.job_id, at, &prefix);
+        match self.holding_claim(&job.job_id, stop, work).await {
+            Held::Done(Ok(tally)) => {
+                info!(
+                    job_id = %job.job_id,
+                    imported = tally.success.outcomes,
+                    imported_with_warnings = tally.warning.outcomes,
+                    failed = tally.failure.outcomes,
+                    records_updated = tally.updated,
+                    index = %index.describe(),
+                    "import outcome: per-instance outcomes recorded"
+                );
+                if tally.foreign() > 0 {
+                    warn!(
+                        job_id = %job.job_id,
+                        lines = tally.foreign(),
+                        input_prefix = %job.input_s3_uri,
+                        "import outcome: result lines name files outside the job's input prefix or key layout; not recorded"
+                    );
+                }
+                for file in ResultFile::ALL {
+                    let t = tally.of(file);
+                    if t.malformed > 0 {
+                        warn!(
+                            job_id = %job.job_id,
+                            file = file.name(),
+                            lines = t.malformed,
+                            first_line = t.first_malformed,
+                            "import outcome: result lines that are not what HealthImaging documents; skipped"
+                        );
+                    }
+                }
+                InstancesStep::Done
+            }
+            Held::Done(Err(e)) => {
+                if waited(job, SystemTime::now(), self.timing.manifest_wait) {
+                    warn!(job_id = %job.job_id, error = %e, "import outcome: per-instance outcomes could not be recorded; the job ends without them");
+                    InstancesStep::Incomplete(e.to_string())
+                } else {
+                    warn!(job_id = %job.job_id, error = %e, "import outcome: per-instance outcomes could not be recorded; will retry");
+                    InstancesStep::Retry
+                }
+            }
+            Held::Lost => InstancesStep::Lost,
+            Held::Stopped => {
+                info!(job_id = %job.job_id, "import outcome: stopping; the job is left for the next look");
+                InstancesStep::Retry
+            }
+        }
+    }
+
+    /// Streams the three result files at `at` and records their outcomes on the index, a chunk at
+    /// a time: the blocking line reader hands chunks over a channel of one, so at most a few
+    /// chunks are in memory.
+    async fn record_instances(
+        &self,
+        index: &dyn InstanceIndex,
+        job_id: &str,
+        at: &ResultsLocation,
+        prefix: &InputPrefix,
+    ) -> Result<InstanceTally, InstancesError> {
+        let mut tally = InstanceTally::default();
+        for file in ResultFile::ALL {
+            let Some(stream) = self.results.open(at, file.name()).await? else {
+                debug!(
+                    job_id,
+                    file = file.name(),
+                    "import outcome: no such result file"
+                );
+                continue;
+            };
+            let (tx, mut rx) = mpsc::channel(1);
+            let prefix = prefix.clone();
+            let reader = tokio::task::spawn_blocking(move || {
+                read_results(stream, file, &prefix, |chunk| {
+                    tx.blocking_send(chunk).is_ok()
+                })
+            });
+            // An early return drops `rx`: the reader's next hand-over fails and it stops.
+            while let Some(chunk) = rx.recv().await {
+                tally.updated += index.record_outcomes(job_id, chunk).await.map_err(|e| {
+                    InstancesError::Index {
+                        index: index.describe(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+            *tally.of_mut(file) = reader
+                .await
+                .map_err(|e| InstancesError::Reader(e.to_string()))??;
+        }
+        Ok(tally)
+    }
+
+    /// Runs `work` while renewing this gateway's claim on `job_id` every third of its life, so
+    /// that the claim never expires under a live reader. Gives up when the claim is lost or
+    /// `stop` is cancelled (dropping `work`).
+    async fn holding_claim<T>(
+        &self,
+        job_id: &str,
+        stop: &CancellationToken,
+        work: impl Future<Output = T>,
+    ) -> Held<T> {
+        let period = (self.timing.claim_ttl / 3).max(Duration::from_millis(10));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Held::Done(out),
+                _ = stop.cancelled() => return Held::Stopped,
+                _ = renew.tick() => {
+                    let now = SystemTime::now();
+                    match self.jobs.claim_outcome(job_id, &self.claim(now), &rfc3339(now)).await {
+                        Ok(true) => {}
+                        Ok(false) => return Held::Lost,
+                        // The claim still runs for two thirds of its life: the next renewal may
+                        // work, and the final write checks the claim anyway.
+                        Err(e) => warn!(job_id, error = %e, "import outcome: renewing the claim failed; will retry"),
+                    }
+                }
+            }
         }
     }
 }

@@ -91,6 +91,16 @@ pub(crate) async fn open_job_store(
     })
 }
 
+/// The instance index the configuration names, for reading and recording outcomes (the `jobs`
+/// and `instances` commands); `None` when there is none. Serving opens it with [`open_index`],
+/// which adds the rebuild and the writer.
+pub(crate) fn open_instance_index(config: &IndexConfig) -> Option<Arc<dyn InstanceIndex>> {
+    match config {
+        IndexConfig::Local { store_root } => Some(Arc::new(LocalIndex::new(store_root))),
+        IndexConfig::Off => None,
+    }
+}
+
 /// An S3 client from the AWS configuration.
 async fn s3_client(aws: &Aws, force_path_style: bool) -> anyhow::Result<aws_sdk_s3::Client> {
     let s3_conf = aws_sdk_s3::config::Builder::from(aws.config().await?)
@@ -304,34 +314,38 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 .await
         })
     };
-    // Imports end IMPORTED; any gateway of the fleet reads their results and ends them. Only
-    // with an import, which needs S3 (without one, no job ever becomes IMPORTED).
-    let outcomes = match (&config.import, &config.store) {
-        (
-            Some(import),
-            StoreConfig::S3 {
-                force_path_style, ..
-            },
-        ) => {
-            let reader = OutcomeReader::new(
-                jobs.clone(),
-                Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
-                gateway_id.clone(),
-                OutcomeTiming::every(import.settings.poll_interval),
-            );
-            let stop = CancellationToken::new();
-            Some((tokio::spawn(reader.run(stop.clone())), stop))
-        }
-        _ => None,
-    };
-    let timer_stop = CancellationToken::new();
-    let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
-
+    // The index first: the outcome reader records per-instance outcomes on it.
     let OpenIndex {
         index: instance_index,
         sender: index,
         writer: index_writer,
     } = open_index(&config.index);
+    // Imports end IMPORTED; any gateway of the fleet that can read S3 reads their results and ends
+    // them, whether it starts imports itself or not: a gateway restarted without
+    // --state-machine-arn still finishes the imports in flight (it looks at the recovery interval).
+    let outcomes = match &config.store {
+        StoreConfig::S3 {
+            force_path_style, ..
+        } => {
+            let interval = config
+                .import
+                .as_ref()
+                .map_or(config.recovery.interval, |i| i.settings.poll_interval);
+            let reader = OutcomeReader::new(
+                jobs.clone(),
+                Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
+                instance_index.clone(),
+                gateway_id.clone(),
+                OutcomeTiming::every(interval),
+            );
+            let stop = CancellationToken::new();
+            Some((tokio::spawn(reader.run(stop.clone())), stop))
+        }
+        StoreConfig::Local { .. } => None,
+    };
+    let timer_stop = CancellationToken::new();
+    let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
+
     // Storage Commitment decides from the instance index: without one it is not offered.
     let mut acceptance = config.acceptance.clone();
     let (commitments, commitment_worker): (Option<Arc<Commitments>>, Option<Worker>) =

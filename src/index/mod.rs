@@ -161,13 +161,6 @@ pub(crate) enum IndexError {
 /// Where instance records are kept: the seam between the writer and the local journal (and,
 /// later, DynamoDB).
 #[async_trait]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "record_outcomes and failed are for the outcome reader and `jobs show --failed`, being built (issue 10)"
-    )
-)]
 pub(crate) trait InstanceIndex: Send + Sync + 'static {
     /// Appends records. A record may already be there (a rebuild raced the writer): lookups
     /// return one record per object key.

@@ -65,9 +65,9 @@ pub(crate) fn next_step(job: &Job) -> String {
         Closed => "The batch is stored but its import has not started: is a state machine configured (--state-machine-arn)? Check the gateway log for 'starting the import failed'.".into(),
         Submitted => "The import state machine was started; see the execution in the Step Functions console.".into(),
         Importing => format!("HealthImaging is importing (import job {}).", or_dash(job.import_job_id.as_deref())),
-        Imported => format!("HealthImaging finished import job {}; a gateway reads its job-output-manifest.json under {} and records the counts and the final status within a poll interval. If the job stays IMPORTED, no gateway with --state-machine-arn is running, or it cannot read the results prefix: see its log for 'import outcome'.", or_dash(job.import_job_id.as_deref()), or_dash(job.output_s3_uri.as_deref())),
+        Imported => format!("HealthImaging finished import job {}; a gateway reads its job-output-manifest.json under {} and records the counts and the final status within a poll interval. If the job stays IMPORTED, no gateway with an S3 store is running, or it cannot read the results prefix: see its log for 'import outcome'.", or_dash(job.import_job_id.as_deref()), or_dash(job.output_s3_uri.as_deref())),
         Completed => "Imported: every file reached HealthImaging.".into(),
-        CompletedWithErrors => format!("Imported with errors: see the FAILURE folder under {} for the files HealthImaging refused.", or_dash(job.output_s3_uri.as_deref())),
+        CompletedWithErrors => format!("Imported with errors: `dicom-gateway jobs show {} --failed` lists the instances HealthImaging refused and why (from the FAILURE folder under {}).", job.job_id, or_dash(job.output_s3_uri.as_deref())),
         Failed => format!("The import failed: {}. The instances are still stored under {}.", or_dash(job.message.as_deref()), job.input_s3_uri),
     }
 }

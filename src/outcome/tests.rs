@@ -5,7 +5,7 @@ use super::*;
 use crate::jobs::local::LocalJournal;
 
 /// Counts this thread's live heap bytes, so a test can show what parsing holds at its peak.
-mod heap {
+pub(super) mod heap {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 
@@ -401,12 +401,14 @@ async fn of_two_gateways_exactly_one_ends_the_job() {
     let a = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-a".into(),
         timing(MANIFEST_WAIT),
     );
     let b = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
@@ -447,6 +449,7 @@ async fn a_claim_left_by_a_dead_gateway_is_taken_over_once_expired() {
     let b = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(MANIFEST_WAIT),
     );
@@ -484,6 +487,7 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
     let patient = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-a".into(),
         timing(MANIFEST_WAIT),
     );
@@ -499,6 +503,7 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
     let done_waiting = OutcomeReader::new(
         jobs.clone(),
         results.clone(),
+        None,
         "gw-b".into(),
         timing(Duration::ZERO),
     );
@@ -515,4 +520,371 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
             .is_some_and(|m| m.contains("job-output-manifest.json could not be read")),
         "{failed:?}"
     );
+}
+
+// ---- per-instance outcomes ---------------------------------------------------------------------
+
+use crate::index::local::LocalIndex;
+use crate::index::{IndexError, InstanceOutcome, InstanceRecord, KeyParts};
+use instances::tests::result_lines;
+
+/// Where [`imported_job`]'s results are.
+const RESULTS: &str = "results/J1/ds-DicomImport-import-job-0001/";
+
+/// Lines per result file, as in the issue.
+const LINES: usize = 5_000;
+
+/// The key of object `{series}.{i}` of job J1.
+fn object(series: &str, i: usize) -> String {
+    format!("J1/1.2/{series}/{series}.{i}.dcm")
+}
+
+/// A job store, an index holding a study of job J1 (three instances the success file names, two
+/// the warning file names, three the failure file names, one no file names), and results holding
+/// the manifest and the three files of [`LINES`] lines each.
+async fn imported_study(
+    dir: &std::path::Path,
+) -> (Arc<dyn JobStore>, LocalIndex, Arc<FakeResults>) {
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.join("jobs")));
+    let mut job = imported_job("s3://b/results/J1/");
+    job.input_s3_uri = "s3://b/import/J1/".into();
+    job.import_ended_at = Some(rfc3339(SystemTime::now()));
+    jobs.record_open(&job).await.unwrap();
+    let index = LocalIndex::new(dir);
+    let mut records: Vec<InstanceRecord> = [("1.2.3", 3), ("1.2.4", 2), ("1.2.5", 3), ("1.2.6", 1)]
+        .into_iter()
+        .flat_map(|(series, n)| (0..n).map(move |i| object(series, i)))
+        .map(|key| {
+            KeyParts::parse(&key)
+                .unwrap()
+                .record(&key, 10, None, None, rfc3339(SystemTime::now()))
+        })
+        .collect();
+    records.sort_by(|a, b| a.object_key.cmp(&b.object_key));
+    index.append(records).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    {
+        let mut files = results.files.lock().unwrap();
+        let ours = (LINES - LINES / 10) as u64;
+        files.insert(
+            format!("{RESULTS}{MANIFEST}"),
+            manifest(1, 2 * ours, ours, 0),
+        );
+        for (file, series) in [
+            (ResultFile::Success, "1.2.3"),
+            (ResultFile::Warning, "1.2.4"),
+            (ResultFile::Failure, "1.2.5"),
+        ] {
+            files.insert(
+                format!("{RESULTS}{}", file.name()),
+                result_lines(file, LINES, "s3://b/import/J1/", series),
+            );
+        }
+    }
+    (jobs, index, results)
+}
+
+fn reader(
+    jobs: &Arc<dyn JobStore>,
+    results: &Arc<FakeResults>,
+    index: Arc<dyn InstanceIndex>,
+    gateway: &str,
+    timing: OutcomeTiming,
+) -> Arc<OutcomeReader> {
+    OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        Some(index),
+        gateway.into(),
+        timing,
+    )
+}
+
+/// Checks the outcome every instance of [`imported_study`] ended with.
+async fn assert_study_outcomes(index: &LocalIndex) {
+    let outcome = |sop: &str| {
+        let index = index.clone();
+        let sop = sop.to_string();
+        async move {
+            let found = index.find(&sop).await.unwrap();
+            assert_eq!(found.len(), 1, "{found:?}");
+            found[0].outcome.clone()
+        }
+    };
+    assert_eq!(
+        outcome("1.2.3.2").await,
+        InstanceOutcome::Imported {
+            image_set_id: format!("{:032x}", 2),
+            is_primary: true
+        }
+    );
+    assert_eq!(
+        outcome("1.2.4.1").await,
+        InstanceOutcome::ImportedWithWarnings {
+            image_set_id: format!("{:032x}", 1),
+            is_primary: true,
+            warnings: vec!["InvalidOffsetTable (45330): offset table of 1".into()],
+        }
+    );
+    assert_eq!(
+        outcome("1.2.5.0").await,
+        InstanceOutcome::Failed {
+            exception_type: "ValidationException".into(),
+            message: "file 0 is not valid".into()
+        }
+    );
+    assert_eq!(
+        outcome("1.2.6.0").await,
+        InstanceOutcome::Stored,
+        "in no file"
+    );
+    let failed: Vec<String> = index
+        .failed("J1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.object_key)
+        .collect();
+    assert_eq!(
+        failed,
+        vec![object("1.2.5", 0), object("1.2.5", 1), object("1.2.5", 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_result_files_of_5000_lines_set_each_instance_outcome_and_the_job_its_manifest_counts()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let a = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_study_outcomes(&index).await;
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::CompletedWithErrors);
+    assert_eq!(
+        (done.imported_count, done.failed_count),
+        (Some(9_000), Some(4_500)),
+        "the manifest's counts, not the lines'"
+    );
+    assert_eq!(
+        done.message.as_deref().map(|m| m.contains("incomplete")),
+        Some(false)
+    );
+    assert_eq!(done.claim, None);
+}
+
+/// An index whose `record_outcomes` fails on the calls `failing` holds (counted from 1).
+struct FlakyIndex {
+    inner: LocalIndex,
+    calls: std::sync::atomic::AtomicUsize,
+    failing: std::ops::RangeInclusive<usize>,
+}
+
+#[async_trait]
+impl InstanceIndex for FlakyIndex {
+    async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
+        self.inner.append(records).await
+    }
+    async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.inner.find(sop_instance_uid).await
+    }
+    async fn record_outcomes(
+        &self,
+        job_id: &str,
+        outcomes: Vec<(String, InstanceOutcome)>,
+    ) -> Result<u64, IndexError> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if self.failing.contains(&call) {
+            return Err(std::io::Error::other("disk gone").into());
+        }
+        self.inner.record_outcomes(job_id, outcomes).await
+    }
+    async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.inner.failed(job_id).await
+    }
+    fn describe(&self) -> String {
+        "a flaky index".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_stopped_midway_is_resumed_by_the_next_without_counting_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    // The warning file's chunk fails: success outcomes are recorded, the rest not (as if the
+    // gateway had died there).
+    let chunks_per_file = (LINES - LINES / 10).div_ceil(instances::CHUNK);
+    let flaky = Arc::new(FlakyIndex {
+        inner: index.clone(),
+        calls: Default::default(),
+        failing: chunks_per_file + 1..=chunks_per_file + 1,
+    });
+    let a = reader(
+        &jobs,
+        &results,
+        flaky.clone(),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 0);
+    let waiting = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        waiting.status,
+        JobStatus::Imported,
+        "left for the next look"
+    );
+    assert_eq!(waiting.claim, None, "released for whoever looks next");
+    assert_eq!(waiting.imported_count, None, "no counts before the end");
+    assert_eq!(
+        index.find("1.2.3.0").await.unwrap()[0].outcome.name(),
+        "IMPORTED"
+    );
+    assert_eq!(
+        index.find("1.2.5.0").await.unwrap()[0].outcome.name(),
+        "STORED"
+    );
+    let lines_before = index.read_job("J1").unwrap().len();
+
+    // Another gateway resumes: the same outcomes again, the rest, then the job's end, once.
+    let b = reader(&jobs, &results, flaky, "gw-b", timing(MANIFEST_WAIT));
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_study_outcomes(&index).await;
+    assert_eq!(
+        index.read_job("J1").unwrap().len(),
+        lines_before + 2 + 3,
+        "the imported records are not written again, the others once"
+    );
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::CompletedWithErrors);
+    assert_eq!(
+        (done.imported_count, done.failed_count),
+        (Some(9_000), Some(4_500))
+    );
+    assert_eq!(
+        a.pass(&CancellationToken::new()).await.unwrap(),
+        0,
+        "ended once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_that_keeps_failing_past_the_wait_ends_the_job_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let broken = Arc::new(FlakyIndex {
+        inner: index,
+        calls: Default::default(),
+        failing: 1..=usize::MAX,
+    });
+    let a = reader(&jobs, &results, broken, "gw-a", timing(Duration::ZERO));
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::CompletedWithErrors);
+    assert_eq!(done.imported_count, Some(9_000));
+    assert!(
+        done.message.as_deref().is_some_and(|m| m.contains(
+            "per-instance outcomes are incomplete: recording outcomes in a flaky index failed"
+        )),
+        "{done:?}"
+    );
+}
+
+/// An index whose first `record_outcomes` says it has begun, then waits to be let go.
+struct GatedIndex {
+    inner: LocalIndex,
+    entered: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl InstanceIndex for GatedIndex {
+    async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
+        self.inner.append(records).await
+    }
+    async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.inner.find(sop_instance_uid).await
+    }
+    async fn record_outcomes(
+        &self,
+        job_id: &str,
+        outcomes: Vec<(String, InstanceOutcome)>,
+    ) -> Result<u64, IndexError> {
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.go.notified().await;
+        }
+        self.inner.record_outcomes(job_id, outcomes).await
+    }
+    async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.inner.failed(job_id).await
+    }
+    fn describe(&self) -> String {
+        "a gated index".into()
+    }
+}
+
+fn gated(index: LocalIndex) -> Arc<GatedIndex> {
+    Arc::new(GatedIndex {
+        inner: index,
+        entered: Default::default(),
+        go: Default::default(),
+        first: true.into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_working_longer_than_its_claim_renews_it_and_no_other_gateway_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let gate = gated(index.clone());
+    let short = OutcomeTiming {
+        interval: Duration::from_secs(1),
+        claim_ttl: Duration::from_secs(1),
+        manifest_wait: MANIFEST_WAIT,
+    };
+    let a = reader(&jobs, &results, gate.clone(), "gw-a", short);
+    let b = reader(&jobs, &results, Arc::new(index.clone()), "gw-b", short);
+    let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
+    gate.entered.notified().await;
+    // Well past the claim's life: only renewals keep it.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
+    let held = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        held.claim.as_ref().map(|c| c.gateway_id.as_str()),
+        Some("gw-a"),
+        "{held:?}"
+    );
+    assert!(
+        held.claim
+            .is_some_and(|c| c.expires_at > rfc3339(SystemTime::now()))
+    );
+    gate.go.notify_one();
+    assert_eq!(working.await.unwrap().unwrap(), 1);
+    assert_study_outcomes(&index).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopping_while_recording_gives_the_job_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let gate = gated(index);
+    let a = reader(&jobs, &results, gate.clone(), "gw-a", timing(MANIFEST_WAIT));
+    let stop = CancellationToken::new();
+    let working = {
+        let stop = stop.clone();
+        tokio::spawn(async move { a.pass(&stop).await })
+    };
+    gate.entered.notified().await;
+    stop.cancel();
+    assert_eq!(working.await.unwrap().unwrap(), 0);
+    let left = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!((left.status, left.claim), (JobStatus::Imported, None));
 }
