@@ -244,6 +244,73 @@ mod tests {
         assert_eq!(from_item(&item).unwrap(), r);
     }
 
+    /// Against the job table of the stack scripts/test.sh deploys to LocalStack: the conditions,
+    /// the index query and the listings as DynamoDB evaluates them.
+    #[tokio::test]
+    #[ignore = "needs LocalStack: run scripts/test.sh"]
+    async fn pending_requests_live_beside_the_jobs_on_localstack() {
+        use crate::jobs::JobStore;
+        assert!(
+            std::env::var_os("DICOM_GATEWAY_TEST_LOCALSTACK").is_some(),
+            "this test needs LocalStack: run scripts/test.sh"
+        );
+        let table = std::env::var("DICOM_GATEWAY_TEST_STACK_JobTableName").unwrap();
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let client = Client::new(&config);
+        let store = DynamoPending::new(client.clone(), table.clone());
+        let tx = format!("2.25.{}", ulid::Ulid::generate().0);
+        let mine = |list: Vec<PendingRequest>| -> Vec<PendingRequest> {
+            list.into_iter()
+                .filter(|r| r.transaction_uid == tx)
+                .collect()
+        };
+        let r = request(&tx, "gw-a", "2026-11-24T06:02:00.000Z");
+        store.put(&r).await.unwrap();
+        assert_eq!(mine(store.list().await.unwrap()), vec![r.clone()]);
+        let b = Claim {
+            gateway_id: "gw-b".into(),
+            expires_at: "2026-11-24T06:05:00.000Z".into(),
+        };
+        assert!(
+            !store
+                .claim(&tx, &b, "2026-11-24T06:01:00.000Z")
+                .await
+                .unwrap(),
+            "gw-a's claim runs"
+        );
+        store.remove(&tx, "gw-b").await.unwrap();
+        assert_eq!(
+            mine(store.list().await.unwrap()).len(),
+            1,
+            "not gw-b's to remove"
+        );
+        assert!(
+            store
+                .claim(&tx, &b, "2026-11-24T06:03:00.000Z")
+                .await
+                .unwrap(),
+            "expired: taken over"
+        );
+        assert!(
+            !store.claim("2.25.0", &b, "x").await.unwrap(),
+            "no such request"
+        );
+        // Job listings never see it.
+        let jobs = crate::jobs::dynamodb::DynamoJobStore::new(client, table);
+        assert!(
+            !jobs
+                .list_recent(1000)
+                .await
+                .unwrap()
+                .iter()
+                .any(|j| j.job_id.contains(&tx))
+        );
+        store.remove(&tx, "gw-b").await.unwrap();
+        assert!(mine(store.list().await.unwrap()).is_empty());
+    }
+
     #[test]
     fn a_large_study_fits_in_one_item() {
         let mut r = request("2.25.78", "gw-a", "2026-11-24T06:02:00.000Z");
