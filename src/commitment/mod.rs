@@ -460,6 +460,25 @@ fn parse_time(t: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(t).ok()
 }
 
+/// The index lookups and store checks of one look at a request that failed: counted, the last
+/// one kept for the log line.
+#[derive(Default)]
+struct Trouble {
+    count: usize,
+    last: Option<String>,
+}
+
+impl Trouble {
+    fn add(&mut self, error: String) {
+        self.count += 1;
+        self.last = Some(error);
+    }
+
+    fn summary(self) -> Option<(usize, String)> {
+        self.last.map(|last| (self.count, last))
+    }
+}
+
 /// How a report was delivered.
 #[derive(Debug)]
 enum Via {
@@ -610,14 +629,24 @@ impl Worker {
         } else {
             Phase::Waiting
         };
+        let mut trouble = Trouble::default();
         for (reference, slot) in t.request.references.iter().zip(t.verdicts.iter_mut()) {
             if slot.is_some() {
                 continue;
             }
-            let v = self.decide(reference, phase).await;
+            let v = self.decide(reference, phase, &mut trouble).await;
             if v != Verdict::Pending {
                 *slot = Some(v);
             }
+        }
+        // One line per look, however many instances could not be checked.
+        if let Some((count, last)) = trouble.summary() {
+            warn!(
+                transaction_uid = %t.request.transaction_uid,
+                instances = count,
+                error = %last,
+                "storage commitment: instances could not be checked; looking again later"
+            );
         }
         if t.verdicts.iter().all(Option::is_some) {
             let mut report = Report {
@@ -639,12 +668,20 @@ impl Worker {
     }
 
     /// One reference's verdict now.
-    async fn decide(&self, reference: &SopReference, phase: Phase) -> Verdict {
+    async fn decide(
+        &self,
+        reference: &SopReference,
+        phase: Phase,
+        trouble: &mut Trouble,
+    ) -> Verdict {
         let inner = &self.inner;
         let records = match inner.index.find(&reference.sop_instance_uid).await {
             Ok(records) => records,
             Err(e) => {
-                warn!(sop_instance_uid = %reference.sop_instance_uid, error = %e, index = %inner.index.describe(), "storage commitment: instance index lookup failed");
+                trouble.add(format!(
+                    "instance index lookup ({}): {e}",
+                    inner.index.describe()
+                ));
                 return if phase == Phase::PastDeadline {
                     Verdict::Failed(FailureReason::ProcessingFailure)
                 } else {
@@ -657,7 +694,7 @@ impl Worker {
             && let Ok(matching) = decision::matching(reference, &records)
         {
             for record in matching {
-                let p = self.presence(&record.object_key).await;
+                let p = self.presence(&record.object_key, trouble).await;
                 let found = p == Presence::Present;
                 presence.push(p);
                 if found {
@@ -675,7 +712,7 @@ impl Worker {
     }
 
     /// Whether the object of an index record is in the store.
-    async fn presence(&self, object_key: &str) -> Presence {
+    async fn presence(&self, object_key: &str, trouble: &mut Trouble) -> Presence {
         let key = KeyParts::parse(object_key).and_then(|p| {
             ObjectKey::new(
                 p.job_id,
@@ -692,7 +729,7 @@ impl Worker {
             Ok(true) => Presence::Present,
             Ok(false) => Presence::Missing,
             Err(e) => {
-                warn!(key = %key, error = %e, "storage commitment: cannot check the object in the store");
+                trouble.add(format!("object store ({key}): {e}"));
                 Presence::Unknown
             }
         }

@@ -499,6 +499,91 @@ async fn imported_gives_up_at_the_timeout() {
     rig.stop().await;
 }
 
+/// A store that cannot be reached.
+struct UnreachableStore;
+
+#[async_trait]
+impl ObjectStore for UnreachableStore {
+    async fn begin(
+        &self,
+        _key: &ObjectKey,
+    ) -> Result<Box<dyn crate::store::ObjectUpload>, crate::store::StoreError> {
+        Err(std::io::Error::other("unreachable").into())
+    }
+
+    fn input_s3_uri(&self, job_id: &str) -> String {
+        job_id.into()
+    }
+
+    async fn check(&self) -> Result<(), crate::store::StoreError> {
+        Err(std::io::Error::other("unreachable").into())
+    }
+
+    async fn batch_contents(
+        &self,
+        _job_id: &str,
+    ) -> Result<crate::store::BatchContents, crate::store::StoreError> {
+        Err(std::io::Error::other("unreachable").into())
+    }
+
+    async fn exists(&self, _key: &ObjectKey) -> Result<bool, crate::store::StoreError> {
+        Err(std::io::Error::other("unreachable").into())
+    }
+
+    fn describe(&self) -> String {
+        "an unreachable store".into()
+    }
+}
+
+#[tokio::test]
+async fn an_object_the_store_cannot_confirm_fails_as_a_processing_failure_at_the_timeout() {
+    let mut modality = FakeModality::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let index = Arc::new(FakeIndex::default());
+    let key = format!("{JOB}/{STUDY}/{SERIES}/{}.dcm", sop(1));
+    index.add(KeyParts::parse(&key).unwrap().record(
+        &key,
+        4,
+        Some(CT.into()),
+        None,
+        crate::clock::now_rfc3339(),
+    ));
+    let mut s = settings(
+        CommitWhen::Stored,
+        &modality.address,
+        Duration::from_millis(10),
+    );
+    s.timeout = Duration::from_millis(500);
+    let (commitments, worker) = Commitments::new(
+        s,
+        "DICOM_GATEWAY".into(),
+        "gw-1".into(),
+        index,
+        Arc::new(UnreachableStore),
+        Arc::new(pending::LocalPending::new(dir.path().join("jobs"))),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    commitments
+        .submit(
+            ActionInformation {
+                transaction_uid: "2.25.109".into(),
+                references: vec![reference(1)],
+            },
+            "CT1",
+            0,
+        )
+        .await
+        .unwrap();
+    let (_, report) = modality.report().await;
+    assert_eq!(
+        report.failed,
+        vec![(reference(1), FailureReason::ProcessingFailure)]
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_pending_request_is_answered_after_a_restart() {
     let mut modality = FakeModality::start().await;
