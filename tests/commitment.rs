@@ -3,6 +3,12 @@
 //! and `--commit-when imported` on LocalStack S3 with the import's results put where HealthImaging
 //! writes them.
 //!
+//! The `imported` test takes the job to IMPORTED as the import state machine would, as
+//! tests/outcomes.rs does, rather than running the mocked state machine: an import needs
+//! `--job-table`, and with DynamoDB job records the instance index (which Storage Commitment decides
+//! from) is not kept yet. The gateway stores in LocalStack S3 with the local journal and index, and
+//! its outcome reader reads the results from S3 as it would after a real import.
+//!
 //! The clients are installed by scripts/test.sh, which runs these ignored tests; a test whose client
 //! is missing fails saying so.
 
