@@ -18,6 +18,7 @@ use crate::association::{AcceptancePolicy, AeBinding, Timeouts};
 use crate::batch::{
     BatchLimits, DuplicatePolicy, HEALTHIMAGING_MAX_JOB_BYTES, HEALTHIMAGING_MAX_NESTED_FOLDERS,
 };
+use crate::commitment::{CommitWhen, CommitmentSettings};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig,
     StoreConfig, TlsConfig, validate_ae_title,
@@ -283,6 +284,91 @@ pub(crate) struct ServeArgs {
     pub operations: OperationsArgs,
     #[command(flatten)]
     pub recovery: RecoveryArgs,
+    #[command(flatten)]
+    pub commitment: CommitmentArgs,
+}
+
+/// Storage Commitment (Push Model SCP).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage Commitment")]
+pub(crate) struct CommitmentArgs {
+    /// When an instance is committed: stored (durable in the store and in the instance index) or
+    /// imported (HealthImaging reported it imported; needs --s3-bucket, where import results are).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_COMMIT_WHEN",
+        value_enum,
+        default_value = "stored"
+    )]
+    pub commit_when: CommitWhen,
+
+    /// Where a modality takes Storage Commitment reports when its requesting association is gone,
+    /// as AE=host:port (e.g. CT1=10.0.0.5:104); repeat the option or separate with commas. A
+    /// request from an AE title not listed is refused (0x0124).
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_PEER", value_delimiter = ',')]
+    pub commitment_peer: Vec<String>,
+
+    /// After this long, instances still undecided are reported failed (0x0110). The default
+    /// covers the longest import --import-max-polls allows (12 hours at the defaults) twice over.
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub commitment_timeout: Duration,
+
+    /// How long after a request an instance missing from the instance index may still be on its
+    /// way into it (the index is written after the C-STORE response). Hidden: shorter only for tests.
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_INDEX_GRACE", default_value = "10s", value_parser = humantime::parse_duration, hide = true)]
+    pub commitment_index_grace: Duration,
+}
+
+impl CommitmentArgs {
+    /// The settings; `outcome_interval` is how often import outcomes are read (`None`: they are
+    /// not, without an S3 store).
+    fn into_settings(
+        self,
+        outcome_interval: Option<Duration>,
+    ) -> Result<CommitmentSettings, ConfigError> {
+        let mut peers = std::collections::HashMap::new();
+        for pair in &self.commitment_peer {
+            let (ae, address) = parse_commitment_peer(pair)?;
+            if peers.insert(ae.clone(), address).is_some() {
+                return Err(ConfigError::invalid(
+                    "--commitment-peer",
+                    format!("names {ae} twice"),
+                ));
+            }
+        }
+        if self.commit_when == CommitWhen::Imported && outcome_interval.is_none() {
+            return Err(ConfigError::Combination(
+                "--commit-when imported needs --s3-bucket: import outcomes are read from S3, so without it no instance is ever reported imported",
+            ));
+        }
+        Ok(CommitmentSettings {
+            commit_when: self.commit_when,
+            peers,
+            timeout: nonzero("--commitment-timeout", self.commitment_timeout)?,
+            index_grace: self.commitment_index_grace,
+            // Outcomes change at most once per outcome reading; a store that did not answer is
+            // asked again within 10 s.
+            check_interval: outcome_interval
+                .unwrap_or(Duration::from_secs(10))
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        })
+    }
+}
+
+/// One `--commitment-peer` entry, AE=host:port, checked.
+fn parse_commitment_peer(pair: &str) -> Result<(String, String), ConfigError> {
+    let invalid = |problem: String| ConfigError::invalid("--commitment-peer", problem);
+    let (ae, address) = pair
+        .split_once('=')
+        .ok_or_else(|| invalid(format!("'{pair}' is not AE=host:port")))?;
+    validate_ae_title(ae).map_err(invalid)?;
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(format!("'{address}' is not host:port")))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(invalid(format!("'{address}' is not host:port")));
+    }
+    Ok((ae.trim().to_string(), address.to_string()))
 }
 
 /// Recovery of the jobs that stopped gateways left behind.
@@ -650,6 +736,7 @@ impl ServeArgs {
             batches,
             operations,
             recovery,
+            commitment,
         } = self;
         let tls_only = tls.tls_only;
         let (tls, ae_bindings) = tls.into_config()?;
@@ -671,6 +758,14 @@ impl ServeArgs {
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
+        // The outcome reader runs with an S3 store, at the import poll interval (else at the
+        // recovery interval): how often an instance's import outcome can change.
+        let outcome_interval = matches!(store, StoreConfig::S3 { .. }).then(|| {
+            import_config
+                .as_ref()
+                .map_or(recovery.interval, |i| i.settings.poll_interval)
+        });
+        let commitment = commitment.into_settings(outcome_interval)?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
         let index = index_config(&job_store, &storage.store_dir);
         Ok(ServeConfig {
@@ -690,6 +785,7 @@ impl ServeArgs {
             recovery,
             batch_limits,
             duplicate_policy: batches.duplicate_policy,
+            commitment,
             shutdown_deadline: operations.shutdown_deadline,
             metrics_listen: operations.metrics_listen,
             emf_interval: operations.emf_interval.max(Duration::from_millis(10)),
@@ -1088,6 +1184,57 @@ mod tests {
         assert_eq!(c.gateway_id, None, "resolved at start-up");
         assert_eq!(c.recovery.interval, Duration::from_secs(300));
         assert_eq!(c.recovery.orphan_age, Duration::from_secs(3600));
+        assert_eq!(c.commitment.commit_when, CommitWhen::Stored);
+        assert_eq!(c.commitment.timeout, Duration::from_secs(24 * 3600));
+        assert!(c.commitment.peers.is_empty());
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL)
+        );
+    }
+
+    #[test]
+    fn commitment_peers_are_checked_and_imported_needs_an_import() {
+        let c = parse(&[
+            "--commitment-peer",
+            "CT1=10.0.0.5:104",
+            "--commitment-peer",
+            "MR1=mr1.hospital.example:11112,US1=[::1]:104",
+            "--commitment-timeout",
+            "2h",
+        ])
+        .unwrap();
+        assert_eq!(c.commitment.peers["CT1"], "10.0.0.5:104");
+        assert_eq!(c.commitment.peers["MR1"], "mr1.hospital.example:11112");
+        assert_eq!(c.commitment.peers["US1"], "[::1]:104");
+        assert_eq!(c.commitment.timeout, Duration::from_secs(7200));
+        for (bad, says) in [
+            ("CT1", "is not AE=host:port"),
+            ("CT1=host", "is not host:port"),
+            ("CT1=host:0", "is not host:port"),
+            ("CT1=:104", "is not host:port"),
+            ("SEVENTEEN_CHARS_X=h:1", "1 to 16 characters"),
+        ] {
+            let e = parse(&["--commitment-peer", bad]).unwrap_err();
+            assert!(
+                e.starts_with("--commitment-peer") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse(&["--commitment-peer", "CT1=a:1,CT1=b:2"]).unwrap_err();
+        assert!(e.contains("names CT1 twice"), "{e}");
+        let e = parse(&["--commit-when", "imported"]).unwrap_err();
+        assert!(e.contains("needs --s3-bucket"), "{e}");
+        let c = parse(&["--commit-when", "imported", "--s3-bucket", "b"]).unwrap();
+        assert_eq!(c.commitment.commit_when, CommitWhen::Imported);
+        assert_eq!(
+            c.commitment.check_interval,
+            Duration::from_secs(60),
+            "the outcome reader's interval (here the recovery interval, 5 min), at most a minute"
+        );
+        let e = parse(&["--commitment-timeout", "0s"]).unwrap_err();
+        assert!(e.starts_with("--commitment-timeout"), "{e}");
     }
 
     #[test]

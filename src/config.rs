@@ -13,6 +13,7 @@ use ipnet::IpNet;
 
 use crate::association::{AcceptancePolicy, Timeouts};
 use crate::batch::{BatchLimits, DuplicatePolicy};
+use crate::commitment::CommitmentSettings;
 use crate::import::ImportSettings;
 use crate::tls::TlsFiles;
 
@@ -46,6 +47,8 @@ pub(crate) struct ServeConfig {
     pub recovery: RecoveryConfig,
     pub batch_limits: BatchLimits,
     pub duplicate_policy: DuplicatePolicy,
+    /// Storage Commitment: when instances are committed, where reports go.
+    pub commitment: CommitmentSettings,
     /// On SIGTERM/SIGINT, time given to running associations before they are aborted.
     pub shutdown_deadline: Duration,
     /// Address of the HTTP health and metrics endpoints, when they are on.

@@ -13,6 +13,7 @@
 //! - `store`: the object stores (S3, local directory);
 //! - `batch`: grouping stored instances into import batches, one job each;
 //! - `index`: one record per stored instance (local journal), written off the acknowledgement path;
+//! - `commitment`: Storage Commitment (N-ACTION in, N-EVENT-REPORT out), decided from the index;
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
 //! - `import`: recording batches and starting their HealthImaging imports;
 //! - `outcome`: ending imported jobs from their results in S3 (the manifest is too large for
@@ -30,6 +31,7 @@ pub(crate) mod batch;
 pub(crate) mod cli;
 pub(crate) mod clock;
 pub mod commands;
+pub(crate) mod commitment;
 pub(crate) mod config;
 pub(crate) mod connection;
 pub mod dimse;

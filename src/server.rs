@@ -12,6 +12,9 @@ use tracing::{info, warn};
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
 use crate::batch::Batcher;
+use crate::commitment::dynamodb::DynamoPending;
+use crate::commitment::pending::{LocalPending, PendingStore};
+use crate::commitment::{Commitments, Worker};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
 };
@@ -201,6 +204,20 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
     Ok((listener, switch))
 }
 
+/// Where pending Storage Commitment requests are kept: beside the job records.
+async fn open_pending(
+    config: &JobStoreConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn PendingStore>, AwsSetupError> {
+    Ok(match config {
+        JobStoreConfig::DynamoDb { table } => Arc::new(DynamoPending::new(
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
+            table.clone(),
+        )),
+        JobStoreConfig::LocalJournal { dir } => Arc::new(LocalPending::new(dir.clone())),
+    })
+}
+
 /// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
 /// receive path's sender and the writer task to wait for at shutdown.
 struct OpenIndex {
@@ -299,7 +316,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     };
     // The index first: the outcome reader records per-instance outcomes on it.
     let OpenIndex {
-        index: outcome_index,
+        index: instance_index,
         sender: index,
         writer: index_writer,
     } = open_index(&config.index);
@@ -317,7 +334,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             let reader = OutcomeReader::new(
                 jobs.clone(),
                 Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
-                outcome_index,
+                instance_index.clone(),
                 gateway_id.clone(),
                 OutcomeTiming::every(interval),
             );
@@ -329,13 +346,42 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
+    // Storage Commitment decides from the instance index: without one it is not offered.
+    let mut acceptance = config.acceptance.clone();
+    let (commitments, commitment_worker): (Option<Arc<Commitments>>, Option<Worker>) =
+        match instance_index {
+            Some(instance_index) => {
+                let pending = open_pending(&config.job_store, &aws).await?;
+                let (c, w) = Commitments::new(
+                    config.commitment.clone(),
+                    config.acceptance.ae_title.clone(),
+                    gateway_id.clone(),
+                    instance_index,
+                    store.clone(),
+                    pending,
+                );
+                (Some(c), Some(w))
+            }
+            None => {
+                info!(
+                    "Storage Commitment is off: it needs the instance index, which this configuration does not keep yet"
+                );
+                acceptance.syntaxes = acceptance
+                    .syntaxes
+                    .without_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL);
+                (None, None)
+            }
+        };
+    let commitment_stop = CancellationToken::new();
+    let commitment_task = commitment_worker.map(|w| tokio::spawn(w.run(commitment_stop.clone())));
     let services = Arc::new(Services {
-        acceptance: config.acceptance.clone(),
+        acceptance,
         timeouts: config.timeouts,
         store: store.clone(),
         batcher: batcher.clone(),
         duplicates: config.duplicate_policy,
         index,
+        commitments,
     });
     let listener = Listener::new(
         plain,
@@ -408,6 +454,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     drop(batcher);
     recovery_stop.cancel();
     recovery.abort();
+    // Requests not answered yet stay recorded; the next start (or another gateway) answers them.
+    commitment_stop.cancel();
+    if let Some(task) = commitment_task {
+        let _ = task.await;
+    }
     // Every sender went with the associations: the writer appends what it holds, then ends.
     if let Some(writer) = index_writer
         && tokio::time::timeout(Duration::from_secs(5), writer)

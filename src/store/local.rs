@@ -121,6 +121,15 @@ impl ObjectStore for LocalStore {
         .await?)
     }
 
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        // Committed objects appear by rename, whole: a file at the key is a committed object.
+        match tokio::fs::metadata(self.root.join(key.as_str())).await {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }
@@ -272,6 +281,8 @@ mod tests {
         up.write(b"dropped").await.unwrap();
         drop(up);
         assert!(!dir.path().join(key2.as_str()).exists());
+        assert!(store.exists(&key).await.unwrap(), "committed");
+        assert!(!store.exists(&key2).await.unwrap(), "aborted and dropped");
         assert_eq!(
             std::fs::read_dir(dir.path().join(INCOMING_DIR))
                 .unwrap()

@@ -122,6 +122,10 @@ pub(crate) trait ObjectStore: Send + Sync + 'static {
     /// Counts the committed objects of a batch (uploads in progress are never listed).
     async fn batch_contents(&self, job_id: &str) -> Result<BatchContents, StoreError>;
 
+    /// Whether the committed object `key` is there now (Storage Commitment checks it before
+    /// answering "committed"; an upload in progress is not an object).
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError>;
+
     /// A short description for the start-up log line.
     fn describe(&self) -> String;
 }

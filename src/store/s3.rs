@@ -129,6 +129,29 @@ impl ObjectStore for S3Store {
         Ok(contents)
     }
 
+    /// ListObjectsV2 with the key as prefix rather than HeadObject: HeadObject needs
+    /// s3:GetObject ("HeadObject", Amazon S3 API Reference, Permissions,
+    /// https://docs.aws.amazon.com/AmazonS3/latest/API/API_HeadObject.html), which the gateway's
+    /// role does not have on the import prefix, while s3:ListBucket on it it has (infra/gateway.yaml).
+    /// Listings are strongly consistent with writes ("Amazon S3 Strong Consistency",
+    /// https://aws.amazon.com/s3/consistency/).
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        let full = self.full_key(key);
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| s3_error("ListObjectsV2", e))?;
+        Ok(out
+            .contents()
+            .iter()
+            .any(|o| o.key() == Some(full.as_str())))
+    }
+
     fn describe(&self) -> String {
         format!(
             "S3 bucket {} prefix '{}' (part size {} MiB)",
