@@ -15,7 +15,9 @@
 //! end to end and does not depend on the SDK's `request_checksum_calculation` setting. The payload
 //! is sent unsigned (`UNSIGNED-PAYLOAD`): the SigV4 payload hash would be a second pass over every
 //! byte (SHA-256, the largest single cost in a profile), and adds nothing over HTTPS, where TLS
-//! already authenticates the body (docs/aws-facts.md, "Issue 11").
+//! already authenticates the body. Over plain HTTP (local emulators only: the stack's bucket policy
+//! refuses non-TLS requests) the CRC32 still catches corruption but not a deliberate rewrite; see
+//! docs/aws-facts.md, "Issue 11", for the sources.
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -36,8 +38,8 @@ pub(crate) const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// S3's limit on parts per upload.
 const MAX_PARTS: i32 = 10_000;
 /// Most part buffers kept for reuse. A fresh buffer costs a page fault per 4 KiB the first time it
-/// is written (a third of the gateway's CPU per byte before buffers were reused); a pooled one is
-/// already mapped. Sixteen covers sixteen associations storing small instances at once, or three
+/// is written (over a quarter of the gateway's CPU per byte before buffers were reused: see the
+/// README's benchmark section); a pooled one is already mapped. Sixteen covers sixteen associations storing small instances at once, or three
 /// large instances with four parts in flight; idle, they hold what was written into them.
 const POOLED_BUFFERS: usize = 16;
 
