@@ -19,9 +19,11 @@
 # work shares the machine, which makes it the figure to compare between versions (issue 11).
 #
 # s3s-fs rows: a small S3 server (the s3s-fs crate) storing into tmpfs, fast enough that the
-# gateway's own cost shows; it is installed into ~/.cache/dicom-gateway-bench on first use.
+# gateway's own cost shows; it is installed into ~/.cache/dicom-gateway-bench on first use. The
+# "via TLS" rows reach it over HTTPS, as the gateway reaches S3 in production: the proxy below
+# terminates TLS with a throw-away CA made by openssl, which the gateway trusts via SSL_CERT_FILE.
 # 20 ms link rows (issue 11): examples/latency_proxy.rs delays every byte by 20 ms each way between
-# the gateway and s3s-fs, and the small corpus goes over one association in direct mode and in edge
+# the gateway and s3s-fs (over TLS, as above), and the small corpus goes over one association in direct mode and in edge
 # mode (--spool-dir: acknowledged once spooled on local disk, uploaded behind). The edge row's CPU is
 # read once every instance has reached the bucket. Builds without --spool-dir skip that row.
 set -euo pipefail
@@ -35,6 +37,7 @@ ROOT=${BENCH_DIR:-/dev/shm/dicom-gateway-bench}
 PORT=${BENCH_PORT:-11190}
 S3S_PORT=${BENCH_S3S_PORT:-11191}
 LINK_PORT=${BENCH_LINK_PORT:-11192}
+TLS_PORT=${BENCH_TLS_PORT:-11193}
 LINK_DELAY_MS=20
 # s3s-fs 0.14.1: the newest release that builds with the toolchain here (0.17 needs rustc 1.96).
 S3S_VERSION=0.14.1
@@ -52,10 +55,11 @@ if [ "$BENCH_S3S" = 1 ] && [ ! -x "$S3S_HOME/bin/s3s-fs" ]; then
   echo "installing s3s-fs $S3S_VERSION into $S3S_HOME ..." >&2
   cargo install --quiet --locked s3s-fs --version "$S3S_VERSION" --features binary --root "$S3S_HOME"
 fi
-if [ "$BENCH_S3S" = 1 ] && [ "$BENCH_LINK" = 1 ]; then
+if [ "$BENCH_S3S" = 1 ]; then
   # The first build compiles tokio with the dev-dependency features examples get (a few minutes).
   cargo build --release --quiet --example latency_proxy
 fi
+PROXY=target/release/examples/latency_proxy
 rm -rf "$ROOT"; mkdir -p "$ROOT/corpus" "$ROOT/large"
 trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 
@@ -201,9 +205,23 @@ if [ "$BENCH_S3S" = 1 ]; then
   empty_bucket; row "dicom-gateway S3 (s3s-fs tmpfs)"  4 small "${gw_s3s[@]}"
   empty_bucket; row "dicom-gateway S3 (s3s-fs tmpfs)"  1 large "${gw_s3s[@]}"
 
+  TLS_DIR="$ROOT/tls"; mkdir -p "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench-ca -keyout ca.key -out ca.pem
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >leaf.ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext -out cert.pem
+  ) >"$ROOT/tls.log" 2>&1 || { echo "openssl failed: $(tail -3 "$ROOT/tls.log")" >&2; exit 1; }
+  "$PROXY" "$TLS_PORT" "127.0.0.1:$S3S_PORT" 0 "$TLS_DIR/cert.pem" "$TLS_DIR/key.pem" >"$ROOT/tls-proxy.log" 2>&1 &
+  tls_env=(env AWS_ENDPOINT_URL="https://localhost:$TLS_PORT" SSL_CERT_FILE="$TLS_DIR/ca.pem" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1)
+  gw_tls=("${tls_env[@]}" "$BIN" serve --listen "127.0.0.1:$PORT" --s3-bucket bench --s3-force-path-style --store-dir "$ROOT/out" --log-level warn)
+  empty_bucket; row "dicom-gateway S3 (s3s-fs via TLS)"  1 small "${gw_tls[@]}"
+  empty_bucket; row "dicom-gateway S3 (s3s-fs via TLS)"  1 large "${gw_tls[@]}"
+
   if [ "$BENCH_LINK" = 1 ]; then
-    target/release/examples/latency_proxy "$LINK_PORT" "127.0.0.1:$S3S_PORT" "$LINK_DELAY_MS" >"$ROOT/proxy.log" 2>&1 &
-    link_env=(env AWS_ENDPOINT_URL="http://127.0.0.1:$LINK_PORT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1)
+    "$PROXY" "$LINK_PORT" "127.0.0.1:$S3S_PORT" "$LINK_DELAY_MS" "$TLS_DIR/cert.pem" "$TLS_DIR/key.pem" >"$ROOT/proxy.log" 2>&1 &
+    link_env=(env AWS_ENDPOINT_URL="https://localhost:$LINK_PORT" SSL_CERT_FILE="$TLS_DIR/ca.pem" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1)
     gw_link=("${link_env[@]}" "$BIN" serve --listen "127.0.0.1:$PORT" --s3-bucket bench --s3-force-path-style --store-dir "$ROOT/out" --log-level warn)
     empty_bucket; row "dicom-gateway S3 direct, ${LINK_DELAY_MS} ms link" 1 small "${gw_link[@]}"
     DIRECT_RATE=$LAST_RATE
