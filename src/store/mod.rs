@@ -6,6 +6,7 @@
 //! visible) or aborted (after which nothing of it is visible). Dropping an upload that was not
 //! committed aborts it, so an A-ABORT or a dropped connection can never leave a partial object.
 
+mod durable;
 pub mod local;
 pub(crate) mod s3;
 
