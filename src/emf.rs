@@ -121,7 +121,9 @@ impl Interval {
             spool_bytes_uploaded: end
                 .spool_bytes_uploaded
                 .saturating_sub(start.spool_bytes_uploaded),
-            spool_quarantined: end.spool_quarantined.saturating_sub(start.spool_quarantined),
+            spool_quarantined: end
+                .spool_quarantined
+                .saturating_sub(start.spool_quarantined),
         }
     }
 

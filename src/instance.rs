@@ -22,8 +22,7 @@ use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
 use crate::sniff::{HeaderSniffer, RequiredIds, SniffError};
 use crate::store::{
-    Committed, KeyError, ObjectKey, ObjectStore, ObjectUpload, Placement, StoreError,
-    UploadOutcome,
+    Committed, KeyError, ObjectKey, ObjectStore, ObjectUpload, Placement, StoreError, UploadOutcome,
 };
 use crate::uid::{UidError, validate_uid};
 
@@ -33,7 +32,8 @@ pub(crate) const HEADER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// The Error Comment of an instance refused because the edge spool is full (at most 64 characters,
 /// the length of LO).
-pub(crate) const SPOOL_FULL_COMMENT: &str = "spool full: the gateway waits for the cloud; send again later";
+pub(crate) const SPOOL_FULL_COMMENT: &str =
+    "spool full: the gateway waits for the cloud; send again later";
 
 /// Why an instance was not stored. Each reason maps to the status its C-STORE is answered with
 /// ([`InstanceError::status`]) and a short, patient-data-free Error Comment.

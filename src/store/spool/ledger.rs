@@ -212,8 +212,9 @@ impl Ledger {
         let Some(state) = st.keys.get_mut(pick.key.as_str()) else {
             return settled;
         };
-        let (done, left): (Vec<Version>, Vec<Version>) =
-            std::mem::take(&mut state.versions).into_iter().partition(which);
+        let (done, left): (Vec<Version>, Vec<Version>) = std::mem::take(&mut state.versions)
+            .into_iter()
+            .partition(which);
         state.versions = left;
         let remaining = !state.versions.is_empty();
         if remaining {

@@ -46,7 +46,7 @@ use super::{
     StoredObject, UploadTicket,
 };
 
-pub(crate) use self::replay::{SpoolStatus, status};
+pub(crate) use self::replay::status;
 
 /// The default of `--spool-max-bytes`: leave this percentage of the spool's file system free.
 pub(crate) const DEFAULT_FREE_PERCENT: u8 = 10;

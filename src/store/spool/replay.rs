@@ -267,7 +267,10 @@ pub(crate) mod tests {
     #[test]
     fn replay_queues_whole_files_and_quarantines_torn_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let (objects, q) = (dir.path().join(OBJECTS_DIR), dir.path().join(QUARANTINE_DIR));
+        let (objects, q) = (
+            dir.path().join(OBJECTS_DIR),
+            dir.path().join(QUARANTINE_DIR),
+        );
         let whole = write_spool_file(&objects, "1.2.3.1", &[1; 500]);
         let torn = write_spool_file(&objects, "1.2.3.2", &[2; 500]);
         let f = std::fs::OpenOptions::new()
@@ -293,7 +296,11 @@ pub(crate) mod tests {
         assert_eq!(s.quarantined_bytes, 301);
         assert!(s.oldest_age_seconds.is_some());
         assert!(s.file_system_bytes > 0);
-        assert!(s.text().contains("Quarantined:        2 files"), "{}", s.text());
+        assert!(
+            s.text().contains("Quarantined:        2 files"),
+            "{}",
+            s.text()
+        );
     }
 
     #[test]

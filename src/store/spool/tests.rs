@@ -133,7 +133,10 @@ async fn an_acknowledged_object_reaches_its_final_key_byte_for_byte_and_leaves_t
         large_bytes
     );
     assert!(spool_files(dir.path(), OBJECTS_DIR).is_empty());
-    assert_eq!(spool.input_s3_uri(JOB), format!("{}/{JOB}/", target.path().display()));
+    assert_eq!(
+        spool.input_s3_uri(JOB),
+        format!("{}/{JOB}/", target.path().display())
+    );
     stop.cancel();
     task.await.unwrap();
 }
@@ -230,7 +233,13 @@ async fn a_restart_uploads_what_the_last_run_acknowledged_and_quarantines_a_trun
 #[tokio::test]
 async fn a_full_spool_refuses_new_instances_and_keeps_what_it_acknowledged() {
     let (dir, target) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let spool = spool(dir.path(), target.path(), 0, SpoolCapacity::MaxBytes(25_000)).await;
+    let spool = spool(
+        dir.path(),
+        target.path(),
+        0,
+        SpoolCapacity::MaxBytes(25_000),
+    )
+    .await;
     let kept = put(&spool, &key("1.2.3.20"), &[1; 20_000]).await;
     // The next one fills the spool while it streams.
     let mut up = spool.begin(&key("1.2.3.21")).await.unwrap();
@@ -277,6 +286,10 @@ async fn stopping_the_uploader_lets_the_waiters_go_and_keeps_the_files() {
     let (stop, task) = start_uploader(&spool);
     stop.cancel();
     task.await.unwrap();
-    assert_eq!(outcome(ticket).await, None, "no outcome: the batch stays open");
+    assert_eq!(
+        outcome(ticket).await,
+        None,
+        "no outcome: the batch stays open"
+    );
     assert_eq!(spool_files(dir.path(), OBJECTS_DIR).len(), 1);
 }

@@ -293,10 +293,7 @@ impl Uploader {
             };
             checksum.update(&buf[..n]);
             // A failed write drops the upload, which aborts it.
-            upload
-                .write(&buf[..n])
-                .await
-                .map_err(SendError::Retry)?;
+            upload.write(&buf[..n]).await.map_err(SendError::Retry)?;
             left -= n as u64;
         }
         if let Err(why) = trailer.verify(checksum) {
