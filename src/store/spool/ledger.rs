@@ -71,16 +71,32 @@ pub(crate) struct Pick {
     pub file: String,
 }
 
-/// What settling one version freed: the files to remove and the waiters to tell.
+/// What settling one version freed: the files to remove and the waiters to tell. The key counts
+/// as waiting (for [`Ledger::unsettled`]) until [`Settled::tell`], which comes after its files are
+/// removed: a settled batch has nothing left in the spool.
 #[derive(Debug, Default)]
 pub(crate) struct Settled {
     pub files: Vec<String>,
     waiters: Vec<oneshot::Sender<UploadOutcome>>,
+    /// The job of a key that left the ledger.
+    left_job: Option<String>,
 }
 
 impl Settled {
-    /// Tells every waiter `outcome` (a waiter gone away is fine: its instance is no longer counted).
-    pub(crate) fn tell(self, outcome: UploadOutcome) {
+    /// Tells every waiter `outcome` (a waiter gone away is fine: its instance is no longer
+    /// counted), and counts the key as settled.
+    pub(crate) fn tell(self, ledger: &Ledger, outcome: UploadOutcome) {
+        if let Some(job) = &self.left_job {
+            let mut st = ledger.lock();
+            if let Some(n) = st.jobs.get_mut(job) {
+                *n -= 1;
+                if *n == 0 {
+                    st.jobs.remove(job);
+                }
+            }
+            drop(st);
+            ledger.settled.notify_waiters();
+        }
         for w in self.waiters {
             let _ = w.send(outcome);
         }
@@ -231,14 +247,7 @@ impl Ledger {
             self.queued.notify_one();
         } else {
             st.keys.remove(pick.key.as_str());
-            let job = pick.key.job_id();
-            if let Some(n) = st.jobs.get_mut(job) {
-                *n -= 1;
-                if *n == 0 {
-                    st.jobs.remove(job);
-                }
-            }
-            self.settled.notify_waiters();
+            settled.left_job = Some(pick.key.job_id().to_string());
         }
         settled
     }
@@ -327,7 +336,8 @@ mod tests {
         assert_eq!(pick.file, second, "the newest copy is sent");
         let settled = ledger.uploaded(&pick);
         assert_eq!(settled.files, vec![first, second]);
-        settled.tell(UploadOutcome::Uploaded);
+        assert_eq!(ledger.unsettled(JOB), 1, "until its files are removed");
+        settled.tell(&ledger, UploadOutcome::Uploaded);
         assert_eq!(rx1.await, Ok(UploadOutcome::Uploaded));
         assert_eq!(rx2.await, Ok(UploadOutcome::Uploaded));
         assert_eq!(ledger.unsettled(JOB), 0);
@@ -365,7 +375,9 @@ mod tests {
         ledger.enqueue(&k);
         ledger.next().await;
         let pick = ledger.pick(&k).unwrap();
-        ledger.set_aside(&pick).tell(UploadOutcome::NotUploaded);
+        ledger
+            .set_aside(&pick)
+            .tell(&ledger, UploadOutcome::NotUploaded);
         assert_eq!(rx.await, Ok(UploadOutcome::NotUploaded));
         assert_eq!(ledger.next().await, k);
         assert_eq!(ledger.pick(&k).unwrap().file, old);
@@ -387,7 +399,9 @@ mod tests {
             let k = ledger.next().await;
             let pick = ledger.pick(&k).unwrap();
             assert!(!waiting.is_finished());
-            ledger.uploaded(&pick);
+            ledger
+                .uploaded(&pick)
+                .tell(&ledger, UploadOutcome::Uploaded);
         }
         waiting.await.unwrap();
         assert_eq!(ledger.unsettled("01JD6Y7Z8X9W0V1T2S3R4Q5P6M"), 0);

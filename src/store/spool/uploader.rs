@@ -192,7 +192,7 @@ impl Uploader {
                     if let Err(e) = removed {
                         warn!(key = %pick.key, error = %e, "spool: uploaded, but its spool file could not be removed; the next start uploads it again");
                     }
-                    settled.tell(UploadOutcome::Uploaded);
+                    settled.tell(&self.shared.ledger, UploadOutcome::Uploaded);
                     debug!(key = %pick.key, bytes, attempt, duration_ms = started.elapsed().as_millis() as u64, "spool: uploaded");
                     return;
                 }
@@ -208,18 +208,18 @@ impl Uploader {
                     {
                         error!(file = %pick.file, reason = %why, error = %e, "spool file cannot be trusted and could not be moved to quarantine; it is not uploaded");
                     }
-                    self.shared
-                        .ledger
+                    let ledger = &self.shared.ledger;
+                    ledger
                         .set_aside(&pick)
-                        .tell(UploadOutcome::NotUploaded);
+                        .tell(ledger, UploadOutcome::NotUploaded);
                     return;
                 }
                 Err(SendError::Vanished) => {
                     error!(file = %pick.file, key = %pick.key, "spool file vanished before its upload (removed by hand?): this acknowledged instance is not uploaded");
-                    self.shared
-                        .ledger
+                    let ledger = &self.shared.ledger;
+                    ledger
                         .set_aside(&pick)
-                        .tell(UploadOutcome::NotUploaded);
+                        .tell(ledger, UploadOutcome::NotUploaded);
                     return;
                 }
                 Err(SendError::Retry(e)) => {
