@@ -13,8 +13,8 @@
 //!
 //! CRC32C (Castagnoli) is hardware-accelerated on x86-64 and ARMv8 (the `crc-fast` crate the AWS
 //! SDK already uses for S3's flexible checksums), and is one of the checksums S3 itself can verify
-//! end to end (`x-amz-checksum-crc32c`, "Checking object integrity in Amazon S3",
-//! <https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html>).
+//! end to end (`x-amz-checksum-crc32c`, "Checking object integrity for data uploads in Amazon S3",
+//! <https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity-upload.html>).
 
 use std::io::{Read, Seek, SeekFrom};
 
