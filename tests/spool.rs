@@ -107,6 +107,18 @@ fn with_s3_unreachable_edge_mode_acknowledges_from_the_spool_and_a_truncated_fil
         }
     });
     gw.wait_for_log("spool: uploads to S3 bucket unreachable");
+    // `spool status` tells that uploads fail, and why, from the running uploader's report.
+    eventually("the uploader's report", Duration::from_secs(10), || {
+        let s = spool_status(spool.path());
+        match s["uploader"]["lastError"].as_str() {
+            Some(e)
+                if e.contains("dispatch failure") && s["uploader"]["failingSince"].is_string() =>
+            {
+                Ok(())
+            }
+            _ => Err(s.to_string()),
+        }
+    });
     gw.stop();
 
     // A power cut tore one file (a disk that acknowledged a flush it had not done).
@@ -267,6 +279,23 @@ async fn s3_cut_off_for_60s_while_1000_instances_arrive_over_two_associations() 
         );
     }
     assert!(gw.log_text().contains("spool: uploads resumed"));
+    // The spool empties, and `spool status` reports the uploads and their rate.
+    eventually(
+        "an empty spool and the uploads reported",
+        Duration::from_secs(20),
+        || {
+            let s = spool_status(spool.path());
+            let u = &s["uploader"];
+            if s["files"] == 0
+                && u["uploadedFiles"] == 1000
+                && u["bytesPerSecond"].as_u64() > Some(0)
+            {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
     put_manifest(&s3, &stack, &job.job_id, 1000, 0).await;
     let job = wait_for_final(&db, &stack.table, &job.job_id, &gw).await;
     assert_eq!(
@@ -275,14 +304,7 @@ async fn s3_cut_off_for_60s_while_1000_instances_arrive_over_two_associations() 
         "{job:?}"
     );
     assert_eq!(job.instance_count, Some(1000));
-    eventually(
-        "an empty spool",
-        Duration::from_secs(10),
-        || match spool_counts(spool.path()) {
-            (0, 0) => Ok(()),
-            counts => Err(format!("{counts:?}")),
-        },
-    );
+    assert_eq!(spool_counts(spool.path()), (0, 0));
     assert_no_open_multipart_upload(&s3, &stack.bucket).await;
 }
 

@@ -14,6 +14,7 @@
 //! DIR/.incoming/   files being written (removed at start: never acknowledged)
 //! DIR/objects/     {ULID}.spool: one per acknowledged copy, waiting for upload (format: [`file`])
 //! DIR/quarantine/  spool files that cannot be trusted: never uploaded, never deleted
+//! DIR/uploader.json the running uploader's report (rate, failures) for `spool status`
 //! ```
 //!
 //! The spool is bounded ([`SpoolCapacity`]): when full, a new instance gets 0xA700 with the

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use super::file::{Trailer, committed_at, is_spool_name};
@@ -21,6 +21,38 @@ use crate::store::durable::INCOMING_DIR;
 pub(crate) const OBJECTS_DIR: &str = "objects";
 /// The directory of spool files that will never be uploaded, under the spool directory.
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+/// The running uploader's report, under the spool directory (rewritten every few seconds).
+pub(crate) const REPORT_FILE: &str = "uploader.json";
+
+/// What the running uploader reports for `spool status`: the upload rate and whether uploads fail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UploaderReport {
+    /// When the report was written (a stopped gateway's report grows old).
+    pub updated_at: String,
+    /// Objects and bytes uploaded since the gateway started.
+    pub uploaded_files: u64,
+    pub uploaded_bytes: u64,
+    /// Bytes uploaded per second over the last minute.
+    pub bytes_per_second: u64,
+    /// Since when uploads fail, and the last error, while they do.
+    pub failing_since: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl UploaderReport {
+    /// Writes the report into the spool directory `dir` (a temporary file renamed over the last
+    /// one; not fsynced: it is rewritten every few seconds and only ever informative). Blocking.
+    pub(crate) fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let temp = dir.join(format!("{REPORT_FILE}.part"));
+        std::fs::write(&temp, serde_json::to_vec_pretty(self).unwrap_or_default())?;
+        std::fs::rename(temp, dir.join(REPORT_FILE))
+    }
+
+    fn read(dir: &Path) -> Option<UploaderReport> {
+        serde_json::from_slice(&std::fs::read(dir.join(REPORT_FILE)).ok()?).ok()
+    }
+}
 
 /// What a start found in the spool.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +178,10 @@ pub(crate) struct SpoolStatus {
     pub incoming_files: u64,
     pub file_system_bytes: u64,
     pub file_system_free_bytes: u64,
+    /// The uploader's last report (upload rate, failures), if a gateway ever ran on this spool.
+    pub uploader: Option<UploaderReport>,
+    /// How old that report is, in seconds: more than a few means no gateway is running.
+    pub uploader_report_age_seconds: Option<u64>,
 }
 
 /// Count and bytes of the files in `dir`, and when the oldest spool file among them was committed.
@@ -185,6 +221,16 @@ pub(crate) fn status(dir: &Path) -> std::io::Result<SpoolStatus> {
     let (quarantined_files, quarantined_bytes, _) = tally(&dir.join(QUARANTINE_DIR))?;
     let (incoming_files, _, _) = tally(&dir.join(INCOMING_DIR))?;
     let space = file_system_space(dir)?;
+    let uploader = UploaderReport::read(dir);
+    let uploader_report_age_seconds = uploader
+        .as_ref()
+        .and_then(|r| humantime::parse_rfc3339_weak(&r.updated_at).ok())
+        .map(|t| {
+            SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs()
+        });
     Ok(SpoolStatus {
         dir: dir.to_path_buf(),
         files,
@@ -200,6 +246,8 @@ pub(crate) fn status(dir: &Path) -> std::io::Result<SpoolStatus> {
         incoming_files,
         file_system_bytes: space.total,
         file_system_free_bytes: space.available,
+        uploader,
+        uploader_report_age_seconds,
     })
 }
 
@@ -229,6 +277,7 @@ impl SpoolStatus {
                 ),
             ),
             ("Being written", format!("{} files", self.incoming_files)),
+            ("Uploads", self.uploads_text()),
             (
                 "File system",
                 format!(
@@ -241,7 +290,34 @@ impl SpoolStatus {
         .map(|(k, v)| format!("{:<20}{v}\n", format!("{k}:")))
         .collect()
     }
+
+    /// The uploader's rate and health, as far as its last report tells.
+    fn uploads_text(&self) -> String {
+        let (Some(r), Some(age)) = (&self.uploader, self.uploader_report_age_seconds) else {
+            return "no report (no gateway has run on this spool)".into();
+        };
+        if age > STALE_REPORT {
+            return format!(
+                "no gateway running on this spool (its uploader last reported {age}s ago)"
+            );
+        }
+        let mut text = format!(
+            "{} bytes/s over the last minute; {} files ({} bytes) since the gateway started",
+            r.bytes_per_second, r.uploaded_files, r.uploaded_bytes
+        );
+        if let Some(since) = &r.failing_since {
+            text.push_str(&format!(
+                "; FAILING since {since}: {}",
+                r.last_error.as_deref().unwrap_or("(no error recorded)")
+            ));
+        }
+        text
+    }
 }
+
+/// A report older than this many seconds comes from a gateway that is no longer running (it is
+/// rewritten every few seconds).
+const STALE_REPORT: u64 = 30;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -301,6 +377,33 @@ pub(crate) mod tests {
             "{}",
             s.text()
         );
+        assert!(s.uploader.is_none());
+        assert!(s.text().contains("no report"), "{}", s.text());
+
+        let report = UploaderReport {
+            updated_at: crate::clock::now_rfc3339(),
+            uploaded_files: 12,
+            uploaded_bytes: 6_000_000,
+            bytes_per_second: 100_000,
+            failing_since: Some("2026-11-24T06:30:00.000Z".into()),
+            last_error: Some("S3 PutObject failed: dispatch failure".into()),
+        };
+        report.write(dir.path()).unwrap();
+        let s = status(dir.path()).unwrap();
+        assert_eq!(s.uploader.as_ref(), Some(&report));
+        assert!(s.uploader_report_age_seconds.unwrap() < STALE_REPORT);
+        let text = s.text();
+        assert!(
+            text.contains("100000 bytes/s over the last minute"),
+            "{text}"
+        );
+        assert!(
+            text.contains("FAILING since 2026-11-24T06:30:00.000Z: S3 PutObject"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["uploader"]["bytesPerSecond"], 100_000);
+        assert_eq!(json["files"], 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! one INFO line when the first upload succeeds again, which also wakes the workers waiting in
 //! backoff so that catching up starts at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +28,8 @@ use tracing::{debug, error, info, warn};
 use super::Shared;
 use super::file::{Checksum, TornFile, Trailer};
 use super::ledger::Pick;
-use super::replay::quarantine;
+use super::replay::{UploaderReport, quarantine};
+use crate::clock::{now_rfc3339, rfc3339};
 use crate::import::full_jitter;
 use crate::metrics::metrics;
 use crate::store::durable::blocking;
@@ -57,12 +59,20 @@ enum SendError {
     Retry(StoreError),
 }
 
-/// Whether uploads are failing, for the outage's log lines.
+/// Whether uploads are failing, for the outage's log lines and the uploader's report.
 #[derive(Debug, Default)]
 struct Outage {
     failing_since: Option<Instant>,
+    /// The same moment on the wall clock, for the report.
+    failing_since_wall: Option<SystemTime>,
     last_warned: Option<Instant>,
+    last_error: Option<String>,
 }
+
+/// How often the uploader's report ([`UploaderReport`]) is rewritten, in [`LEVELS_EVERY`] ticks.
+const REPORT_EVERY_TICKS: u32 = 5;
+/// The window of the reported upload rate, in [`LEVELS_EVERY`] ticks.
+const RATE_WINDOW_TICKS: usize = 60;
 
 /// Uploads spooled objects to the inner store (see the module documentation).
 pub(crate) struct Uploader {
@@ -71,6 +81,10 @@ pub(crate) struct Uploader {
     outage: Mutex<Outage>,
     /// Uploads succeed again after an outage: workers waiting in backoff try at once.
     back: Notify,
+    /// Objects and bytes uploaded since start (for the report; the global metrics are shared by
+    /// every spool of a test process).
+    uploaded_files: AtomicU64,
+    uploaded_bytes: AtomicU64,
 }
 
 impl Uploader {
@@ -80,6 +94,8 @@ impl Uploader {
             concurrency: concurrency.max(1),
             outage: Mutex::new(Outage::default()),
             back: Notify::new(),
+            uploaded_files: AtomicU64::new(0),
+            uploaded_bytes: AtomicU64::new(0),
         })
     }
 
@@ -112,9 +128,17 @@ impl Uploader {
         };
         let levels = async {
             let mut every = tokio::time::interval(LEVELS_EVERY);
-            loop {
+            let mut uploaded = std::collections::VecDeque::with_capacity(RATE_WINDOW_TICKS + 1);
+            for tick in 0u32.. {
                 every.tick().await;
                 self.publish_levels();
+                uploaded.push_back((Instant::now(), self.uploaded_bytes.load(Ordering::Relaxed)));
+                if uploaded.len() > RATE_WINDOW_TICKS {
+                    uploaded.pop_front();
+                }
+                if tick % REPORT_EVERY_TICKS == 0 {
+                    self.write_report(&uploaded).await;
+                }
             }
         };
         tokio::select! {
@@ -147,6 +171,32 @@ impl Uploader {
         error!(error = %problem, "{} does not answer at start-up; instances are acknowledged from the spool and uploaded once it does", inner.describe());
     }
 
+    /// Rewrites the report `spool status` reads; `uploaded` holds (time, bytes uploaded so far)
+    /// samples over the rate's window, oldest first.
+    async fn write_report(&self, uploaded: &std::collections::VecDeque<(Instant, u64)>) {
+        let bytes_per_second = match (uploaded.front(), uploaded.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => {
+                ((b1 - b0) as f64 / t1.duration_since(*t0).as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
+        let report = {
+            let outage = self.outage();
+            UploaderReport {
+                updated_at: now_rfc3339(),
+                uploaded_files: self.uploaded_files.load(Ordering::Relaxed),
+                uploaded_bytes: self.uploaded_bytes.load(Ordering::Relaxed),
+                bytes_per_second,
+                failing_since: outage.failing_since_wall.map(rfc3339),
+                last_error: outage.failing_since.and(outage.last_error.clone()),
+            }
+        };
+        let dir = self.shared.dir.clone();
+        if let Err(e) = blocking(move || report.write(&dir)).await {
+            debug!(error = %e, "spool: the uploader's report could not be written");
+        }
+    }
+
     /// Sets the spool gauges from the ledger.
     fn publish_levels(&self) {
         let levels = self.shared.ledger.levels();
@@ -177,6 +227,8 @@ impl Uploader {
                     self.succeeded();
                     metrics().spool_uploaded.inc();
                     metrics().spool_bytes_uploaded.inc_by(bytes);
+                    self.uploaded_files.fetch_add(1, Ordering::Relaxed);
+                    self.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
                     let settled = self.shared.ledger.uploaded(&pick);
                     // Removed before the batch counts the object: a crash in between uploads it
                     // again (the same bytes to the same key), never leaves it uncounted.
@@ -309,9 +361,11 @@ impl Uploader {
         let now = Instant::now();
         let mut outage = self.outage();
         let levels = self.shared.ledger.levels();
+        outage.last_error = Some(error.to_string());
         match (outage.failing_since, outage.last_warned) {
             (None, _) => {
                 outage.failing_since = Some(now);
+                outage.failing_since_wall = Some(SystemTime::now());
                 outage.last_warned = Some(now);
                 warn!(error = %error, key = %pick.key, waiting_files = levels.files, waiting_bytes = levels.bytes, "spool: uploads to {} are failing; instances stay in the spool and are retried with backoff, receiving goes on", self.shared.inner.describe());
             }
@@ -328,6 +382,8 @@ impl Uploader {
         let mut outage = self.outage();
         if let Some(since) = outage.failing_since.take() {
             outage.last_warned = None;
+            outage.failing_since_wall = None;
+            outage.last_error = None;
             let levels = self.shared.ledger.levels();
             info!(failed_for = ?since.elapsed(), waiting_files = levels.files, waiting_bytes = levels.bytes, "spool: uploads resumed");
             self.back.notify_waiters();
