@@ -123,6 +123,20 @@ impl Recovery {
         }
     }
 
+    /// Batches to look at again as soon as the store has settled them: those the edge spool
+    /// replayed at start-up (their OPEN record may be written only now, after the first pass).
+    pub(crate) fn wait_for(&self, job_ids: Vec<String>) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for job_id in job_ids {
+            if !waiting.contains(&job_id) {
+                waiting.push(job_id);
+            }
+        }
+    }
+
     /// Resolves once the store has settled every batch the last pass left waiting (never, when
     /// none waits: the pass then comes at its interval).
     async fn waiting_settled(&self) {
@@ -212,10 +226,7 @@ impl Recovery {
                 debug!(job_id = %job.job_id, "recovery: another gateway adopted the batch first");
             }
         }
-        *self
-            .waiting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = waiting;
+        self.wait_for(waiting);
         Ok(adopted)
     }
 

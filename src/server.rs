@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
-use crate::batch::Batcher;
+use crate::batch::{BatchEvent, Batcher};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, SpoolConfig, StoreConfig,
     TlsConfig,
@@ -287,6 +287,20 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    // Edge mode: the batches of the instances a crash left in the spool are recorded OPEN (a job
+    // already recorded is left alone): a gateway killed right after a batch's first acknowledged
+    // instance may never have recorded it, and its instances must still be imported. A job id is
+    // the batch's ULID, which holds when it opened.
+    let replayed = spool.as_ref().map(|s| s.pending_jobs()).unwrap_or_default();
+    for job_id in &replayed {
+        if let Ok(ulid) = ulid::Ulid::from_string(job_id) {
+            let _ = events_tx.send(BatchEvent::Opened {
+                job_id: job_id.clone(),
+                created_at: crate::clock::rfc3339(ulid.datetime()),
+                input_s3_uri: store.input_s3_uri(job_id),
+            });
+        }
+    }
     let location_store = store.clone();
     let batcher = Batcher::new(
         config.batch_limits,
@@ -311,6 +325,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             gateway_id.clone(),
             config.recovery.orphan_age,
         );
+        recovery.wait_for(replayed);
         let (interval, stop) = (config.recovery.interval, recovery_stop.clone());
         tokio::spawn(async move {
             recovery

@@ -490,3 +490,54 @@ async fn a_full_spool_answers_a700_with_a_clear_comment_and_loses_nothing() {
     }
     scu.release();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs LocalStack: run scripts/test.sh"]
+async fn a_batch_whose_open_record_the_kill_lost_is_recorded_and_closed_once_replayed() {
+    let endpoint = localstack();
+    let s3 = s3_client(&endpoint).await;
+    let bucket = new_bucket(&s3, "gw-spool-lost").await;
+    let root = "1.2.826.0.1.3680043.2.1125.14";
+    let work = tempfile::tempdir().unwrap();
+    let files = write_corpus(work.path(), root, 20, 4_000);
+    let (spool, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = [
+        "--s3-bucket",
+        bucket.as_str(),
+        "--s3-force-path-style",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+        "--spool-max-bytes",
+        "1GB",
+        "--store-dir",
+        store.path().to_str().unwrap(),
+        "--gateway-id",
+        "gw-spool-lost",
+        "--batch-idle",
+        "1h",
+    ];
+    let mut proxy = FaultProxy::start(endpoint.trim_start_matches("http://"));
+    proxy.down();
+    let mut gw = Gateway::start(&args, &[("AWS_ENDPOINT_URL", &proxy.url())]);
+    let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    let out = storescu(gw.port, "-xe", &refs);
+    assert_eq!(
+        text(&out)
+            .matches("Received Store Response (Success)")
+            .count(),
+        20
+    );
+    gw.kill();
+    // As if the kill had come before the job's OPEN record was written.
+    for job in files_under(&store.path().join("jobs")) {
+        std::fs::remove_file(job).unwrap();
+    }
+    assert!(local_jobs(store.path()).is_empty());
+
+    proxy.up();
+    let gw = Gateway::start(&args, &[("AWS_ENDPOINT_URL", &proxy.url())]);
+    let job = tokio::task::block_in_place(|| wait_for_closed_local_job(store.path(), &gw));
+    assert_eq!(job["instanceCount"], 20, "{}", gw.log_text());
+    assert_eq!(job["closeReason"], "recovered");
+    assert_eq!(bucket_keys(&s3, &bucket).await.len(), 20);
+}

@@ -257,6 +257,13 @@ impl Ledger {
         self.lock().jobs.get(job_id).copied().unwrap_or(0)
     }
 
+    /// The batches with keys waiting.
+    pub(crate) fn jobs(&self) -> Vec<String> {
+        let mut jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
+        jobs.sort();
+        jobs
+    }
+
     /// Waits until no key of batch `job_id` waits any more.
     pub(crate) async fn settled(&self, job_id: &str) {
         loop {

@@ -162,6 +162,12 @@ impl Spool {
         }))
     }
 
+    /// The batches the spool holds instances of; right after [`Spool::open`], those a crash or a
+    /// stop left behind.
+    pub(crate) fn pending_jobs(&self) -> Vec<String> {
+        self.shared.ledger.jobs()
+    }
+
     /// Runs the uploader until `stop` is cancelled; then the instances still in the spool wait for
     /// the next start.
     pub(crate) async fn run_uploader(&self, stop: CancellationToken) {
