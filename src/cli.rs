@@ -21,13 +21,14 @@ use crate::batch::{
 use crate::commitment::{CommitWhen, CommitmentSettings};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig,
-    StoreConfig, TlsConfig, validate_ae_title,
+    SpoolConfig, StoreConfig, TlsConfig, validate_ae_title,
 };
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
 use crate::policy::{SyntaxPolicy, transfer_syntax_preset};
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
+use crate::store::spool::{DEFAULT_FREE_PERCENT, SpoolCapacity};
 use crate::tls::{Pem, TlsFiles};
 use crate::uid::{UidError, validate_uid};
 
@@ -62,6 +63,8 @@ pub(crate) enum Command {
     /// Send a C-ECHO to a DICOM peer (this gateway or any SCP); exit 0 on Success. Used by the
     /// container health check.
     Echo(EchoArgs),
+    /// Inspect the edge-mode spool (--spool-dir): what waits for upload, what is quarantined.
+    Spool(SpoolArgs),
 }
 
 /// Why the options cannot make a configuration: names the option at fault and what it accepts.
@@ -260,6 +263,40 @@ pub(crate) enum InstancesCommand {
         /// The SOP Instance UID (0008,0018).
         sop_instance_uid: String,
         /// Print JSON (one array, a record per stored copy) instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// ---- spool ------------------------------------------------------------------------------------
+
+/// `--spool-dir`, shared by `serve` (edge mode) and `spool status`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SpoolDirArg {
+    /// Edge mode (with --s3-bucket): acknowledge each instance once it is durable in this local
+    /// directory, and upload it to S3 in the background. Without it, instances are acknowledged
+    /// once S3 confirmed them (direct mode).
+    #[arg(long, env = "DICOM_GATEWAY_SPOOL_DIR", global = true)]
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// `dicom-gateway spool`: the spool directory and what to show of it.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SpoolArgs {
+    #[command(flatten)]
+    pub spool_dir: SpoolDirArg,
+
+    #[command(subcommand)]
+    pub command: SpoolCommand,
+}
+
+/// `spool status`.
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum SpoolCommand {
+    /// Files and bytes waiting for upload, the oldest one's age, quarantined files and the file
+    /// system's free space; reads the directory, no running gateway needed.
+    Status {
+        /// Print JSON instead of aligned lines.
         #[arg(long)]
         json: bool,
     },
@@ -574,6 +611,24 @@ pub(crate) struct StorageArgs {
     /// Multipart parts uploaded concurrently per instance (memory per instance ~ part size x (this + 1)).
     #[arg(long, env = "DICOM_GATEWAY_PARTS_IN_FLIGHT", default_value_t = 4)]
     pub parts_in_flight: usize,
+
+    #[command(flatten)]
+    pub spool_dir: SpoolDirArg,
+
+    /// Edge mode: most bytes the spool may hold (e.g. 200GB); when full, new instances get 0xA700
+    /// ("spool full") until uploads make room. Default: whatever leaves 10% of the spool's file
+    /// system free.
+    #[arg(long, env = "DICOM_GATEWAY_SPOOL_MAX_BYTES", value_parser = parse_bytes)]
+    pub spool_max_bytes: Option<u64>,
+
+    /// Edge mode: objects uploaded from the spool to S3 at once (memory: up to this x part size x
+    /// (--parts-in-flight + 1) for large instances).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_SPOOL_UPLOAD_CONCURRENCY",
+        default_value_t = 8
+    )]
+    pub spool_upload_concurrency: usize,
 }
 
 /// Job records and the HealthImaging import.
@@ -755,6 +810,7 @@ impl ServeArgs {
         }
         let timeouts = network.timeouts()?;
         let store = storage.store_config()?;
+        let spool = storage.spool_config()?;
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
@@ -778,6 +834,7 @@ impl ServeArgs {
             acceptance,
             timeouts,
             store,
+            spool,
             job_store,
             index,
             import: import_config,
@@ -991,6 +1048,45 @@ impl StorageArgs {
                 dir: self.store_dir.store_dir.clone(),
             },
         })
+    }
+}
+
+impl StorageArgs {
+    /// Edge mode's spool, when `--spool-dir` is given (it needs `--s3-bucket`).
+    fn spool_config(&self) -> Result<Option<SpoolConfig>, ConfigError> {
+        if !(1..=256).contains(&self.spool_upload_concurrency) {
+            return Err(ConfigError::invalid(
+                "--spool-upload-concurrency",
+                "must be between 1 and 256",
+            ));
+        }
+        let Some(dir) = &self.spool_dir.spool_dir else {
+            if self.spool_max_bytes.is_some() {
+                return Err(ConfigError::Combination(
+                    "--spool-max-bytes needs --spool-dir (edge mode)",
+                ));
+            }
+            return Ok(None);
+        };
+        if self.s3_bucket.is_none() {
+            return Err(ConfigError::Combination(
+                "--spool-dir needs --s3-bucket: the spool holds instances on their way to S3 (edge mode)",
+            ));
+        }
+        let capacity = match self.spool_max_bytes {
+            Some(0) => {
+                return Err(ConfigError::invalid("--spool-max-bytes", "must be above 0"));
+            }
+            Some(n) => SpoolCapacity::MaxBytes(n),
+            None => SpoolCapacity::LeaveFree {
+                percent: DEFAULT_FREE_PERCENT,
+            },
+        };
+        Ok(Some(SpoolConfig {
+            dir: dir.clone(),
+            capacity,
+            upload_concurrency: self.spool_upload_concurrency,
+        }))
     }
 }
 
@@ -1451,6 +1547,72 @@ mod tests {
                 parts_in_flight: 2,
             }
         );
+    }
+
+    #[test]
+    fn edge_mode_needs_a_bucket_and_defaults_to_leaving_a_tenth_free() {
+        assert!(
+            parse(&[]).unwrap().spool.is_none(),
+            "direct mode by default"
+        );
+        let c = parse(&["--s3-bucket", "b", "--spool-dir", "/var/spool/gw"]).unwrap();
+        assert_eq!(
+            c.spool,
+            Some(SpoolConfig {
+                dir: PathBuf::from("/var/spool/gw"),
+                capacity: SpoolCapacity::LeaveFree { percent: 10 },
+                upload_concurrency: 8,
+            })
+        );
+        let c = parse(&[
+            "--s3-bucket",
+            "b",
+            "--spool-dir",
+            "s",
+            "--spool-max-bytes",
+            "200GB",
+            "--spool-upload-concurrency",
+            "2",
+        ])
+        .unwrap();
+        let spool = c.spool.unwrap();
+        assert_eq!(spool.capacity, SpoolCapacity::MaxBytes(200_000_000_000));
+        assert_eq!(spool.upload_concurrency, 2);
+        let e = parse(&["--spool-dir", "s"]).unwrap_err();
+        assert!(e.contains("--spool-dir needs --s3-bucket"), "{e}");
+        let e = parse(&["--spool-max-bytes", "1GB"]).unwrap_err();
+        assert!(e.contains("needs --spool-dir"), "{e}");
+        let e = parse(&[
+            "--s3-bucket",
+            "b",
+            "--spool-dir",
+            "s",
+            "--spool-max-bytes",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--spool-max-bytes"), "{e}");
+        let e = parse(&["--spool-upload-concurrency", "0"]).unwrap_err();
+        assert!(e.contains("--spool-upload-concurrency"), "{e}");
+    }
+
+    #[test]
+    fn spool_status_parses() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "spool",
+            "status",
+            "--json",
+            "--spool-dir",
+            "/var/spool/gw",
+        ])
+        .unwrap();
+        let Command::Spool(s) = cli.command else {
+            panic!("not spool")
+        };
+        let SpoolCommand::Status { json } = s.command;
+        assert!(json);
+        assert_eq!(s.spool_dir.spool_dir, Some(PathBuf::from("/var/spool/gw")));
     }
 
     #[test]

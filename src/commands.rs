@@ -1,4 +1,4 @@
-//! The subcommands (`serve`, `jobs`, `instances`, `echo`): what `main` runs once the command line is parsed
+//! The subcommands (`serve`, `jobs`, `instances`, `spool`, `echo`): what `main` runs once the command line is parsed
 //! into a typed configuration ([`crate::cli`]). Exit status: 0 on success, 2 for a usage or
 //! configuration error, 1 when running fails.
 
@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{
     Cli, Command, ConfigError, EchoArgs, InstancesArgs, InstancesCommand, JobsArgs, JobsCommand,
+    SpoolArgs, SpoolCommand,
 };
 use crate::config::{IndexConfig, LogConfig, LogFormat, ServeConfig};
 use crate::index::{InstanceIndex, InstanceOutcome, InstanceRecord};
@@ -289,6 +290,28 @@ fn instance_details(r: &InstanceRecord) -> String {
     aligned(&lines)
 }
 
+/// `dicom-gateway spool status`: reads the spool directory; no running gateway needed.
+fn spool(args: SpoolArgs) -> anyhow::Result<ExitCode> {
+    let Some(dir) = args.spool_dir.spool_dir else {
+        return Err(ConfigError::Combination(
+            "`spool status` needs --spool-dir (or DICOM_GATEWAY_SPOOL_DIR): the gateway's spool directory",
+        )
+        .into());
+    };
+    let SpoolCommand::Status { json } = args.command;
+    let status = crate::store::spool::status(&dir)
+        .with_context(|| format!("cannot read the spool directory {}", dir.display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
+    } else {
+        print!("{}", status.text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
 fn echo(args: EchoArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
@@ -325,6 +348,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => jobs(args),
         Command::Instances(args) => instances(args),
         Command::Echo(args) => echo(args),
+        Command::Spool(args) => spool(args),
     }
 }
 

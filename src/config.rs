@@ -15,6 +15,7 @@ use crate::association::{AcceptancePolicy, Timeouts};
 use crate::batch::{BatchLimits, DuplicatePolicy};
 use crate::commitment::CommitmentSettings;
 use crate::import::ImportSettings;
+use crate::store::spool::SpoolCapacity;
 use crate::tls::TlsFiles;
 
 /// Everything `serve` needs, checked: option values within their limits, combinations complete.
@@ -36,6 +37,9 @@ pub(crate) struct ServeConfig {
     pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,
     pub store: StoreConfig,
+    /// Edge mode: instances are acknowledged from this local spool and uploaded to the S3 store
+    /// in the background; `None` is direct mode (acknowledged once S3 confirmed them).
+    pub spool: Option<SpoolConfig>,
     pub job_store: JobStoreConfig,
     pub index: IndexConfig,
     /// The HealthImaging import; `None` leaves closed batches CLOSED.
@@ -82,6 +86,15 @@ pub(crate) enum StoreConfig {
         /// Multipart parts uploaded concurrently per instance.
         parts_in_flight: usize,
     },
+}
+
+/// Edge mode's spool in front of the S3 store ([`crate::store::spool`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpoolConfig {
+    pub dir: PathBuf,
+    pub capacity: SpoolCapacity,
+    /// Objects uploaded from the spool at once.
+    pub upload_concurrency: usize,
 }
 
 /// Where job records are kept.

@@ -10,7 +10,7 @@
 //! - `instance`: one C-STORE data set, streamed from the wire to the store;
 //! - `sniff`: identifying UIDs read from the start of a data set in any transfer syntax;
 //! - `part10`: the file meta group written in front of the data set;
-//! - `store`: the object stores (S3, local directory);
+//! - `store`: the object stores (S3, local directory), and edge mode's spool in front of S3;
 //! - `batch`: grouping stored instances into import batches, one job each;
 //! - `index`: one record per stored instance (local journal), written off the acknowledgement path;
 //! - `commitment`: Storage Commitment (N-ACTION in, N-EVENT-REPORT out), decided from the index;

@@ -11,12 +11,13 @@ use tracing::{info, warn};
 
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
-use crate::batch::Batcher;
+use crate::batch::{BatchEvent, Batcher};
 use crate::commitment::dynamodb::DynamoPending;
 use crate::commitment::pending::{LocalPending, PendingStore};
 use crate::commitment::{Commitments, Worker};
 use crate::config::{
-    ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
+    ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, SpoolConfig, StoreConfig,
+    TlsConfig,
 };
 use crate::emf::Emitter;
 use crate::health::Readiness;
@@ -32,6 +33,7 @@ use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
+use crate::store::spool::Spool;
 use crate::tls::TlsSwitch;
 
 /// How long recovery leaves a CLOSED job alone that a live pipeline may still be starting.
@@ -139,6 +141,26 @@ async fn open_store(config: &StoreConfig, aws: &Aws) -> anyhow::Result<Arc<dyn O
             Ok(Arc::new(store))
         }
     }
+}
+
+/// Edge mode: the spool in front of `inner` (S3), with what a crash left in it queued for upload.
+async fn open_spool(
+    config: &SpoolConfig,
+    inner: Arc<dyn ObjectStore>,
+) -> anyhow::Result<Arc<Spool>> {
+    Spool::open(
+        config.dir.clone(),
+        config.capacity,
+        config.upload_concurrency,
+        inner,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot use --spool-dir {}: check that it is writable",
+            config.dir.display()
+        )
+    })
 }
 
 /// The Step Functions trigger that starts each closed batch's import.
@@ -265,6 +287,15 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     // A missing region or credentials stops start-up here, naming what to set (exit status 2).
     let aws = aws_for(&config);
     let store = open_store(&config.store, &aws).await?;
+    // Edge mode: the spool takes the store's place on the receive path; S3 is behind it.
+    let spool = match &config.spool {
+        Some(spool) => Some(open_spool(spool, store.clone()).await?),
+        None => None,
+    };
+    let store: Arc<dyn ObjectStore> = match &spool {
+        Some(spool) => spool.clone(),
+        None => store,
+    };
     let jobs = open_job_store(&config.job_store, &aws).await?;
     let trigger = match &config.import {
         Some(import) => Some(open_trigger(import, &aws).await?),
@@ -283,6 +314,20 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    // Edge mode: the batches of the instances a crash left in the spool are recorded OPEN (a job
+    // already recorded is left alone): a gateway killed right after a batch's first acknowledged
+    // instance may never have recorded it, and its instances must still be imported. A job id is
+    // the batch's ULID, which holds when it opened.
+    let replayed = spool.as_ref().map(|s| s.pending_jobs()).unwrap_or_default();
+    for job_id in &replayed {
+        if let Ok(ulid) = ulid::Ulid::from_string(job_id) {
+            let _ = events_tx.send(BatchEvent::Opened {
+                job_id: job_id.clone(),
+                created_at: crate::clock::rfc3339(ulid.datetime()),
+                input_s3_uri: store.input_s3_uri(job_id),
+            });
+        }
+    }
     let location_store = store.clone();
     let batcher = Batcher::new(
         config.batch_limits,
@@ -307,6 +352,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             gateway_id.clone(),
             config.recovery.orphan_age,
         );
+        recovery.wait_for(replayed);
         let (interval, stop) = (config.recovery.interval, recovery_stop.clone());
         tokio::spawn(async move {
             recovery
@@ -345,6 +391,14 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
+    let uploader = spool.as_ref().map(|spool| {
+        let (spool, stop) = (spool.clone(), CancellationToken::new());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { spool.run_uploader(stop).await }
+        });
+        (task, stop)
+    });
 
     // Storage Commitment decides from the instance index: without one it is not offered.
     let mut acceptance = config.acceptance.clone();
@@ -451,6 +505,12 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     timer_stop.cancel();
     let _ = timer.await;
     batcher.close_all(Duration::from_secs(5)).await;
+    // Edge mode: uploads still to do wait in the spool for the next start; their batches stay
+    // OPEN (never closed partial), and recovery closes them once the next start uploaded them.
+    if let Some((task, stop)) = uploader {
+        stop.cancel();
+        let _ = task.await;
+    }
     drop(batcher);
     recovery_stop.cancel();
     recovery.abort();
