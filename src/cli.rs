@@ -156,11 +156,23 @@ pub(crate) struct JobTableArg {
     pub job_table: Option<String>,
 }
 
+/// `--instance-table`, shared by `serve`, `jobs` and `instances`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct InstanceTableArg {
+    /// DynamoDB table of the instance index (one item per stored object), required with
+    /// --job-table (the infra/ stack's output InstanceTableName). Without --job-table the index
+    /// is kept in --store-dir/index/.
+    #[arg(long, env = "DICOM_GATEWAY_INSTANCE_TABLE", global = true)]
+    pub instance_table: Option<String>,
+}
+
 /// Where the job records are: the same options (and environment variables) as `serve`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct JobStoreArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
     #[command(flatten)]
     pub store_dir: StoreDirArg,
 }
@@ -169,6 +181,29 @@ impl JobStoreArgs {
     /// The job store these options name.
     pub(crate) fn into_config(self) -> JobStoreConfig {
         job_store_config(self.job_table, &self.store_dir)
+    }
+}
+
+/// The instance index beside the job store: a DynamoDB table with `--job-table` (then
+/// `--instance-table` is required), else the journal in the store directory.
+pub(crate) fn index_config(
+    job_table: &JobTableArg,
+    instance_table: &InstanceTableArg,
+    store_dir: &StoreDirArg,
+) -> Result<IndexConfig, ConfigError> {
+    match (&job_table.job_table, &instance_table.instance_table) {
+        (Some(_), Some(table)) => Ok(IndexConfig::DynamoDb {
+            table: table.clone(),
+        }),
+        (None, None) => Ok(IndexConfig::Local {
+            store_root: store_dir.store_dir.clone(),
+        }),
+        (Some(_), None) => Err(ConfigError::Combination(
+            "--job-table also needs --instance-table, the DynamoDB table of the instance index (the infra/ stack's output InstanceTableName; environment DICOM_GATEWAY_INSTANCE_TABLE)",
+        )),
+        (None, Some(_)) => Err(ConfigError::Combination(
+            "--instance-table goes with --job-table; without --job-table the instance index is kept in --store-dir/index/",
+        )),
     }
 }
 
@@ -231,7 +266,7 @@ pub(crate) struct InstancesArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub(crate) enum InstancesCommand {
     /// Where one instance is (object key), which job, when and from which AE it arrived, and its
-    /// outcome, from the instance index (`--store-dir`/index/).
+    /// outcome, from the instance index (--instance-table with --job-table, else --store-dir/index/).
     Show {
         /// The SOP Instance UID (0008,0018).
         sop_instance_uid: String,
@@ -474,6 +509,9 @@ pub(crate) struct ImportArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
 
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
+
     /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
     /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
     #[arg(long, env = "DICOM_GATEWAY_STATE_MACHINE_ARN")]
@@ -648,13 +686,12 @@ impl ServeArgs {
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
+        let index = index_config(
+            &import.job_table,
+            &import.instance_table,
+            &storage.store_dir,
+        )?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
-        let index = match job_store {
-            JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
-                store_root: storage.store_dir.store_dir.clone(),
-            },
-            JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
-        };
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -1205,6 +1242,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "ds",
             "--data-access-role-arn",
@@ -1215,6 +1254,7 @@ mod tests {
         let c = parse(&common).unwrap();
         assert!(c.import.is_none(), "no state machine: batches stay CLOSED");
         assert_eq!(c.job_store, JobStoreConfig::DynamoDb { table: "t".into() });
+        assert_eq!(c.index, IndexConfig::DynamoDb { table: "i".into() });
 
         let mut args = common.to_vec();
         args.extend([
@@ -1245,6 +1285,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "d",
             "--data-access-role-arn",
@@ -1408,6 +1450,43 @@ mod tests {
         assert_eq!((sop_instance_uid.as_str(), json), ("1.2.3.4", true));
         assert_eq!(i.store.store_dir.store_dir, PathBuf::from("/data"));
         assert!(Cli::try_parse_from(["dicom-gateway", "instances", "show"]).is_err());
+    }
+
+    #[test]
+    fn the_instance_table_goes_with_the_job_table() {
+        let e = parse(&["--job-table", "t"]).unwrap_err();
+        assert!(
+            e.contains("--job-table also needs --instance-table")
+                && e.contains("InstanceTableName")
+                && e.contains("DICOM_GATEWAY_INSTANCE_TABLE"),
+            "{e}"
+        );
+        let e = parse(&["--instance-table", "i"]).unwrap_err();
+        assert!(e.contains("--store-dir/index/"), "{e}");
+        let c = parse(&["--store-dir", "/data"]).unwrap();
+        assert_eq!(
+            c.index,
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "instances",
+            "show",
+            "1.2.3.4",
+            "--job-table",
+            "t",
+            "--instance-table",
+            "i",
+        ])
+        .unwrap();
+        let Command::Instances(i) = cli.command else {
+            panic!("not instances")
+        };
+        assert_eq!(i.store.instance_table.instance_table.as_deref(), Some("i"));
+        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--instance-table", "i"]);
+        assert!(cli.is_ok(), "jobs accepts the same store options");
     }
 
     #[test]

@@ -12,9 +12,8 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{
     Cli, Command, ConfigError, EchoArgs, InstancesArgs, InstancesCommand, JobsArgs, JobsCommand,
 };
-use crate::config::{LogConfig, LogFormat, ServeConfig};
-use crate::index::local::LocalIndex;
-use crate::index::{InstanceIndex, InstanceRecord};
+use crate::config::{IndexConfig, LogConfig, LogFormat, ServeConfig};
+use crate::index::InstanceRecord;
 use crate::jobs::report;
 
 /// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
@@ -130,26 +129,32 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `dicom-gateway instances show`: reads the instance index of the local store.
+/// `dicom-gateway instances show`: reads the instance index `serve` writes with the same
+/// options: the DynamoDB table with --job-table and --instance-table, else the local journal.
 fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
     let InstancesArgs { store, command } = args;
-    if store.job_table.job_table.is_some() {
-        anyhow::bail!(
-            "`instances show` reads the local instance index (--store-dir) only; the DynamoDB index for --job-table is not built yet"
-        );
-    }
-    let index = LocalIndex::new(&store.store_dir.store_dir);
+    let config =
+        crate::cli::index_config(&store.job_table, &store.instance_table, &store.store_dir)?;
     let InstancesCommand::Show {
         sop_instance_uid,
         json,
     } = command;
-    let records = runtime()?
-        .block_on(index.find(&sop_instance_uid))
-        .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+    let (records, described) = runtime()?.block_on(async {
+        let aws = crate::aws::Aws::new("--instance-table");
+        let index = crate::server::open_instance_index(&config, &aws).await?;
+        let records = index
+            .find(&sop_instance_uid)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+        anyhow::Ok((records, index.describe()))
+    })?;
     if records.is_empty() {
+        let check = match config {
+            IndexConfig::Local { .. } => "--store-dir",
+            IndexConfig::DynamoDb { .. } => "--instance-table",
+        };
         anyhow::bail!(
-            "no instance '{sop_instance_uid}' in {}. Check the UID (the SOP Instance UID, 0008,0018) and --store-dir; an instance stored just before a crash is indexed when the gateway starts again.",
-            index.describe()
+            "no instance '{sop_instance_uid}' in {described}. Check the UID (the SOP Instance UID, 0008,0018) and {check}; an instance stored just before a crash is indexed when its batch is recovered (at the gateway's next start, or by another gateway of the fleet)."
         );
     }
     let text = if json {

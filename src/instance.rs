@@ -404,8 +404,9 @@ impl Target {
                 metrics()
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());
-                up.lease.commit(stored.size, &self.calling_ae_title);
-                // Durable: the index may now say so. Handed over, never waited for.
+                // Durable: the index may now say so. Handed over, never waited for; before the
+                // lease is committed, so that the batch cannot close (and wait for its job's
+                // records, crate::index::repair) before this record is counted.
                 if let Some(parts) = KeyParts::parse(up.key.as_str()) {
                     self.index.record(parts.record(
                         up.key.as_str(),
@@ -415,6 +416,7 @@ impl Target {
                         now_rfc3339(),
                     ));
                 }
+                up.lease.commit(stored.size, &self.calling_ae_title);
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,
                     size = stored.size,

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::batch::CloseReason;
 use crate::clock::now_rfc3339;
 use crate::import::{Pipeline, random_below};
+use crate::index::repair::Repairer;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::store::ObjectStore;
 
@@ -88,6 +89,8 @@ pub(crate) struct Recovery {
     jobs: Arc<dyn JobStore>,
     /// Where an orphaned batch's objects are counted.
     store: Arc<dyn ObjectStore>,
+    /// Adds the index records a dead gateway's channel lost, for the objects of its orphans.
+    index: Arc<Repairer>,
     /// This gateway's name: its own jobs from an earlier run are recovered at once.
     gateway_id: String,
     /// When this process started: its own OPEN jobs from before then are orphans.
@@ -101,6 +104,7 @@ impl Recovery {
         pipeline: Arc<Pipeline>,
         jobs: Arc<dyn JobStore>,
         store: Arc<dyn ObjectStore>,
+        index: Arc<Repairer>,
         gateway_id: String,
         orphan_age: Duration,
     ) -> Self {
@@ -108,6 +112,7 @@ impl Recovery {
             pipeline,
             jobs,
             store,
+            index,
             gateway_id,
             process_started: SystemTime::now(),
             orphan_age,
@@ -116,7 +121,8 @@ impl Recovery {
 
     /// Closes batches whose gateway stopped while they were open: their counts are recomputed
     /// from the objects under the batch's prefix (every listed object was acknowledged, since
-    /// uploads in progress are never visible), and this gateway adopts them, unless another
+    /// uploads in progress are never visible), the instance index gets the records the dead
+    /// gateway lost for them ([`Repairer::repair`]), and this gateway adopts them, unless another
     /// gateway's recovery adopted one first. Returns how many this gateway adopted.
     async fn close_orphans(&self) -> Result<usize, JobStoreError> {
         let now = SystemTime::now();
@@ -164,6 +170,10 @@ impl Recovery {
                 }
                 continue;
             }
+            // Before the adoption, so that CLOSED still means indexed: the dead gateway's
+            // channel lost the records it held. Several gateways may repair the same orphan at
+            // once; a repair only adds what is missing.
+            self.index.repair(&job.job_id).await;
             let mut closed = job.clone();
             closed.status = JobStatus::Closed;
             closed.closed_at = Some(now_rfc3339());

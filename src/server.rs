@@ -18,7 +18,9 @@ use crate::config::{
 use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::index::dynamodb::DynamoIndex;
 use crate::index::local::LocalIndex;
+use crate::index::repair::{Repairer, run_gate};
 use crate::index::{CHANNEL_CAPACITY, IndexSender, InstanceIndex, run_writer};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
@@ -65,6 +67,10 @@ fn aws_for(config: &ServeConfig) -> Aws {
         (
             "--job-table",
             matches!(config.job_store, JobStoreConfig::DynamoDb { .. }),
+        ),
+        (
+            "--instance-table",
+            matches!(config.index, IndexConfig::DynamoDb { .. }),
         ),
         ("--state-machine-arn", config.import.is_some()),
     ]
@@ -191,27 +197,40 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
     Ok((listener, switch))
 }
 
-/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
-/// receive path's sender and the writer task to wait for at shutdown.
-struct OpenIndex {
-    index: Option<Arc<dyn InstanceIndex>>,
-    sender: IndexSender,
-    writer: Option<tokio::task::JoinHandle<()>>,
+/// The instance index the configuration names: the local journal or a DynamoDB table.
+pub(crate) async fn open_instance_index(
+    config: &IndexConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn InstanceIndex>, AwsSetupError> {
+    Ok(match config {
+        IndexConfig::Local { store_root } => Arc::new(LocalIndex::new(store_root)),
+        IndexConfig::DynamoDb { table } => Arc::new(DynamoIndex::new(
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
+            table.clone(),
+        )),
+    })
 }
 
-/// The instance index the configuration names: a rebuild of what a crash lost (in the background,
-/// so receiving starts at once) and the writer the receive path hands records to.
-fn open_index(config: &IndexConfig) -> OpenIndex {
-    let IndexConfig::Local { store_root } = config else {
-        return OpenIndex {
-            index: None,
-            sender: IndexSender::disabled(),
-            writer: None,
-        };
-    };
-    let index = LocalIndex::new(store_root);
-    {
-        let index = index.clone();
+/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
+/// receive path's sender, the writer task to wait for at shutdown, and the repairer that closing
+/// batches and recovery use.
+struct OpenIndex {
+    index: Arc<dyn InstanceIndex>,
+    sender: IndexSender,
+    writer: tokio::task::JoinHandle<()>,
+    repairer: Arc<Repairer>,
+}
+
+/// The instance index the configuration names, the writer the receive path hands records to,
+/// and for the local journal a rebuild of what a crash lost (in the background, so receiving
+/// starts at once).
+async fn open_index(
+    config: &IndexConfig,
+    aws: &Aws,
+    store: Arc<dyn ObjectStore>,
+) -> Result<OpenIndex, AwsSetupError> {
+    if let IndexConfig::Local { store_root } = config {
+        let index = LocalIndex::new(store_root);
         tokio::spawn(async move {
             match index.rebuild_async().await {
                 Ok(added) => {
@@ -223,14 +242,16 @@ fn open_index(config: &IndexConfig) -> OpenIndex {
             }
         });
     }
-    let index: Arc<dyn InstanceIndex> = Arc::new(index);
-    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
-    let writer = tokio::spawn(run_writer(index.clone(), rx));
-    OpenIndex {
-        index: Some(index),
+    let index = open_instance_index(config, aws).await?;
+    let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
+    let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
+    let repairer = Arc::new(Repairer::new(index.clone(), store, Some(tally)));
+    Ok(OpenIndex {
+        index,
         sender,
-        writer: Some(writer),
-    }
+        writer,
+        repairer,
+    })
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
@@ -239,6 +260,12 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let aws = aws_for(&config);
     let store = open_store(&config.store, &aws).await?;
     let jobs = open_job_store(&config.job_store, &aws).await?;
+    let OpenIndex {
+        index: _index,
+        sender: index,
+        writer: index_writer,
+        repairer: index_repairer,
+    } = open_index(&config.index, &aws, store.clone()).await?;
     let trigger = match &config.import {
         Some(import) => Some(open_trigger(import, &aws).await?),
         None => None,
@@ -255,7 +282,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         None => None,
     };
 
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    // Batch events go through the index gate: a closing batch reaches the pipeline (which
+    // records it CLOSED) once its job's instances are indexed.
+    let (events_tx, gate_rx) = mpsc::unbounded_channel();
+    let (gate_tx, events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_gate(index_repairer.clone(), gate_rx, gate_tx));
     let location_store = store.clone();
     let batcher = Batcher::new(
         config.batch_limits,
@@ -277,6 +308,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             pipeline.clone(),
             jobs.clone(),
             store.clone(),
+            index_repairer.clone(),
             gateway_id.clone(),
             config.recovery.orphan_age,
         );
@@ -310,11 +342,6 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
 
-    let OpenIndex {
-        index: _index,
-        sender: index,
-        writer: index_writer,
-    } = open_index(&config.index);
     let services = Arc::new(Services {
         acceptance: config.acceptance.clone(),
         timeouts: config.timeouts,
@@ -341,6 +368,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         ae_title = %config.acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
+        index = %_index.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
         sop_classes = config.acceptance.syntaxes.sop_class_count(),
@@ -395,12 +423,13 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     recovery_stop.cancel();
     recovery.abort();
     // Every sender went with the associations: the writer appends what it holds, then ends.
-    if let Some(writer) = index_writer
-        && tokio::time::timeout(Duration::from_secs(5), writer)
-            .await
-            .is_err()
+    if tokio::time::timeout(Duration::from_secs(5), index_writer)
+        .await
+        .is_err()
     {
-        warn!("instance index: still writing at shutdown; the next start rebuilds what is missing");
+        warn!(
+            "instance index: still writing at shutdown; batches not recorded CLOSED are repaired by recovery at the next start"
+        );
     }
     // The job in hand is finished; should that take too long, its claim expires and the next
     // gateway to look finishes it.
