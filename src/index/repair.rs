@@ -10,8 +10,10 @@
 //!   which lists their objects to close them, repairs their records first ([`crate::recovery`]).
 //!
 //! A repair only adds records for keys the index lacks ([`InstanceIndex::add_absent`]), so it
-//! never undoes an import outcome recorded meanwhile. It never holds up an import for long: its
-//! failures are retried a few times and then logged, and the batch goes on to its import.
+//! never undoes an import outcome recorded meanwhile. It never holds up an import for long: a
+//! close waits at most [`GATE_WAIT`] and one repair attempt; a repair that fails for a reason that
+//! may pass goes on in the background, and the batch goes on to its import. (During such an
+//! outage, a crash before the background repair succeeds can leave records missing: logged.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,9 +32,12 @@ use crate::store::{ListedObject, ObjectStore, StoreError};
 /// at the close only the last few are usually pending.
 pub(crate) const GATE_WAIT: Duration = Duration::from_secs(30);
 
-/// Attempts of one repair; between them, a backoff from [`REPAIR_BACKOFF`] doubling up to 8 s.
-const REPAIR_ATTEMPTS: u32 = 5;
-const REPAIR_BACKOFF: Duration = Duration::from_secs(1);
+/// Attempts of one repair, the first at once and the others in the background, with a backoff
+/// from [`REPAIR_BACKOFF`] doubling up to [`REPAIR_BACKOFF_CAP`]: over ten minutes in all, long
+/// enough for a brief DynamoDB or network outage to pass.
+const REPAIR_ATTEMPTS: u32 = 12;
+const REPAIR_BACKOFF: Duration = Duration::from_secs(2);
+const REPAIR_BACKOFF_CAP: Duration = Duration::from_secs(120);
 
 /// Why a repair did not complete.
 #[derive(Debug, Error)]
@@ -129,39 +134,55 @@ impl Repairer {
         )))
     }
 
-    /// [`Repairer::repair_once`], tried again a few times on a transient failure, then given up
-    /// with a WARN (the job goes on to its import; `instances show` may miss some of it).
-    pub(crate) async fn repair(&self, job_id: &str) {
-        let mut attempt = 1;
-        loop {
+    /// [`Repairer::repair_once`], at once; should that fail for a reason that may pass (DynamoDB
+    /// or S3 unreachable, throttling), it is tried again in the background ([`REPAIR_ATTEMPTS`],
+    /// backoff up to [`REPAIR_BACKOFF_CAP`]) so that the caller, a closing batch or recovery, is
+    /// not held up for long. A failure for good is a WARN: the job goes on to its import, and
+    /// `instances show` may miss some of its instances.
+    pub(crate) async fn repair(self: &Arc<Self>, job_id: &str) {
+        match self.repair_once(job_id).await {
+            Ok(added) => self.repaired(job_id, added),
+            Err(e) if e.is_retriable() => {
+                warn!(job_id, error = %e, "instance index repair failed; trying again in the background");
+                let (this, job_id) = (self.clone(), job_id.to_string());
+                tokio::spawn(async move { this.repair_later(&job_id).await });
+            }
+            Err(e) => self.given_up(job_id, 1, &e),
+        }
+    }
+
+    /// The background retries of [`Repairer::repair`].
+    async fn repair_later(&self, job_id: &str) {
+        for attempt in 2..=REPAIR_ATTEMPTS {
+            let delay = REPAIR_BACKOFF
+                .saturating_mul(1 << (attempt - 2))
+                .min(REPAIR_BACKOFF_CAP);
+            tokio::time::sleep(delay).await;
             match self.repair_once(job_id).await {
-                Ok(0) => {
-                    debug!(job_id, "instance index: nothing missing");
-                    return;
-                }
-                Ok(added) => {
-                    info!(job_id, added, index = %self.index.describe(), "instance index repaired from the stored objects");
-                    return;
-                }
+                Ok(added) => return self.repaired(job_id, added),
                 Err(e) if e.is_retriable() && attempt < REPAIR_ATTEMPTS => {
-                    let delay = REPAIR_BACKOFF
-                        .saturating_mul(1 << (attempt - 1))
-                        .min(Duration::from_secs(8));
-                    warn!(job_id, attempt, error = %e, retry_in = ?delay, "instance index repair failed; will retry");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                    debug!(job_id, attempt, error = %e, "instance index repair failed again; will retry");
                 }
-                Err(e) => {
-                    warn!(job_id, attempt, error = %e, index = %self.index.describe(), "instance index repair failed; `dicom-gateway instances show` may miss instances of this job");
-                    return;
-                }
+                Err(e) => return self.given_up(job_id, attempt, &e),
             }
         }
     }
 
+    fn repaired(&self, job_id: &str, added: u64) {
+        if added == 0 {
+            debug!(job_id, "instance index: nothing missing");
+        } else {
+            info!(job_id, added, index = %self.index.describe(), "instance index repaired from the stored objects");
+        }
+    }
+
+    fn given_up(&self, job_id: &str, attempts: u32, e: &RepairError) {
+        warn!(job_id, attempts, error = %e, index = %self.index.describe(), "instance index repair failed; `dicom-gateway instances show` may miss instances of this job");
+    }
+
     /// For a batch that closed: waits until its job's records are written, and repairs the index
     /// if any was lost or the wait ran out.
-    pub(crate) async fn settle_closed(&self, job_id: &str) {
+    pub(crate) async fn settle_closed(self: &Arc<Self>, job_id: &str) {
         let Some(tally) = &self.tally else {
             return;
         };
