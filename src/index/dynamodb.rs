@@ -103,13 +103,13 @@ type Item = HashMap<String, AttributeValue>;
 
 /// Instance records in a DynamoDB table, shared by the gateways of a fleet.
 #[derive(Clone)]
-pub(crate) struct DynamoIndex {
+pub struct DynamoIndex {
     client: Client,
     table: String,
 }
 
 impl DynamoIndex {
-    pub(crate) fn new(client: Client, table: String) -> Self {
+    pub fn new(client: Client, table: String) -> Self {
         DynamoIndex { client, table }
     }
 }

@@ -20,7 +20,7 @@
 //! `{store}/index/` ([`local::LocalIndex`]), and a DynamoDB table beside the job table for
 //! deployments ([`dynamodb::DynamoIndex`]).
 
-pub(crate) mod dynamodb;
+pub mod dynamodb;
 pub(crate) mod local;
 pub(crate) mod repair;
 
@@ -72,7 +72,7 @@ pub(crate) fn meta_of(head: &[u8]) -> Option<(String, Option<String>)> {
     rename_all = "SCREAMING_SNAKE_CASE",
     rename_all_fields = "camelCase"
 )]
-pub(crate) enum InstanceOutcome {
+pub enum InstanceOutcome {
     /// Durable in the object store, not (yet) known to be imported.
     Stored,
     /// Listed in `success.ndjson`: part of image set `image_set_id` (primary or not).
@@ -114,7 +114,7 @@ impl std::fmt::Display for InstanceOutcome {
 /// Everything the index knows about one stored object. Field names follow the job records'.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct InstanceRecord {
+pub struct InstanceRecord {
     pub sop_instance_uid: String,
     /// `None` when a rebuilt record's object has no readable meta group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,7 +186,7 @@ impl<'a> KeyParts<'a> {
 
 /// Why the index could not be read or written.
 #[derive(Debug, Error)]
-pub(crate) enum IndexError {
+pub enum IndexError {
     #[error("instance index I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("instance index record cannot be encoded: {0}")]
@@ -214,17 +214,13 @@ impl IndexError {
     }
 }
 
-/// Where instance records are kept: the seam between the writer and the local journal (and,
-/// later, DynamoDB).
+/// Where instance records are kept: the seam between the writer and the local journal or the
+/// DynamoDB table.
+///
+/// Public (like [`crate::jobs`]) so that the LocalStack tests can drive the DynamoDB index
+/// directly; `record_outcomes` and `failed` are for the outcome reader and `jobs show --failed`.
 #[async_trait]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "record_outcomes and failed are for the outcome reader and `jobs show --failed`, being built (issue 10)"
-    )
-)]
-pub(crate) trait InstanceIndex: Send + Sync + 'static {
+pub trait InstanceIndex: Send + Sync + 'static {
     /// Appends records. A record may already be there (a rebuild raced the writer): lookups
     /// return one record per object key.
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError>;
