@@ -229,20 +229,25 @@ async fn open_index(
     aws: &Aws,
     store: Arc<dyn ObjectStore>,
 ) -> Result<OpenIndex, AwsSetupError> {
-    if let IndexConfig::Local { store_root } = config {
-        let index = LocalIndex::new(store_root);
-        tokio::spawn(async move {
-            match index.rebuild_async().await {
-                Ok(added) => {
-                    info!(added, index = %index.describe(), "instance index rebuilt from the store")
+    let index = match config {
+        // One LocalIndex for the rebuild and the writer: its lock keeps them apart.
+        IndexConfig::Local { store_root } => {
+            let local = LocalIndex::new(store_root);
+            let rebuilding = local.clone();
+            tokio::spawn(async move {
+                match rebuilding.rebuild_async().await {
+                    Ok(added) => {
+                        info!(added, index = %rebuilding.describe(), "instance index rebuilt from the store")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
-                }
-            }
-        });
-    }
-    let index = open_instance_index(config, aws).await?;
+            });
+            Arc::new(local) as Arc<dyn InstanceIndex>
+        }
+        IndexConfig::DynamoDb { .. } => open_instance_index(config, aws).await?,
+    };
     let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
     let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
     let repairer = Arc::new(Repairer::new(index.clone(), store, Some(tally)));
