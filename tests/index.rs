@@ -22,6 +22,7 @@ fn instances_show(store: &Path, uid: &str) -> Output {
         .args(["instances", "show", uid, "--json", "--store-dir"])
         .arg(store)
         .env_remove("DICOM_GATEWAY_JOB_TABLE")
+        .env_remove("DICOM_GATEWAY_INSTANCE_TABLE")
         .output()
         .expect("dicom-gateway runs")
 }
