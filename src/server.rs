@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
@@ -266,7 +266,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     let store = open_store(&config.store, &aws).await?;
     let jobs = open_job_store(&config.job_store, &aws).await?;
     let OpenIndex {
-        index: _index,
+        index: instance_index,
         sender: index,
         writer: index_writer,
         repairer: index_repairer,
@@ -373,7 +373,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         ae_title = %config.acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
-        index = %_index.describe(),
+        index = %instance_index.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
         sop_classes = config.acceptance.syntaxes.sop_class_count(),
@@ -387,6 +387,16 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     {
         let readiness = readiness.clone();
         tokio::spawn(async move { readiness.startup_check().await });
+    }
+    // The DynamoDB index too, with one Query: it is derived data, so it does not make the gateway
+    // unready, but a wrong table name or a missing permission should show at once.
+    if matches!(config.index, IndexConfig::DynamoDb { .. }) {
+        let index = instance_index.clone();
+        tokio::spawn(async move {
+            if let Err(e) = index.find("2.25.0").await {
+                error!(error = %e, "{} does not answer at start-up; receiving continues, and records it misses are repaired from the store when their batch closes", index.describe());
+            }
+        });
     }
     let health_stop = CancellationToken::new();
     let health = match config.metrics_listen {
