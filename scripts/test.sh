@@ -82,7 +82,7 @@ AWS_CLI="$LS_HOME/venv/bin/aws"
 deploy_log=$(mktemp)
 outputs=$(AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test dicom-gateway-test-artifacts \
   DeployService=false DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
-  JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
+  JobTableName=dicom-gateway-jobs-test InstanceTableName=dicom-gateway-instances-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
 while IFS='=' read -r key value; do
   [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
 done <<<"$outputs"
@@ -96,7 +96,7 @@ kms_key=$("$AWS_CLI" kms create-key --description "dicom-gateway test key" --que
 AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test-kms dicom-gateway-test-artifacts \
   DeployService=false KmsKeyArn="$kms_key" TlsMode=passthrough TransferSyntaxAllow=healthimaging \
   DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test-kms \
-  JobTableName=dicom-gateway-jobs-test-kms BucketName=dicom-gateway-test-kms >/dev/null 2>"$deploy_log" \
+  JobTableName=dicom-gateway-jobs-test-kms InstanceTableName=dicom-gateway-instances-test-kms BucketName=dicom-gateway-test-kms >/dev/null 2>"$deploy_log" \
   || { cat "$deploy_log" >&2; exit 1; }
 
 cargo test --locked "${cargo_args[@]}" -- "${test_args[@]}"

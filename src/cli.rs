@@ -160,11 +160,23 @@ pub(crate) struct JobTableArg {
     pub job_table: Option<String>,
 }
 
+/// `--instance-table`, shared by `serve`, `jobs` and `instances`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct InstanceTableArg {
+    /// DynamoDB table of the instance index (one item per stored object), required with
+    /// --job-table (the infra/ stack's output InstanceTableName). Without --job-table the index
+    /// is kept in --store-dir/index/.
+    #[arg(long, env = "DICOM_GATEWAY_INSTANCE_TABLE", global = true)]
+    pub instance_table: Option<String>,
+}
+
 /// Where the job records are: the same options (and environment variables) as `serve`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct JobStoreArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
     #[command(flatten)]
     pub store_dir: StoreDirArg,
 }
@@ -176,22 +188,31 @@ impl JobStoreArgs {
     }
 
     /// The instance index that `serve` keeps with the same options.
-    pub(crate) fn index_config(&self) -> IndexConfig {
-        index_config(
-            &job_store_config(self.job_table.clone(), &self.store_dir),
-            &self.store_dir,
-        )
+    pub(crate) fn index_config(&self) -> Result<IndexConfig, ConfigError> {
+        index_config(&self.job_table, &self.instance_table, &self.store_dir)
     }
 }
 
-/// The instance index beside a job store: the local one in the store directory with the local
-/// journal; none yet with DynamoDB. One place, so `serve`, `jobs` and `instances` agree.
-fn index_config(job_store: &JobStoreConfig, store_dir: &StoreDirArg) -> IndexConfig {
-    match job_store {
-        JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
+/// The instance index beside the job store: a DynamoDB table with `--job-table` (then
+/// `--instance-table` is required), else the journal in the store directory.
+fn index_config(
+    job_table: &JobTableArg,
+    instance_table: &InstanceTableArg,
+    store_dir: &StoreDirArg,
+) -> Result<IndexConfig, ConfigError> {
+    match (&job_table.job_table, &instance_table.instance_table) {
+        (Some(_), Some(table)) => Ok(IndexConfig::DynamoDb {
+            table: table.clone(),
+        }),
+        (None, None) => Ok(IndexConfig::Local {
             store_root: store_dir.store_dir.clone(),
-        },
-        JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
+        }),
+        (Some(_), None) => Err(ConfigError::Combination(
+            "--job-table also needs --instance-table, the DynamoDB table of the instance index (the infra/ stack's output InstanceTableName; environment DICOM_GATEWAY_INSTANCE_TABLE)",
+        )),
+        (None, Some(_)) => Err(ConfigError::Combination(
+            "--instance-table goes with --job-table; without --job-table the instance index is kept in --store-dir/index/",
+        )),
     }
 }
 
@@ -258,7 +279,7 @@ pub(crate) struct InstancesArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub(crate) enum InstancesCommand {
     /// Where one instance is (object key), which job, when and from which AE it arrived, and its
-    /// outcome, from the instance index (`--store-dir`/index/).
+    /// outcome, from the instance index (--instance-table with --job-table, else --store-dir/index/).
     Show {
         /// The SOP Instance UID (0008,0018).
         sop_instance_uid: String,
@@ -638,6 +659,9 @@ pub(crate) struct ImportArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
 
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
+
     /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
     /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
     #[arg(long, env = "DICOM_GATEWAY_STATE_MACHINE_ARN")]
@@ -814,6 +838,12 @@ impl ServeArgs {
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
+        let index = index_config(
+            &import.job_table,
+            &import.instance_table,
+            &storage.store_dir,
+        )?;
+        let job_store = job_store_config(import.job_table, &storage.store_dir);
         // The outcome reader runs with an S3 store, at the import poll interval (else at the
         // recovery interval): how often an instance's import outcome can change.
         let outcome_interval = matches!(store, StoreConfig::S3 { .. }).then(|| {
@@ -822,8 +852,6 @@ impl ServeArgs {
                 .map_or(recovery.interval, |i| i.settings.poll_interval)
         });
         let commitment = commitment.into_settings(outcome_interval)?;
-        let job_store = job_store_config(import.job_table, &storage.store_dir);
-        let index = index_config(&job_store, &storage.store_dir);
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -1466,6 +1494,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "ds",
             "--data-access-role-arn",
@@ -1476,6 +1506,7 @@ mod tests {
         let c = parse(&common).unwrap();
         assert!(c.import.is_none(), "no state machine: batches stay CLOSED");
         assert_eq!(c.job_store, JobStoreConfig::DynamoDb { table: "t".into() });
+        assert_eq!(c.index, IndexConfig::DynamoDb { table: "i".into() });
 
         let mut args = common.to_vec();
         args.extend([
@@ -1506,6 +1537,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "d",
             "--data-access-role-arn",
@@ -1738,6 +1771,43 @@ mod tests {
     }
 
     #[test]
+    fn the_instance_table_goes_with_the_job_table() {
+        let e = parse(&["--job-table", "t"]).unwrap_err();
+        assert!(
+            e.contains("--job-table also needs --instance-table")
+                && e.contains("InstanceTableName")
+                && e.contains("DICOM_GATEWAY_INSTANCE_TABLE"),
+            "{e}"
+        );
+        let e = parse(&["--instance-table", "i"]).unwrap_err();
+        assert!(e.contains("--store-dir/index/"), "{e}");
+        let c = parse(&["--store-dir", "/data"]).unwrap();
+        assert_eq!(
+            c.index,
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "instances",
+            "show",
+            "1.2.3.4",
+            "--job-table",
+            "t",
+            "--instance-table",
+            "i",
+        ])
+        .unwrap();
+        let Command::Instances(i) = cli.command else {
+            panic!("not instances")
+        };
+        assert_eq!(i.store.instance_table.instance_table.as_deref(), Some("i"));
+        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--instance-table", "i"]);
+        assert!(cli.is_ok(), "jobs accepts the same store options");
+    }
+
+    #[test]
     fn jobs_subcommands_parse() {
         let cli = Cli::try_parse_from([
             "dicom-gateway",
@@ -1752,7 +1822,10 @@ mod tests {
             panic!()
         };
         assert!(matches!(j.command, JobsCommand::Show { failed: false, .. }));
-        assert_eq!(j.store.index_config(), IndexConfig::Off);
+        assert!(
+            j.store.index_config().is_err(),
+            "--job-table needs --instance-table for the index"
+        );
         assert_eq!(
             j.store.into_config(),
             JobStoreConfig::DynamoDb { table: "t".into() }
@@ -1781,9 +1854,9 @@ mod tests {
         ));
         assert_eq!(
             j.store.index_config(),
-            IndexConfig::Local {
+            Ok(IndexConfig::Local {
                 store_root: PathBuf::from("/data")
-            },
+            }),
             "the index serve keeps beside the local journal"
         );
         let cli = Cli::try_parse_from([

@@ -3,7 +3,6 @@
 //! configuration error, 1 when running fails.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -15,7 +14,7 @@ use crate::cli::{
     SpoolArgs, SpoolCommand,
 };
 use crate::config::{IndexConfig, LogConfig, LogFormat, ServeConfig};
-use crate::index::{InstanceIndex, InstanceOutcome, InstanceRecord};
+use crate::index::{InstanceOutcome, InstanceRecord};
 use crate::jobs::report;
 
 /// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
@@ -84,6 +83,7 @@ fn serve(config: ServeConfig) -> anyhow::Result<ExitCode> {
 /// instance index) as `serve`.
 fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     let JobsArgs { store, command } = args;
+    // Only `--failed` reads the index: `jobs list` needs no --instance-table.
     let index_config = store.index_config();
     let store_config = store.into_config();
     runtime()?.block_on(async move {
@@ -126,7 +126,7 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                     );
                 };
                 let failed = if failed {
-                    let index = open_index(&index_config)?;
+                    let index = crate::server::open_instance_index(&index_config?, &aws).await?;
                     Some(
                         index
                             .failed(&job_id)
@@ -158,30 +158,31 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The instance index `serve` keeps with the same options, or why there is none.
-fn open_index(config: &IndexConfig) -> anyhow::Result<Arc<dyn InstanceIndex>> {
-    crate::server::open_instance_index(config).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no instance index with these options: the local index lives in --store-dir with the local job journal; the DynamoDB index for --job-table is not built yet"
-        )
-    })
-}
-
-/// `dicom-gateway instances show`: reads the instance index `serve` keeps.
+/// `dicom-gateway instances show`: reads the instance index `serve` writes with the same
+/// options: the DynamoDB table with --job-table and --instance-table, else the local journal.
 fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
     let InstancesArgs { store, command } = args;
-    let index = open_index(&store.index_config())?;
+    let config = store.index_config()?;
     let InstancesCommand::Show {
         sop_instance_uid,
         json,
     } = command;
-    let records = runtime()?
-        .block_on(index.find(&sop_instance_uid))
-        .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+    let (records, described) = runtime()?.block_on(async {
+        let aws = crate::aws::Aws::new("--instance-table");
+        let index = crate::server::open_instance_index(&config, &aws).await?;
+        let records = index
+            .find(&sop_instance_uid)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+        anyhow::Ok((records, index.describe()))
+    })?;
     if records.is_empty() {
+        let check = match config {
+            IndexConfig::Local { .. } => "--store-dir",
+            IndexConfig::DynamoDb { .. } => "--instance-table",
+        };
         anyhow::bail!(
-            "no instance '{sop_instance_uid}' in {}. Check the UID (the SOP Instance UID, 0008,0018) and --store-dir; an instance stored just before a crash is indexed when the gateway starts again.",
-            index.describe()
+            "no instance '{sop_instance_uid}' in {described}. Check the UID (the SOP Instance UID, 0008,0018) and {check}; an instance stored just before a crash is indexed when its batch is recovered (at the gateway's next start, or by another gateway of the fleet)."
         );
     }
     let text = if json {

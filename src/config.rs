@@ -112,8 +112,9 @@ pub(crate) enum IndexConfig {
     /// JSON lines in `{store_root}/index/` beside the local job journal; rebuilt from the local
     /// store's objects at start-up.
     Local { store_root: PathBuf },
-    /// No index: the job records are in DynamoDB, whose instance table is not built yet.
-    Off,
+    /// A DynamoDB table beside the job table (`--instance-table`), for deployments with
+    /// `--job-table`: shared by the gateways of a fleet ([`crate::index::dynamodb`]).
+    DynamoDb { table: String },
 }
 
 /// The import state machine and the settings passed to each of its executions.

@@ -414,6 +414,18 @@ impl Target {
                 metrics()
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());
+                // Durable: the index may now say so. Handed over, never waited for; before the
+                // lease is committed, so that the batch cannot close (and wait for its job's
+                // records, crate::index::repair) before this record is counted.
+                if let Some(parts) = KeyParts::parse(up.key.as_str()) {
+                    self.index.record(parts.record(
+                        up.key.as_str(),
+                        stored.size,
+                        Some(self.sop_class_uid.clone()),
+                        Some(self.calling_ae_title.clone()),
+                        now_rfc3339(),
+                    ));
+                }
                 match placement {
                     Placement::Final => up.lease.commit(stored.size, &self.calling_ae_title),
                     // Acknowledged from the edge spool: the batch counts the instance once the
@@ -431,16 +443,6 @@ impl Target {
                             }
                         });
                     }
-                }
-                // Durable: the index may now say so. Handed over, never waited for.
-                if let Some(parts) = KeyParts::parse(up.key.as_str()) {
-                    self.index.record(parts.record(
-                        up.key.as_str(),
-                        stored.size,
-                        Some(self.sop_class_uid.clone()),
-                        Some(self.calling_ae_title.clone()),
-                        now_rfc3339(),
-                    ));
                 }
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,

@@ -39,7 +39,7 @@ pub(crate) mod echo;
 pub(crate) mod emf;
 pub(crate) mod health;
 pub(crate) mod import;
-pub(crate) mod index;
+pub mod index;
 pub(crate) mod instance;
 pub mod jobs;
 pub(crate) mod listener;

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::batch::CloseReason;
 use crate::clock::now_rfc3339;
 use crate::import::{Pipeline, random_below};
+use crate::index::repair::Repairer;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::store::ObjectStore;
 
@@ -94,6 +95,8 @@ pub(crate) struct Recovery {
     jobs: Arc<dyn JobStore>,
     /// Where an orphaned batch's objects are counted.
     store: Arc<dyn ObjectStore>,
+    /// Adds the index records a dead gateway's channel lost, for the objects of its orphans.
+    index: Arc<Repairer>,
     /// This gateway's name: its own jobs from an earlier run are recovered at once.
     gateway_id: String,
     /// When this process started: its own OPEN jobs from before then are orphans.
@@ -109,6 +112,7 @@ impl Recovery {
         pipeline: Arc<Pipeline>,
         jobs: Arc<dyn JobStore>,
         store: Arc<dyn ObjectStore>,
+        index: Arc<Repairer>,
         gateway_id: String,
         orphan_age: Duration,
     ) -> Self {
@@ -116,6 +120,7 @@ impl Recovery {
             pipeline,
             jobs,
             store,
+            index,
             gateway_id,
             process_started: SystemTime::now(),
             orphan_age,
@@ -156,7 +161,8 @@ impl Recovery {
 
     /// Closes batches whose gateway stopped while they were open: their counts are recomputed
     /// from the objects under the batch's prefix (every listed object was acknowledged, since
-    /// uploads in progress are never visible), and this gateway adopts them, unless another
+    /// uploads in progress are never visible), the instance index gets the records the dead
+    /// gateway lost for them ([`Repairer::repair`]), and this gateway adopts them, unless another
     /// gateway's recovery adopted one first. Returns how many this gateway adopted.
     async fn close_orphans(&self) -> Result<usize, JobStoreError> {
         let now = SystemTime::now();
@@ -211,6 +217,10 @@ impl Recovery {
                 }
                 continue;
             }
+            // Before the adoption, so that CLOSED still means indexed: the dead gateway's
+            // channel lost the records it held. Several gateways may repair the same orphan at
+            // once; a repair only adds what is missing.
+            self.index.repair(&job.job_id).await;
             let mut closed = job.clone();
             closed.status = JobStatus::Closed;
             closed.closed_at = Some(now_rfc3339());
@@ -315,6 +325,15 @@ mod tests {
         async fn exists(&self, _: &ObjectKey) -> Result<bool, StoreError> {
             Ok(false)
         }
+        async fn list_objects(
+            &self,
+            _: &str,
+        ) -> Result<Vec<crate::store::ListedObject>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn read_head(&self, _: &str, _: u64) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
         fn describe(&self) -> String {
             "spooling".into()
         }
@@ -350,10 +369,18 @@ mod tests {
             asked: AtomicU64::new(0),
         });
         let pipeline = Pipeline::new(jobs.clone(), None, "me".into(), Duration::from_millis(10));
+        let index: Arc<dyn crate::index::InstanceIndex> =
+            Arc::new(crate::index::local::LocalIndex::new(dir.path()));
+        let repairer = Arc::new(crate::index::repair::Repairer::new(
+            index,
+            store.clone(),
+            None,
+        ));
         let recovery = Arc::new(Recovery::new(
             pipeline,
             jobs.clone(),
             store.clone(),
+            repairer,
             "me".into(),
             Duration::from_secs(3600),
         ));

@@ -7,14 +7,14 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
 use crate::batch::{BatchEvent, Batcher};
+use crate::commitment::Commitments;
 use crate::commitment::dynamodb::DynamoPending;
 use crate::commitment::pending::{LocalPending, PendingStore};
-use crate::commitment::{Commitments, Worker};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, SpoolConfig, StoreConfig,
     TlsConfig,
@@ -22,7 +22,9 @@ use crate::config::{
 use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::index::dynamodb::DynamoIndex;
 use crate::index::local::LocalIndex;
+use crate::index::repair::{Repairer, run_gate};
 use crate::index::{CHANNEL_CAPACITY, IndexSender, InstanceIndex, run_writer};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
@@ -71,6 +73,10 @@ fn aws_for(config: &ServeConfig) -> Aws {
             "--job-table",
             matches!(config.job_store, JobStoreConfig::DynamoDb { .. }),
         ),
+        (
+            "--instance-table",
+            matches!(config.index, IndexConfig::DynamoDb { .. }),
+        ),
         ("--state-machine-arn", config.import.is_some()),
     ]
     .into_iter()
@@ -91,16 +97,6 @@ pub(crate) async fn open_job_store(
         )),
         JobStoreConfig::LocalJournal { dir } => Arc::new(LocalJournal::new(dir.clone())),
     })
-}
-
-/// The instance index the configuration names, for reading and recording outcomes (the `jobs`
-/// and `instances` commands); `None` when there is none. Serving opens it with [`open_index`],
-/// which adds the rebuild and the writer.
-pub(crate) fn open_instance_index(config: &IndexConfig) -> Option<Arc<dyn InstanceIndex>> {
-    match config {
-        IndexConfig::Local { store_root } => Some(Arc::new(LocalIndex::new(store_root))),
-        IndexConfig::Off => None,
-    }
 }
 
 /// An S3 client from the AWS configuration.
@@ -240,46 +236,66 @@ async fn open_pending(
     })
 }
 
-/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
-/// receive path's sender and the writer task to wait for at shutdown.
-struct OpenIndex {
-    index: Option<Arc<dyn InstanceIndex>>,
-    sender: IndexSender,
-    writer: Option<tokio::task::JoinHandle<()>>,
+/// The instance index the configuration names: the local journal or a DynamoDB table.
+pub(crate) async fn open_instance_index(
+    config: &IndexConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn InstanceIndex>, AwsSetupError> {
+    Ok(match config {
+        IndexConfig::Local { store_root } => Arc::new(LocalIndex::new(store_root)),
+        IndexConfig::DynamoDb { table } => Arc::new(DynamoIndex::new(
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
+            table.clone(),
+        )),
+    })
 }
 
-/// The instance index the configuration names: a rebuild of what a crash lost (in the background,
-/// so receiving starts at once) and the writer the receive path hands records to.
-fn open_index(config: &IndexConfig) -> OpenIndex {
-    let IndexConfig::Local { store_root } = config else {
-        return OpenIndex {
-            index: None,
-            sender: IndexSender::disabled(),
-            writer: None,
-        };
+/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
+/// receive path's sender, the writer task to wait for at shutdown, and the repairer that closing
+/// batches and recovery use.
+struct OpenIndex {
+    index: Arc<dyn InstanceIndex>,
+    sender: IndexSender,
+    writer: tokio::task::JoinHandle<()>,
+    repairer: Arc<Repairer>,
+}
+
+/// The instance index the configuration names, the writer the receive path hands records to,
+/// and for the local journal a rebuild of what a crash lost (in the background, so receiving
+/// starts at once).
+async fn open_index(
+    config: &IndexConfig,
+    aws: &Aws,
+    store: Arc<dyn ObjectStore>,
+) -> Result<OpenIndex, AwsSetupError> {
+    let index = match config {
+        // One LocalIndex for the rebuild and the writer: its lock keeps them apart.
+        IndexConfig::Local { store_root } => {
+            let local = LocalIndex::new(store_root);
+            let rebuilding = local.clone();
+            tokio::spawn(async move {
+                match rebuilding.rebuild_async().await {
+                    Ok(added) => {
+                        info!(added, index = %rebuilding.describe(), "instance index rebuilt from the store")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
+                    }
+                }
+            });
+            Arc::new(local) as Arc<dyn InstanceIndex>
+        }
+        IndexConfig::DynamoDb { .. } => open_instance_index(config, aws).await?,
     };
-    let index = LocalIndex::new(store_root);
-    {
-        let index = index.clone();
-        tokio::spawn(async move {
-            match index.rebuild_async().await {
-                Ok(added) => {
-                    info!(added, index = %index.describe(), "instance index rebuilt from the store")
-                }
-                Err(e) => {
-                    warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
-                }
-            }
-        });
-    }
-    let index: Arc<dyn InstanceIndex> = Arc::new(index);
-    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
-    let writer = tokio::spawn(run_writer(index.clone(), rx));
-    OpenIndex {
-        index: Some(index),
+    let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
+    let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
+    let repairer = Arc::new(Repairer::new(index.clone(), store, Some(tally)));
+    Ok(OpenIndex {
+        index,
         sender,
-        writer: Some(writer),
-    }
+        writer,
+        repairer,
+    })
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
@@ -297,6 +313,12 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         None => store,
     };
     let jobs = open_job_store(&config.job_store, &aws).await?;
+    let OpenIndex {
+        index: instance_index,
+        sender: index,
+        writer: index_writer,
+        repairer: index_repairer,
+    } = open_index(&config.index, &aws, store.clone()).await?;
     let trigger = match &config.import {
         Some(import) => Some(open_trigger(import, &aws).await?),
         None => None,
@@ -313,7 +335,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         None => None,
     };
 
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    // Batch events go through the index gate: a closing batch reaches the pipeline (which
+    // records it CLOSED) once its job's instances are indexed.
+    let (events_tx, gate_rx) = mpsc::unbounded_channel();
+    let (gate_tx, events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_gate(index_repairer.clone(), gate_rx, gate_tx));
     // Edge mode: the batches of the instances a crash left in the spool are recorded OPEN (a job
     // already recorded is left alone): a gateway killed right after a batch's first acknowledged
     // instance may never have recorded it, and its instances must still be imported. A job id is
@@ -349,6 +375,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             pipeline.clone(),
             jobs.clone(),
             store.clone(),
+            index_repairer.clone(),
             gateway_id.clone(),
             config.recovery.orphan_age,
         );
@@ -360,12 +387,6 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 .await
         })
     };
-    // The index first: the outcome reader records per-instance outcomes on it.
-    let OpenIndex {
-        index: instance_index,
-        sender: index,
-        writer: index_writer,
-    } = open_index(&config.index);
     // Imports end IMPORTED; any gateway of the fleet that can read S3 reads their results and ends
     // them, whether it starts imports itself or not: a gateway restarted without
     // --state-machine-arn still finishes the imports in flight (it looks at the recovery interval).
@@ -380,7 +401,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             let reader = OutcomeReader::new(
                 jobs.clone(),
                 Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
-                instance_index.clone(),
+                Some(instance_index.clone()),
                 gateway_id.clone(),
                 OutcomeTiming::every(interval),
             );
@@ -400,34 +421,20 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         (task, stop)
     });
 
-    // Storage Commitment decides from the instance index: without one it is not offered.
-    let mut acceptance = config.acceptance.clone();
-    let (commitments, commitment_worker): (Option<Arc<Commitments>>, Option<Worker>) =
-        match instance_index {
-            Some(instance_index) => {
-                let pending = open_pending(&config.job_store, &aws).await?;
-                let (c, w) = Commitments::new(
-                    config.commitment.clone(),
-                    config.acceptance.ae_title.clone(),
-                    gateway_id.clone(),
-                    instance_index,
-                    store.clone(),
-                    pending,
-                );
-                (Some(c), Some(w))
-            }
-            None => {
-                info!(
-                    "Storage Commitment is off: it needs the instance index, which this configuration does not keep yet"
-                );
-                acceptance.syntaxes = acceptance
-                    .syntaxes
-                    .without_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL);
-                (None, None)
-            }
-        };
+    // Storage Commitment decides from the instance index.
+    let acceptance = config.acceptance.clone();
+    let pending = open_pending(&config.job_store, &aws).await?;
+    let (commitments, commitment_worker) = Commitments::new(
+        config.commitment.clone(),
+        config.acceptance.ae_title.clone(),
+        gateway_id.clone(),
+        instance_index.clone(),
+        store.clone(),
+        pending,
+    );
+    let commitments = Some(commitments);
     let commitment_stop = CancellationToken::new();
-    let commitment_task = commitment_worker.map(|w| tokio::spawn(w.run(commitment_stop.clone())));
+    let commitment_task = tokio::spawn(commitment_worker.run(commitment_stop.clone()));
     let services = Arc::new(Services {
         acceptance,
         timeouts: config.timeouts,
@@ -455,6 +462,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         ae_title = %config.acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
+        index = %instance_index.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
         sop_classes = config.acceptance.syntaxes.sop_class_count(),
@@ -468,6 +476,16 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     {
         let readiness = readiness.clone();
         tokio::spawn(async move { readiness.startup_check().await });
+    }
+    // The DynamoDB index too, with one Query: it is derived data, so it does not make the gateway
+    // unready, but a wrong table name or a missing permission should show at once.
+    if matches!(config.index, IndexConfig::DynamoDb { .. }) {
+        let index = instance_index.clone();
+        tokio::spawn(async move {
+            if let Err(e) = index.find("2.25.0").await {
+                error!(error = %e, "{} does not answer at start-up; receiving continues, and records it misses are repaired from the store when their batch closes", index.describe());
+            }
+        });
     }
     let health_stop = CancellationToken::new();
     let health = match config.metrics_listen {
@@ -516,16 +534,15 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     recovery.abort();
     // Requests not answered yet stay recorded; the next start (or another gateway) answers them.
     commitment_stop.cancel();
-    if let Some(task) = commitment_task {
-        let _ = task.await;
-    }
+    let _ = commitment_task.await;
     // Every sender went with the associations: the writer appends what it holds, then ends.
-    if let Some(writer) = index_writer
-        && tokio::time::timeout(Duration::from_secs(5), writer)
-            .await
-            .is_err()
+    if tokio::time::timeout(Duration::from_secs(5), index_writer)
+        .await
+        .is_err()
     {
-        warn!("instance index: still writing at shutdown; the next start rebuilds what is missing");
+        warn!(
+            "instance index: still writing at shutdown; batches not recorded CLOSED are repaired by recovery at the next start"
+        );
     }
     // The job in hand is finished; should that take too long, its claim expires and the next
     // gateway to look finishes it.

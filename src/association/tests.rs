@@ -69,8 +69,8 @@ impl Association {
             None => (crate::index::IndexSender::disabled(), None),
             Some(settings) => {
                 let index: Arc<dyn InstanceIndex> = Arc::new(LocalIndex::new(store.path()));
-                let (sender, rx) = crate::index::IndexSender::channel(64);
-                tokio::spawn(crate::index::run_writer(index.clone(), rx));
+                let (sender, rx, tally) = crate::index::IndexSender::channel(64);
+                tokio::spawn(crate::index::run_writer(index.clone(), rx, tally));
                 let (commitments, worker) = Commitments::new(
                     settings,
                     AE.into(),

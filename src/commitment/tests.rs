@@ -78,6 +78,19 @@ impl InstanceIndex for FakeIndex {
         Ok(vec![])
     }
 
+    async fn missing(
+        &self,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<String>, crate::index::IndexError> {
+        Ok(Vec::new())
+    }
+    async fn add_absent(
+        &self,
+        _: Vec<crate::index::InstanceRecord>,
+    ) -> Result<u64, crate::index::IndexError> {
+        Ok(0)
+    }
     fn describe(&self) -> String {
         "a fake index".into()
     }
@@ -530,6 +543,19 @@ impl ObjectStore for UnreachableStore {
         Err(std::io::Error::other("unreachable").into())
     }
 
+    async fn list_objects(
+        &self,
+        _: &str,
+    ) -> Result<Vec<crate::store::ListedObject>, crate::store::StoreError> {
+        Ok(Vec::new())
+    }
+    async fn read_head(
+        &self,
+        _: &str,
+        _: u64,
+    ) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+        Ok(None)
+    }
     fn describe(&self) -> String {
         "an unreachable store".into()
     }

@@ -130,12 +130,6 @@ impl SyntaxPolicy {
         }
         self.choose_transfer_syntax(proposed)
     }
-
-    /// The same policy without `uid` (Storage Commitment, when it cannot run).
-    pub(crate) fn without_sop_class(mut self, uid: &str) -> Self {
-        self.sop_classes.remove(uid);
-        self
-    }
 }
 
 /// A human-readable name for a SOP class or transfer syntax UID, for logs and `--help`.
@@ -179,11 +173,6 @@ mod tests {
         assert!(p.accepts_sop_class(VERIFICATION));
         assert!(!p.accepts_sop_class("1.2.840.10008.5.1.4.1.2.1.1")); // Patient Root Q/R FIND
         assert!(p.accepts_sop_class(STORAGE_COMMITMENT_PUSH_MODEL));
-        assert!(
-            !p.clone()
-                .without_sop_class(STORAGE_COMMITMENT_PUSH_MODEL)
-                .accepts_sop_class(STORAGE_COMMITMENT_PUSH_MODEL)
-        );
         // An explicit list is the whole list: Storage Commitment only if named.
         let listed = SyntaxPolicy::new(Some(&["1.2.840.10008.5.1.4.1.1.2".to_string()]), None);
         assert!(!listed.accepts_sop_class(STORAGE_COMMITMENT_PUSH_MODEL));

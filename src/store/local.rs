@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use super::durable::{DurableFile, Incoming, blocking};
-use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
+use super::{
+    BatchContents, ListedObject, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject,
+};
 
 /// Name of the directory holding uploads in progress; never part of a batch.
 pub use super::durable::INCOMING_DIR;
@@ -92,6 +94,55 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn list_objects(&self, job_id: &str) -> Result<Vec<ListedObject>, StoreError> {
+        let dir = self.root.join(job_id);
+        let job_id = job_id.to_string();
+        Ok(blocking(move || {
+            let mut objects = Vec::new();
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if meta.is_dir() {
+                        stack.push(entry.path());
+                    } else if let Ok(rel) = entry.path().strip_prefix(&dir)
+                        && let Some(listed) = ListedObject::of_batch(
+                            &job_id,
+                            &rel.to_string_lossy(),
+                            meta.len(),
+                            meta.modified().ok(),
+                        )
+                    {
+                        objects.push(listed);
+                    }
+                }
+            }
+            Ok(objects)
+        })
+        .await?)
+    }
+
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.root.join(key);
+        Ok(blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut head = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, limit), &mut head)?;
+            Ok(Some(head))
+        })
+        .await?)
     }
 
     fn describe(&self) -> String {

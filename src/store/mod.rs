@@ -135,6 +135,35 @@ impl BatchContents {
     }
 }
 
+/// One committed object of a batch, as a listing of the store gives it (the repair of the
+/// instance index after a crash or a dropped record: [`crate::index::repair`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListedObject {
+    /// `{jobId}/{study}/{series}/{sop}.dcm`, relative to the store's root or prefix.
+    pub key: String,
+    pub size: u64,
+    /// When the object was written (S3 `LastModified`, the file's modification time).
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl ListedObject {
+    /// The listed object at `relative_key` (relative to the batch, as [`BatchContents::add`]
+    /// takes it) of batch `job_id`, if the key has the store layout `{study}/{series}/{sop}.dcm`.
+    pub(crate) fn of_batch(
+        job_id: &str,
+        relative_key: &str,
+        size: u64,
+        modified: Option<std::time::SystemTime>,
+    ) -> Option<ListedObject> {
+        let parts: Vec<&str> = relative_key.split('/').collect();
+        (parts.len() == 3 && parts[2].ends_with(".dcm")).then(|| ListedObject {
+            key: format!("{job_id}/{relative_key}"),
+            size,
+            modified,
+        })
+    }
+}
+
 /// What the store confirmed about a committed object.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredObject {
@@ -203,6 +232,13 @@ pub(crate) trait ObjectStore: Send + Sync + 'static {
     /// Whether the committed object `key` is there now (Storage Commitment checks it before
     /// answering "committed"; an upload in progress is not an object).
     async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError>;
+
+    /// The committed objects of a batch, one per key (uploads in progress are never listed).
+    async fn list_objects(&self, job_id: &str) -> Result<Vec<ListedObject>, StoreError>;
+
+    /// At most the first `limit` bytes of the object at `key` (relative to the root or prefix),
+    /// for its meta group; `None` when the object is gone or the store does not read objects back.
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// A short description for the start-up log line.
     fn describe(&self) -> String;

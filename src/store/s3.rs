@@ -29,7 +29,9 @@ use bytes::{Bytes, BytesMut};
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
 
-use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
+use super::{
+    BatchContents, ListedObject, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject,
+};
 
 /// S3's smallest allowed part (except the last one).
 pub(crate) const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -254,6 +256,54 @@ impl ObjectStore for S3Store {
             .contents()
             .iter()
             .any(|o| o.key() == Some(full.as_str())))
+    }
+
+    async fn list_objects(&self, job_id: &str) -> Result<Vec<ListedObject>, StoreError> {
+        let prefix = format!("{}{job_id}/", self.prefix);
+        let mut objects = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", e))?;
+            for obj in out.contents() {
+                let modified = obj
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                if let Some(listed) =
+                    obj.key()
+                        .and_then(|k| k.strip_prefix(&prefix))
+                        .and_then(|rel| {
+                            ListedObject::of_batch(
+                                job_id,
+                                rel,
+                                obj.size().unwrap_or(0).max(0) as u64,
+                                modified,
+                            )
+                        })
+                {
+                    objects.push(listed);
+                }
+            }
+            token = out.next_continuation_token().map(String::from);
+            if token.is_none() {
+                return Ok(objects);
+            }
+        }
+    }
+
+    /// The gateway's role may write objects under the import prefix but not read them back
+    /// (infra/gateway.yaml grants `s3:PutObject` there, `s3:GetObject` only on the results
+    /// prefix): a repaired index record of an S3 object has no SOP Class UID and calling AE
+    /// rather than the role gaining read access to every stored image.
+    async fn read_head(&self, _key: &str, _limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
     }
 
     fn describe(&self) -> String {

@@ -227,6 +227,18 @@ impl ObjectStore for Spool {
         self.shared.inner.exists(key).await
     }
 
+    /// What S3 holds of the batch (the index repair runs once the batch has settled).
+    async fn list_objects(
+        &self,
+        job_id: &str,
+    ) -> Result<Vec<crate::store::ListedObject>, StoreError> {
+        self.shared.inner.list_objects(job_id).await
+    }
+
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.shared.inner.read_head(key, limit).await
+    }
+
     fn describe(&self) -> String {
         format!(
             "edge spool {} ({}) in front of {}",

@@ -45,6 +45,17 @@ impl ObjectStore for Flaky {
     async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         self.inner.exists(key).await
     }
+    async fn list_objects(
+        &self,
+        job_id: &str,
+    ) -> Result<Vec<crate::store::ListedObject>, StoreError> {
+        self.inner.list_objects(job_id).await
+    }
+
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.read_head(key, limit).await
+    }
+
     fn describe(&self) -> String {
         "flaky local directory".into()
     }
