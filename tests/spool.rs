@@ -196,6 +196,8 @@ async fn s3_cut_off_for_60s_while_1000_instances_arrive_over_two_associations() 
             store.path().to_str().unwrap(),
             "--job-table",
             &stack.table,
+            "--instance-table",
+            &stack.instance_table,
             "--state-machine-arn",
             &arn_case,
             "--datastore-id",
