@@ -19,7 +19,7 @@ pub(crate) mod dynamodb;
 pub(crate) mod pending;
 pub(crate) mod scu;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::rfc3339;
 use crate::dimse::{Command, Status};
-use crate::index::{InstanceIndex, KeyParts};
+use crate::index::{InstanceIndex, InstanceRecord, KeyParts};
 use crate::store::{ObjectKey, ObjectStore};
 use dataset::ActionInformation;
 use decision::{Phase, Presence, Verdict};
@@ -124,7 +124,7 @@ pub(crate) struct CommitmentSettings {
     pub check_interval: Duration,
 }
 
-/// How often the worker lists the pending requests: renews its claims, takes over those of
+/// How often the claim task lists the pending requests: renews its claims, takes over those of
 /// stopped gateways (and, at start-up, its own from before a restart).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a claim lasts: several sweeps, so a live gateway never loses one; a stopped gateway's
@@ -141,6 +141,13 @@ const NEW_ASSOCIATION_WAIT: Duration = Duration::from_secs(30);
 const MAX_DELIVERY_PAUSE: Duration = Duration::from_secs(300);
 /// Reports waiting for one association (it sends them one at a time).
 const LIVE_QUEUE: usize = 16;
+/// Most undecided references looked up in one pass of the worker: bounds how long a pass keeps
+/// submissions and finished deliveries waiting (the rest are looked up in the next pass, at once).
+const MAX_REFERENCES_PER_PASS: usize = 4096;
+/// Most object-store checks (`--commit-when stored`) under way at once.
+const STORE_CHECKS_AT_ONCE: usize = 16;
+/// Findings of the claim task waiting for the worker.
+const CLAIM_NEWS_QUEUE: usize = 64;
 
 /// Largest Action Information accepted: [`dataset::MAX_REFERENCES`] references with room to spare.
 pub(crate) const MAX_ACTION_INFORMATION: usize = 8 * 1024 * 1024;
@@ -434,19 +441,137 @@ impl Tracked {
     }
 }
 
-/// Takes a request handed over by an association. The sweep may have found it in the store first
-/// (it is this gateway's): then it only gains its association. The same Transaction UID with
+/// The requests this gateway works on, and the set of their Transaction UIDs that the claim task
+/// ([`renew_claims`]) renews, shared with it so that renewals never wait for the worker.
+#[derive(Default)]
+struct Tracking {
+    map: HashMap<String, Tracked>,
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Tracking {
+    fn insert(&mut self, t: Tracked) {
+        let tx = t.request.transaction_uid.clone();
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(tx.clone());
+        }
+        self.map.insert(tx, t);
+    }
+
+    /// Stops renewing the claim of a request no longer in `map`.
+    fn release(&self, transaction_uid: &str) {
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(transaction_uid);
+        }
+    }
+}
+
+/// Takes a request handed over by an association. The claim task may have found it in the store
+/// first (it is this gateway's): then it only gains its association. The same Transaction UID with
 /// other references replaces the request, after the delivery under way if there is one.
-fn submitted(tracked: &mut HashMap<String, Tracked>, new: Tracked) {
-    match tracked.get_mut(&new.request.transaction_uid) {
+fn submitted(tracked: &mut Tracking, new: Tracked) {
+    match tracked.map.get_mut(&new.request.transaction_uid) {
         Some(t) if t.request.references == new.request.references => {
             if t.association.is_none() && !t.delivering {
                 t.association = new.association;
             }
         }
         Some(t) if t.delivering => t.replacement = Some(Box::new(new)),
-        _ => {
-            tracked.insert(new.request.transaction_uid.clone(), new);
+        _ => tracked.insert(new),
+    }
+}
+
+/// What the claim task found out about one request.
+enum ClaimNews {
+    /// Claimed for this gateway: a stopped gateway's, or this one's from before a restart.
+    TakenOver {
+        request: PendingRequest,
+        previous_gateway: String,
+    },
+    /// Another gateway holds it now (this one's claim expired), or it is gone.
+    Lost(String),
+}
+
+fn claim_news(tracked: &mut Tracking, news: ClaimNews) {
+    match news {
+        ClaimNews::TakenOver {
+            request,
+            previous_gateway,
+        } => {
+            if !tracked.map.contains_key(&request.transaction_uid) {
+                info!(transaction_uid = %request.transaction_uid, previous_gateway = %previous_gateway, "storage commitment request taken over");
+                tracked.insert(Tracked::new(request, None));
+            }
+        }
+        ClaimNews::Lost(tx) => {
+            if tracked.map.get(&tx).is_some_and(|t| !t.delivering) {
+                info!(transaction_uid = %tx, "storage commitment request taken over by another gateway");
+                tracked.map.remove(&tx);
+                tracked.release(&tx);
+            }
+        }
+    }
+}
+
+/// Every [`SWEEP_INTERVAL`] until `stop`: renews the claims of the requests in `held`, takes over
+/// requests whose claim expired, and tells the worker ([`ClaimNews`]).
+async fn renew_claims(
+    inner: Arc<Inner>,
+    held: Arc<Mutex<HashSet<String>>>,
+    news: mpsc::Sender<ClaimNews>,
+    stop: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sweep.tick() => {}
+        }
+        let list = match inner.pending.list().await {
+            Ok(list) => list,
+            Err(e) => {
+                warn!(error = %e, store = %inner.pending.describe(), "cannot list pending storage commitment requests; trying again later");
+                continue;
+            }
+        };
+        let now = SystemTime::now();
+        let now_s = rfc3339(now);
+        let claim = Claim {
+            gateway_id: inner.gateway_id.clone(),
+            expires_at: rfc3339(now + CLAIM_TTL),
+        };
+        for mut request in list {
+            let tx = request.transaction_uid.clone();
+            // A request leaves `held` only after the worker removed it from the store, so a
+            // delivered request is never taken over again (its claim below finds it gone).
+            let ours = held.lock().is_ok_and(|h| h.contains(&tx));
+            if !ours && !request.claimable_by(&inner.gateway_id, &now_s) {
+                continue;
+            }
+            let finding = match inner.pending.claim(&tx, &claim, &now_s).await {
+                Ok(true) if !ours => {
+                    if let Ok(mut h) = held.lock() {
+                        h.insert(tx.clone());
+                    }
+                    let previous = std::mem::replace(&mut request.claim, claim.clone());
+                    Some(ClaimNews::TakenOver {
+                        request,
+                        previous_gateway: previous.gateway_id,
+                    })
+                }
+                Ok(false) if ours => Some(ClaimNews::Lost(tx)),
+                Ok(_) => None,
+                Err(e) => {
+                    warn!(transaction_uid = %tx, error = %e, "cannot claim a storage commitment request; trying again later");
+                    None
+                }
+            };
+            if let Some(finding) = finding
+                && news.send(finding).await.is_err()
+            {
+                return;
+            }
         }
     }
 }
@@ -498,12 +623,20 @@ impl Worker {
     /// Decides and delivers until `stop` is cancelled. Requests still pending then stay recorded
     /// for the next start (or another gateway).
     pub(crate) async fn run(mut self, stop: CancellationToken) {
-        let mut tracked: HashMap<String, Tracked> = HashMap::new();
+        let mut tracked = Tracking::default();
         let mut deliveries: JoinSet<Delivery> = JoinSet::new();
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Claims are renewed by their own task, so a long pass of lookups never lets one expire.
+        let (news_tx, mut news) = mpsc::channel(CLAIM_NEWS_QUEUE);
+        let claims_stop = stop.child_token();
+        let claims = tokio::spawn(renew_claims(
+            self.inner.clone(),
+            tracked.held.clone(),
+            news_tx,
+            claims_stop.clone(),
+        ));
         loop {
             let next_due = tracked
+                .map
                 .values()
                 .filter(|t| !t.delivering)
                 .map(|t| t.next_check)
@@ -517,7 +650,7 @@ impl Worker {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 Some(t) = self.submissions.recv() => submitted(&mut tracked, t),
-                _ = sweep.tick() => self.sweep(&mut tracked).await,
+                Some(n) = news.recv() => claim_news(&mut tracked, n),
                 Some(done) = deliveries.join_next() => {
                     if let Ok(done) = done {
                         self.delivered(done, &mut tracked).await;
@@ -527,97 +660,127 @@ impl Worker {
             }
             self.check_due(&mut tracked, &mut deliveries).await;
         }
+        claims_stop.cancel();
+        let _ = claims.await;
     }
 
-    /// Renews this gateway's claims and takes over requests whose claim expired.
-    async fn sweep(&self, tracked: &mut HashMap<String, Tracked>) {
-        let inner = &self.inner;
-        let list = match inner.pending.list().await {
-            Ok(list) => list,
-            Err(e) => {
-                warn!(error = %e, store = %inner.pending.describe(), "cannot list pending storage commitment requests; trying again later");
-                return;
-            }
-        };
-        let now = SystemTime::now();
-        let now_s = rfc3339(now);
-        let claim = Claim {
-            gateway_id: inner.gateway_id.clone(),
-            expires_at: rfc3339(now + CLAIM_TTL),
-        };
-        for mut request in list {
-            let tx = request.transaction_uid.clone();
-            let ours = tracked.contains_key(&tx);
-            if !ours && !request.claimable_by(&inner.gateway_id, &now_s) {
-                continue;
-            }
-            match inner.pending.claim(&tx, &claim, &now_s).await {
-                Ok(true) if !ours => {
-                    info!(transaction_uid = %tx, previous_gateway = %request.claim.gateway_id, "storage commitment request taken over");
-                    request.claim = claim.clone();
-                    tracked.insert(tx, Tracked::new(request, None));
-                }
-                Ok(true) => {}
-                Ok(false) if ours => {
-                    if tracked.get(&tx).is_some_and(|t| !t.delivering) {
-                        info!(transaction_uid = %tx, "storage commitment request taken over by another gateway");
-                        tracked.remove(&tx);
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(transaction_uid = %tx, error = %e, "cannot claim a storage commitment request; trying again later")
-                }
-            }
-        }
-    }
-
-    /// Looks at every request that is due: decides what it can, and starts the delivery of
-    /// complete reports.
-    async fn check_due(
-        &self,
-        tracked: &mut HashMap<String, Tracked>,
-        deliveries: &mut JoinSet<Delivery>,
-    ) {
+    /// Looks at the requests that are due, at most [`MAX_REFERENCES_PER_PASS`] undecided
+    /// references in all (the rest stay due for the next pass): one index lookup for all of them,
+    /// the store checks of the `stored` policy a few at a time. Starts the delivery of complete
+    /// reports.
+    async fn check_due(&self, tracked: &mut Tracking, deliveries: &mut JoinSet<Delivery>) {
         let now = Instant::now();
-        let due: Vec<String> = tracked
+        let mut due: Vec<(Instant, String)> = tracked
+            .map
             .iter()
             .filter(|(_, t)| !t.delivering && t.next_check <= now)
-            .map(|(k, _)| k.clone())
+            .map(|(k, t)| (t.next_check, k.clone()))
             .collect();
-        for tx in due {
-            let Some(t) = tracked.get_mut(&tx) else {
+        // Longest waiting first, so a large request cannot starve the others.
+        due.sort();
+        let mut budget = MAX_REFERENCES_PER_PASS;
+        let mut looks: Vec<(String, Vec<usize>, bool)> = Vec::new();
+        for (_, tx) in due {
+            let Some(t) = tracked.map.get_mut(&tx) else {
                 continue;
             };
-            if t.report.is_none() {
-                self.evaluate(t).await;
+            if t.report.is_some() {
+                self.start_delivery(t, deliveries);
+                continue;
             }
-            match &t.report {
-                Some(report) => {
-                    t.delivering = true;
-                    let inner = self.inner.clone();
-                    let (report, calling_ae, association) = (
-                        report.clone(),
-                        t.request.calling_ae_title.clone(),
-                        t.association,
-                    );
-                    deliveries.spawn(deliver(inner, report, calling_ae, association));
-                }
-                None => {
-                    t.next_check = Instant::now()
-                        + backoff(
-                            FIRST_CHECK_PAUSE,
-                            t.attempts,
-                            self.inner.settings.check_interval,
-                        );
-                    t.attempts += 1;
-                }
+            if budget == 0 {
+                continue;
+            }
+            let undecided: Vec<usize> = t
+                .verdicts
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_none())
+                .map(|(i, _)| i)
+                .collect();
+            let whole = undecided.len() <= budget;
+            let part: Vec<usize> = undecided.into_iter().take(budget).collect();
+            budget -= part.len();
+            looks.push((tx, part, whole));
+        }
+        if looks.is_empty() {
+            return;
+        }
+        let mut uids: Vec<String> = looks
+            .iter()
+            .flat_map(|(tx, part, _)| {
+                let refs = &tracked.map[tx].request.references;
+                part.iter().map(|&i| refs[i].sop_instance_uid.clone())
+            })
+            .collect();
+        uids.sort();
+        uids.dedup();
+        let inner = &self.inner;
+        let found = inner
+            .index
+            .find_many(&uids)
+            .await
+            .map_err(|e| format!("instance index lookup ({}): {e}", inner.index.describe()));
+        let presence = match (&found, inner.settings.commit_when) {
+            (Ok(found), CommitWhen::Stored) => {
+                let mut keys: Vec<String> = looks
+                    .iter()
+                    .flat_map(|(tx, part, _)| {
+                        let refs = &tracked.map[tx].request.references;
+                        part.iter().map(|&i| &refs[i])
+                    })
+                    .filter_map(|r| {
+                        let records = found.get(&r.sop_instance_uid)?;
+                        decision::matching(r, records).ok().map(|m| {
+                            m.into_iter()
+                                .map(|rec| rec.object_key.clone())
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .flatten()
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                self.presence_of(keys).await
+            }
+            _ => HashMap::new(),
+        };
+        for (tx, part, whole) in looks {
+            let Some(t) = tracked.map.get_mut(&tx) else {
+                continue;
+            };
+            self.evaluate(t, &part, &found, &presence);
+            if t.report.is_some() {
+                self.start_delivery(t, deliveries);
+            } else if whole {
+                t.next_check = Instant::now()
+                    + backoff(FIRST_CHECK_PAUSE, t.attempts, inner.settings.check_interval);
+                t.attempts += 1;
             }
         }
     }
 
-    /// Decides the references not decided yet; makes the report once all are.
-    async fn evaluate(&self, t: &mut Tracked) {
+    /// Hands a complete report to a delivery task.
+    fn start_delivery(&self, t: &mut Tracked, deliveries: &mut JoinSet<Delivery>) {
+        let Some(report) = &t.report else { return };
+        t.delivering = true;
+        deliveries.spawn(deliver(
+            self.inner.clone(),
+            report.clone(),
+            t.request.calling_ae_title.clone(),
+            t.association,
+        ));
+    }
+
+    /// Decides the references `part` of a request from the pass's index lookup (`found`) and
+    /// store checks (`presence`, by object key); makes the report once all are decided.
+    fn evaluate(
+        &self,
+        t: &mut Tracked,
+        part: &[usize],
+        found: &Result<HashMap<String, Vec<InstanceRecord>>, String>,
+        presence: &HashMap<String, Presence>,
+    ) {
         let inner = &self.inner;
         let now = SystemTime::now();
         let received = parse_time(&t.request.received_at).unwrap_or(now);
@@ -630,13 +793,38 @@ impl Worker {
             Phase::Waiting
         };
         let mut trouble = Trouble::default();
-        for (reference, slot) in t.request.references.iter().zip(t.verdicts.iter_mut()) {
-            if slot.is_some() {
-                continue;
-            }
-            let v = self.decide(reference, phase, &mut trouble).await;
+        for &i in part {
+            let reference = &t.request.references[i];
+            let v = match found {
+                Err(e) => {
+                    trouble.add(e.clone());
+                    if phase == Phase::PastDeadline {
+                        Verdict::Failed(FailureReason::ProcessingFailure)
+                    } else {
+                        Verdict::Pending
+                    }
+                }
+                Ok(found) => {
+                    let records = found
+                        .get(&reference.sop_instance_uid)
+                        .map_or(&[][..], Vec::as_slice);
+                    let seen: Vec<Presence> = match decision::matching(reference, records) {
+                        Ok(m) if inner.settings.commit_when == CommitWhen::Stored => m
+                            .iter()
+                            .map(|r| {
+                                presence
+                                    .get(&r.object_key)
+                                    .cloned()
+                                    .unwrap_or(Presence::Unknown)
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    decision::verdict(inner.settings.commit_when, reference, records, &seen, phase)
+                }
+            };
             if v != Verdict::Pending {
-                *slot = Some(v);
+                t.verdicts[i] = Some(v);
             }
         }
         // One line per look, however many instances could not be checked.
@@ -667,78 +855,63 @@ impl Worker {
         }
     }
 
-    /// One reference's verdict now.
-    async fn decide(
-        &self,
-        reference: &SopReference,
-        phase: Phase,
-        trouble: &mut Trouble,
-    ) -> Verdict {
-        let inner = &self.inner;
-        let records = match inner.index.find(&reference.sop_instance_uid).await {
-            Ok(records) => records,
-            Err(e) => {
-                trouble.add(format!(
-                    "instance index lookup ({}): {e}",
-                    inner.index.describe()
-                ));
-                return if phase == Phase::PastDeadline {
-                    Verdict::Failed(FailureReason::ProcessingFailure)
-                } else {
-                    Verdict::Pending
-                };
+    /// Whether the objects of these index records' keys are in the store, at most
+    /// [`STORE_CHECKS_AT_ONCE`] checks under way at once. A key the store could not answer for is
+    /// [`Presence::Unknown`] (one WARN line for the pass).
+    async fn presence_of(&self, object_keys: Vec<String>) -> HashMap<String, Presence> {
+        let mut out = HashMap::with_capacity(object_keys.len());
+        let mut trouble = Trouble::default();
+        let mut checks = JoinSet::new();
+        let mut keys = object_keys.into_iter();
+        loop {
+            while checks.len() < STORE_CHECKS_AT_ONCE
+                && let Some(object_key) = keys.next()
+            {
+                let store = self.inner.store.clone();
+                checks.spawn(async move {
+                    let key = KeyParts::parse(&object_key).and_then(|p| {
+                        ObjectKey::new(
+                            p.job_id,
+                            p.study_instance_uid,
+                            p.series_instance_uid,
+                            p.sop_instance_uid,
+                        )
+                        .ok()
+                    });
+                    let answer = match key {
+                        None => Ok(Presence::Missing),
+                        Some(key) => match store.exists(&key).await {
+                            Ok(true) => Ok(Presence::Present),
+                            Ok(false) => Ok(Presence::Missing),
+                            Err(e) => Err(format!("object store ({key}): {e}")),
+                        },
+                    };
+                    (object_key, answer)
+                });
             }
-        };
-        let mut presence = Vec::new();
-        if inner.settings.commit_when == CommitWhen::Stored
-            && let Ok(matching) = decision::matching(reference, &records)
-        {
-            for record in matching {
-                let p = self.presence(&record.object_key, trouble).await;
-                let found = p == Presence::Present;
-                presence.push(p);
-                if found {
-                    break;
+            match checks.join_next().await {
+                None => break,
+                Some(Ok((object_key, Ok(p)))) => {
+                    out.insert(object_key, p);
                 }
+                Some(Ok((object_key, Err(e)))) => {
+                    trouble.add(e);
+                    out.insert(object_key, Presence::Unknown);
+                }
+                // A check that panicked leaves its key out: Unknown, asked again next look.
+                Some(Err(e)) => trouble.add(format!("object store check failed: {e}")),
             }
         }
-        decision::verdict(
-            inner.settings.commit_when,
-            reference,
-            &records,
-            &presence,
-            phase,
-        )
-    }
-
-    /// Whether the object of an index record is in the store.
-    async fn presence(&self, object_key: &str, trouble: &mut Trouble) -> Presence {
-        let key = KeyParts::parse(object_key).and_then(|p| {
-            ObjectKey::new(
-                p.job_id,
-                p.study_instance_uid,
-                p.series_instance_uid,
-                p.sop_instance_uid,
-            )
-            .ok()
-        });
-        let Some(key) = key else {
-            return Presence::Missing;
-        };
-        match self.inner.store.exists(&key).await {
-            Ok(true) => Presence::Present,
-            Ok(false) => Presence::Missing,
-            Err(e) => {
-                trouble.add(format!("object store ({key}): {e}"));
-                Presence::Unknown
-            }
+        if let Some((count, last)) = trouble.summary() {
+            warn!(objects = count, error = %last, "storage commitment: objects could not be checked in the store; looking again later");
         }
+        out
     }
 
     /// A delivery ended: forget the request, or try again later.
-    async fn delivered(&self, done: Delivery, tracked: &mut HashMap<String, Tracked>) {
+    async fn delivered(&self, done: Delivery, tracked: &mut Tracking) {
         let inner = &self.inner;
-        let Some(t) = tracked.get_mut(&done.transaction_uid) else {
+        let Some(t) = tracked.map.get_mut(&done.transaction_uid) else {
             return;
         };
         t.delivering = false;
@@ -776,10 +949,14 @@ impl Worker {
         }
     }
 
-    async fn forget(&self, transaction_uid: &str, tracked: &mut HashMap<String, Tracked>) {
-        if let Some(replacement) = tracked.remove(transaction_uid).and_then(|t| t.replacement) {
+    async fn forget(&self, transaction_uid: &str, tracked: &mut Tracking) {
+        if let Some(replacement) = tracked
+            .map
+            .remove(transaction_uid)
+            .and_then(|t| t.replacement)
+        {
             // Its record replaced the delivered one in the store: keep it.
-            tracked.insert(transaction_uid.to_string(), *replacement);
+            tracked.insert(*replacement);
             return;
         }
         if let Err(e) = self
@@ -792,6 +969,8 @@ impl Worker {
             // modality matching reports by Transaction UID takes in its stride.
             warn!(transaction_uid, error = %e, "cannot remove a delivered storage commitment request");
         }
+        // Only now: the claim task must not take over a request still in the store.
+        tracked.release(transaction_uid);
     }
 }
 

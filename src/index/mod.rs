@@ -12,6 +12,7 @@
 
 pub(crate) mod local;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -169,6 +170,23 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
     /// Every record of this SOP Instance UID (one per object key, the last written; several if
     /// it was stored in several jobs), oldest first.
     async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError>;
+
+    /// [`InstanceIndex::find`] for many SOP Instance UIDs at once (the commitment worker asks for
+    /// every undecided instance of a pass in one go): each UID's records as `find` gives them. A
+    /// UID without records may be absent from the map. The default asks `find` per UID; an
+    /// implementation that reads everything per lookup (the local index) overrides it with one read.
+    async fn find_many(
+        &self,
+        sop_instance_uids: &[String],
+    ) -> Result<HashMap<String, Vec<InstanceRecord>>, IndexError> {
+        let mut out = HashMap::with_capacity(sop_instance_uids.len());
+        for uid in sop_instance_uids {
+            if !out.contains_key(uid) {
+                out.insert(uid.clone(), self.find(uid).await?);
+            }
+        }
+        Ok(out)
+    }
 
     /// Records the import outcome of objects of job `job_id`, each given by its object key.
     /// Idempotent: recording the same outcomes again (a resumed outcome reader) changes nothing
