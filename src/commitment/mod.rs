@@ -148,6 +148,77 @@ const MAX_REFERENCES_PER_PASS: usize = 4096;
 const STORE_CHECKS_AT_ONCE: usize = 16;
 /// Findings of the claim task waiting for the worker.
 const CLAIM_NEWS_QUEUE: usize = 64;
+/// Most requests pending at once on this gateway, and from one AE: more are refused with 0x0213
+/// (Resource limitation) until reports went out. Also bounds the worker's submission queue.
+const MAX_PENDING_REQUESTS: usize = 1000;
+const MAX_PENDING_REQUESTS_PER_AE: usize = 200;
+/// Most references of all pending requests together, and of one AE's.
+const MAX_PENDING_REFERENCES: usize = 1_000_000;
+const MAX_PENDING_REFERENCES_PER_AE: usize = 250_000;
+
+/// How many requests and references are pending, in all and per requesting AE.
+#[derive(Debug, Default)]
+struct Load {
+    requests: usize,
+    references: usize,
+    per_ae: HashMap<String, (usize, usize)>,
+}
+
+/// One request's share of the [`Load`], given back when it is dropped (the request was delivered,
+/// given up, replaced, or lost to another gateway): every [`Tracked`] holds one.
+struct Reservation {
+    load: Arc<Mutex<Load>>,
+    ae: String,
+    references: usize,
+}
+
+impl Reservation {
+    /// Takes a share for a new request, unless it would pass a limit.
+    fn try_new(load: &Arc<Mutex<Load>>, ae: &str, references: usize) -> Option<Reservation> {
+        let l = load.lock().unwrap_or_else(|e| e.into_inner());
+        let (ae_requests, ae_references) = l.per_ae.get(ae).copied().unwrap_or_default();
+        if l.requests >= MAX_PENDING_REQUESTS
+            || l.references + references > MAX_PENDING_REFERENCES
+            || ae_requests >= MAX_PENDING_REQUESTS_PER_AE
+            || ae_references + references > MAX_PENDING_REFERENCES_PER_AE
+        {
+            return None;
+        }
+        drop(l);
+        Some(Reservation::forced(load, ae, references))
+    }
+
+    /// Takes a share whatever the limits: for a request already accepted (taken over from the
+    /// store), which must be answered.
+    fn forced(load: &Arc<Mutex<Load>>, ae: &str, references: usize) -> Reservation {
+        let mut l = load.lock().unwrap_or_else(|e| e.into_inner());
+        l.requests += 1;
+        l.references += references;
+        let e = l.per_ae.entry(ae.to_string()).or_default();
+        e.0 += 1;
+        e.1 += references;
+        Reservation {
+            load: load.clone(),
+            ae: ae.to_string(),
+            references,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut l = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        l.requests = l.requests.saturating_sub(1);
+        l.references = l.references.saturating_sub(self.references);
+        if let Some(e) = l.per_ae.get_mut(&self.ae) {
+            e.0 = e.0.saturating_sub(1);
+            e.1 = e.1.saturating_sub(self.references);
+            if e.0 == 0 {
+                l.per_ae.remove(&self.ae);
+            }
+        }
+    }
+}
 
 /// Largest Action Information accepted: [`dataset::MAX_REFERENCES`] references with room to spare.
 pub(crate) const MAX_ACTION_INFORMATION: usize = 8 * 1024 * 1024;
@@ -268,6 +339,8 @@ impl Drop for LiveAssociation {
 pub(crate) enum SubmitError {
     #[error("calling AE title {0} has no --commitment-peer address")]
     UnknownPeer(String),
+    #[error("too many storage commitment requests or references pending")]
+    Busy,
     #[error("cannot record the request: {0}")]
     Store(PendingError),
 }
@@ -277,6 +350,7 @@ impl SubmitError {
     pub(crate) fn status(&self) -> Status {
         match self {
             SubmitError::UnknownPeer(_) => Status::NOT_AUTHORIZED,
+            SubmitError::Busy => Status::RESOURCE_LIMITATION,
             SubmitError::Store(_) => Status::PROCESSING_FAILURE,
         }
     }
@@ -285,6 +359,7 @@ impl SubmitError {
     pub(crate) fn comment(&self) -> &'static str {
         match self {
             SubmitError::UnknownPeer(_) => "calling AE title has no --commitment-peer address",
+            SubmitError::Busy => "too many storage commitment requests pending; try again later",
             SubmitError::Store(_) => "cannot record the commitment request",
         }
     }
@@ -300,6 +375,8 @@ struct Inner {
     store: Arc<dyn ObjectStore>,
     pending: Arc<dyn PendingStore>,
     registry: Arc<Registry>,
+    /// What the pending requests add up to, for the limits.
+    load: Arc<Mutex<Load>>,
 }
 
 /// The associations' side of Storage Commitment: takes requests, gives live associations their
@@ -307,13 +384,13 @@ struct Inner {
 pub(crate) struct Commitments {
     inner: Arc<Inner>,
     next_association: AtomicU64,
-    submissions: mpsc::UnboundedSender<Tracked>,
+    submissions: mpsc::Sender<Tracked>,
 }
 
 /// The background task that decides pending requests and delivers their reports.
 pub(crate) struct Worker {
     inner: Arc<Inner>,
-    submissions: mpsc::UnboundedReceiver<Tracked>,
+    submissions: mpsc::Receiver<Tracked>,
 }
 
 impl Commitments {
@@ -333,8 +410,9 @@ impl Commitments {
             store,
             pending,
             registry: Arc::new(Mutex::new(HashMap::new())),
+            load: Arc::default(),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MAX_PENDING_REQUESTS);
         (
             Arc::new(Commitments {
                 inner: inner.clone(),
@@ -376,6 +454,9 @@ impl Commitments {
         if !self.inner.settings.peers.contains_key(calling_ae) {
             return Err(SubmitError::UnknownPeer(calling_ae.to_string()));
         }
+        let reservation =
+            Reservation::try_new(&self.inner.load, calling_ae, action.references.len())
+                .ok_or(SubmitError::Busy)?;
         let now = SystemTime::now();
         let request = PendingRequest {
             transaction_uid: action.transaction_uid,
@@ -400,9 +481,14 @@ impl Commitments {
             "storage commitment request recorded"
         );
         // The worker only stops at shutdown; then the request waits in the store for the next start.
-        let _ = self
-            .submissions
-            .send(Tracked::new(request, Some(association)));
+        // Never waits: a full queue (a burst of retries of the same requests) leaves the request
+        // to the claim task, which finds it in the store within a sweep.
+        let t = Tracked::new(request, Some(association), reservation);
+        if self.submissions.try_send(t).is_err() {
+            debug!(
+                "commitment worker queue full: the request waits in the store for the next sweep"
+            );
+        }
         Ok(())
     }
 }
@@ -424,11 +510,18 @@ struct Tracked {
     /// The same Transaction UID received again with other references while the report was being
     /// delivered: worked on once that delivery ends.
     replacement: Option<Box<Tracked>>,
+    /// Its share of the pending load, given back when it is dropped.
+    _reservation: Reservation,
 }
 
 impl Tracked {
-    fn new(request: PendingRequest, association: Option<AssociationId>) -> Tracked {
+    fn new(
+        request: PendingRequest,
+        association: Option<AssociationId>,
+        reservation: Reservation,
+    ) -> Tracked {
         Tracked {
+            _reservation: reservation,
             verdicts: vec![None; request.references.len()],
             request,
             association,
@@ -490,27 +583,6 @@ enum ClaimNews {
     },
     /// Another gateway holds it now (this one's claim expired), or it is gone.
     Lost(String),
-}
-
-fn claim_news(tracked: &mut Tracking, news: ClaimNews) {
-    match news {
-        ClaimNews::TakenOver {
-            request,
-            previous_gateway,
-        } => {
-            if !tracked.map.contains_key(&request.transaction_uid) {
-                info!(transaction_uid = %request.transaction_uid, previous_gateway = %previous_gateway, "storage commitment request taken over");
-                tracked.insert(Tracked::new(request, None));
-            }
-        }
-        ClaimNews::Lost(tx) => {
-            if tracked.map.get(&tx).is_some_and(|t| !t.delivering) {
-                info!(transaction_uid = %tx, "storage commitment request taken over by another gateway");
-                tracked.map.remove(&tx);
-                tracked.release(&tx);
-            }
-        }
-    }
 }
 
 /// Every [`SWEEP_INTERVAL`] until `stop`: renews the claims of the requests in `held`, takes over
@@ -650,7 +722,7 @@ impl Worker {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 Some(t) = self.submissions.recv() => submitted(&mut tracked, t),
-                Some(n) = news.recv() => claim_news(&mut tracked, n),
+                Some(n) = news.recv() => self.claim_news(&mut tracked, n).await,
                 Some(done) = deliveries.join_next() => {
                     if let Ok(done) = done {
                         self.delivered(done, &mut tracked).await;
@@ -662,6 +734,53 @@ impl Worker {
         }
         claims_stop.cancel();
         let _ = claims.await;
+    }
+
+    /// Applies what the claim task found.
+    async fn claim_news(&self, tracked: &mut Tracking, news: ClaimNews) {
+        match news {
+            ClaimNews::TakenOver {
+                request,
+                previous_gateway,
+            } => {
+                let tx = request.transaction_uid.clone();
+                if tracked.map.contains_key(&tx) {
+                    return;
+                }
+                // The claim task may have claimed it just before this worker delivered it and
+                // removed it from the store: claimed again here, after any such removal, it is
+                // taken only if it is still there.
+                let now = SystemTime::now();
+                let claim = Claim {
+                    gateway_id: self.inner.gateway_id.clone(),
+                    expires_at: rfc3339(now + CLAIM_TTL),
+                };
+                match self.inner.pending.claim(&tx, &claim, &rfc3339(now)).await {
+                    Ok(true) => {
+                        info!(transaction_uid = %tx, previous_gateway = %previous_gateway, "storage commitment request taken over");
+                        let reservation = Reservation::forced(
+                            &self.inner.load,
+                            &request.calling_ae_title,
+                            request.references.len(),
+                        );
+                        tracked.insert(Tracked::new(request, None, reservation));
+                    }
+                    Ok(false) => tracked.release(&tx),
+                    Err(e) => {
+                        // The next sweep tries again.
+                        warn!(transaction_uid = %tx, error = %e, "cannot claim a storage commitment request; trying again later");
+                        tracked.release(&tx);
+                    }
+                }
+            }
+            ClaimNews::Lost(tx) => {
+                if tracked.map.get(&tx).is_some_and(|t| !t.delivering) {
+                    info!(transaction_uid = %tx, "storage commitment request taken over by another gateway");
+                    tracked.map.remove(&tx);
+                    tracked.release(&tx);
+                }
+            }
+        }
     }
 
     /// Looks at the requests that are due, at most [`MAX_REFERENCES_PER_PASS`] undecided

@@ -183,9 +183,16 @@ impl Rig {
             .unwrap();
     }
 
+    /// The requests in the local commitment journal (`{tx}.json`; claims are `{tx}.claim`).
     fn pending_files(&self) -> usize {
         std::fs::read_dir(self.dir.path().join("jobs").join("commitments"))
-            .map(|rd| rd.count())
+            .map(|rd| {
+                rd.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+                })
+                .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -688,4 +695,27 @@ fn n_action_commands_are_checked_before_their_data_set() {
         read_action_information(&[0u8; 7], EXPLICIT_VR_LITTLE_ENDIAN).map_err(|r| r.status),
         Err(Status::INVALID_ARGUMENT_VALUE)
     );
+}
+
+#[test]
+fn pending_requests_and_references_are_capped_globally_and_per_ae() {
+    let load: Arc<Mutex<Load>> = Arc::default();
+    let held: Vec<_> = (0..MAX_PENDING_REQUESTS_PER_AE)
+        .map(|_| Reservation::try_new(&load, "CT1", 1).unwrap())
+        .collect();
+    assert!(
+        Reservation::try_new(&load, "CT1", 1).is_none(),
+        "CT1 is at its limit"
+    );
+    let other = Reservation::try_new(&load, "MR1", 1).expect("another AE is not");
+    drop(held);
+    assert!(Reservation::try_new(&load, "CT1", MAX_PENDING_REFERENCES_PER_AE + 1).is_none());
+    let big = Reservation::try_new(&load, "CT1", MAX_PENDING_REFERENCES_PER_AE).unwrap();
+    assert!(
+        Reservation::try_new(&load, "CT1", 1).is_none(),
+        "references at their limit"
+    );
+    drop((big, other));
+    assert_eq!(load.lock().unwrap().requests, 0, "given back when dropped");
+    assert_eq!(SubmitError::Busy.status(), Status::RESOURCE_LIMITATION);
 }
