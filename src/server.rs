@@ -237,11 +237,14 @@ fn open_index(config: &IndexConfig) -> OpenIndex {
         };
     };
     let index = LocalIndex::new(store_root);
-    {
+    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
+    if let Some(progress) = sender.progress() {
         let index = index.clone();
         tokio::spawn(async move {
             match index.rebuild_async().await {
                 Ok(added) => {
+                    // Storage Commitment may now take an instance the index lacks as not stored.
+                    progress.set_rebuilt();
                     info!(added, index = %index.describe(), "instance index rebuilt from the store")
                 }
                 Err(e) => {
@@ -251,7 +254,6 @@ fn open_index(config: &IndexConfig) -> OpenIndex {
         });
     }
     let index: Arc<dyn InstanceIndex> = Arc::new(index);
-    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
     let writer = tokio::spawn(run_writer(index.clone(), rx));
     OpenIndex {
         index: Some(index),
@@ -357,6 +359,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                     config.acceptance.ae_title.clone(),
                     gateway_id.clone(),
                     instance_index,
+                    index.progress().unwrap_or_default(),
                     store.clone(),
                     pending,
                 );

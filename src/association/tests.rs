@@ -70,12 +70,16 @@ impl Association {
             Some(settings) => {
                 let index: Arc<dyn InstanceIndex> = Arc::new(LocalIndex::new(store.path()));
                 let (sender, rx) = crate::index::IndexSender::channel(64);
+                // A fresh store: nothing for a rebuild to add.
+                let progress = sender.progress().unwrap();
+                progress.set_rebuilt();
                 tokio::spawn(crate::index::run_writer(index.clone(), rx));
                 let (commitments, worker) = Commitments::new(
                     settings,
                     AE.into(),
                     "gw-test".into(),
                     index,
+                    progress,
                     local.clone(),
                     Arc::new(LocalPending::new(store.path().join("jobs"))),
                 );

@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::rfc3339;
 use crate::dimse::{Command, Status};
-use crate::index::{InstanceIndex, InstanceRecord, KeyParts};
+use crate::index::{IndexProgress, InstanceIndex, InstanceRecord, KeyParts};
 use crate::store::{ObjectKey, ObjectStore};
 use dataset::ActionInformation;
 use decision::{Phase, Presence, Verdict};
@@ -372,6 +372,9 @@ struct Inner {
     our_ae_title: String,
     gateway_id: String,
     index: Arc<dyn InstanceIndex>,
+    /// How far the index is behind: an instance it lacks fails with 0x0112 only once it has
+    /// caught up with the request.
+    index_progress: Arc<IndexProgress>,
     store: Arc<dyn ObjectStore>,
     pending: Arc<dyn PendingStore>,
     registry: Arc<Registry>,
@@ -399,6 +402,7 @@ impl Commitments {
         our_ae_title: String,
         gateway_id: String,
         index: Arc<dyn InstanceIndex>,
+        index_progress: Arc<IndexProgress>,
         store: Arc<dyn ObjectStore>,
         pending: Arc<dyn PendingStore>,
     ) -> (Arc<Commitments>, Worker) {
@@ -407,6 +411,7 @@ impl Commitments {
             our_ae_title,
             gateway_id,
             index,
+            index_progress,
             store,
             pending,
             registry: Arc::new(Mutex::new(HashMap::new())),
@@ -483,7 +488,10 @@ impl Commitments {
         // The worker only stops at shutdown; then the request waits in the store for the next start.
         // Never waits: a full queue (a burst of retries of the same requests) leaves the request
         // to the claim task, which finds it in the store within a sweep.
-        let t = Tracked::new(request, Some(association), reservation);
+        // Every record of an instance stored before this request was handed to the index writer
+        // before its C-STORE response, so before this mark.
+        let mut t = Tracked::new(request, Some(association), reservation);
+        t.index_mark = Some(self.inner.index_progress.mark());
         if self.submissions.try_send(t).is_err() {
             debug!(
                 "commitment worker queue full: the request waits in the store for the next sweep"
@@ -512,6 +520,9 @@ struct Tracked {
     replacement: Option<Box<Tracked>>,
     /// Its share of the pending load, given back when it is dropped.
     _reservation: Reservation,
+    /// The index writer's position once every record of the instances it names had been handed
+    /// over; `None` when not known (received by another gateway, whose writer may have lost some).
+    index_mark: Option<u64>,
 }
 
 impl Tracked {
@@ -522,6 +533,7 @@ impl Tracked {
     ) -> Tracked {
         Tracked {
             _reservation: reservation,
+            index_mark: None,
             verdicts: vec![None; request.references.len()],
             request,
             association,
@@ -763,7 +775,12 @@ impl Worker {
                             &request.calling_ae_title,
                             request.references.len(),
                         );
-                        tracked.insert(Tracked::new(request, None, reservation));
+                        let ours = previous_gateway == self.inner.gateway_id;
+                        let mut t = Tracked::new(request, None, reservation);
+                        // This gateway's own (from before a restart, or one the full submission
+                        // queue left to the sweep) was received before now.
+                        t.index_mark = ours.then(|| self.inner.index_progress.mark());
+                        tracked.insert(t);
                     }
                     Ok(false) => tracked.release(&tx),
                     Err(e) => {
@@ -904,12 +921,14 @@ impl Worker {
         let now = SystemTime::now();
         let received = parse_time(&t.request.received_at).unwrap_or(now);
         let deadline = parse_time(&t.request.deadline).unwrap_or(now);
-        let phase = if now >= deadline {
-            Phase::PastDeadline
-        } else if now < received + inner.settings.index_grace {
-            Phase::IndexGrace
-        } else {
-            Phase::Waiting
+        let caught_up = t
+            .index_mark
+            .is_some_and(|mark| inner.index_progress.caught_up_to(mark));
+        let phase = match (now >= deadline, caught_up) {
+            (true, true) => Phase::PastDeadline,
+            (true, false) => Phase::PastDeadlineIndexBehind,
+            (false, true) if now >= received + inner.settings.index_grace => Phase::Waiting,
+            (false, _) => Phase::IndexGrace,
         };
         let mut trouble = Trouble::default();
         for &i in part {
@@ -917,7 +936,7 @@ impl Worker {
             let v = match found {
                 Err(e) => {
                     trouble.add(e.clone());
-                    if phase == Phase::PastDeadline {
+                    if phase.is_past_deadline() {
                         Verdict::Failed(FailureReason::ProcessingFailure)
                     } else {
                         Verdict::Pending

@@ -131,6 +131,7 @@ impl Rig {
             "DICOM_GATEWAY".into(),
             "gw-1".into(),
             index.clone(),
+            crate::index::IndexProgress::caught_up(),
             store,
             pending,
         );
@@ -566,6 +567,7 @@ async fn an_object_the_store_cannot_confirm_fails_as_a_processing_failure_at_the
         "DICOM_GATEWAY".into(),
         "gw-1".into(),
         index,
+        crate::index::IndexProgress::caught_up(),
         Arc::new(UnreachableStore),
         Arc::new(pending::LocalPending::new(dir.path().join("jobs"))),
     );
@@ -718,4 +720,54 @@ fn pending_requests_and_references_are_capped_globally_and_per_ae() {
     drop((big, other));
     assert_eq!(load.lock().unwrap().requests, 0, "given back when dropped");
     assert_eq!(SubmitError::Busy.status(), Status::RESOURCE_LIMITATION);
+}
+
+#[tokio::test]
+async fn an_instance_the_index_lacks_while_it_is_behind_fails_as_a_processing_failure() {
+    let mut modality = FakeModality::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(CommitWhen::Stored, &modality.address, Duration::ZERO);
+    s.timeout = Duration::from_millis(300);
+    // A record handed to a writer that never writes it: the index stays behind the request.
+    let (sender, _writer_never_runs) = crate::index::IndexSender::channel(4);
+    let progress = sender.progress().unwrap();
+    progress.set_rebuilt();
+    let key = format!("{JOB}/{STUDY}/{SERIES}/{}.dcm", sop(1));
+    sender.record(KeyParts::parse(&key).unwrap().record(
+        &key,
+        4,
+        Some(CT.into()),
+        None,
+        crate::clock::now_rfc3339(),
+    ));
+    let (commitments, worker) = Commitments::new(
+        s,
+        "DICOM_GATEWAY".into(),
+        "gw-1".into(),
+        Arc::new(FakeIndex::default()),
+        progress,
+        Arc::new(LocalStore::open(dir.path()).await.unwrap()),
+        Arc::new(pending::LocalPending::new(dir.path().join("jobs"))),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    commitments
+        .submit(
+            ActionInformation {
+                transaction_uid: "2.25.110".into(),
+                references: vec![reference(1)],
+            },
+            "CT1",
+            0,
+        )
+        .await
+        .unwrap();
+    let (_, report) = modality.report().await;
+    assert_eq!(
+        report.failed,
+        vec![(reference(1), FailureReason::ProcessingFailure)],
+        "not 0x0112: the index may only be behind"
+    );
+    stop.cancel();
+    task.await.unwrap();
 }

@@ -14,6 +14,7 @@ pub(crate) mod local;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -205,15 +206,86 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// How far the index is behind the receive path, so that Storage Commitment can tell an instance
+/// that was never stored from one whose record is not written yet (or was lost until the next
+/// start's rebuild).
+#[derive(Debug, Default)]
+pub(crate) struct IndexProgress {
+    /// Records handed to the writer.
+    sent: AtomicU64,
+    /// Records the writer is done with (written, or dropped by a failed write), in channel order.
+    settled: AtomicU64,
+    /// A record was dropped (full channel, failed write, writer gone): the index lacks it until
+    /// the next start's rebuild.
+    lost: AtomicBool,
+    /// The start-up rebuild finished: the index has every object stored before this start.
+    rebuilt: AtomicBool,
+}
+
+impl IndexProgress {
+    /// The position of the receive path now: every record handed over so far is before it.
+    pub(crate) fn mark(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Whether the index has every record handed over before `mark`, and every object stored
+    /// before this start: rebuilt, nothing lost, the writer past `mark`.
+    pub(crate) fn caught_up_to(&self, mark: u64) -> bool {
+        self.rebuilt.load(Ordering::SeqCst)
+            && !self.lost.load(Ordering::SeqCst)
+            && self.settled.load(Ordering::SeqCst) >= mark
+    }
+
+    /// A progress with nothing sent and the rebuild done (tests without a writer).
+    #[cfg(test)]
+    pub(crate) fn caught_up() -> Arc<IndexProgress> {
+        let p = IndexProgress::default();
+        p.set_rebuilt();
+        Arc::new(p)
+    }
+
+    /// The start-up rebuild finished.
+    pub(crate) fn set_rebuilt(&self) {
+        self.rebuilt.store(true, Ordering::SeqCst);
+    }
+
+    fn set_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The writer's end of the index channel: the records, and the progress it reports.
+#[derive(Debug)]
+pub(crate) struct IndexReceiver {
+    rx: mpsc::Receiver<InstanceRecord>,
+    progress: Arc<IndexProgress>,
+}
+
+impl IndexReceiver {
+    #[cfg(test)]
+    pub(crate) async fn recv(&mut self) -> Option<InstanceRecord> {
+        self.rx.recv().await
+    }
+
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Result<InstanceRecord, mpsc::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
 /// The receive path's end of the index: hands a record over without waiting, or drops it.
 #[derive(Debug, Clone)]
-pub(crate) struct IndexSender(Option<mpsc::Sender<InstanceRecord>>);
+pub(crate) struct IndexSender(Option<(mpsc::Sender<InstanceRecord>, Arc<IndexProgress>)>);
 
 impl IndexSender {
     /// A sender and the receiver [`run_writer`] drains.
-    pub(crate) fn channel(capacity: usize) -> (IndexSender, mpsc::Receiver<InstanceRecord>) {
+    pub(crate) fn channel(capacity: usize) -> (IndexSender, IndexReceiver) {
         let (tx, rx) = mpsc::channel(capacity);
-        (IndexSender(Some(tx)), rx)
+        let progress = Arc::new(IndexProgress::default());
+        (
+            IndexSender(Some((tx, progress.clone()))),
+            IndexReceiver { rx, progress },
+        )
     }
 
     /// A sender that keeps nothing (no index for this store yet, and in tests).
@@ -221,16 +293,28 @@ impl IndexSender {
         IndexSender(None)
     }
 
+    /// How far the writer is behind this sender (`None` when disabled).
+    pub(crate) fn progress(&self) -> Option<Arc<IndexProgress>> {
+        self.0.as_ref().map(|(_, p)| p.clone())
+    }
+
     /// Hands the record to the writer; never waits. A full channel drops it with a WARN: the
     /// rebuild at the next start adds it from the store.
     pub(crate) fn record(&self, record: InstanceRecord) {
-        let Some(tx) = &self.0 else { return };
+        let Some((tx, progress)) = &self.0 else {
+            return;
+        };
         match tx.try_send(record) {
-            Ok(()) => {}
+            // Counted before the C-STORE response goes out (the caller answers after this).
+            Ok(()) => {
+                progress.sent.fetch_add(1, Ordering::SeqCst);
+            }
             Err(mpsc::error::TrySendError::Full(r)) => {
+                progress.set_lost();
                 warn!(sop_instance_uid = %r.sop_instance_uid, job_id = %r.job_id, "instance index writer is behind: record dropped (the index is rebuilt from the store at the next start)");
             }
             Err(mpsc::error::TrySendError::Closed(r)) => {
+                progress.set_lost();
                 debug!(sop_instance_uid = %r.sop_instance_uid, "instance index writer stopped: record dropped");
             }
         }
@@ -239,17 +323,17 @@ impl IndexSender {
 
 /// The background writer: appends what the channel holds, in batches, until every sender is gone.
 /// A failed write is logged and its records dropped (the rebuild recovers them).
-pub(crate) async fn run_writer(
-    index: Arc<dyn InstanceIndex>,
-    mut rx: mpsc::Receiver<InstanceRecord>,
-) {
+pub(crate) async fn run_writer(index: Arc<dyn InstanceIndex>, rx: IndexReceiver) {
+    let IndexReceiver { mut rx, progress } = rx;
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         let records = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
         let n = records.len();
         if let Err(e) = index.append(records).await {
+            progress.set_lost();
             warn!(error = %e, records = n, index = %index.describe(), "instance index write failed: records dropped (the index is rebuilt from the store at the next start)");
         }
+        progress.settled.fetch_add(n as u64, Ordering::SeqCst);
     }
 }
 
