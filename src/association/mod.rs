@@ -359,7 +359,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let Some(live) = self.live.as_mut() else {
             return Ok(());
         };
-        let LiveReport { report, delivered } = live_report;
+        if !live_report.take() {
+            debug!(transaction_uid = %live_report.report.transaction_uid, "storage commitment report no longer wanted here (it goes on a new association)");
+            return Ok(());
+        }
+        let LiveReport {
+            report, delivered, ..
+        } = live_report;
         let message_id = live.next_message_id;
         live.next_message_id = live.next_message_id.wrapping_add(1).max(1);
         let command = dimse::n_event_report_request(

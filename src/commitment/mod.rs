@@ -133,8 +133,11 @@ const CLAIM_TTL: Duration = Duration::from_secs(120);
 /// First pause between two looks at an undecided request; doubled each time up to
 /// [`CommitmentSettings::check_interval`].
 const FIRST_CHECK_PAUSE: Duration = Duration::from_millis(50);
-/// Longest wait for a live association to send a report and get its response.
+/// Longest wait for a live association's response to a report, from when it took the report.
 const LIVE_DELIVERY_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a live association to take a queued report: the reports ahead of it each take
+/// at most [`LIVE_DELIVERY_WAIT`].
+const LIVE_QUEUE_WAIT: Duration = LIVE_DELIVERY_WAIT.saturating_mul(LIVE_QUEUE as u32 + 1);
 /// Longest a delivery on a new association may take, connection to release.
 const NEW_ASSOCIATION_WAIT: Duration = Duration::from_secs(30);
 /// Longest pause between two attempts to deliver a report.
@@ -311,8 +314,62 @@ pub(crate) type AssociationId = u64;
 /// A report for a live association, and where it says how its delivery went.
 pub(crate) struct LiveReport {
     pub report: Report,
+    /// Whether the association took it, or the delivery task stopped waiting for it.
+    hand_over: Arc<HandOver>,
     /// The N-EVENT-REPORT-RSP status; dropped if the association ends first.
     pub delivered: oneshot::Sender<Status>,
+}
+
+impl LiveReport {
+    /// Takes the report for sending now. `false`: the delivery task stopped waiting for it (it
+    /// goes, or went, on a new association), so sending it would deliver it twice.
+    pub(crate) fn take(&self) -> bool {
+        !self.delivered.is_closed() && self.hand_over.take()
+    }
+}
+
+/// Who decides the fate of a queued live report: the association taking it, or the delivery task
+/// giving up on it — whichever comes first, atomically, so a report is never sent on both the
+/// requesting association and a new one.
+#[derive(Default)]
+struct HandOver {
+    /// [`HandOver::QUEUED`], [`HandOver::TAKEN`] or [`HandOver::ABANDONED`].
+    state: std::sync::atomic::AtomicU8,
+    taken: tokio::sync::Notify,
+}
+
+impl HandOver {
+    const QUEUED: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    fn take(&self) -> bool {
+        let won = self
+            .state
+            .compare_exchange(
+                Self::QUEUED,
+                Self::TAKEN,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
+        if won {
+            self.taken.notify_one();
+        }
+        won
+    }
+
+    /// Gives up on the report; `false` if the association took it first.
+    fn abandon(&self) -> bool {
+        self.state
+            .compare_exchange(
+                Self::QUEUED,
+                Self::ABANDONED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
 }
 
 /// The open associations that accepted a Storage Commitment context, by id.
@@ -1123,19 +1180,39 @@ async fn deliver(
     let live =
         association.and_then(|id| inner.registry.lock().ok().and_then(|r| r.get(&id).cloned()));
     if let Some(live) = live {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        let hand_over = Arc::new(HandOver::default());
         let sent = live.try_send(LiveReport {
             report: report.clone(),
+            hand_over: hand_over.clone(),
             delivered: tx,
         });
-        if sent.is_ok()
-            && let Ok(Ok(status)) = tokio::time::timeout(LIVE_DELIVERY_WAIT, rx).await
-        {
-            return Delivery {
-                transaction_uid,
-                outcome: Ok((Via::SameAssociation, status)),
-                hopeless: false,
+        if sent.is_ok() {
+            // The response clock starts once the association took the report, not while it
+            // waits behind others; a report not taken in time is abandoned, and the association
+            // then drops it instead of sending it after the new association did.
+            let answer = tokio::select! {
+                _ = hand_over.taken.notified() => Some(rx),
+                _ = tokio::time::sleep(LIVE_QUEUE_WAIT) => (!hand_over.abandon()).then_some(rx),
+                // The association ended (or took and answered it already).
+                r = &mut rx => {
+                    hand_over.abandon();
+                    let (tx, early) = oneshot::channel();
+                    if let Ok(status) = r {
+                        let _ = tx.send(status);
+                    }
+                    Some(early)
+                }
             };
+            if let Some(rx) = answer
+                && let Ok(Ok(status)) = tokio::time::timeout(LIVE_DELIVERY_WAIT, rx).await
+            {
+                return Delivery {
+                    transaction_uid,
+                    outcome: Ok((Via::SameAssociation, status)),
+                    hopeless: false,
+                };
+            }
         }
         debug!(transaction_uid = %transaction_uid, "the requesting association ended before its report went out; using a new association");
     }

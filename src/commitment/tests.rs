@@ -771,3 +771,32 @@ async fn an_instance_the_index_lacks_while_it_is_behind_fails_as_a_processing_fa
     stop.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn a_queued_live_report_is_either_taken_by_the_association_or_abandoned_never_both() {
+    let taken_first = HandOver::default();
+    assert!(taken_first.take());
+    assert!(
+        !taken_first.abandon(),
+        "taken: the delivery task waits for it"
+    );
+    let abandoned_first = HandOver::default();
+    assert!(abandoned_first.abandon());
+    assert!(
+        !abandoned_first.take(),
+        "abandoned: the association drops it"
+    );
+    // A report whose delivery task is gone is not taken either.
+    let (tx, rx) = oneshot::channel();
+    drop(rx);
+    let report = LiveReport {
+        report: Report {
+            transaction_uid: "2.25.1".into(),
+            committed: vec![],
+            failed: vec![],
+        },
+        hand_over: Arc::default(),
+        delivered: tx,
+    };
+    assert!(!report.take());
+}
