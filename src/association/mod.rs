@@ -374,7 +374,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
             report.event_type_id(),
         );
-        let data = report.encode(commitment::dataset::Encoding::of(&live.transfer_syntax));
+        let data = match report.encode(commitment::dataset::Encoding::of(&live.transfer_syntax)) {
+            Ok(data) => data,
+            Err(e) => {
+                // Dropping `delivered` tells the delivery task, which logs and retries it.
+                warn!(transaction_uid = %report.transaction_uid, error = %e, "storage commitment report not sent");
+                return Ok(());
+            }
+        };
         let context_id = live.context_id;
         live.awaiting = Some(Awaiting {
             message_id,

@@ -117,7 +117,7 @@ pub(crate) fn from_item(
         Some(AttributeValue::B(b)) => unpack(b.as_ref())?,
         _ => return Err(PendingError::Malformed("no references".into())),
     };
-    Ok(PendingRequest {
+    let request = PendingRequest {
         transaction_uid: get("transactionUid")?,
         calling_ae_title: get("callingAeTitle")?,
         references,
@@ -127,7 +127,9 @@ pub(crate) fn from_item(
             gateway_id: get("claimedBy")?,
             expires_at: get("claimExpiresAt")?,
         },
-    })
+    };
+    request.check_uids().map_err(PendingError::Malformed)?;
+    Ok(request)
 }
 
 #[async_trait]

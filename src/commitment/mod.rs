@@ -752,6 +752,14 @@ enum Via {
     NewAssociation,
 }
 
+/// The delivery tasks under way, and the Transaction UID each works on (to tell which request a
+/// task that panicked leaves undelivered).
+#[derive(Default)]
+struct Deliveries {
+    tasks: JoinSet<Delivery>,
+    of: HashMap<tokio::task::Id, String>,
+}
+
 /// What a delivery task reports back.
 struct Delivery {
     transaction_uid: String,
@@ -765,7 +773,7 @@ impl Worker {
     /// for the next start (or another gateway).
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let mut tracked = Tracking::default();
-        let mut deliveries: JoinSet<Delivery> = JoinSet::new();
+        let mut deliveries = Deliveries::default();
         // Claims are renewed by their own task, so a long pass of lookups never lets one expire.
         let (news_tx, mut news) = mpsc::channel(CLAIM_NEWS_QUEUE);
         let claims_stop = stop.child_token();
@@ -792,8 +800,21 @@ impl Worker {
                 _ = stop.cancelled() => break,
                 Some(t) = self.submissions.recv() => submitted(&mut tracked, t),
                 Some(n) = news.recv() => self.claim_news(&mut tracked, n).await,
-                Some(done) = deliveries.join_next() => {
-                    if let Ok(done) = done {
+                Some(done) = deliveries.tasks.join_next_with_id() => {
+                    let done = match done {
+                        Ok((id, done)) => {
+                            deliveries.of.remove(&id);
+                            Some(done)
+                        }
+                        // A delivery task that panicked: its request is retried like any
+                        // delivery that failed, not left waiting for ever.
+                        Err(e) => deliveries.of.remove(&e.id()).map(|transaction_uid| Delivery {
+                            transaction_uid,
+                            outcome: Err(format!("delivery task failed: {e}")),
+                            hopeless: false,
+                        }),
+                    };
+                    if let Some(done) = done {
                         self.delivered(done, &mut tracked).await;
                     }
                 }
@@ -861,7 +882,7 @@ impl Worker {
     /// references in all (the rest stay due for the next pass): one index lookup for all of them,
     /// the store checks of the `stored` policy a few at a time. Starts the delivery of complete
     /// reports.
-    async fn check_due(&self, tracked: &mut Tracking, deliveries: &mut JoinSet<Delivery>) {
+    async fn check_due(&self, tracked: &mut Tracking, deliveries: &mut Deliveries) {
         let now = Instant::now();
         let mut due: Vec<(Instant, String)> = tracked
             .map
@@ -954,15 +975,18 @@ impl Worker {
     }
 
     /// Hands a complete report to a delivery task.
-    fn start_delivery(&self, t: &mut Tracked, deliveries: &mut JoinSet<Delivery>) {
+    fn start_delivery(&self, t: &mut Tracked, deliveries: &mut Deliveries) {
         let Some(report) = &t.report else { return };
         t.delivering = true;
-        deliveries.spawn(deliver(
+        let task = deliveries.tasks.spawn(deliver(
             self.inner.clone(),
             report.clone(),
             t.request.calling_ae_title.clone(),
             t.association,
         ));
+        deliveries
+            .of
+            .insert(task.id(), t.request.transaction_uid.clone());
     }
 
     /// Decides the references `part` of a request from the pass's index lookup (`found`) and

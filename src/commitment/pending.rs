@@ -47,6 +47,22 @@ impl PendingRequest {
     }
 }
 
+impl PendingRequest {
+    /// Checks the UIDs of a request read back from the journal or DynamoDB (they were checked on
+    /// receipt, but the store is not ours alone): a report of them must be encodable.
+    pub(crate) fn check_uids(&self) -> Result<(), String> {
+        let check = |what: &str, uid: &str| {
+            crate::uid::validate_uid(uid).map_err(|e| format!("{what} is not a valid UID: {e}"))
+        };
+        check("Transaction UID", &self.transaction_uid)?;
+        for r in &self.references {
+            check("a Referenced SOP Class UID", &r.sop_class_uid)?;
+            check("a Referenced SOP Instance UID", &r.sop_instance_uid)?;
+        }
+        Ok(())
+    }
+}
+
 impl Claim {
     /// Whether `gateway_id` may take a request with this claim at `now`: it holds it, or it expired.
     pub(crate) fn allows(&self, gateway_id: &str, now: &str) -> bool {
@@ -214,7 +230,10 @@ impl PendingStore for LocalPending {
         while let Some(entry) = rd.next_entry().await? {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "json") {
-                match serde_json::from_slice::<PendingRequest>(&tokio::fs::read(&path).await?) {
+                let read = serde_json::from_slice::<PendingRequest>(&tokio::fs::read(&path).await?)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.check_uids().map(|()| r));
+                match read {
                     Ok(mut request) => {
                         match self.read_claim(&request.transaction_uid).await {
                             Ok(Some(claim)) => request.claim = claim,
@@ -348,6 +367,13 @@ pub(crate) mod tests {
         );
         store.remove("2.25.1", "gw-b").await.unwrap();
         assert!(store.list().await.unwrap().is_empty());
+        // A request whose UIDs are not UIDs (the journal is not ours alone) is skipped on load:
+        // its report could not be encoded.
+        let mut bad = request("2.25.2", "gw-a", "2026-11-24T06:02:00.000Z");
+        bad.references[0].sop_instance_uid = "1.2.x".into();
+        std::fs::write(store.path_of("2.25.2"), serde_json::to_vec(&bad).unwrap()).unwrap();
+        assert!(store.list().await.unwrap().is_empty());
+        std::fs::remove_file(store.path_of("2.25.2")).unwrap();
         // The job journal in the same directory does not see the requests.
         let journal = crate::jobs::local::LocalJournal::new(dir.path());
         store.put(&r).await.unwrap();

@@ -54,6 +54,8 @@ pub(crate) enum DeliveryError {
     Aborted,
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Encode(#[from] super::dataset::EncodeError),
 }
 
 impl From<PduError> for DeliveryError {
@@ -201,13 +203,8 @@ async fn run(peer: &Peer<'_>, report: &Report, wait: Duration) -> Result<Status,
         report.event_type_id(),
     );
     connection.write_message(CONTEXT_ID, true, &command).await?;
-    connection
-        .write_message(
-            CONTEXT_ID,
-            false,
-            &report.encode(Encoding::of(&transfer_syntax)),
-        )
-        .await?;
+    let data = report.encode(Encoding::of(&transfer_syntax))?;
+    connection.write_message(CONTEXT_ID, false, &data).await?;
     let status = read_response(&mut connection, wait).await?;
     let _ = connection.write_pdu(&Pdu::ReleaseRQ).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), read(&mut connection, wait)).await;
