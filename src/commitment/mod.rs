@@ -1135,37 +1135,47 @@ impl Worker {
         };
         t.delivering = false;
         let report = t.report.as_ref();
-        match done.outcome {
-            Ok((via, status)) => {
-                if status.is_success() {
-                    info!(
-                        transaction_uid = %done.transaction_uid,
-                        via = ?via,
-                        committed = report.map_or(0, |r| r.committed.len()),
-                        failed = report.map_or(0, |r| r.failed.len()),
-                        "storage commitment report delivered"
-                    );
-                } else {
-                    warn!(transaction_uid = %done.transaction_uid, via = ?via, status = %status, "storage commitment report answered with a failure status; not sent again");
-                }
+        let e = match done.outcome {
+            // Success or Warning: the modality has the report.
+            Ok((via, status)) if status.is_success() || status.is_warning() => {
+                info!(
+                    transaction_uid = %done.transaction_uid,
+                    via = ?via,
+                    status = %status,
+                    committed = report.map_or(0, |r| r.committed.len()),
+                    failed = report.map_or(0, |r| r.failed.len()),
+                    "storage commitment report delivered"
+                );
                 self.forget(&done.transaction_uid, tracked).await;
+                return;
             }
-            Err(e) => {
-                let give_up_at = parse_time(&t.request.deadline)
-                    .map(|d| d + inner.settings.timeout)
-                    .unwrap_or_else(SystemTime::now);
-                if done.hopeless || SystemTime::now() >= give_up_at {
-                    tracing::error!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, "storage commitment report could not be delivered; given up");
-                    self.forget(&done.transaction_uid, tracked).await;
-                    return;
-                }
-                let pause = backoff(Duration::from_secs(1), t.attempts, MAX_DELIVERY_PAUSE);
-                warn!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, retry_in = ?pause, "storage commitment report not delivered; trying again");
-                t.association = None;
-                t.attempts += 1;
-                t.next_check = Instant::now() + pause;
+            // The modality could not take it now: like a delivery that failed, sent again.
+            Ok((via, status))
+                if status == Status::PROCESSING_FAILURE
+                    || status == Status::RESOURCE_LIMITATION =>
+            {
+                format!("the peer answered {status} ({via:?})")
             }
+            Ok((via, status)) => {
+                warn!(transaction_uid = %done.transaction_uid, via = ?via, status = %status, "storage commitment report refused by the peer; not sent again");
+                self.forget(&done.transaction_uid, tracked).await;
+                return;
+            }
+            Err(e) => e,
+        };
+        let give_up_at = parse_time(&t.request.deadline)
+            .map(|d| d + inner.settings.timeout)
+            .unwrap_or_else(SystemTime::now);
+        if done.hopeless || SystemTime::now() >= give_up_at {
+            tracing::error!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, "storage commitment report could not be delivered; given up");
+            self.forget(&done.transaction_uid, tracked).await;
+            return;
         }
+        let pause = backoff(Duration::from_secs(1), t.attempts, MAX_DELIVERY_PAUSE);
+        warn!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, retry_in = ?pause, "storage commitment report not delivered; trying again");
+        t.association = None;
+        t.attempts += 1;
+        t.next_check = Instant::now() + pause;
     }
 
     async fn forget(&self, transaction_uid: &str, tracked: &mut Tracking) {

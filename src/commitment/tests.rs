@@ -800,3 +800,13 @@ fn a_queued_live_report_is_either_taken_by_the_association_or_abandoned_never_bo
     };
     assert!(!report.take());
 }
+
+#[test]
+fn report_responses_with_a_warning_status_count_as_delivered() {
+    for warning in [0x0001, 0x0107, 0x0116, 0xB000, 0xBFFF] {
+        assert!(Status(warning).is_warning(), "{warning:#06X}");
+    }
+    for other in [0x0000, 0x0110, 0x0213, 0xA700, 0xC000] {
+        assert!(!Status(other).is_warning(), "{other:#06X}");
+    }
+}
