@@ -32,6 +32,8 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct FakeIndex {
     records: StdMutex<Vec<InstanceRecord>>,
+    /// Lookups so far: tests wait on them instead of sleeping.
+    lookups: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeIndex {
@@ -56,6 +58,8 @@ impl InstanceIndex for FakeIndex {
     }
 
     async fn find(&self, sop: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(self
             .records
             .lock()
@@ -185,6 +189,14 @@ impl Rig {
     }
 
     /// The requests in the local commitment journal (`{tx}.json`; claims are `{tx}.claim`).
+    /// Waits until the worker asked the index about `n` instances in all.
+    async fn looked_up(&self, n: usize) {
+        until("the worker to look the instances up", || {
+            self.index.lookups.load(std::sync::atomic::Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+
     fn pending_files(&self) -> usize {
         std::fs::read_dir(self.dir.path().join("jobs").join("commitments"))
             .map(|rd| {
@@ -371,12 +383,12 @@ async fn an_instance_whose_index_record_is_late_is_still_committed() {
     let rig = Rig::start(settings(
         CommitWhen::Stored,
         &modality.address,
-        Duration::from_secs(5),
+        Duration::from_secs(3600),
     ))
     .await;
     rig.submit("2.25.101", vec![reference(1)], 0).await;
-    // The index writer catches up after the request arrived.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The index writer catches up after the worker looked at the request once.
+    rig.looked_up(1).await;
     rig.stored(1, CT, true);
     let (_, report) = modality.report().await;
     assert_eq!(report.committed, vec![reference(1)]);
@@ -461,9 +473,13 @@ async fn imported_waits_for_the_outcome_and_reports_failures_as_processing_failu
     rig.stored(2, CT, true);
     rig.submit("2.25.105", vec![reference(1), reference(2)], 0)
         .await;
-    // Stored is not enough: no report while HealthImaging has not answered.
-    let early = tokio::time::timeout(Duration::from_millis(500), modality.reports.recv()).await;
-    assert!(early.is_err(), "no report before the import outcome");
+    // Stored is not enough: no report while HealthImaging has not answered, however often the
+    // worker looks (a report would be made at the look that decided it).
+    rig.looked_up(3 * 2).await;
+    assert!(
+        modality.reports.try_recv().is_err(),
+        "no report before the import outcome"
+    );
     rig.index.set_outcome(
         &sop(1),
         InstanceOutcome::Imported {
