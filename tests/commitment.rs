@@ -222,7 +222,12 @@ impl Orthanc {
         });
         let config_path = dir.path().join("orthanc.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
-        let child = Command::new("Orthanc")
+        // Debian installs it in /usr/sbin, which is not on a non-root PATH.
+        let binary = ["/usr/sbin/Orthanc", "/usr/bin/Orthanc"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("Orthanc");
+        let child = Command::new(binary)
             .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("orthanc.log")).unwrap())
