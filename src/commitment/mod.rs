@@ -408,6 +408,7 @@ impl SubmitError {
         match self {
             SubmitError::UnknownPeer(_) => Status::NOT_AUTHORIZED,
             SubmitError::Busy => Status::RESOURCE_LIMITATION,
+            SubmitError::Store(PendingError::TooLarge { .. }) => Status::RESOURCE_LIMITATION,
             SubmitError::Store(_) => Status::PROCESSING_FAILURE,
         }
     }
@@ -417,6 +418,9 @@ impl SubmitError {
         match self {
             SubmitError::UnknownPeer(_) => "calling AE title has no --commitment-peer address",
             SubmitError::Busy => "too many storage commitment requests pending; try again later",
+            SubmitError::Store(PendingError::TooLarge { .. }) => {
+                "too many references to record in one request; send fewer per request"
+            }
             SubmitError::Store(_) => "cannot record the commitment request",
         }
     }

@@ -84,6 +84,8 @@ pub(crate) enum PendingError {
     },
     #[error("commitment request item is malformed: {0}")]
     Malformed(String),
+    #[error("commitment request too large to record: {bytes} bytes packed, at most {limit}")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Where pending requests are kept: the seam between the commitment worker and the local journal
