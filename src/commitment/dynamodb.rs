@@ -31,8 +31,8 @@ use super::pending::{Claim, PendingError, PendingRequest, PendingStore};
 
 /// The `status` of a pending commitment request item: its partition of the status index.
 pub(crate) const PENDING_STATUS: &str = "COMMITMENT_PENDING";
-/// Prefix of a pending request's `jobId`.
-const KEY_PREFIX: &str = "commitment/";
+/// Prefix of a pending request's `jobId` (the IAM policy lets the gateway delete only these).
+pub(crate) const KEY_PREFIX: &str = "commitment/";
 /// Name of the job table's global secondary index on (status, createdAt).
 const STATUS_INDEX: &str = "status-createdAt";
 /// Largest decompressed reference list read back (a request holds at most
