@@ -567,18 +567,11 @@ struct Tracked {
     request: PendingRequest,
     /// The association it came on, while live delivery is still worth trying.
     association: Option<AssociationId>,
-    /// Each reference's verdict once decided (Committed or Failed), in request order.
-    verdicts: Vec<Option<Verdict>>,
-    /// The report, once every reference is decided.
-    report: Option<Report>,
+    stage: Stage,
+    /// When it is looked at next (deciding) or its delivery tried (ready).
     next_check: Instant,
     /// Looks (then deliveries) so far, for the growing pause.
     attempts: u32,
-    /// A delivery of its report is under way.
-    delivering: bool,
-    /// The same Transaction UID received again with other references while the report was being
-    /// delivered: worked on once that delivery ends.
-    replacement: Option<Box<Tracked>>,
     /// Its share of the pending load, given back when it is dropped.
     _reservation: Reservation,
     /// The index writer's position once every record of the instances it names had been handed
@@ -586,7 +579,27 @@ struct Tracked {
     index_mark: Option<u64>,
 }
 
+/// Where a request stands.
+enum Stage {
+    /// Some references undecided: each one's verdict once decided (Committed or Failed), in
+    /// request order.
+    Deciding(Vec<Option<Verdict>>),
+    /// Every reference decided: the report, delivered at `next_check` (again after a delivery
+    /// failed).
+    Ready(Report),
+    /// A delivery task has the report. `replacement`: the same Transaction UID received again
+    /// with other references meanwhile, which supersedes this report once the delivery ends.
+    Delivering {
+        report: Report,
+        replacement: Option<Box<Tracked>>,
+    },
+}
+
 impl Tracked {
+    fn delivering(&self) -> bool {
+        matches!(self.stage, Stage::Delivering { .. })
+    }
+
     fn new(
         request: PendingRequest,
         association: Option<AssociationId>,
@@ -595,14 +608,11 @@ impl Tracked {
         Tracked {
             _reservation: reservation,
             index_mark: None,
-            verdicts: vec![None; request.references.len()],
+            stage: Stage::Deciding(vec![None; request.references.len()]),
             request,
             association,
-            report: None,
             next_check: Instant::now(),
             attempts: 0,
-            delivering: false,
-            replacement: None,
         }
     }
 }
@@ -638,11 +648,14 @@ impl Tracking {
 fn submitted(tracked: &mut Tracking, new: Tracked) {
     match tracked.map.get_mut(&new.request.transaction_uid) {
         Some(t) if t.request.references == new.request.references => {
-            if t.association.is_none() && !t.delivering {
+            if t.association.is_none() && !t.delivering() {
                 t.association = new.association;
             }
         }
-        Some(t) if t.delivering => t.replacement = Some(Box::new(new)),
+        Some(Tracked {
+            stage: Stage::Delivering { replacement, .. },
+            ..
+        }) => *replacement = Some(Box::new(new)),
         _ => tracked.insert(new),
     }
 }
@@ -791,7 +804,7 @@ impl Worker {
             let next_due = tracked
                 .map
                 .values()
-                .filter(|t| !t.delivering)
+                .filter(|t| !t.delivering())
                 .map(|t| t.next_check)
                 .min();
             let due = async {
@@ -873,7 +886,7 @@ impl Worker {
                 }
             }
             ClaimNews::Lost(tx) => {
-                if tracked.map.get(&tx).is_some_and(|t| !t.delivering) {
+                if tracked.map.get(&tx).is_some_and(|t| !t.delivering()) {
                     info!(transaction_uid = %tx, "storage commitment request taken over by another gateway");
                     tracked.map.remove(&tx);
                     tracked.release(&tx);
@@ -891,7 +904,7 @@ impl Worker {
         let mut due: Vec<(Instant, String)> = tracked
             .map
             .iter()
-            .filter(|(_, t)| !t.delivering && t.next_check <= now)
+            .filter(|(_, t)| !t.delivering() && t.next_check <= now)
             .map(|(k, t)| (t.next_check, k.clone()))
             .collect();
         // Longest waiting first, so a large request cannot starve the others.
@@ -902,15 +915,14 @@ impl Worker {
             let Some(t) = tracked.map.get_mut(&tx) else {
                 continue;
             };
-            if t.report.is_some() {
+            let Stage::Deciding(verdicts) = &t.stage else {
                 self.start_delivery(t, deliveries);
                 continue;
-            }
+            };
             if budget == 0 {
                 continue;
             }
-            let undecided: Vec<usize> = t
-                .verdicts
+            let undecided: Vec<usize> = verdicts
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.is_none())
@@ -968,7 +980,7 @@ impl Worker {
                 continue;
             };
             self.evaluate(t, &part, &found, &presence);
-            if t.report.is_some() {
+            if matches!(t.stage, Stage::Ready(_)) {
                 self.start_delivery(t, deliveries);
             } else if whole {
                 t.next_check = Instant::now()
@@ -980,8 +992,13 @@ impl Worker {
 
     /// Hands a complete report to a delivery task.
     fn start_delivery(&self, t: &mut Tracked, deliveries: &mut Deliveries) {
-        let Some(report) = &t.report else { return };
-        t.delivering = true;
+        let report = match std::mem::replace(&mut t.stage, Stage::Deciding(Vec::new())) {
+            Stage::Ready(report) => report,
+            other => {
+                t.stage = other;
+                return;
+            }
+        };
         let task = deliveries.tasks.spawn(deliver(
             self.inner.clone(),
             report.clone(),
@@ -991,6 +1008,10 @@ impl Worker {
         deliveries
             .of
             .insert(task.id(), t.request.transaction_uid.clone());
+        t.stage = Stage::Delivering {
+            report,
+            replacement: None,
+        };
     }
 
     /// Decides the references `part` of a request from the pass's index lookup (`found`) and
@@ -1014,6 +1035,9 @@ impl Worker {
             (true, false) => Phase::PastDeadlineIndexBehind,
             (false, true) if now >= received + inner.settings.index_grace => Phase::Waiting,
             (false, _) => Phase::IndexGrace,
+        };
+        let Stage::Deciding(verdicts) = &mut t.stage else {
+            return;
         };
         let mut trouble = Trouble::default();
         for &i in part {
@@ -1047,7 +1071,7 @@ impl Worker {
                 }
             };
             if v != Verdict::Pending {
-                t.verdicts[i] = Some(v);
+                verdicts[i] = Some(v);
             }
         }
         // One line per look, however many instances could not be checked.
@@ -1059,13 +1083,13 @@ impl Worker {
                 "storage commitment: instances could not be checked; looking again later"
             );
         }
-        if t.verdicts.iter().all(Option::is_some) {
+        if verdicts.iter().all(Option::is_some) {
             let mut report = Report {
                 transaction_uid: t.request.transaction_uid.clone(),
                 committed: Vec::new(),
                 failed: Vec::new(),
             };
-            for (reference, v) in t.request.references.iter().zip(&t.verdicts) {
+            for (reference, v) in t.request.references.iter().zip(verdicts.iter()) {
                 match v {
                     Some(Verdict::Failed(why)) => report.failed.push((reference.clone(), *why)),
                     _ => report.committed.push(reference.clone()),
@@ -1074,7 +1098,7 @@ impl Worker {
             for (r, why) in &report.failed {
                 info!(transaction_uid = %report.transaction_uid, sop_instance_uid = %r.sop_instance_uid, failure_reason = format_args!("{:#06X}", why.code()), "storage commitment: instance not committed");
             }
-            t.report = Some(report);
+            t.stage = Stage::Ready(report);
         }
     }
 
@@ -1131,26 +1155,37 @@ impl Worker {
         out
     }
 
-    /// A delivery ended: forget the request, or try again later.
+    /// A delivery ended: forget the request (or go on with the request that superseded it), or
+    /// try again later.
     async fn delivered(&self, done: Delivery, tracked: &mut Tracking) {
         let inner = &self.inner;
-        let Some(t) = tracked.map.get_mut(&done.transaction_uid) else {
+        let tx = done.transaction_uid.as_str();
+        let Some(t) = tracked.map.get_mut(tx) else {
             return;
         };
-        t.delivering = false;
-        let report = t.report.as_ref();
+        let (report, replacement) =
+            match std::mem::replace(&mut t.stage, Stage::Deciding(Vec::new())) {
+                Stage::Delivering {
+                    report,
+                    replacement,
+                } => (report, replacement),
+                other => {
+                    t.stage = other;
+                    return;
+                }
+            };
         let e = match done.outcome {
             // Success or Warning: the modality has the report.
             Ok((via, status)) if status.is_success() || status.is_warning() => {
                 info!(
-                    transaction_uid = %done.transaction_uid,
+                    transaction_uid = %tx,
                     via = ?via,
                     status = %status,
-                    committed = report.map_or(0, |r| r.committed.len()),
-                    failed = report.map_or(0, |r| r.failed.len()),
+                    committed = report.committed.len(),
+                    failed = report.failed.len(),
                     "storage commitment report delivered"
                 );
-                self.forget(&done.transaction_uid, tracked).await;
+                self.forget(tx, replacement, tracked).await;
                 return;
             }
             // The modality could not take it now: like a delivery that failed, sent again.
@@ -1161,34 +1196,45 @@ impl Worker {
                 format!("the peer answered {status} ({via:?})")
             }
             Ok((via, status)) => {
-                warn!(transaction_uid = %done.transaction_uid, via = ?via, status = %status, "storage commitment report refused by the peer; not sent again");
-                self.forget(&done.transaction_uid, tracked).await;
+                warn!(transaction_uid = %tx, via = ?via, status = %status, "storage commitment report refused by the peer; not sent again");
+                self.forget(tx, replacement, tracked).await;
                 return;
             }
             Err(e) => e,
         };
+        if let Some(replacement) = replacement {
+            // The modality sent the request again with other references: that is the one it
+            // waits for, not this report.
+            info!(transaction_uid = %tx, error = %e, "storage commitment report not delivered, and superseded by a newer request with the same Transaction UID");
+            tracked.insert(*replacement);
+            return;
+        }
         let give_up_at = parse_time(&t.request.deadline)
             .map(|d| d + inner.settings.timeout)
             .unwrap_or_else(SystemTime::now);
         if done.hopeless || SystemTime::now() >= give_up_at {
-            tracing::error!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, "storage commitment report could not be delivered; given up");
-            self.forget(&done.transaction_uid, tracked).await;
+            tracing::error!(transaction_uid = %tx, calling_ae = %t.request.calling_ae_title, error = %e, "storage commitment report could not be delivered; given up");
+            self.forget(tx, None, tracked).await;
             return;
         }
         let pause = backoff(Duration::from_secs(1), t.attempts, MAX_DELIVERY_PAUSE);
-        warn!(transaction_uid = %done.transaction_uid, calling_ae = %t.request.calling_ae_title, error = %e, retry_in = ?pause, "storage commitment report not delivered; trying again");
+        warn!(transaction_uid = %tx, calling_ae = %t.request.calling_ae_title, error = %e, retry_in = ?pause, "storage commitment report not delivered; trying again");
+        t.stage = Stage::Ready(report);
         t.association = None;
         t.attempts += 1;
         t.next_check = Instant::now() + pause;
     }
 
-    async fn forget(&self, transaction_uid: &str, tracked: &mut Tracking) {
-        if let Some(replacement) = tracked
-            .map
-            .remove(transaction_uid)
-            .and_then(|t| t.replacement)
-        {
-            // Its record replaced the delivered one in the store: keep it.
+    /// Forgets a request whose report went out (or was given up on), unless a `replacement`
+    /// supersedes it: its record replaced the delivered one in the store, so it is kept.
+    async fn forget(
+        &self,
+        transaction_uid: &str,
+        replacement: Option<Box<Tracked>>,
+        tracked: &mut Tracking,
+    ) {
+        tracked.map.remove(transaction_uid);
+        if let Some(replacement) = replacement {
             tracked.insert(*replacement);
             return;
         }
