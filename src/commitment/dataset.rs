@@ -24,6 +24,9 @@ use crate::uid::{trim_uid, validate_uid};
 /// is refused (resource limitation) rather than held.
 pub(crate) const MAX_REFERENCES: usize = 20_000;
 
+/// Items of other sequences than the Referenced SOP Sequence tolerated in one data set.
+const MAX_OTHER_ITEMS: usize = 64;
+
 /// Deepest nesting read: data set, Referenced SOP Sequence, item (and one level of anything an
 /// item may carry).
 const MAX_DEPTH: usize = 4;
@@ -94,6 +97,9 @@ enum Value<'a> {
 struct Cursor<'a> {
     bytes: &'a [u8],
     encoding: Encoding,
+    /// Items read so far in the whole data set, shared by the cursors of nested values: the
+    /// parse stops as soon as there are too many, before holding them all.
+    items: &'a std::cell::Cell<usize>,
 }
 
 impl<'a> Cursor<'a> {
@@ -230,6 +236,7 @@ impl<'a> Cursor<'a> {
         let mut inner = Cursor {
             bytes: self.take(length as usize)?,
             encoding: self.encoding,
+            items: self.items,
         };
         while !inner.bytes.is_empty() {
             if inner.tag()? != ITEM {
@@ -248,12 +255,18 @@ impl<'a> Cursor<'a> {
         length: u32,
         depth: usize,
     ) -> Result<Vec<Element<'a>>, ActionInformationError> {
+        // The references, and a few items other sequences may hold.
+        self.items.set(self.items.get() + 1);
+        if self.items.get() > MAX_REFERENCES + MAX_OTHER_ITEMS {
+            return Err(ActionInformationError::TooManyReferences);
+        }
         if length == UNDEFINED_LENGTH {
             return self.elements(Some(ITEM_DELIMITATION), depth + 1);
         }
         Cursor {
             bytes: self.take(length as usize)?,
             encoding: self.encoding,
+            items: self.items,
         }
         .elements(None, depth + 1)
     }
@@ -316,7 +329,13 @@ impl ActionInformation {
         bytes: &[u8],
         encoding: Encoding,
     ) -> Result<ActionInformation, ActionInformationError> {
-        let elements = Cursor { bytes, encoding }.elements(None, 0)?;
+        let items = std::cell::Cell::new(0);
+        let elements = Cursor {
+            bytes,
+            encoding,
+            items: &items,
+        }
+        .elements(None, 0)?;
         let transaction_uid = uid_of(&elements, tags::TRANSACTION_UID)
             .filter(|u| !u.is_empty())
             .ok_or(ActionInformationError::NoTransactionUid)?;
@@ -421,7 +440,13 @@ impl Report {
         bytes: &[u8],
         encoding: Encoding,
     ) -> Result<Report, ActionInformationError> {
-        let elements = Cursor { bytes, encoding }.elements(None, 0)?;
+        let items = std::cell::Cell::new(0);
+        let elements = Cursor {
+            bytes,
+            encoding,
+            items: &items,
+        }
+        .elements(None, 0)?;
         let transaction_uid = uid_of(&elements, tags::TRANSACTION_UID)
             .ok_or(ActionInformationError::NoTransactionUid)?;
         let committed =
@@ -468,6 +493,42 @@ mod tests {
             transaction_uid: "2.25.1234567890".into(),
             references: (1..=n).map(reference).collect(),
         }
+    }
+
+    #[test]
+    fn the_largest_request_fits_the_size_limit_and_more_items_stop_the_parse() {
+        let uid = |prefix: &str, n: usize| {
+            let n = n.to_string();
+            format!("{prefix}{}{n}", "9".repeat(64 - prefix.len() - n.len()))
+        };
+        let largest = ActionInformation {
+            transaction_uid: "2.25.1".into(),
+            references: (0..MAX_REFERENCES)
+                .map(|i| SopReference {
+                    sop_class_uid: uid("1.2.840.10008.5.1.4.1.1.2.", 0),
+                    sop_instance_uid: uid("1.2.3.", i),
+                })
+                .collect(),
+        };
+        for e in [
+            Encoding::ImplicitVrLittleEndian,
+            Encoding::ExplicitVrLittleEndian,
+        ] {
+            let bytes = largest.encode(e);
+            assert!(
+                bytes.len() < crate::commitment::MAX_ACTION_INFORMATION,
+                "{} bytes",
+                bytes.len()
+            );
+            assert!(ActionInformation::parse(&bytes, e).is_ok());
+        }
+        // Items beyond the references and a few others stop the parse where they are counted.
+        let e = Encoding::ExplicitVrLittleEndian;
+        let too_many = action((MAX_REFERENCES + MAX_OTHER_ITEMS + 1) as u32);
+        assert_eq!(
+            ActionInformation::parse(&too_many.encode(e), e),
+            Err(ActionInformationError::TooManyReferences)
+        );
     }
 
     #[test]

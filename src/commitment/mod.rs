@@ -223,8 +223,10 @@ impl Drop for Reservation {
     }
 }
 
-/// Largest Action Information accepted: [`dataset::MAX_REFERENCES`] references with room to spare.
-pub(crate) const MAX_ACTION_INFORMATION: usize = 8 * 1024 * 1024;
+/// Largest Action Information accepted: [`dataset::MAX_REFERENCES`] references of two 64-character
+/// UIDs take about 3 MiB in explicit VR (152 bytes an item), so 4 MiB leaves room and bounds what an
+/// association may make the gateway hold.
+pub(crate) const MAX_ACTION_INFORMATION: usize = 4 * 1024 * 1024;
 
 /// Why an N-ACTION is refused: the N-ACTION-RSP status, and the reason for the Error Comment and
 /// the log (no patient data: UIDs and element names only).
