@@ -1101,6 +1101,8 @@ impl Worker {
                 info!(transaction_uid = %report.transaction_uid, sop_instance_uid = %r.sop_instance_uid, failure_reason = format_args!("{:#06X}", why.code()), "storage commitment: instance not committed");
             }
             t.stage = Stage::Ready(report);
+            // The delivery back-off starts afresh, whatever the looks before.
+            t.attempts = 0;
         }
     }
 

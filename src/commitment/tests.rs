@@ -219,14 +219,25 @@ struct FakeModality {
 
 impl FakeModality {
     async fn start() -> FakeModality {
+        FakeModality::answering(vec![]).await
+    }
+
+    /// A modality answering its first reports with `statuses`, then Success.
+    async fn answering(statuses: Vec<Status>) -> FakeModality {
+        let statuses = Arc::new(StdMutex::new(std::collections::VecDeque::from(statuses)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let tx = tx.clone();
+                let status = statuses
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Status::SUCCESS);
                 tokio::spawn(async move {
-                    if let Some(got) = serve_one(socket).await {
+                    if let Some(got) = serve_one(socket, status).await {
                         let _ = tx.send(got);
                     }
                 });
@@ -246,7 +257,10 @@ impl FakeModality {
     }
 }
 
-async fn serve_one(socket: tokio::net::TcpStream) -> Option<(Vec<UserVariableItem>, Report)> {
+async fn serve_one(
+    socket: tokio::net::TcpStream,
+    status: Status,
+) -> Option<(Vec<UserVariableItem>, Report)> {
     let mut c = Connection::new(socket, 1 << 20, WAIT);
     let Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq)))) = c.read_pdu(WAIT).await else {
         return None;
@@ -305,7 +319,7 @@ async fn serve_one(socket: tokio::net::TcpStream) -> Option<(Vec<UserVariableIte
     );
     let report = Report::parse(&data, dataset::Encoding::ExplicitVrLittleEndian).ok()?;
     c.set_peer_max_pdu(16384);
-    c.write_message(1, true, &scu::response(cmd.message_id, Status::SUCCESS))
+    c.write_message(1, true, &scu::response(cmd.message_id, status))
         .await
         .ok()?;
     if let Ok(Some(Incoming::Other(Pdu::ReleaseRQ))) = c.read_pdu(WAIT).await {
@@ -825,4 +839,26 @@ fn report_responses_with_a_warning_status_count_as_delivered() {
     for other in [0x0000, 0x0110, 0x0213, 0xA700, 0xC000] {
         assert!(!Status(other).is_warning(), "{other:#06X}");
     }
+}
+
+#[tokio::test]
+async fn a_report_answered_with_a_transient_failure_is_sent_again_and_a_warning_delivers_it() {
+    let mut modality =
+        FakeModality::answering(vec![Status::RESOURCE_LIMITATION, Status(0xB000)]).await;
+    let rig = Rig::start(settings(
+        CommitWhen::Stored,
+        &modality.address,
+        Duration::from_secs(3600),
+    ))
+    .await;
+    rig.stored(1, CT, true);
+    rig.submit("2.25.111", vec![reference(1)], 0).await;
+    let (_, first) = modality.report().await;
+    let (_, again) = modality.report().await;
+    assert_eq!(first, again, "0x0213: the same report again");
+    until("the request to be forgotten after the Warning", || {
+        rig.pending_files() == 0
+    })
+    .await;
+    rig.stop().await;
 }
