@@ -1279,22 +1279,24 @@ async fn deliver(
             // The response clock starts once the association took the report, not while it
             // waits behind others; a report not taken in time is abandoned, and the association
             // then drops it instead of sending it after the new association did.
-            let answer = tokio::select! {
-                _ = hand_over.taken.notified() => Some(rx),
-                _ = tokio::time::sleep(LIVE_QUEUE_WAIT) => (!hand_over.abandon()).then_some(rx),
+            let response = |rx: oneshot::Receiver<Status>| async move {
+                tokio::time::timeout(LIVE_DELIVERY_WAIT, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            };
+            let status = tokio::select! {
+                _ = hand_over.taken.notified() => response(rx).await,
+                _ = tokio::time::sleep(LIVE_QUEUE_WAIT) => {
+                    if hand_over.abandon() { None } else { response(rx).await }
+                }
                 // The association ended (or took and answered it already).
                 r = &mut rx => {
                     hand_over.abandon();
-                    let (tx, early) = oneshot::channel();
-                    if let Ok(status) = r {
-                        let _ = tx.send(status);
-                    }
-                    Some(early)
+                    r.ok()
                 }
             };
-            if let Some(rx) = answer
-                && let Ok(Ok(status)) = tokio::time::timeout(LIVE_DELIVERY_WAIT, rx).await
-            {
+            if let Some(status) = status {
                 return Delivery {
                     transaction_uid,
                     outcome: Ok((Via::SameAssociation, status)),
