@@ -38,15 +38,36 @@ cargo clippy --locked --all-targets -- -D warnings || {
   exit 1
 }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Non-interactive throughout (CI=true, no stdin): sudo -n fails instead of prompting, and `env`
+# passes DEBIAN_FRONTEND through sudo (which drops it from the environment).
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 missing=()
 command -v storescu >/dev/null && command -v dcmdump >/dev/null || missing+=(dcmtk)
 command -v openssl >/dev/null || missing+=(openssl)   # test certificates for the TLS tests
-command -v Orthanc >/dev/null || missing+=(orthanc)   # a modality for the Storage Commitment tests
+# A modality for the Storage Commitment tests; /usr/sbin is not on a non-root PATH.
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+# `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[test] installing ${missing[*]} from Debian" >&2
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Orthanc's postinst would start (and enable) a system Orthanc on port 4242; the tests run their
+  # own. A policy-rc.d that exits 101 forbids service starts during the install (invoke-rc.d and
+  # deb-systemd-invoke honour it); it is removed afterwards, and the service disabled in case.
+  shim=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    shim=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$shim" >/dev/null
+    as_root chmod 755 "$shim"
+  fi
+  installed=0
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" </dev/null >/dev/null &&
+    installed=1
+  [ -z "$shim" ] || as_root rm -f "$shim"
+  [ "$installed" = 1 ] || { echo "[test] apt-get install ${missing[*]} failed" >&2; exit 1; }
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now orthanc >/dev/null 2>&1 || true
+  fi
 fi
 
 # pynetdicom, the other Storage Commitment modality (tests/clients/commitment_scu.py), pinned.

@@ -115,6 +115,12 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                 json,
                 failed,
             } => {
+                if job_id.starts_with(crate::commitment::dynamodb::KEY_PREFIX) {
+                    anyhow::bail!(
+                        "'{job_id}' is not a job: it is a pending Storage Commitment request, kept in {} until its report is delivered.",
+                        store.describe()
+                    );
+                }
                 let job = store
                     .get(&job_id)
                     .await

@@ -66,6 +66,12 @@ impl Status {
         self == Status::SUCCESS
     }
 
+    /// A Warning status of a DIMSE-N response (PS3.7 Annex C: 0001, 0107, 0116, Bxxx): the
+    /// request was carried out.
+    pub fn is_warning(self) -> bool {
+        matches!(self.0, 0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF)
+    }
+
     /// A short description for logs and error messages.
     pub fn description(self) -> &'static str {
         match self {

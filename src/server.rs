@@ -268,6 +268,8 @@ async fn open_index(
     aws: &Aws,
     store: Arc<dyn ObjectStore>,
 ) -> Result<OpenIndex, AwsSetupError> {
+    let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
+    let progress = sender.progress().unwrap_or_default();
     let index = match config {
         // One LocalIndex for the rebuild and the writer: its lock keeps them apart.
         IndexConfig::Local { store_root } => {
@@ -276,6 +278,8 @@ async fn open_index(
             tokio::spawn(async move {
                 match rebuilding.rebuild_async().await {
                     Ok(added) => {
+                        // Storage Commitment may now take an instance the index lacks as not stored.
+                        progress.set_rebuilt();
                         info!(added, index = %rebuilding.describe(), "instance index rebuilt from the store")
                     }
                     Err(e) => {
@@ -285,9 +289,13 @@ async fn open_index(
             });
             Arc::new(local) as Arc<dyn InstanceIndex>
         }
-        IndexConfig::DynamoDb { .. } => open_instance_index(config, aws).await?,
+        // No start-up rebuild: what a crash lost is repaired when recovery adopts the batch, and
+        // a batch's records are written before it is recorded CLOSED (crate::index::repair).
+        IndexConfig::DynamoDb { .. } => {
+            progress.set_rebuilt();
+            open_instance_index(config, aws).await?
+        }
     };
-    let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
     let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
     let repairer = Arc::new(Repairer::new(index.clone(), store, Some(tally)));
     Ok(OpenIndex {
@@ -429,6 +437,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         config.acceptance.ae_title.clone(),
         gateway_id.clone(),
         instance_index.clone(),
+        index.progress().unwrap_or_default(),
         store.clone(),
         pending,
     );

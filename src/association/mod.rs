@@ -178,9 +178,17 @@ struct Live {
     transfer_syntax: String,
     /// Message ID of our next N-EVENT-REPORT-RQ.
     next_message_id: u16,
-    awaiting: Option<Awaiting>,
+    sending: Sending,
+}
+
+/// Whether an association may send a report now.
+enum Sending {
+    /// No report awaits its response: the next one may go out.
+    Idle,
+    /// A report went out; its N-EVENT-REPORT-RSP is awaited.
+    Awaiting(Awaiting),
     /// The worker is gone (shutdown): no more reports come.
-    closed: bool,
+    WorkerGone,
 }
 
 /// A report sent, its response not yet read.
@@ -193,14 +201,12 @@ impl Live {
     /// Whether a report may go out now: none is awaiting its response (or the worker stopped
     /// waiting for it).
     fn can_send(&mut self) -> bool {
-        if self
-            .awaiting
-            .as_ref()
-            .is_some_and(|a| a.delivered.is_closed())
+        if let Sending::Awaiting(a) = &self.sending
+            && a.delivered.is_closed()
         {
-            self.awaiting = None;
+            self.sending = Sending::Idle;
         }
-        !self.closed && self.awaiting.is_none()
+        matches!(self.sending, Sending::Idle)
     }
 }
 
@@ -334,8 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             context_id,
             transfer_syntax: context.transfer_syntax.clone(),
             next_message_id: 1,
-            awaiting: None,
-            closed: false,
+            sending: Sending::Idle,
         })
     }
 
@@ -359,7 +364,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let Some(live) = self.live.as_mut() else {
             return Ok(());
         };
-        let LiveReport { report, delivered } = live_report;
+        if !live_report.take() {
+            debug!(transaction_uid = %live_report.report.transaction_uid, "storage commitment report no longer wanted here (it goes on a new association)");
+            return Ok(());
+        }
+        let LiveReport {
+            report, delivered, ..
+        } = live_report;
         let message_id = live.next_message_id;
         live.next_message_id = live.next_message_id.wrapping_add(1).max(1);
         let command = dimse::n_event_report_request(
@@ -368,9 +379,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
             report.event_type_id(),
         );
-        let data = report.encode(commitment::dataset::Encoding::of(&live.transfer_syntax));
+        let data = match report.encode(commitment::dataset::Encoding::of(&live.transfer_syntax)) {
+            Ok(data) => data,
+            Err(e) => {
+                // Dropping `delivered` tells the delivery task, which logs and retries it.
+                warn!(transaction_uid = %report.transaction_uid, error = %e, "storage commitment report not sent");
+                return Ok(());
+            }
+        };
         let context_id = live.context_id;
-        live.awaiting = Some(Awaiting {
+        live.sending = Sending::Awaiting(Awaiting {
             message_id,
             delivered,
         });
@@ -424,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                     Wake::Report(None) => {
                         if let Some(live) = self.live.as_mut() {
-                            live.closed = true;
+                            live.sending = Sending::WorkerGone;
                         }
                         continue;
                     }
@@ -759,14 +777,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     fn on_response(&mut self, command: &Command) {
         let is_report_response =
             command.command_field == command_field::N_EVENT_REPORT_RQ | command_field::RESPONSE_BIT;
-        let awaited = self
-            .live
-            .as_mut()
-            .filter(|_| is_report_response)
-            .and_then(|live| {
-                live.awaiting
-                    .take_if(|a| a.message_id == command.message_id)
-            });
+        let awaited =
+            self.live
+                .as_mut()
+                .filter(|_| is_report_response)
+                .and_then(|live| match &live.sending {
+                    Sending::Awaiting(a) if a.message_id == command.message_id => {
+                        match std::mem::replace(&mut live.sending, Sending::Idle) {
+                            Sending::Awaiting(a) => Some(a),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                });
         match awaited {
             Some(a) => {
                 let status = command.status.unwrap_or(Status::PROCESSING_FAILURE);

@@ -70,12 +70,16 @@ impl Association {
             Some(settings) => {
                 let index: Arc<dyn InstanceIndex> = Arc::new(LocalIndex::new(store.path()));
                 let (sender, rx, tally) = crate::index::IndexSender::channel(64);
+                // A fresh store: nothing for a rebuild to add.
+                let progress = sender.progress().unwrap();
+                progress.set_rebuilt();
                 tokio::spawn(crate::index::run_writer(index.clone(), rx, tally));
                 let (commitments, worker) = Commitments::new(
                     settings,
                     AE.into(),
                     "gw-test".into(),
                     index,
+                    progress,
                     local.clone(),
                     Arc::new(LocalPending::new(store.path().join("jobs"))),
                 );
@@ -351,7 +355,8 @@ async fn a_release_in_the_middle_of_an_instance_is_confirmed_and_the_instance_di
 
 /// Storage Commitment as the association tests run it: `stored`, the SCU's AE (`SCU`) at an
 /// address where nothing listens (so a report can only arrive on the association), unknown
-/// instances failed after a short grace.
+/// instances failed as soon as the index writer is past the request (no grace: an event, not a
+/// timer).
 fn commitment(peers: &[&str]) -> CommitmentSettings {
     CommitmentSettings {
         commit_when: CommitWhen::Stored,
@@ -360,7 +365,7 @@ fn commitment(peers: &[&str]) -> CommitmentSettings {
             .map(|ae| (ae.to_string(), "127.0.0.1:1".to_string()))
             .collect(),
         timeout: Duration::from_secs(3600),
-        index_grace: Duration::from_millis(200),
+        index_grace: Duration::ZERO,
         check_interval: Duration::from_millis(200),
     }
 }

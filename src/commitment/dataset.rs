@@ -24,6 +24,9 @@ use crate::uid::{trim_uid, validate_uid};
 /// is refused (resource limitation) rather than held.
 pub(crate) const MAX_REFERENCES: usize = 20_000;
 
+/// Items of other sequences than the Referenced SOP Sequence tolerated in one data set.
+const MAX_OTHER_ITEMS: usize = 64;
+
 /// Deepest nesting read: data set, Referenced SOP Sequence, item (and one level of anything an
 /// item may carry).
 const MAX_DEPTH: usize = 4;
@@ -94,6 +97,9 @@ enum Value<'a> {
 struct Cursor<'a> {
     bytes: &'a [u8],
     encoding: Encoding,
+    /// Items read so far in the whole data set, shared by the cursors of nested values: the
+    /// parse stops as soon as there are too many, before holding them all.
+    items: &'a std::cell::Cell<usize>,
 }
 
 impl<'a> Cursor<'a> {
@@ -230,6 +236,7 @@ impl<'a> Cursor<'a> {
         let mut inner = Cursor {
             bytes: self.take(length as usize)?,
             encoding: self.encoding,
+            items: self.items,
         };
         while !inner.bytes.is_empty() {
             if inner.tag()? != ITEM {
@@ -248,12 +255,18 @@ impl<'a> Cursor<'a> {
         length: u32,
         depth: usize,
     ) -> Result<Vec<Element<'a>>, ActionInformationError> {
+        // The references, and a few items other sequences may hold.
+        self.items.set(self.items.get() + 1);
+        if self.items.get() > MAX_REFERENCES + MAX_OTHER_ITEMS {
+            return Err(ActionInformationError::TooManyReferences);
+        }
         if length == UNDEFINED_LENGTH {
             return self.elements(Some(ITEM_DELIMITATION), depth + 1);
         }
         Cursor {
             bytes: self.take(length as usize)?,
             encoding: self.encoding,
+            items: self.items,
         }
         .elements(None, depth + 1)
     }
@@ -316,7 +329,13 @@ impl ActionInformation {
         bytes: &[u8],
         encoding: Encoding,
     ) -> Result<ActionInformation, ActionInformationError> {
-        let elements = Cursor { bytes, encoding }.elements(None, 0)?;
+        let items = std::cell::Cell::new(0);
+        let elements = Cursor {
+            bytes,
+            encoding,
+            items: &items,
+        }
+        .elements(None, 0)?;
         let transaction_uid = uid_of(&elements, tags::TRANSACTION_UID)
             .filter(|u| !u.is_empty())
             .ok_or(ActionInformationError::NoTransactionUid)?;
@@ -341,7 +360,7 @@ impl ActionInformation {
                 self.references.iter().map(|r| reference_item(r, None)),
             ),
         ]);
-        write(&obj, encoding)
+        write(&obj, encoding).expect("test data encodes")
     }
 }
 
@@ -375,22 +394,28 @@ fn sequence(
     )
 }
 
-fn write(obj: &InMemDicomObject, encoding: Encoding) -> Vec<u8> {
+/// Why a report could not be encoded (a UID the encoder refuses: requests are checked on receipt
+/// and on load, so this is a bug or a tampered journal, never a reason to panic).
+#[derive(Debug, Error)]
+#[error("cannot encode the storage commitment report: {0}")]
+pub(crate) struct EncodeError(String);
+
+fn write(obj: &InMemDicomObject, encoding: Encoding) -> Result<Vec<u8>, EncodeError> {
     let ts = match encoding {
         Encoding::ImplicitVrLittleEndian => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
         Encoding::ExplicitVrLittleEndian => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
     };
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, &ts)
-        .expect("writing a data set of valid UIDs to memory cannot fail");
-    out
+        .map_err(|e| EncodeError(e.to_string()))?;
+    Ok(out)
 }
 
 impl Report {
     /// The Event Information of the N-EVENT-REPORT-RQ (PS3.4 Tables J.3-2 and J.3-3): Transaction
     /// UID; Referenced SOP Sequence with the committed instances (left out when there are none);
     /// for Event Type 2, Failed SOP Sequence with each failure's reason.
-    pub(crate) fn encode(&self, encoding: Encoding) -> Vec<u8> {
+    pub(crate) fn encode(&self, encoding: Encoding) -> Result<Vec<u8>, EncodeError> {
         let mut elements = vec![ui(tags::TRANSACTION_UID, &self.transaction_uid)];
         if !self.committed.is_empty() {
             elements.push(sequence(
@@ -415,7 +440,13 @@ impl Report {
         bytes: &[u8],
         encoding: Encoding,
     ) -> Result<Report, ActionInformationError> {
-        let elements = Cursor { bytes, encoding }.elements(None, 0)?;
+        let items = std::cell::Cell::new(0);
+        let elements = Cursor {
+            bytes,
+            encoding,
+            items: &items,
+        }
+        .elements(None, 0)?;
         let transaction_uid = uid_of(&elements, tags::TRANSACTION_UID)
             .ok_or(ActionInformationError::NoTransactionUid)?;
         let committed =
@@ -462,6 +493,42 @@ mod tests {
             transaction_uid: "2.25.1234567890".into(),
             references: (1..=n).map(reference).collect(),
         }
+    }
+
+    #[test]
+    fn the_largest_request_fits_the_size_limit_and_more_items_stop_the_parse() {
+        let uid = |prefix: &str, n: usize| {
+            let n = n.to_string();
+            format!("{prefix}{}{n}", "9".repeat(64 - prefix.len() - n.len()))
+        };
+        let largest = ActionInformation {
+            transaction_uid: "2.25.1".into(),
+            references: (0..MAX_REFERENCES)
+                .map(|i| SopReference {
+                    sop_class_uid: uid("1.2.840.10008.5.1.4.1.1.2.", 0),
+                    sop_instance_uid: uid("1.2.3.", i),
+                })
+                .collect(),
+        };
+        for e in [
+            Encoding::ImplicitVrLittleEndian,
+            Encoding::ExplicitVrLittleEndian,
+        ] {
+            let bytes = largest.encode(e);
+            assert!(
+                bytes.len() < crate::commitment::MAX_ACTION_INFORMATION,
+                "{} bytes",
+                bytes.len()
+            );
+            assert!(ActionInformation::parse(&bytes, e).is_ok());
+        }
+        // Items beyond the references and a few others stop the parse where they are counted.
+        let e = Encoding::ExplicitVrLittleEndian;
+        let too_many = action((MAX_REFERENCES + MAX_OTHER_ITEMS + 1) as u32);
+        assert_eq!(
+            ActionInformation::parse(&too_many.encode(e), e),
+            Err(ActionInformationError::TooManyReferences)
+        );
     }
 
     #[test]
@@ -581,7 +648,7 @@ mod tests {
             Encoding::ImplicitVrLittleEndian,
             Encoding::ExplicitVrLittleEndian,
         ] {
-            let bytes = report.encode(encoding);
+            let bytes = report.encode(encoding).unwrap();
             assert_eq!(Report::parse(&bytes, encoding).unwrap(), report);
             // And dicom-object reads the same thing.
             let ts = match encoding {
@@ -605,7 +672,7 @@ mod tests {
             ..report
         };
         assert_eq!(all_good.event_type_id(), 1);
-        let bytes = all_good.encode(Encoding::ExplicitVrLittleEndian);
+        let bytes = all_good.encode(Encoding::ExplicitVrLittleEndian).unwrap();
         let obj =
             InMemDicomObject::read_dataset_with_ts(&bytes[..], &EXPLICIT_VR_LITTLE_ENDIAN.erased())
                 .unwrap();

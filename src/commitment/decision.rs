@@ -7,13 +7,23 @@ use crate::index::{InstanceOutcome, InstanceRecord};
 /// Where a request stands in time when one of its instances is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
-    /// Just received: an instance the index does not know yet may be one whose record the index
-    /// writer has not written yet (it runs after the C-STORE response).
+    /// The index may lack the record of an instance stored before the request: just received
+    /// (within `--commitment-index-grace`), the writer not past the request yet, the start-up
+    /// rebuild still running, or a record lost (full channel, failed write) since the start.
     IndexGrace,
     /// The index is caught up: an instance it does not know was never stored.
     Waiting,
     /// `--commitment-timeout` has passed: whatever is still undecided fails.
     PastDeadline,
+    /// `--commitment-timeout` has passed while the index may still lack records: an instance it
+    /// does not know fails with 0x0110 (processing failure), not 0x0112 (the gateway may have it).
+    PastDeadlineIndexBehind,
+}
+
+impl Phase {
+    pub(crate) fn is_past_deadline(self) -> bool {
+        matches!(self, Phase::PastDeadline | Phase::PastDeadlineIndexBehind)
+    }
 }
 
 /// Whether a stored object is there, for the `stored` policy.
@@ -100,12 +110,15 @@ fn not_found(phase: Phase) -> Verdict {
         Phase::Waiting | Phase::PastDeadline => {
             Verdict::Failed(FailureReason::NoSuchObjectInstance)
         }
+        Phase::PastDeadlineIndexBehind => Verdict::Failed(FailureReason::ProcessingFailure),
     }
 }
 
 fn unless_past_deadline(phase: Phase) -> Verdict {
     match phase {
-        Phase::PastDeadline => Verdict::Failed(FailureReason::ProcessingFailure),
+        Phase::PastDeadline | Phase::PastDeadlineIndexBehind => {
+            Verdict::Failed(FailureReason::ProcessingFailure)
+        }
         Phase::IndexGrace | Phase::Waiting => Verdict::Pending,
     }
 }
@@ -191,6 +204,11 @@ mod tests {
         assert_eq!(
             v(&[], &[], Waiting),
             Verdict::Failed(FailureReason::NoSuchObjectInstance)
+        );
+        assert_eq!(
+            v(&[], &[], PastDeadlineIndexBehind),
+            Verdict::Failed(FailureReason::ProcessingFailure),
+            "the index may lack it: not known absent"
         );
         assert_eq!(
             v(&stored_record, &[Presence::Missing], Waiting),

@@ -11,7 +11,10 @@
 //! https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/Constraints.html; "DynamoDB
 //! item sizes and formats",
 //! https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/CapacityUnitCalculations.html),
-//! while a study's UIDs, sharing their roots, compress several times over.
+//! while a study's UIDs, sharing their roots, compress several times over. Random UIDs
+//! (`2.25.{uuid}`, 39 random digits) do not: 20,000 of them gzip to more than 400 KB, so a request
+//! whose packed references pass [`MAX_PACKED_REFERENCES`] is refused (0x0213, Resource limitation)
+//! rather than failing in DynamoDB with a ValidationException.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,13 +31,20 @@ use super::pending::{Claim, PendingError, PendingRequest, PendingStore};
 
 /// The `status` of a pending commitment request item: its partition of the status index.
 pub(crate) const PENDING_STATUS: &str = "COMMITMENT_PENDING";
-/// Prefix of a pending request's `jobId`.
-const KEY_PREFIX: &str = "commitment/";
+/// Prefix of a pending request's `jobId` (the IAM policy lets the gateway delete only these).
+pub(crate) const KEY_PREFIX: &str = "commitment/";
 /// Name of the job table's global secondary index on (status, createdAt).
 const STATUS_INDEX: &str = "status-createdAt";
 /// Largest decompressed reference list read back (a request holds at most
 /// [`super::dataset::MAX_REFERENCES`] references of two UIDs of at most 64 characters each).
 const MAX_REFERENCES_JSON: u64 = 8 * 1024 * 1024;
+
+/// Largest packed reference list stored in one item: the item limit of 400 KB, attribute names and
+/// values included, where 1 KB is 1024 bytes ("Constraints in Amazon DynamoDB", section Items,
+/// https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/Constraints.html), a binary
+/// value counting its raw bytes ("DynamoDB item sizes and formats", cited above), less room for
+/// the other attributes (a few hundred bytes).
+pub(crate) const MAX_PACKED_REFERENCES: usize = 390 * 1024;
 
 /// Pending commitment requests in the job table.
 pub(crate) struct DynamoPending {
@@ -87,6 +97,13 @@ fn unpack(bytes: &[u8]) -> Result<Vec<SopReference>, PendingError> {
 
 /// A pending request as an item.
 pub(crate) fn to_item(r: &PendingRequest) -> Result<HashMap<String, AttributeValue>, PendingError> {
+    let packed = pack(&r.references)?;
+    if packed.len() > MAX_PACKED_REFERENCES {
+        return Err(PendingError::TooLarge {
+            bytes: packed.len(),
+            limit: MAX_PACKED_REFERENCES,
+        });
+    }
     Ok(HashMap::from([
         ("jobId".to_string(), key(&r.transaction_uid)),
         ("status".to_string(), s(PENDING_STATUS)),
@@ -96,7 +113,7 @@ pub(crate) fn to_item(r: &PendingRequest) -> Result<HashMap<String, AttributeVal
         ("callingAeTitle".to_string(), s(&r.calling_ae_title)),
         (
             "references".to_string(),
-            AttributeValue::B(Blob::new(pack(&r.references)?)),
+            AttributeValue::B(Blob::new(packed)),
         ),
         ("deadline".to_string(), s(&r.deadline)),
         ("claimedBy".to_string(), s(&r.claim.gateway_id)),
@@ -117,7 +134,7 @@ pub(crate) fn from_item(
         Some(AttributeValue::B(b)) => unpack(b.as_ref())?,
         _ => return Err(PendingError::Malformed("no references".into())),
     };
-    Ok(PendingRequest {
+    let request = PendingRequest {
         transaction_uid: get("transactionUid")?,
         calling_ae_title: get("callingAeTitle")?,
         references,
@@ -127,7 +144,9 @@ pub(crate) fn from_item(
             gateway_id: get("claimedBy")?,
             expires_at: get("claimExpiresAt")?,
         },
-    })
+    };
+    request.check_uids().map_err(PendingError::Malformed)?;
+    Ok(request)
 }
 
 #[async_trait]
@@ -323,5 +342,46 @@ mod tests {
         let packed = pack(&r.references).unwrap();
         assert!(packed.len() < 300 * 1024, "{} bytes", packed.len());
         assert_eq!(unpack(&packed).unwrap(), r.references);
+        assert!(to_item(&r).is_ok());
+    }
+
+    /// `2.25.{n}` UIDs with 128-bit pseudo-random `n` (as UUID-derived UIDs are), reproducible.
+    fn random_uids(count: usize) -> Vec<SopReference> {
+        let mut x: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834;
+        (0..count)
+            .map(|_| {
+                // xorshift128
+                x ^= x << 35;
+                x ^= x >> 59;
+                x ^= x << 21;
+                SopReference {
+                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                    sop_instance_uid: format!("2.25.{x}"),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_uids_past_the_item_limit_are_refused_not_sent_to_dynamodb() {
+        let mut r = request("2.25.79", "gw-a", "2026-11-24T06:02:00.000Z");
+        r.references = random_uids(super::super::dataset::MAX_REFERENCES);
+        let packed = pack(&r.references).unwrap().len();
+        assert!(
+            packed > 400 * 1024,
+            "{packed} bytes: random UIDs do not compress"
+        );
+        match to_item(&r) {
+            Err(e @ PendingError::TooLarge { .. }) => {
+                assert_eq!(
+                    super::super::SubmitError::Store(e).status(),
+                    crate::dimse::Status::RESOURCE_LIMITATION
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A few thousand random UIDs still fit.
+        r.references = random_uids(5000);
+        assert!(to_item(&r).is_ok());
     }
 }

@@ -43,7 +43,30 @@ pub(crate) struct Claim {
 impl PendingRequest {
     /// Whether `gateway_id` may take the request at `now`: it holds the claim, or the claim expired.
     pub(crate) fn claimable_by(&self, gateway_id: &str, now: &str) -> bool {
-        self.claim.gateway_id == gateway_id || self.claim.expires_at.as_str() < now
+        self.claim.allows(gateway_id, now)
+    }
+}
+
+impl PendingRequest {
+    /// Checks the UIDs of a request read back from the journal or DynamoDB (they were checked on
+    /// receipt, but the store is not ours alone): a report of them must be encodable.
+    pub(crate) fn check_uids(&self) -> Result<(), String> {
+        let check = |what: &str, uid: &str| {
+            crate::uid::validate_uid(uid).map_err(|e| format!("{what} is not a valid UID: {e}"))
+        };
+        check("Transaction UID", &self.transaction_uid)?;
+        for r in &self.references {
+            check("a Referenced SOP Class UID", &r.sop_class_uid)?;
+            check("a Referenced SOP Instance UID", &r.sop_instance_uid)?;
+        }
+        Ok(())
+    }
+}
+
+impl Claim {
+    /// Whether `gateway_id` may take a request with this claim at `now`: it holds it, or it expired.
+    pub(crate) fn allows(&self, gateway_id: &str, now: &str) -> bool {
+        self.gateway_id == gateway_id || self.expires_at.as_str() < now
     }
 }
 
@@ -61,6 +84,8 @@ pub(crate) enum PendingError {
     },
     #[error("commitment request item is malformed: {0}")]
     Malformed(String),
+    #[error("commitment request too large to record: {bytes} bytes packed, at most {limit}")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Where pending requests are kept: the seam between the commitment worker and the local journal
@@ -88,7 +113,9 @@ pub(crate) trait PendingStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Pending requests as JSON files in a directory beside the local job journal.
+/// Pending requests as JSON files in a directory beside the local job journal: `{tx}.json`, written
+/// once, and its claim in `{tx}.claim`, rewritten at each renewal (small: a renewal never rewrites
+/// the references).
 pub(crate) struct LocalPending {
     dir: PathBuf,
     /// Serialises this process's read-modify-writes (a claim is a check and a write).
@@ -112,25 +139,57 @@ impl LocalPending {
         self.dir.join(format!("{transaction_uid}.json"))
     }
 
+    /// The file of a request's current claim.
+    fn claim_path_of(&self, transaction_uid: &str) -> PathBuf {
+        self.dir.join(format!("{transaction_uid}.claim"))
+    }
+
     async fn read(&self, transaction_uid: &str) -> Result<Option<PendingRequest>, PendingError> {
         match tokio::fs::read(self.path_of(transaction_uid)).await {
+            Ok(bytes) => {
+                let mut request: PendingRequest = serde_json::from_slice(&bytes)?;
+                if let Some(claim) = self.read_claim(transaction_uid).await? {
+                    request.claim = claim;
+                }
+                Ok(Some(request))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The claim file of a request, if it has one (the request file's claim holds until then).
+    async fn read_claim(&self, transaction_uid: &str) -> Result<Option<Claim>, PendingError> {
+        match tokio::fs::read(self.claim_path_of(transaction_uid)).await {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Replaces the request's file atomically: temp file, fsync, rename, directory fsync.
-    async fn write(&self, request: &PendingRequest) -> Result<(), PendingError> {
-        let json = serde_json::to_vec(request)?;
+    /// The claim of a request, `None` if the request is gone. Reads the small claim file; the
+    /// request file only when there is none.
+    async fn current_claim(&self, transaction_uid: &str) -> Result<Option<Claim>, PendingError> {
+        if !tokio::fs::try_exists(self.path_of(transaction_uid)).await? {
+            return Ok(None);
+        }
+        match self.read_claim(transaction_uid).await? {
+            Some(claim) => Ok(Some(claim)),
+            None => Ok(self.read(transaction_uid).await?.map(|r| r.claim)),
+        }
+    }
+
+    /// Replaces `dest` atomically: temp file, fsync, rename, directory fsync.
+    async fn write_atomic(&self, dest: PathBuf, bytes: Vec<u8>) -> Result<(), PendingError> {
         let dir = self.dir.clone();
-        let dest = self.path_of(&request.transaction_uid);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             std::fs::create_dir_all(&dir)?;
-            let temp = dest.with_extension("json.tmp");
+            let mut temp = dest.clone().into_os_string();
+            temp.push(".tmp");
+            let temp = PathBuf::from(temp);
             let mut f = std::fs::File::create(&temp)?;
-            f.write_all(&json)?;
+            f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&temp, &dest)?;
             std::fs::File::open(&dir)?.sync_all()
@@ -138,6 +197,21 @@ impl LocalPending {
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         Ok(())
+    }
+
+    /// Writes the request's file, then its claim's.
+    async fn write(&self, request: &PendingRequest) -> Result<(), PendingError> {
+        let json = serde_json::to_vec(request)?;
+        self.write_atomic(self.path_of(&request.transaction_uid), json)
+            .await?;
+        self.write_claim(&request.transaction_uid, &request.claim)
+            .await
+    }
+
+    async fn write_claim(&self, transaction_uid: &str, claim: &Claim) -> Result<(), PendingError> {
+        let json = serde_json::to_vec(claim)?;
+        self.write_atomic(self.claim_path_of(transaction_uid), json)
+            .await
     }
 }
 
@@ -158,8 +232,20 @@ impl PendingStore for LocalPending {
         while let Some(entry) = rd.next_entry().await? {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "json") {
-                match serde_json::from_slice(&tokio::fs::read(&path).await?) {
-                    Ok(request) => out.push(request),
+                let read = serde_json::from_slice::<PendingRequest>(&tokio::fs::read(&path).await?)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.check_uids().map(|()| r));
+                match read {
+                    Ok(mut request) => {
+                        match self.read_claim(&request.transaction_uid).await {
+                            Ok(Some(claim)) => request.claim = claim,
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(transaction_uid = %request.transaction_uid, error = %e, "unreadable commitment claim file: the request file's claim holds")
+                            }
+                        }
+                        out.push(request)
+                    }
                     Err(e) => {
                         tracing::warn!(file = %path.display(), error = %e, "unreadable commitment request file skipped")
                     }
@@ -177,26 +263,32 @@ impl PendingStore for LocalPending {
         now: &str,
     ) -> Result<bool, PendingError> {
         let _guard = self.lock.lock().await;
-        let Some(mut request) = self.read(transaction_uid).await? else {
+        let Some(current) = self.current_claim(transaction_uid).await? else {
             return Ok(false);
         };
-        if !request.claimable_by(&claim.gateway_id, now) {
+        if !current.allows(&claim.gateway_id, now) {
             return Ok(false);
         }
-        request.claim = claim.clone();
-        self.write(&request).await?;
+        self.write_claim(transaction_uid, claim).await?;
         Ok(true)
     }
 
     async fn remove(&self, transaction_uid: &str, gateway_id: &str) -> Result<(), PendingError> {
         let _guard = self.lock.lock().await;
-        match self.read(transaction_uid).await? {
-            Some(r) if r.claim.gateway_id == gateway_id => {
-                match tokio::fs::remove_file(self.path_of(transaction_uid)).await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(e.into()),
+        match self.current_claim(transaction_uid).await? {
+            Some(c) if c.gateway_id == gateway_id => {
+                // The request first: a claim file without its request is ignored (and removed).
+                for path in [
+                    self.path_of(transaction_uid),
+                    self.claim_path_of(transaction_uid),
+                ] {
+                    match tokio::fs::remove_file(path).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -265,6 +357,10 @@ pub(crate) mod tests {
             "expired: taken over"
         );
         assert_eq!(store.list().await.unwrap()[0].claim.gateway_id, "gw-b");
+        // The renewal wrote the claim file only: the request file (with its references) is as put.
+        let on_disk: PendingRequest =
+            serde_json::from_slice(&std::fs::read(store.path_of("2.25.1")).unwrap()).unwrap();
+        assert_eq!(on_disk, r);
         assert!(
             !store
                 .claim("2.25.9", &b("x"), "2026-11-24T06:03:00.000Z")
@@ -273,6 +369,13 @@ pub(crate) mod tests {
         );
         store.remove("2.25.1", "gw-b").await.unwrap();
         assert!(store.list().await.unwrap().is_empty());
+        // A request whose UIDs are not UIDs (the journal is not ours alone) is skipped on load:
+        // its report could not be encoded.
+        let mut bad = request("2.25.2", "gw-a", "2026-11-24T06:02:00.000Z");
+        bad.references[0].sop_instance_uid = "1.2.x".into();
+        std::fs::write(store.path_of("2.25.2"), serde_json::to_vec(&bad).unwrap()).unwrap();
+        assert!(store.list().await.unwrap().is_empty());
+        std::fs::remove_file(store.path_of("2.25.2")).unwrap();
         // The job journal in the same directory does not see the requests.
         let journal = crate::jobs::local::LocalJournal::new(dir.path());
         store.put(&r).await.unwrap();

@@ -54,6 +54,8 @@ pub(crate) enum DeliveryError {
     Aborted,
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Encode(#[from] super::dataset::EncodeError),
 }
 
 impl From<PduError> for DeliveryError {
@@ -171,6 +173,19 @@ async fn run(peer: &Peer<'_>, report: &Report, wait: Duration) -> Result<Status,
                     .await;
                 return Err(DeliveryError::RoleRefused);
             }
+            let answered = ac.user_variables.iter().any(|v| {
+                matches!(v, UserVariableItem::ScuScpRoleSelectionSubItem(uid, _)
+                    if crate::uid::trim_uid(uid) == STORAGE_COMMITMENT_PUSH_MODEL)
+            });
+            if !answered {
+                // Strictly the default roles then hold (the acceptor is the SCP, PS3.7
+                // D.3.3.4), and some modalities refuse the report as sent by the wrong role.
+                tracing::warn!(
+                    peer = %peer.address,
+                    ae_title = %peer.ae_title,
+                    "the modality did not answer the SCP/SCU role selection for Storage Commitment; sending the report anyway (if it refuses it, configure the modality to accept the SCP role from the gateway's AE title)"
+                );
+            }
             let peer_max = ac
                 .user_variables
                 .iter()
@@ -201,13 +216,8 @@ async fn run(peer: &Peer<'_>, report: &Report, wait: Duration) -> Result<Status,
         report.event_type_id(),
     );
     connection.write_message(CONTEXT_ID, true, &command).await?;
-    connection
-        .write_message(
-            CONTEXT_ID,
-            false,
-            &report.encode(Encoding::of(&transfer_syntax)),
-        )
-        .await?;
+    let data = report.encode(Encoding::of(&transfer_syntax))?;
+    connection.write_message(CONTEXT_ID, false, &data).await?;
     let status = read_response(&mut connection, wait).await?;
     let _ = connection.write_pdu(&Pdu::ReleaseRQ).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), read(&mut connection, wait)).await;

@@ -32,6 +32,8 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct FakeIndex {
     records: StdMutex<Vec<InstanceRecord>>,
+    /// Lookups so far: tests wait on them instead of sleeping.
+    lookups: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeIndex {
@@ -56,6 +58,8 @@ impl InstanceIndex for FakeIndex {
     }
 
     async fn find(&self, sop: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(self
             .records
             .lock()
@@ -144,6 +148,7 @@ impl Rig {
             "DICOM_GATEWAY".into(),
             "gw-1".into(),
             index.clone(),
+            crate::index::IndexProgress::caught_up(),
             store,
             pending,
         );
@@ -196,9 +201,24 @@ impl Rig {
             .unwrap();
     }
 
+    /// The requests in the local commitment journal (`{tx}.json`; claims are `{tx}.claim`).
+    /// Waits until the worker asked the index about `n` instances in all.
+    async fn looked_up(&self, n: usize) {
+        until("the worker to look the instances up", || {
+            self.index.lookups.load(std::sync::atomic::Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+
     fn pending_files(&self) -> usize {
         std::fs::read_dir(self.dir.path().join("jobs").join("commitments"))
-            .map(|rd| rd.count())
+            .map(|rd| {
+                rd.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+                })
+                .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -212,14 +232,25 @@ struct FakeModality {
 
 impl FakeModality {
     async fn start() -> FakeModality {
+        FakeModality::answering(vec![]).await
+    }
+
+    /// A modality answering its first reports with `statuses`, then Success.
+    async fn answering(statuses: Vec<Status>) -> FakeModality {
+        let statuses = Arc::new(StdMutex::new(std::collections::VecDeque::from(statuses)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let tx = tx.clone();
+                let status = statuses
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Status::SUCCESS);
                 tokio::spawn(async move {
-                    if let Some(got) = serve_one(socket).await {
+                    if let Some(got) = serve_one(socket, status).await {
                         let _ = tx.send(got);
                     }
                 });
@@ -239,7 +270,10 @@ impl FakeModality {
     }
 }
 
-async fn serve_one(socket: tokio::net::TcpStream) -> Option<(Vec<UserVariableItem>, Report)> {
+async fn serve_one(
+    socket: tokio::net::TcpStream,
+    status: Status,
+) -> Option<(Vec<UserVariableItem>, Report)> {
     let mut c = Connection::new(socket, 1 << 20, WAIT);
     let Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq)))) = c.read_pdu(WAIT).await else {
         return None;
@@ -298,7 +332,7 @@ async fn serve_one(socket: tokio::net::TcpStream) -> Option<(Vec<UserVariableIte
     );
     let report = Report::parse(&data, dataset::Encoding::ExplicitVrLittleEndian).ok()?;
     c.set_peer_max_pdu(16384);
-    c.write_message(1, true, &scu::response(cmd.message_id, Status::SUCCESS))
+    c.write_message(1, true, &scu::response(cmd.message_id, status))
         .await
         .ok()?;
     if let Ok(Some(Incoming::Other(Pdu::ReleaseRQ))) = c.read_pdu(WAIT).await {
@@ -376,12 +410,12 @@ async fn an_instance_whose_index_record_is_late_is_still_committed() {
     let rig = Rig::start(settings(
         CommitWhen::Stored,
         &modality.address,
-        Duration::from_secs(5),
+        Duration::from_secs(3600),
     ))
     .await;
     rig.submit("2.25.101", vec![reference(1)], 0).await;
-    // The index writer catches up after the request arrived.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The index writer catches up after the worker looked at the request once.
+    rig.looked_up(1).await;
     rig.stored(1, CT, true);
     let (_, report) = modality.report().await;
     assert_eq!(report.committed, vec![reference(1)]);
@@ -466,9 +500,13 @@ async fn imported_waits_for_the_outcome_and_reports_failures_as_processing_failu
     rig.stored(2, CT, true);
     rig.submit("2.25.105", vec![reference(1), reference(2)], 0)
         .await;
-    // Stored is not enough: no report while HealthImaging has not answered.
-    let early = tokio::time::timeout(Duration::from_millis(500), modality.reports.recv()).await;
-    assert!(early.is_err(), "no report before the import outcome");
+    // Stored is not enough: no report while HealthImaging has not answered, however often the
+    // worker looks (a report would be made at the look that decided it).
+    rig.looked_up(3 * 2).await;
+    assert!(
+        modality.reports.try_recv().is_err(),
+        "no report before the import outcome"
+    );
     rig.index.set_outcome(
         &sop(1),
         InstanceOutcome::Imported {
@@ -585,6 +623,7 @@ async fn an_object_the_store_cannot_confirm_fails_as_a_processing_failure_at_the
         "DICOM_GATEWAY".into(),
         "gw-1".into(),
         index,
+        crate::index::IndexProgress::caught_up(),
         Arc::new(UnreachableStore),
         Arc::new(pending::LocalPending::new(dir.path().join("jobs"))),
     );
@@ -714,4 +753,138 @@ fn n_action_commands_are_checked_before_their_data_set() {
         read_action_information(&[0u8; 7], EXPLICIT_VR_LITTLE_ENDIAN).map_err(|r| r.status),
         Err(Status::INVALID_ARGUMENT_VALUE)
     );
+}
+
+#[test]
+fn pending_requests_and_references_are_capped_globally_and_per_ae() {
+    let load: Arc<Mutex<Load>> = Arc::default();
+    let held: Vec<_> = (0..MAX_PENDING_REQUESTS_PER_AE)
+        .map(|_| Reservation::try_new(&load, "CT1", 1).unwrap())
+        .collect();
+    assert!(
+        Reservation::try_new(&load, "CT1", 1).is_none(),
+        "CT1 is at its limit"
+    );
+    let other = Reservation::try_new(&load, "MR1", 1).expect("another AE is not");
+    drop(held);
+    assert!(Reservation::try_new(&load, "CT1", MAX_PENDING_REFERENCES_PER_AE + 1).is_none());
+    let big = Reservation::try_new(&load, "CT1", MAX_PENDING_REFERENCES_PER_AE).unwrap();
+    assert!(
+        Reservation::try_new(&load, "CT1", 1).is_none(),
+        "references at their limit"
+    );
+    drop((big, other));
+    assert_eq!(load.lock().unwrap().requests, 0, "given back when dropped");
+    assert_eq!(SubmitError::Busy.status(), Status::RESOURCE_LIMITATION);
+}
+
+#[tokio::test]
+async fn an_instance_the_index_lacks_while_it_is_behind_fails_as_a_processing_failure() {
+    let mut modality = FakeModality::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(CommitWhen::Stored, &modality.address, Duration::ZERO);
+    s.timeout = Duration::from_millis(300);
+    // A record handed to a writer that never writes it: the index stays behind the request.
+    let (sender, _writer_never_runs, _tally) = crate::index::IndexSender::channel(4);
+    let progress = sender.progress().unwrap();
+    progress.set_rebuilt();
+    let key = format!("{JOB}/{STUDY}/{SERIES}/{}.dcm", sop(1));
+    sender.record(KeyParts::parse(&key).unwrap().record(
+        &key,
+        4,
+        Some(CT.into()),
+        None,
+        crate::clock::now_rfc3339(),
+    ));
+    let (commitments, worker) = Commitments::new(
+        s,
+        "DICOM_GATEWAY".into(),
+        "gw-1".into(),
+        Arc::new(FakeIndex::default()),
+        progress,
+        Arc::new(LocalStore::open(dir.path()).await.unwrap()),
+        Arc::new(pending::LocalPending::new(dir.path().join("jobs"))),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    commitments
+        .submit(
+            ActionInformation {
+                transaction_uid: "2.25.110".into(),
+                references: vec![reference(1)],
+            },
+            "CT1",
+            0,
+        )
+        .await
+        .unwrap();
+    let (_, report) = modality.report().await;
+    assert_eq!(
+        report.failed,
+        vec![(reference(1), FailureReason::ProcessingFailure)],
+        "not 0x0112: the index may only be behind"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[test]
+fn a_queued_live_report_is_either_taken_by_the_association_or_abandoned_never_both() {
+    let taken_first = HandOver::default();
+    assert!(taken_first.take());
+    assert!(
+        !taken_first.abandon(),
+        "taken: the delivery task waits for it"
+    );
+    let abandoned_first = HandOver::default();
+    assert!(abandoned_first.abandon());
+    assert!(
+        !abandoned_first.take(),
+        "abandoned: the association drops it"
+    );
+    // A report whose delivery task is gone is not taken either.
+    let (tx, rx) = oneshot::channel();
+    drop(rx);
+    let report = LiveReport {
+        report: Report {
+            transaction_uid: "2.25.1".into(),
+            committed: vec![],
+            failed: vec![],
+        },
+        hand_over: Arc::default(),
+        delivered: tx,
+    };
+    assert!(!report.take());
+}
+
+#[test]
+fn report_responses_with_a_warning_status_count_as_delivered() {
+    for warning in [0x0001, 0x0107, 0x0116, 0xB000, 0xBFFF] {
+        assert!(Status(warning).is_warning(), "{warning:#06X}");
+    }
+    for other in [0x0000, 0x0110, 0x0213, 0xA700, 0xC000] {
+        assert!(!Status(other).is_warning(), "{other:#06X}");
+    }
+}
+
+#[tokio::test]
+async fn a_report_answered_with_a_transient_failure_is_sent_again_and_a_warning_delivers_it() {
+    let mut modality =
+        FakeModality::answering(vec![Status::RESOURCE_LIMITATION, Status(0xB000)]).await;
+    let rig = Rig::start(settings(
+        CommitWhen::Stored,
+        &modality.address,
+        Duration::from_secs(3600),
+    ))
+    .await;
+    rig.stored(1, CT, true);
+    rig.submit("2.25.111", vec![reference(1)], 0).await;
+    let (_, first) = modality.report().await;
+    let (_, again) = modality.report().await;
+    assert_eq!(first, again, "0x0213: the same report again");
+    until("the request to be forgotten after the Warning", || {
+        rig.pending_files() == 0
+    })
+    .await;
+    rig.stop().await;
 }

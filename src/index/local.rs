@@ -4,9 +4,10 @@
 //! torn; a line that is not a whole record is skipped when read, and the next append starts on a
 //! new line, so a torn record is never read as valid. Nothing is fsynced: the index is derived
 //! data, and [`LocalIndex::rebuild`] adds what a crash lost from the store's objects. A lookup
-//! reads the files line by line (memory bounded by one line), cheap at the scale of a local store.
+//! reads the files line by line (memory bounded by one line and the records found); a batch lookup
+//! ([`InstanceIndex::find_many`]) reads them once for many UIDs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -119,28 +120,55 @@ impl LocalIndex {
     }
 
     fn find_blocking(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
-        let mut found = Vec::new();
+        let mut found = self.find_many_blocking(&[sop_instance_uid.to_string()])?;
+        Ok(found.remove(sop_instance_uid).unwrap_or_default())
+    }
+
+    /// The records of every UID of `sop_instance_uids`, from one read of the index files
+    /// (blocking): a line is parsed only if its SOP Instance UID is one of them.
+    fn find_many_blocking(
+        &self,
+        sop_instance_uids: &[String],
+    ) -> Result<HashMap<String, Vec<InstanceRecord>>, IndexError> {
+        let mut by_uid: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        if sop_instance_uids.is_empty() {
+            return Ok(by_uid);
+        }
+        let wanted: HashSet<&str> = sop_instance_uids.iter().map(String::as_str).collect();
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(by_uid),
             Err(e) => return Err(e.into()),
         };
-        // The UID as it appears in a line: a cheap filter before parsing.
-        let needle = format!("\"sopInstanceUid\":\"{sop_instance_uid}\"");
+        let mut found = Vec::new();
         for entry in rd {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "jsonl") {
-                read_lines(&path, |line| line.contains(&needle), &mut found)?;
+                // The UID as it appears in a line: a cheap filter before parsing.
+                read_lines(
+                    &path,
+                    |line| sop_instance_uid_of(line).is_some_and(|uid| wanted.contains(uid)),
+                    &mut found,
+                )?;
             }
         }
-        found.retain(|r| r.sop_instance_uid == sop_instance_uid);
-        // One record per object key, the last written: an overwrite (--duplicate-policy
-        // overwrite) or the live record after a rebuild's copy.
-        found.reverse();
-        let mut seen = HashSet::new();
-        found.retain(|r| seen.insert(r.object_key.clone()));
-        found.sort_by(|a, b| a.received_at.cmp(&b.received_at));
-        Ok(found)
+        for record in found {
+            if wanted.contains(record.sop_instance_uid.as_str()) {
+                by_uid
+                    .entry(record.sop_instance_uid.clone())
+                    .or_default()
+                    .push(record);
+            }
+        }
+        for records in by_uid.values_mut() {
+            // One record per object key, the last written: an overwrite (--duplicate-policy
+            // overwrite) or the live record after a rebuild's copy.
+            records.reverse();
+            let mut seen = HashSet::new();
+            records.retain(|r| seen.insert(r.object_key.clone()));
+            records.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+        }
+        Ok(by_uid)
     }
 
     /// Adds a record for every object of the store that its job's index file lacks (blocking).
@@ -201,6 +229,17 @@ impl InstanceIndex for LocalIndex {
         let this = self.clone();
         let uid = sop_instance_uid.to_string();
         tokio::task::spawn_blocking(move || this.find_blocking(&uid))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    async fn find_many(
+        &self,
+        sop_instance_uids: &[String],
+    ) -> Result<HashMap<String, Vec<InstanceRecord>>, IndexError> {
+        let this = self.clone();
+        let uids = sop_instance_uids.to_vec();
+        tokio::task::spawn_blocking(move || this.find_many_blocking(&uids))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?
     }
@@ -307,6 +346,14 @@ fn read_lines(
         }
     }
     Ok(())
+}
+
+/// The SOP Instance UID of a record's line, read without parsing the line (`None` if it has none).
+fn sop_instance_uid_of(line: &str) -> Option<&str> {
+    const FIELD: &str = "\"sopInstanceUid\":\"";
+    let start = line.find(FIELD)? + FIELD.len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
 }
 
 /// The job folders of the store root (names of 26 letters and digits, as ULIDs are).
@@ -453,6 +500,15 @@ mod tests {
             "no prefix match"
         );
         assert_eq!(index.find("9.9").await.unwrap(), vec![]);
+        // Many UIDs from one read: each with its records, an unknown one without.
+        let many = index
+            .find_many(&["1.2.3.1".into(), "1.2.3.3".into(), "9.9".into()])
+            .await
+            .unwrap();
+        assert_eq!(many["1.2.3.1"], vec![record("1.2.3.1")]);
+        assert_eq!(many["1.2.3.3"], vec![record("1.2.3.3")]);
+        assert!(many.get("9.9").is_none_or(Vec::is_empty));
+        assert_eq!(many.len(), 2);
         assert_eq!(index.read_job(JOB).unwrap().len(), 3);
         // The same object recorded twice (overwritten, or a rebuild raced the writer) is one
         // record: the last written.

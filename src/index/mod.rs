@@ -25,6 +25,7 @@ pub(crate) mod local;
 pub(crate) mod repair;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -229,6 +230,23 @@ pub trait InstanceIndex: Send + Sync + 'static {
     /// it was stored in several jobs), oldest first.
     async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError>;
 
+    /// [`InstanceIndex::find`] for many SOP Instance UIDs at once (the commitment worker asks for
+    /// every undecided instance of a pass in one go): each UID's records as `find` gives them. A
+    /// UID without records may be absent from the map. The default asks `find` per UID; an
+    /// implementation that reads everything per lookup (the local index) overrides it with one read.
+    async fn find_many(
+        &self,
+        sop_instance_uids: &[String],
+    ) -> Result<HashMap<String, Vec<InstanceRecord>>, IndexError> {
+        let mut out = HashMap::with_capacity(sop_instance_uids.len());
+        for uid in sop_instance_uids {
+            if !out.contains_key(uid) {
+                out.insert(uid.clone(), self.find(uid).await?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Records the import outcome of objects of job `job_id`, each given by its object key.
     /// Idempotent: recording the same outcomes again (a resumed outcome reader) changes nothing
     /// that a lookup returns. A key the index has no record of is skipped. Returns how many
@@ -391,6 +409,73 @@ impl Tally {
     }
 }
 
+/// How far the index is behind the receive path, so that Storage Commitment can tell an instance
+/// that was never stored from one whose record is not written yet (or was lost until the next
+/// start's rebuild).
+#[derive(Debug, Default)]
+pub(crate) struct IndexProgress {
+    /// Records handed to the writer.
+    sent: AtomicU64,
+    /// Records the writer is done with (written, or dropped by a failed write), in channel order.
+    settled: AtomicU64,
+    /// A record was dropped (full channel, failed write, writer gone): the index lacks it until
+    /// the next start's rebuild.
+    lost: AtomicBool,
+    /// The start-up rebuild finished: the index has every object stored before this start.
+    rebuilt: AtomicBool,
+}
+
+impl IndexProgress {
+    /// The position of the receive path now: every record handed over so far is before it.
+    pub(crate) fn mark(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Whether the index has every record handed over before `mark`, and every object stored
+    /// before this start: rebuilt, nothing lost, the writer past `mark`.
+    pub(crate) fn caught_up_to(&self, mark: u64) -> bool {
+        self.rebuilt.load(Ordering::SeqCst)
+            && !self.lost.load(Ordering::SeqCst)
+            && self.settled.load(Ordering::SeqCst) >= mark
+    }
+
+    /// A progress with nothing sent and the rebuild done (tests without a writer).
+    #[cfg(test)]
+    pub(crate) fn caught_up() -> Arc<IndexProgress> {
+        let p = IndexProgress::default();
+        p.set_rebuilt();
+        Arc::new(p)
+    }
+
+    /// The start-up rebuild finished.
+    pub(crate) fn set_rebuilt(&self) {
+        self.rebuilt.store(true, Ordering::SeqCst);
+    }
+
+    fn set_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The writer's end of the index channel: the records, and the progress it reports.
+#[derive(Debug)]
+pub(crate) struct IndexReceiver {
+    rx: mpsc::Receiver<InstanceRecord>,
+    progress: Arc<IndexProgress>,
+}
+
+impl IndexReceiver {
+    #[cfg(test)]
+    pub(crate) async fn recv(&mut self) -> Option<InstanceRecord> {
+        self.rx.recv().await
+    }
+
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Result<InstanceRecord, mpsc::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
 /// Records per job, for the tally.
 fn counts_by_job(records: &[InstanceRecord]) -> HashMap<String, u64> {
     let mut counts = HashMap::new();
@@ -402,7 +487,9 @@ fn counts_by_job(records: &[InstanceRecord]) -> HashMap<String, u64> {
 
 /// The receive path's end of the index: hands a record over without waiting, or drops it.
 #[derive(Clone)]
-pub(crate) struct IndexSender(Option<(mpsc::Sender<InstanceRecord>, Arc<Tally>)>);
+pub(crate) struct IndexSender(
+    Option<(mpsc::Sender<InstanceRecord>, Arc<Tally>, Arc<IndexProgress>)>,
+);
 
 impl std::fmt::Debug for IndexSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -416,12 +503,20 @@ impl std::fmt::Debug for IndexSender {
 
 impl IndexSender {
     /// A sender, the receiver [`run_writer`] drains, and the tally both keep.
-    pub(crate) fn channel(
-        capacity: usize,
-    ) -> (IndexSender, mpsc::Receiver<InstanceRecord>, Arc<Tally>) {
+    pub(crate) fn channel(capacity: usize) -> (IndexSender, IndexReceiver, Arc<Tally>) {
         let (tx, rx) = mpsc::channel(capacity);
         let tally = Arc::new(Tally::default());
-        (IndexSender(Some((tx, tally.clone()))), rx, tally)
+        let progress = Arc::new(IndexProgress::default());
+        (
+            IndexSender(Some((tx, tally.clone(), progress.clone()))),
+            IndexReceiver { rx, progress },
+            tally,
+        )
+    }
+
+    /// How far the writer is behind this sender (`None` when disabled).
+    pub(crate) fn progress(&self) -> Option<Arc<IndexProgress>> {
+        self.0.as_ref().map(|(_, _, p)| p.clone())
     }
 
     /// A sender that keeps nothing (in tests).
@@ -433,10 +528,16 @@ impl IndexSender {
     /// Hands the record to the writer; never waits. A full channel drops it with a WARN: the
     /// closing of its batch repairs the index from the store.
     pub(crate) fn record(&self, record: InstanceRecord) {
-        let Some((tx, tally)) = &self.0 else { return };
+        let Some((tx, tally, progress)) = &self.0 else {
+            return;
+        };
         tally.handed(&record.job_id);
         let lost = match tx.try_send(record) {
-            Ok(()) => return,
+            // Counted before the C-STORE response goes out (the caller answers after this).
+            Ok(()) => {
+                progress.sent.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
             Err(mpsc::error::TrySendError::Full(r)) => {
                 warn!(sop_instance_uid = %r.sop_instance_uid, job_id = %r.job_id, "instance index writer is behind: record dropped (repaired from the store when the batch closes)");
                 r
@@ -446,6 +547,7 @@ impl IndexSender {
                 r
             }
         };
+        progress.set_lost();
         tally.settle(&HashMap::from([(lost.job_id, 1)]), false);
     }
 }
@@ -455,14 +557,19 @@ impl IndexSender {
 /// them from the store).
 pub(crate) async fn run_writer(
     index: Arc<dyn InstanceIndex>,
-    mut rx: mpsc::Receiver<InstanceRecord>,
+    rx: IndexReceiver,
     tally: Arc<Tally>,
 ) {
+    let IndexReceiver { mut rx, progress } = rx;
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         let mut records = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
+        // The writer is done with every record taken, written or not (an abandoned job's records
+        // were written by its repair).
+        let taken = records.len() as u64;
         tally.drop_abandoned(&mut records);
         if records.is_empty() {
+            progress.settled.fetch_add(taken, Ordering::SeqCst);
             continue;
         }
         let counts = counts_by_job(&records);
@@ -470,10 +577,12 @@ pub(crate) async fn run_writer(
         match index.append(records).await {
             Ok(()) => tally.settle(&counts, true),
             Err(e) => {
+                progress.set_lost();
                 warn!(error = %e, records = n, index = %index.describe(), "instance index write failed: records dropped (repaired from the store when their batch closes)");
                 tally.settle(&counts, false);
             }
         }
+        progress.settled.fetch_add(taken, Ordering::SeqCst);
     }
 }
 

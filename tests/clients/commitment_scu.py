@@ -8,8 +8,9 @@ JSON line: {"event_type": 1|2, "transaction_uid": ..., "referenced": [[class, in
 --wait-on same: the report is awaited on the association that carried the N-ACTION.
 --wait-on new:  the association is released right after the N-ACTION-RSP, and the report is awaited
                 on a new association the gateway opens to --listen-port (pynetdicom accepts the
-                SCP role it asks for). Name an --unknown UID too, so that the report cannot be
-                ready (the gateway waits for its index to catch up) before the release.
+                SCP role it asks for). Add --store-after-release so that the report cannot be
+                ready before the release: the files are stored only after it, on a second
+                association.
 Exits 1 with a message if anything is not as expected (association, C-STORE, N-ACTION status, no
 report within --timeout seconds).
 """
@@ -37,6 +38,9 @@ def main():
     p.add_argument("--wait-on", choices=["same", "new"], required=True)
     p.add_argument("--listen-port", type=int)
     p.add_argument("--unknown", action="append", default=[])
+    # With --wait-on new: send the N-ACTION first, release, and only then store the files on a
+    # second association, so the report cannot be ready before the release (whatever the timing).
+    p.add_argument("--store-after-release", action="store_true")
     p.add_argument("--timeout", type=float, default=30)
     p.add_argument("files", nargs="+")
     a = p.parse_args()
@@ -100,10 +104,16 @@ def main():
     assoc = ae.associate(a.host, a.port, ae_title=a.called, evt_handlers=handlers)
     if not assoc.is_established:
         sys.exit("association with the gateway not established")
-    for ds in datasets:
-        status = assoc.send_c_store(ds)
-        if not status or status.Status != 0:
-            sys.exit(f"C-STORE of {ds.SOPInstanceUID} failed: {status}")
+    def store_all(on):
+        for ds in datasets:
+            status = on.send_c_store(ds)
+            if not status or status.Status != 0:
+                sys.exit(f"C-STORE of {ds.SOPInstanceUID} failed: {status}")
+
+    if a.store_after_release and a.wait_on != "new":
+        sys.exit("--store-after-release needs --wait-on new")
+    if not a.store_after_release:
+        store_all(assoc)
 
     action = Dataset()
     action.TransactionUID = generate_uid()
@@ -125,6 +135,12 @@ def main():
 
     if a.wait_on == "new":
         assoc.release()
+    if a.store_after_release:
+        again = ae.associate(a.host, a.port, ae_title=a.called)
+        if not again.is_established:
+            sys.exit("second association with the gateway not established")
+        store_all(again)
+        again.release()
     ok = received.wait(a.timeout) and responded.wait(a.timeout)
     if a.wait_on == "same":
         assoc.release()
