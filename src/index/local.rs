@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts};
+use super::{
+    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, OutcomesRecorded,
+};
 
 /// Most bytes read from the start of an object to find its meta group during a rebuild.
 const META_READ_LIMIT: u64 = 64 * 1024;
@@ -100,23 +102,28 @@ impl LocalIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
+    ) -> Result<OutcomesRecorded, IndexError> {
         let _guard = self.locked();
         let mut by_key: std::collections::HashMap<String, InstanceOutcome> =
             outcomes.into_iter().collect();
         let mut updated = Vec::new();
+        let mut matched = 0;
         for mut record in self.latest_of_job(job_id)? {
-            if let Some(outcome) = by_key.remove(&record.object_key)
-                && record.outcome != outcome
-            {
-                record.outcome = outcome;
-                updated.push(record);
+            if let Some(outcome) = by_key.remove(&record.object_key) {
+                matched += 1;
+                if record.outcome != outcome {
+                    record.outcome = outcome;
+                    updated.push(record);
+                }
             }
         }
         if !updated.is_empty() {
             self.append_job(job_id, &updated)?;
         }
-        Ok(updated.len() as u64)
+        Ok(OutcomesRecorded {
+            matched,
+            changed: updated.len() as u64,
+        })
     }
 
     fn find_blocking(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
@@ -210,7 +217,7 @@ impl InstanceIndex for LocalIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
+    ) -> Result<OutcomesRecorded, IndexError> {
         let this = self.clone();
         let job_id = job_id.to_string();
         tokio::task::spawn_blocking(move || this.record_outcomes_blocking(&job_id, outcomes))
@@ -519,10 +526,20 @@ mod tests {
         ];
         assert_eq!(
             index.record_outcomes(JOB, outcomes.clone()).await.unwrap(),
-            2
+            OutcomesRecorded {
+                matched: 2,
+                changed: 2
+            },
+            "9.9 has no record"
         );
         // A resumed reader records the same again: nothing changes.
-        assert_eq!(index.record_outcomes(JOB, outcomes).await.unwrap(), 0);
+        assert_eq!(
+            index.record_outcomes(JOB, outcomes).await.unwrap(),
+            OutcomesRecorded {
+                matched: 2,
+                changed: 0
+            }
+        );
         assert_eq!(index.read_job(JOB).unwrap().len(), 4);
         let found = index.find("1.2.3.2").await.unwrap();
         assert_eq!(found.len(), 1);

@@ -149,6 +149,16 @@ impl<'a> KeyParts<'a> {
     }
 }
 
+/// What one [`InstanceIndex::record_outcomes`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct OutcomesRecorded {
+    /// Outcomes whose object the index has a record of (changed or already so).
+    pub matched: u64,
+    /// Records whose outcome this call changed (fewer than `matched` when a resumed reader
+    /// records again what its predecessor did).
+    pub changed: u64,
+}
+
 /// Why the index could not be read or written.
 #[derive(Debug, Error)]
 pub(crate) enum IndexError {
@@ -172,13 +182,14 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
 
     /// Records the import outcome of objects of job `job_id`, each given by its object key.
     /// Idempotent: recording the same outcomes again (a resumed outcome reader) changes nothing
-    /// that a lookup returns. A key the index has no record of is skipped. Returns how many
-    /// records were updated. Callers pass bounded chunks.
+    /// that a lookup returns. A key the index has no record of is skipped, and not counted as
+    /// matched: the outcome reader tells incomplete outcomes from a resumed reading by it.
+    /// Callers pass bounded chunks.
     async fn record_outcomes(
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError>;
+    ) -> Result<OutcomesRecorded, IndexError>;
 
     /// The records of job `job_id` whose outcome is FAILED, in object key order.
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError>;
