@@ -235,8 +235,20 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
     assert_eq!((done.imported_count, done.failed_count), (Some(3), Some(2)));
     let log = gw.log_text();
     assert!(
-        log.contains("per-instance outcomes recorded") && log.contains("records_updated=5"),
+        log.contains("per-instance outcomes recorded")
+            && log.contains("records_matched=5")
+            && log.contains("records_changed=5"),
         "{log}"
+    );
+    // The lines naming objects the gateway did not store (of the job's prefix, or of other jobs)
+    // are noted on the job; every file the manifest counts has its outcome.
+    let message = done.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("; incomplete per-instance outcomes: ")
+            && !message.contains("file(s) recorded")
+            && message.contains("result line(s) name no object of the job's input prefix")
+            && message.contains("object(s) without a record in the instance index"),
+        "{message}"
     );
     assert!(
         log.contains("result lines name files outside the job's input prefix"),
