@@ -245,7 +245,7 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
     let message = done.message.clone().unwrap_or_default();
     assert!(
         message.contains("; incomplete per-instance outcomes: ")
-            && !message.contains("file(s) recorded")
+            && !message.contains("recorded")
             && message.contains("result line(s) name no object of the job's input prefix")
             && message.contains("object(s) without a record in the instance index"),
         "{message}"

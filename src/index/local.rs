@@ -154,16 +154,21 @@ impl LocalIndex {
         let Some(cache) = guard.as_ref() else {
             return Ok(OutcomesRecorded::default());
         };
-        // The last outcome given per key of the chunk.
-        let mut last: HashMap<String, InstanceOutcome> = HashMap::new();
+        // Per key of the chunk, the outcome it ends with: each given one applied in turn where it
+        // replaces the one before.
+        let mut ends: HashMap<String, InstanceOutcome> = HashMap::new();
         let mut matched = 0;
         for (key, outcome) in outcomes {
-            if cache.latest.contains_key(&key) {
-                matched += 1;
-                last.insert(key, outcome);
+            let Some(record) = cache.latest.get(&key) else {
+                continue;
+            };
+            matched += 1;
+            let current = ends.get(&key).unwrap_or(&record.outcome);
+            if outcome.replaces(current) {
+                ends.insert(key, outcome);
             }
         }
-        let mut updated: Vec<InstanceRecord> = last
+        let mut updated: Vec<InstanceRecord> = ends
             .into_iter()
             .filter_map(|(key, outcome)| {
                 let record = cache.latest.get(&key)?;
@@ -693,6 +698,26 @@ mod tests {
             "the last one given, which it already was: nothing written"
         );
         assert_eq!(index.read_job(JOB).unwrap().len(), 4);
+
+        // Warnings recorded, then the success file read again (a resumed reader): they stay.
+        let warned = InstanceOutcome::ImportedWithWarnings {
+            image_set_id: "a".repeat(32),
+            is_primary: true,
+            warnings: vec!["InvalidOffsetTable (45330): bad".into()],
+        };
+        let warn = vec![(key("1.2.3.1"), warned.clone())];
+        assert_eq!(index.record_outcomes(JOB, warn).await.unwrap().changed, 1);
+        assert_eq!(
+            index
+                .record_outcomes(JOB, chunk(&["1.2.3.1"]))
+                .await
+                .unwrap(),
+            OutcomesRecorded {
+                matched: 1,
+                changed: 0
+            }
+        );
+        assert_eq!(index.find("1.2.3.1").await.unwrap()[0].outcome, warned);
     }
 
     #[test]

@@ -53,8 +53,10 @@ pub(crate) const MAX_LINE: usize = 256 * 1024;
 /// Read buffer of the line reader.
 const READ_BUFFER: usize = 16 * 1024;
 
-/// The three per-file result files of an import, in the order they are read: a file listed in
-/// both success and warning files ends with its warnings, and a failure is recorded last.
+/// The three per-file result files of an import, in the order they are read. A file listed in
+/// both the success and the warning file ends with its warnings whatever the order (the index
+/// never replaces IMPORTED_WITH_WARNINGS by IMPORTED of the same image set,
+/// [`InstanceOutcome::replaces`]); a failure is recorded last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResultFile {
     Success,

@@ -741,9 +741,10 @@ async fn outcomes_lost_on_the_way_are_noted_on_the_job_and_its_status_kept() {
     let message = done.message.unwrap();
     assert!(
         message.ends_with(
-            "; incomplete per-instance outcomes: 1 of 3 imported file(s) recorded, 1 of 2 failed \
-             file(s) recorded, 1 result line(s) name no object of the job's input prefix, 1 \
-             result line(s) malformed, 1 object(s) without a record in the instance index"
+            "; incomplete per-instance outcomes: 1 success and 0 warning outcome(s) recorded for \
+             3 imported file(s), 1 of 2 failed file(s) recorded, 1 result line(s) name no object \
+             of the job's input prefix, 1 result line(s) malformed, 1 object(s) without a record \
+             in the instance index"
         ),
         "{message}"
     );
@@ -853,6 +854,70 @@ async fn a_reader_stopped_midway_is_resumed_by_the_next_without_counting_twice()
         a.pass(&CancellationToken::new()).await.unwrap(),
         0,
         "ended once"
+    );
+}
+
+#[tokio::test]
+async fn a_file_in_both_the_success_and_the_warning_file_keeps_its_warnings_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = "s3://b/import/J1/";
+    let (jobs, index, results) = imported_with(
+        dir.path(),
+        manifest(1, 1, 0, 0),
+        vec![
+            (
+                ResultFile::Success,
+                own_result_lines(ResultFile::Success, 1, input, "1.2.3"),
+            ),
+            (
+                ResultFile::Warning,
+                own_result_lines(ResultFile::Warning, 1, input, "1.2.3"),
+            ),
+            (ResultFile::Failure, b"not a result line\n".to_vec()),
+        ],
+    )
+    .await;
+    index.append(stored("1.2.3", 0..1)).await.unwrap();
+    let warned = || async { index.find("1.2.3.0").await.unwrap()[0].outcome.name() };
+    // The first reader records the success, then the warning, and ends the job; made IMPORTED
+    // again, it is read by a second reader that records the success again and then fails at the
+    // warning file, as one resuming a reader that died there would.
+    let a = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_eq!(warned().await, "IMPORTED_WITH_WARNINGS");
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert!(
+        done.message.as_deref().is_some_and(
+            |m| m.ends_with("incomplete per-instance outcomes: 1 result line(s) malformed")
+        ),
+        "listed in both files, the file is accounted for once: {done:?}"
+    );
+    let mut again = done.clone();
+    again.status = JobStatus::Imported;
+    again.message = None;
+    std::fs::write(
+        dir.path().join("jobs/J1.json"),
+        serde_json::to_vec(&again).unwrap(),
+    )
+    .unwrap();
+    let b = reader(
+        &jobs,
+        &results,
+        flaky(index.clone(), 2..=2),
+        "gw-b",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
+    assert_eq!(
+        warned().await,
+        "IMPORTED_WITH_WARNINGS",
+        "the success file read again does not take the warnings away"
     );
 }
 
