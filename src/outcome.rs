@@ -40,7 +40,7 @@
 //! each look until [`MANIFEST_WAIT`] after the job's first claim ([`waited`]); then the job ends
 //! anyway, its message saying that they are incomplete. The wait counts from the first claim, not
 //! from the import's end (`importEndedAt`), so that a job recorded IMPORTED late (the state
-//! machine retries that write for up to an hour) still gets its full wait of attempts rather than
+//! machine retries that write for over an hour) still gets its full wait of attempts rather than
 //! ending at the first transient error.
 //!
 //! Result files are opened through [`ImportResults`], which hands out a blocking [`ResultStream`]
