@@ -38,6 +38,7 @@ if [ $# -gt 0 ]; then deploy_args+=(--parameter-overrides "$@"); fi
 cat "$tmp/outputs"
 
 declare -A opt=([BucketName]=S3_BUCKET [ImportPrefix]=S3_PREFIX [ResultsPrefix]=RESULTS_PREFIX [JobTableName]=JOB_TABLE
+                [InstanceTableName]=INSTANCE_TABLE
                 [StateMachineArn]=STATE_MACHINE_ARN [DataAccessRoleArn]=DATA_ACCESS_ROLE_ARN [DatastoreId]=DATASTORE_ID)
 {
   echo

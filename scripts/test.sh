@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need, starts LocalStack (offline, no Docker), runs every test, stops LocalStack.
 #   - DCMTK (storescu, echoscu, dcmdump...) from Debian's dcmtk package, when missing;
+#   - Orthanc from Debian's orthanc package and pynetdicom (pinned, from PyPI) in a venv under
+#     $DICOM_GATEWAY_TEST_VENV (default ~/.cache/dicom-gateway-test/venv), when missing: the
+#     modalities of the Storage Commitment tests (tests/commitment.rs runs Orthanc itself, on free
+#     ports with its own configuration, not the system service);
 #   - cfn-lint from PyPI (scripts/lint-templates.sh), which lints every template in infra/;
 #   - Java 17 for DynamoDB Local, when missing (installed by the LocalStack script);
 #   - LocalStack 4.8.1 in a venv under $LS_HOME (default ~/.cache/localstack-offline), see scripts/localstack/.
@@ -38,10 +42,21 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v storescu >/dev/null && command -v dcmdump >/dev/null || missing+=(dcmtk)
 command -v openssl >/dev/null || missing+=(openssl)   # test certificates for the TLS tests
+command -v Orthanc >/dev/null || missing+=(orthanc)   # a modality for the Storage Commitment tests
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[test] installing ${missing[*]} from Debian" >&2
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# pynetdicom, the other Storage Commitment modality (tests/clients/commitment_scu.py), pinned.
+export DICOM_GATEWAY_TEST_VENV="${DICOM_GATEWAY_TEST_VENV:-$HOME/.cache/dicom-gateway-test/venv}"
+PYNETDICOM_VERSION=3.0.4 PYDICOM_VERSION=3.0.2
+if ! "$DICOM_GATEWAY_TEST_VENV/bin/python" -c "import sys, pydicom, pynetdicom; sys.exit(pynetdicom.__version__ != '$PYNETDICOM_VERSION' or pydicom.__version__ != '$PYDICOM_VERSION')" 2>/dev/null; then
+  echo "[test] installing pynetdicom $PYNETDICOM_VERSION from PyPI into $DICOM_GATEWAY_TEST_VENV" >&2
+  python3 -m venv "$DICOM_GATEWAY_TEST_VENV"
+  "$DICOM_GATEWAY_TEST_VENV/bin/pip" install -q --disable-pip-version-check \
+    "pynetdicom==$PYNETDICOM_VERSION" "pydicom==$PYDICOM_VERSION"
 fi
 
 scripts/lint-templates.sh
@@ -67,7 +82,7 @@ AWS_CLI="$LS_HOME/venv/bin/aws"
 deploy_log=$(mktemp)
 outputs=$(AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test dicom-gateway-test-artifacts \
   DeployService=false DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test \
-  JobTableName=dicom-gateway-jobs-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
+  JobTableName=dicom-gateway-jobs-test InstanceTableName=dicom-gateway-instances-test BucketName=dicom-gateway-test 2>"$deploy_log") || { cat "$deploy_log" >&2; exit 1; }
 while IFS='=' read -r key value; do
   [ -n "$key" ] && export "DICOM_GATEWAY_TEST_STACK_$key=$value"
 done <<<"$outputs"
@@ -81,7 +96,7 @@ kms_key=$("$AWS_CLI" kms create-key --description "dicom-gateway test key" --que
 AWS_CLI="$AWS_CLI" scripts/deploy.sh dicom-gateway-test-kms dicom-gateway-test-artifacts \
   DeployService=false KmsKeyArn="$kms_key" TlsMode=passthrough TransferSyntaxAllow=healthimaging \
   DatastoreId=0123456789abcdef0123456789abcdef StateMachineName=dicom-gateway-import-test-kms \
-  JobTableName=dicom-gateway-jobs-test-kms BucketName=dicom-gateway-test-kms >/dev/null 2>"$deploy_log" \
+  JobTableName=dicom-gateway-jobs-test-kms InstanceTableName=dicom-gateway-instances-test-kms BucketName=dicom-gateway-test-kms >/dev/null 2>"$deploy_log" \
   || { cat "$deploy_log" >&2; exit 1; }
 
 cargo test --locked "${cargo_args[@]}" -- "${test_args[@]}"

@@ -7,6 +7,13 @@
 //! recorder as closed, once every lease on it is settled. So a closed batch's summary describes
 //! exactly the durable objects under its prefix, and no object lands in a batch after it closed.
 //!
+//! In edge mode an instance is acknowledged once it is in the local spool, before it is in S3: its
+//! lease becomes a [`SpooledLease`], which records the job OPEN (the instance is acknowledged) but
+//! keeps the lease in flight until the uploader confirms the object at its final key. A batch stuck
+//! behind an outage therefore closes to new instances at its limits, as any batch does (new
+//! instances go into the next batch: the sender is never held up), but is finalised only once
+//! every one of its instances is in S3.
+//!
 //! # Limits
 //!
 //! A batch must be an import job HealthImaging accepts. Its quotas, from "AWS HealthImaging
@@ -266,6 +273,8 @@ impl SopState {
 struct Batch {
     /// The batch's ULID, which is also its job id and the folder of its objects.
     job_id: String,
+    /// Whether its job was reported opened (with its first acknowledged instance).
+    announced: bool,
     /// Per object key: a place each, taken by the first lease on the key.
     objects: HashMap<ObjectPath, ObjectState>,
     /// Per SOP Instance UID, whatever its key.
@@ -410,6 +419,47 @@ impl BatchLease {
             );
         }
     }
+
+    /// Edge mode: the instance is acknowledged from the spool but not yet in S3. Its job is
+    /// recorded OPEN (if this is its first acknowledged instance); the lease stays in flight, so
+    /// the batch cannot be finalised before the upload is confirmed.
+    pub(crate) fn spooled(self) -> SpooledLease {
+        if let Some(b) = &self.batcher {
+            b.announce(&self.job_id);
+        }
+        SpooledLease(Some(self))
+    }
+}
+
+/// A lease whose instance is acknowledged and in the edge spool, on its way to its final key. It
+/// must be resolved: [`SpooledLease::uploaded`] counts the instance, [`SpooledLease::not_uploaded`]
+/// frees its place. Dropped unresolved (the gateway stopping with the upload still to do), it
+/// settles nothing: its batch is never finalised by this process, so its job stays OPEN and
+/// recovery closes it at the next start, once the spool has uploaded the rest; a partial batch
+/// is never imported.
+pub(crate) struct SpooledLease(Option<BatchLease>);
+
+impl SpooledLease {
+    /// S3 confirmed the object: count it in its batch.
+    pub(crate) fn uploaded(mut self, size: u64, calling_ae_title: &str) {
+        if let Some(lease) = self.0.take() {
+            lease.commit(size, calling_ae_title);
+        }
+    }
+
+    /// The object will never reach S3 (its spool file was torn and is quarantined): it never
+    /// counts, and its batch may close without it.
+    pub(crate) fn not_uploaded(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for SpooledLease {
+    fn drop(&mut self) {
+        if let Some(mut lease) = self.0.take() {
+            lease.batcher = None; // neither counted nor freed: see the type's documentation
+        }
+    }
 }
 
 impl Drop for BatchLease {
@@ -469,6 +519,7 @@ impl Batcher {
             crate::metrics::metrics().batches_open.inc();
             Batch {
                 job_id,
+                announced: false,
                 objects: HashMap::new(),
                 sops: HashMap::new(),
                 folders: HashMap::new(),
@@ -538,6 +589,25 @@ impl Batcher {
         Ok(())
     }
 
+    /// Reports batch `job_id` opened, once: its first instance was acknowledged.
+    fn announce(&self, job_id: &str) {
+        let mut st = self.lock();
+        if let Some((batch, _)) = st.batch_mut(job_id) {
+            self.announce_batch(batch);
+        }
+    }
+
+    fn announce_batch(&self, batch: &mut Batch) {
+        if !batch.announced {
+            batch.announced = true;
+            let _ = self.events.send(BatchEvent::Opened {
+                job_id: batch.job_id.clone(),
+                created_at: crate::clock::rfc3339(batch.created),
+                input_s3_uri: (self.input_s3_uri)(&batch.job_id),
+            });
+        }
+    }
+
     fn settle(
         &self,
         job_id: &str,
@@ -564,15 +634,6 @@ impl Batcher {
                         sop.stored += 1;
                         batch.committed += 1;
                         batch.bytes += size;
-                        // The job is recorded OPEN with its first durable instance: a batch whose
-                        // instances all failed leaves no record for recovery to misread.
-                        if batch.committed == 1 {
-                            let _ = self.events.send(BatchEvent::Opened {
-                                job_id: batch.job_id.clone(),
-                                created_at: crate::clock::rfc3339(batch.created),
-                                input_s3_uri: (self.input_s3_uri)(&batch.job_id),
-                            });
-                        }
                     }
                     // A repeat under the same key replaced the object: it counts once.
                     Some(old) => batch.bytes = batch.bytes - old + size,
@@ -591,6 +652,11 @@ impl Batcher {
                 }
                 batch.release_if_empty(path);
             }
+        }
+        // The job is recorded OPEN with its first durable (in edge mode: acknowledged) instance:
+        // a batch whose instances all failed leaves no record for recovery to misread.
+        if committed.is_some() {
+            self.announce_batch(batch);
         }
         if is_open {
             if batch.bytes + batch.reserved >= self.limits.max_bytes {
@@ -773,6 +839,60 @@ mod tests {
             max_instance_bytes: 1200,
             max_folders: 100,
         }
+    }
+
+    #[test]
+    fn a_spooled_instance_opens_its_job_but_holds_its_batch_until_uploaded() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let b = Batcher::new(limits(), |id| format!("s3://b/p/{id}/"), tx);
+        let mut lease = b.lease(uid());
+        lease.grow(10).unwrap();
+        let job = lease.job_id().to_string();
+        let spooled = lease.spooled();
+        assert!(
+            matches!(rx.try_recv(), Ok(BatchEvent::Opened { job_id, .. }) if job_id == job),
+            "acknowledged: the job is recorded OPEN at once"
+        );
+        b.close_open(&mut b.lock(), CloseReason::MaxAge);
+        assert_ne!(b.lease(uid()).job_id(), job, "closed to new instances");
+        assert!(rx.try_recv().is_err(), "not finalised before the upload");
+        let failed = {
+            let mut l = b.lease(uid());
+            l.grow(5).unwrap();
+            l
+        };
+        let failed_job = failed.job_id().to_string();
+        let failed = failed.spooled();
+        let _ = rx.try_recv(); // the second batch opened
+        spooled.uploaded(10, "CT1");
+        let s = match rx.try_recv() {
+            Ok(BatchEvent::Closed(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((s.job_id, s.instance_count, s.total_bytes), (job, 1, 10));
+        assert_eq!(s.close_reason, CloseReason::MaxAge);
+        failed.not_uploaded();
+        b.close_open(&mut b.lock(), CloseReason::Shutdown);
+        assert!(
+            rx.try_recv().is_err(),
+            "a batch whose only instance was quarantined closes empty: {failed_job} is not recorded CLOSED"
+        );
+    }
+
+    #[test]
+    fn a_spooled_lease_dropped_at_shutdown_leaves_its_batch_unfinished() {
+        let (b, mut rx) = batcher(limits());
+        let mut lease = b.lease(uid());
+        lease.grow(10).unwrap();
+        let other = b.lease(uid());
+        other.commit(3, "AE");
+        drop(lease.spooled()); // the uploader stopped before S3 confirmed it
+        b.close_open(&mut b.lock(), CloseReason::Shutdown);
+        assert!(
+            rx.try_recv().is_err(),
+            "never finalised with 1 of 2 instances: recovery closes it after the next start's upload"
+        );
+        assert_eq!(b.lock().closing.len(), 1);
     }
 
     #[test]

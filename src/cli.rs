@@ -18,15 +18,17 @@ use crate::association::{AcceptancePolicy, AeBinding, Timeouts};
 use crate::batch::{
     BatchLimits, DuplicatePolicy, HEALTHIMAGING_MAX_JOB_BYTES, HEALTHIMAGING_MAX_NESTED_FOLDERS,
 };
+use crate::commitment::{CommitWhen, CommitmentSettings};
 use crate::config::{
     ImportConfig, IndexConfig, JobStoreConfig, LogConfig, LogFormat, RecoveryConfig, ServeConfig,
-    StoreConfig, TlsConfig, validate_ae_title,
+    SpoolConfig, StoreConfig, TlsConfig, validate_ae_title,
 };
 use crate::import::ImportSettings;
 use crate::jobs::JobStatus;
 use crate::jobs::local::LocalJournal;
 use crate::policy::{SyntaxPolicy, transfer_syntax_preset};
 use crate::store::s3::{MAX_PART_SIZE, MIN_PART_SIZE};
+use crate::store::spool::{DEFAULT_FREE_PERCENT, SpoolCapacity};
 use crate::tls::{Pem, TlsFiles};
 use crate::uid::{UidError, validate_uid};
 
@@ -61,6 +63,8 @@ pub(crate) enum Command {
     /// Send a C-ECHO to a DICOM peer (this gateway or any SCP); exit 0 on Success. Used by the
     /// container health check.
     Echo(EchoArgs),
+    /// Inspect the edge-mode spool (--spool-dir): what waits for upload, what is quarantined.
+    Spool(SpoolArgs),
 }
 
 /// Why the options cannot make a configuration: names the option at fault and what it accepts.
@@ -156,11 +160,23 @@ pub(crate) struct JobTableArg {
     pub job_table: Option<String>,
 }
 
+/// `--instance-table`, shared by `serve`, `jobs` and `instances`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct InstanceTableArg {
+    /// DynamoDB table of the instance index (one item per stored object), required with
+    /// --job-table (the infra/ stack's output InstanceTableName). Without --job-table the index
+    /// is kept in --store-dir/index/.
+    #[arg(long, env = "DICOM_GATEWAY_INSTANCE_TABLE", global = true)]
+    pub instance_table: Option<String>,
+}
+
 /// Where the job records are: the same options (and environment variables) as `serve`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct JobStoreArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
     #[command(flatten)]
     pub store_dir: StoreDirArg,
 }
@@ -172,22 +188,31 @@ impl JobStoreArgs {
     }
 
     /// The instance index that `serve` keeps with the same options.
-    pub(crate) fn index_config(&self) -> IndexConfig {
-        index_config(
-            &job_store_config(self.job_table.clone(), &self.store_dir),
-            &self.store_dir,
-        )
+    pub(crate) fn index_config(&self) -> Result<IndexConfig, ConfigError> {
+        index_config(&self.job_table, &self.instance_table, &self.store_dir)
     }
 }
 
-/// The instance index beside a job store: the local one in the store directory with the local
-/// journal; none yet with DynamoDB. One place, so `serve`, `jobs` and `instances` agree.
-fn index_config(job_store: &JobStoreConfig, store_dir: &StoreDirArg) -> IndexConfig {
-    match job_store {
-        JobStoreConfig::LocalJournal { .. } => IndexConfig::Local {
+/// The instance index beside the job store: a DynamoDB table with `--job-table` (then
+/// `--instance-table` is required), else the journal in the store directory.
+fn index_config(
+    job_table: &JobTableArg,
+    instance_table: &InstanceTableArg,
+    store_dir: &StoreDirArg,
+) -> Result<IndexConfig, ConfigError> {
+    match (&job_table.job_table, &instance_table.instance_table) {
+        (Some(_), Some(table)) => Ok(IndexConfig::DynamoDb {
+            table: table.clone(),
+        }),
+        (None, None) => Ok(IndexConfig::Local {
             store_root: store_dir.store_dir.clone(),
-        },
-        JobStoreConfig::DynamoDb { .. } => IndexConfig::Off,
+        }),
+        (Some(_), None) => Err(ConfigError::Combination(
+            "--job-table also needs --instance-table, the DynamoDB table of the instance index (the infra/ stack's output InstanceTableName; environment DICOM_GATEWAY_INSTANCE_TABLE)",
+        )),
+        (None, Some(_)) => Err(ConfigError::Combination(
+            "--instance-table goes with --job-table; without --job-table the instance index is kept in --store-dir/index/",
+        )),
     }
 }
 
@@ -254,11 +279,45 @@ pub(crate) struct InstancesArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub(crate) enum InstancesCommand {
     /// Where one instance is (object key), which job, when and from which AE it arrived, and its
-    /// outcome, from the instance index (`--store-dir`/index/).
+    /// outcome, from the instance index (--instance-table with --job-table, else --store-dir/index/).
     Show {
         /// The SOP Instance UID (0008,0018).
         sop_instance_uid: String,
         /// Print JSON (one array, a record per stored copy) instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// ---- spool ------------------------------------------------------------------------------------
+
+/// `--spool-dir`, shared by `serve` (edge mode) and `spool status`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SpoolDirArg {
+    /// Edge mode (with --s3-bucket): acknowledge each instance once it is durable in this local
+    /// directory, and upload it to S3 in the background. Without it, instances are acknowledged
+    /// once S3 confirmed them (direct mode).
+    #[arg(long, env = "DICOM_GATEWAY_SPOOL_DIR", global = true)]
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// `dicom-gateway spool`: the spool directory and what to show of it.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SpoolArgs {
+    #[command(flatten)]
+    pub spool_dir: SpoolDirArg,
+
+    #[command(subcommand)]
+    pub command: SpoolCommand,
+}
+
+/// `spool status`.
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum SpoolCommand {
+    /// Files and bytes waiting for upload, the oldest one's age, quarantined files and the file
+    /// system's free space; reads the directory, no running gateway needed.
+    Status {
+        /// Print JSON instead of aligned lines.
         #[arg(long)]
         json: bool,
     },
@@ -283,6 +342,91 @@ pub(crate) struct ServeArgs {
     pub operations: OperationsArgs,
     #[command(flatten)]
     pub recovery: RecoveryArgs,
+    #[command(flatten)]
+    pub commitment: CommitmentArgs,
+}
+
+/// Storage Commitment (Push Model SCP).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage Commitment")]
+pub(crate) struct CommitmentArgs {
+    /// When an instance is committed: stored (durable in the store and in the instance index) or
+    /// imported (HealthImaging reported it imported; needs --s3-bucket, where import results are).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_COMMIT_WHEN",
+        value_enum,
+        default_value = "stored"
+    )]
+    pub commit_when: CommitWhen,
+
+    /// Where a modality takes Storage Commitment reports when its requesting association is gone,
+    /// as AE=host:port (e.g. CT1=10.0.0.5:104); repeat the option or separate with commas. A
+    /// request from an AE title not listed is refused (0x0124).
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_PEER", value_delimiter = ',')]
+    pub commitment_peer: Vec<String>,
+
+    /// After this long, instances still undecided are reported failed (0x0110). The default
+    /// covers the longest import --import-max-polls allows (12 hours at the defaults) twice over.
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub commitment_timeout: Duration,
+
+    /// How long after a request an instance missing from the instance index may still be on its
+    /// way into it (the index is written after the C-STORE response). Hidden: shorter only for tests.
+    #[arg(long, env = "DICOM_GATEWAY_COMMITMENT_INDEX_GRACE", default_value = "10s", value_parser = humantime::parse_duration, hide = true)]
+    pub commitment_index_grace: Duration,
+}
+
+impl CommitmentArgs {
+    /// The settings; `outcome_interval` is how often import outcomes are read (`None`: they are
+    /// not, without an S3 store).
+    fn into_settings(
+        self,
+        outcome_interval: Option<Duration>,
+    ) -> Result<CommitmentSettings, ConfigError> {
+        let mut peers = std::collections::HashMap::new();
+        for pair in &self.commitment_peer {
+            let (ae, address) = parse_commitment_peer(pair)?;
+            if peers.insert(ae.clone(), address).is_some() {
+                return Err(ConfigError::invalid(
+                    "--commitment-peer",
+                    format!("names {ae} twice"),
+                ));
+            }
+        }
+        if self.commit_when == CommitWhen::Imported && outcome_interval.is_none() {
+            return Err(ConfigError::Combination(
+                "--commit-when imported needs --s3-bucket: import outcomes are read from S3, so without it no instance is ever reported imported",
+            ));
+        }
+        Ok(CommitmentSettings {
+            commit_when: self.commit_when,
+            peers,
+            timeout: nonzero("--commitment-timeout", self.commitment_timeout)?,
+            index_grace: self.commitment_index_grace,
+            // Outcomes change at most once per outcome reading; a store that did not answer is
+            // asked again within 10 s.
+            check_interval: outcome_interval
+                .unwrap_or(Duration::from_secs(10))
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        })
+    }
+}
+
+/// One `--commitment-peer` entry, AE=host:port, checked.
+fn parse_commitment_peer(pair: &str) -> Result<(String, String), ConfigError> {
+    let invalid = |problem: String| ConfigError::invalid("--commitment-peer", problem);
+    let (ae, address) = pair
+        .split_once('=')
+        .ok_or_else(|| invalid(format!("'{pair}' is not AE=host:port")))?;
+    validate_ae_title(ae).map_err(invalid)?;
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(format!("'{address}' is not host:port")))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(invalid(format!("'{address}' is not host:port")));
+    }
+    Ok((ae.trim().to_string(), address.to_string()))
 }
 
 /// Recovery of the jobs that stopped gateways left behind.
@@ -488,6 +632,24 @@ pub(crate) struct StorageArgs {
     /// Multipart parts uploaded concurrently per instance (memory per instance ~ part size x (this + 1)).
     #[arg(long, env = "DICOM_GATEWAY_PARTS_IN_FLIGHT", default_value_t = 4)]
     pub parts_in_flight: usize,
+
+    #[command(flatten)]
+    pub spool_dir: SpoolDirArg,
+
+    /// Edge mode: most bytes the spool may hold (e.g. 200GB); when full, new instances get 0xA700
+    /// ("spool full") until uploads make room. Default: whatever leaves 10% of the spool's file
+    /// system free.
+    #[arg(long, env = "DICOM_GATEWAY_SPOOL_MAX_BYTES", value_parser = parse_bytes)]
+    pub spool_max_bytes: Option<u64>,
+
+    /// Edge mode: objects uploaded from the spool to S3 at once (memory: up to this x part size x
+    /// (--parts-in-flight + 1) for large instances).
+    #[arg(
+        long,
+        env = "DICOM_GATEWAY_SPOOL_UPLOAD_CONCURRENCY",
+        default_value_t = 8
+    )]
+    pub spool_upload_concurrency: usize,
 }
 
 /// Job records and the HealthImaging import.
@@ -496,6 +658,9 @@ pub(crate) struct StorageArgs {
 pub(crate) struct ImportArgs {
     #[command(flatten)]
     pub job_table: JobTableArg,
+
+    #[command(flatten)]
+    pub instance_table: InstanceTableArg,
 
     /// Step Functions state machine that runs the import (from the infra/ stack). Without it,
     /// closed batches stay CLOSED. Needs --s3-bucket, --job-table, --datastore-id and --data-access-role-arn.
@@ -650,6 +815,7 @@ impl ServeArgs {
             batches,
             operations,
             recovery,
+            commitment,
         } = self;
         let tls_only = tls.tls_only;
         let (tls, ae_bindings) = tls.into_config()?;
@@ -668,11 +834,24 @@ impl ServeArgs {
         }
         let timeouts = network.timeouts()?;
         let store = storage.store_config()?;
+        let spool = storage.spool_config()?;
         let batch_limits = batches.limits()?;
         let recovery = recovery.into_config(batch_limits.max_age)?;
         let import_config = import.import_config(&storage)?;
+        let index = index_config(
+            &import.job_table,
+            &import.instance_table,
+            &storage.store_dir,
+        )?;
         let job_store = job_store_config(import.job_table, &storage.store_dir);
-        let index = index_config(&job_store, &storage.store_dir);
+        // The outcome reader runs with an S3 store, at the import poll interval (else at the
+        // recovery interval): how often an instance's import outcome can change.
+        let outcome_interval = matches!(store, StoreConfig::S3 { .. }).then(|| {
+            import_config
+                .as_ref()
+                .map_or(recovery.interval, |i| i.settings.poll_interval)
+        });
+        let commitment = commitment.into_settings(outcome_interval)?;
         Ok(ServeConfig {
             listen: (!tls_only).then_some(network.listen),
             tls,
@@ -683,6 +862,7 @@ impl ServeArgs {
             acceptance,
             timeouts,
             store,
+            spool,
             job_store,
             index,
             import: import_config,
@@ -690,6 +870,7 @@ impl ServeArgs {
             recovery,
             batch_limits,
             duplicate_policy: batches.duplicate_policy,
+            commitment,
             shutdown_deadline: operations.shutdown_deadline,
             metrics_listen: operations.metrics_listen,
             emf_interval: operations.emf_interval.max(Duration::from_millis(10)),
@@ -898,6 +1079,45 @@ impl StorageArgs {
     }
 }
 
+impl StorageArgs {
+    /// Edge mode's spool, when `--spool-dir` is given (it needs `--s3-bucket`).
+    fn spool_config(&self) -> Result<Option<SpoolConfig>, ConfigError> {
+        if !(1..=256).contains(&self.spool_upload_concurrency) {
+            return Err(ConfigError::invalid(
+                "--spool-upload-concurrency",
+                "must be between 1 and 256",
+            ));
+        }
+        let Some(dir) = &self.spool_dir.spool_dir else {
+            if self.spool_max_bytes.is_some() {
+                return Err(ConfigError::Combination(
+                    "--spool-max-bytes needs --spool-dir (edge mode)",
+                ));
+            }
+            return Ok(None);
+        };
+        if self.s3_bucket.is_none() {
+            return Err(ConfigError::Combination(
+                "--spool-dir needs --s3-bucket: the spool holds instances on their way to S3 (edge mode)",
+            ));
+        }
+        let capacity = match self.spool_max_bytes {
+            Some(0) => {
+                return Err(ConfigError::invalid("--spool-max-bytes", "must be above 0"));
+            }
+            Some(n) => SpoolCapacity::MaxBytes(n),
+            None => SpoolCapacity::LeaveFree {
+                percent: DEFAULT_FREE_PERCENT,
+            },
+        };
+        Ok(Some(SpoolConfig {
+            dir: dir.clone(),
+            capacity,
+            upload_concurrency: self.spool_upload_concurrency,
+        }))
+    }
+}
+
 impl BatchArgs {
     fn limits(&self) -> Result<BatchLimits, ConfigError> {
         if self.batch_max_age > Duration::from_secs(1800) {
@@ -1088,6 +1308,57 @@ mod tests {
         assert_eq!(c.gateway_id, None, "resolved at start-up");
         assert_eq!(c.recovery.interval, Duration::from_secs(300));
         assert_eq!(c.recovery.orphan_age, Duration::from_secs(3600));
+        assert_eq!(c.commitment.commit_when, CommitWhen::Stored);
+        assert_eq!(c.commitment.timeout, Duration::from_secs(24 * 3600));
+        assert!(c.commitment.peers.is_empty());
+        assert!(
+            c.acceptance
+                .syntaxes
+                .accepts_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL)
+        );
+    }
+
+    #[test]
+    fn commitment_peers_are_checked_and_imported_needs_an_import() {
+        let c = parse(&[
+            "--commitment-peer",
+            "CT1=10.0.0.5:104",
+            "--commitment-peer",
+            "MR1=mr1.hospital.example:11112,US1=[::1]:104",
+            "--commitment-timeout",
+            "2h",
+        ])
+        .unwrap();
+        assert_eq!(c.commitment.peers["CT1"], "10.0.0.5:104");
+        assert_eq!(c.commitment.peers["MR1"], "mr1.hospital.example:11112");
+        assert_eq!(c.commitment.peers["US1"], "[::1]:104");
+        assert_eq!(c.commitment.timeout, Duration::from_secs(7200));
+        for (bad, says) in [
+            ("CT1", "is not AE=host:port"),
+            ("CT1=host", "is not host:port"),
+            ("CT1=host:0", "is not host:port"),
+            ("CT1=:104", "is not host:port"),
+            ("SEVENTEEN_CHARS_X=h:1", "1 to 16 characters"),
+        ] {
+            let e = parse(&["--commitment-peer", bad]).unwrap_err();
+            assert!(
+                e.starts_with("--commitment-peer") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse(&["--commitment-peer", "CT1=a:1,CT1=b:2"]).unwrap_err();
+        assert!(e.contains("names CT1 twice"), "{e}");
+        let e = parse(&["--commit-when", "imported"]).unwrap_err();
+        assert!(e.contains("needs --s3-bucket"), "{e}");
+        let c = parse(&["--commit-when", "imported", "--s3-bucket", "b"]).unwrap();
+        assert_eq!(c.commitment.commit_when, CommitWhen::Imported);
+        assert_eq!(
+            c.commitment.check_interval,
+            Duration::from_secs(60),
+            "the outcome reader's interval (here the recovery interval, 5 min), at most a minute"
+        );
+        let e = parse(&["--commitment-timeout", "0s"]).unwrap_err();
+        assert!(e.starts_with("--commitment-timeout"), "{e}");
     }
 
     #[test]
@@ -1223,6 +1494,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "ds",
             "--data-access-role-arn",
@@ -1233,6 +1506,7 @@ mod tests {
         let c = parse(&common).unwrap();
         assert!(c.import.is_none(), "no state machine: batches stay CLOSED");
         assert_eq!(c.job_store, JobStoreConfig::DynamoDb { table: "t".into() });
+        assert_eq!(c.index, IndexConfig::DynamoDb { table: "i".into() });
 
         let mut args = common.to_vec();
         args.extend([
@@ -1263,6 +1537,8 @@ mod tests {
             "b",
             "--job-table",
             "t",
+            "--instance-table",
+            "i",
             "--datastore-id",
             "d",
             "--data-access-role-arn",
@@ -1304,6 +1580,72 @@ mod tests {
                 parts_in_flight: 2,
             }
         );
+    }
+
+    #[test]
+    fn edge_mode_needs_a_bucket_and_defaults_to_leaving_a_tenth_free() {
+        assert!(
+            parse(&[]).unwrap().spool.is_none(),
+            "direct mode by default"
+        );
+        let c = parse(&["--s3-bucket", "b", "--spool-dir", "/var/spool/gw"]).unwrap();
+        assert_eq!(
+            c.spool,
+            Some(SpoolConfig {
+                dir: PathBuf::from("/var/spool/gw"),
+                capacity: SpoolCapacity::LeaveFree { percent: 10 },
+                upload_concurrency: 8,
+            })
+        );
+        let c = parse(&[
+            "--s3-bucket",
+            "b",
+            "--spool-dir",
+            "s",
+            "--spool-max-bytes",
+            "200GB",
+            "--spool-upload-concurrency",
+            "2",
+        ])
+        .unwrap();
+        let spool = c.spool.unwrap();
+        assert_eq!(spool.capacity, SpoolCapacity::MaxBytes(200_000_000_000));
+        assert_eq!(spool.upload_concurrency, 2);
+        let e = parse(&["--spool-dir", "s"]).unwrap_err();
+        assert!(e.contains("--spool-dir needs --s3-bucket"), "{e}");
+        let e = parse(&["--spool-max-bytes", "1GB"]).unwrap_err();
+        assert!(e.contains("needs --spool-dir"), "{e}");
+        let e = parse(&[
+            "--s3-bucket",
+            "b",
+            "--spool-dir",
+            "s",
+            "--spool-max-bytes",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--spool-max-bytes"), "{e}");
+        let e = parse(&["--spool-upload-concurrency", "0"]).unwrap_err();
+        assert!(e.contains("--spool-upload-concurrency"), "{e}");
+    }
+
+    #[test]
+    fn spool_status_parses() {
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "spool",
+            "status",
+            "--json",
+            "--spool-dir",
+            "/var/spool/gw",
+        ])
+        .unwrap();
+        let Command::Spool(s) = cli.command else {
+            panic!("not spool")
+        };
+        let SpoolCommand::Status { json } = s.command;
+        assert!(json);
+        assert_eq!(s.spool_dir.spool_dir, Some(PathBuf::from("/var/spool/gw")));
     }
 
     #[test]
@@ -1429,6 +1771,43 @@ mod tests {
     }
 
     #[test]
+    fn the_instance_table_goes_with_the_job_table() {
+        let e = parse(&["--job-table", "t"]).unwrap_err();
+        assert!(
+            e.contains("--job-table also needs --instance-table")
+                && e.contains("InstanceTableName")
+                && e.contains("DICOM_GATEWAY_INSTANCE_TABLE"),
+            "{e}"
+        );
+        let e = parse(&["--instance-table", "i"]).unwrap_err();
+        assert!(e.contains("--store-dir/index/"), "{e}");
+        let c = parse(&["--store-dir", "/data"]).unwrap();
+        assert_eq!(
+            c.index,
+            IndexConfig::Local {
+                store_root: PathBuf::from("/data")
+            }
+        );
+        let cli = Cli::try_parse_from([
+            "dicom-gateway",
+            "instances",
+            "show",
+            "1.2.3.4",
+            "--job-table",
+            "t",
+            "--instance-table",
+            "i",
+        ])
+        .unwrap();
+        let Command::Instances(i) = cli.command else {
+            panic!("not instances")
+        };
+        assert_eq!(i.store.instance_table.instance_table.as_deref(), Some("i"));
+        let cli = Cli::try_parse_from(["dicom-gateway", "jobs", "list", "--instance-table", "i"]);
+        assert!(cli.is_ok(), "jobs accepts the same store options");
+    }
+
+    #[test]
     fn jobs_subcommands_parse() {
         let cli = Cli::try_parse_from([
             "dicom-gateway",
@@ -1443,7 +1822,10 @@ mod tests {
             panic!()
         };
         assert!(matches!(j.command, JobsCommand::Show { failed: false, .. }));
-        assert_eq!(j.store.index_config(), IndexConfig::Off);
+        assert!(
+            j.store.index_config().is_err(),
+            "--job-table needs --instance-table for the index"
+        );
         assert_eq!(
             j.store.into_config(),
             JobStoreConfig::DynamoDb { table: "t".into() }
@@ -1472,9 +1854,9 @@ mod tests {
         ));
         assert_eq!(
             j.store.index_config(),
-            IndexConfig::Local {
+            Ok(IndexConfig::Local {
                 store_root: PathBuf::from("/data")
-            },
+            }),
             "the index serve keeps beside the local journal"
         );
         let cli = Cli::try_parse_from([

@@ -1,9 +1,8 @@
-//! The subcommands (`serve`, `jobs`, `instances`, `echo`): what `main` runs once the command line is parsed
+//! The subcommands (`serve`, `jobs`, `instances`, `spool`, `echo`): what `main` runs once the command line is parsed
 //! into a typed configuration ([`crate::cli`]). Exit status: 0 on success, 2 for a usage or
 //! configuration error, 1 when running fails.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,9 +11,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{
     Cli, Command, ConfigError, EchoArgs, InstancesArgs, InstancesCommand, JobsArgs, JobsCommand,
+    SpoolArgs, SpoolCommand,
 };
 use crate::config::{IndexConfig, LogConfig, LogFormat, ServeConfig};
-use crate::index::{InstanceIndex, InstanceOutcome, InstanceRecord};
+use crate::index::{InstanceOutcome, InstanceRecord};
 use crate::jobs::report;
 
 /// Directives added in front of `--log-level` (not of RUST_LOG, which replaces everything): the AWS
@@ -83,6 +83,7 @@ fn serve(config: ServeConfig) -> anyhow::Result<ExitCode> {
 /// instance index) as `serve`.
 fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     let JobsArgs { store, command } = args;
+    // Only `--failed` reads the index: `jobs list` needs no --instance-table.
     let index_config = store.index_config();
     let store_config = store.into_config();
     runtime()?.block_on(async move {
@@ -124,18 +125,19 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                         store.describe()
                     );
                 };
-                // Without an instance index (none for these options), the job is still worth
-                // showing: the note says why its failed instances are not.
-                let failed = match (failed, open_index(&index_config)) {
-                    (false, _) => Failed::NotAsked,
-                    (true, Err(no_index)) => Failed::NoIndex(no_index.to_string()),
-                    (true, Ok(index)) => Failed::Listed(
-                        index
-                            .failed(&job_id)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?,
-                    ),
-                };
+                // Without an instance index (--job-table without --instance-table), the job is
+                // still worth showing: the note says why its failed instances are not.
+                let failed =
+                    match (failed, index_config) {
+                        (false, _) => Failed::NotAsked,
+                        (true, Err(no_index)) => Failed::NoIndex(no_index.to_string()),
+                        (true, Ok(config)) => {
+                            let index = crate::server::open_instance_index(&config, &aws).await?;
+                            Failed::Listed(index.failed(&job_id).await.map_err(|e| {
+                                anyhow::anyhow!("{e} (reading {})", index.describe())
+                            })?)
+                        }
+                    };
                 let with = |name: &str, value: serde_json::Value| {
                     let mut job = serde_json::to_value(&job).unwrap_or_default();
                     if let Some(map) = job.as_object_mut() {
@@ -174,34 +176,35 @@ enum Failed {
     /// `--failed` was not given.
     NotAsked,
     Listed(Vec<InstanceRecord>),
-    /// `--failed` was given, but there is no instance index with these options: why.
+    /// `--failed` was given, but these options name no instance index: why.
     NoIndex(String),
 }
 
-/// The instance index `serve` keeps with the same options, or why there is none.
-fn open_index(config: &IndexConfig) -> anyhow::Result<Arc<dyn InstanceIndex>> {
-    crate::server::open_instance_index(config).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no instance index with these options: the local index lives in --store-dir with the local job journal; the DynamoDB index for --job-table is not built yet"
-        )
-    })
-}
-
-/// `dicom-gateway instances show`: reads the instance index `serve` keeps.
+/// `dicom-gateway instances show`: reads the instance index `serve` writes with the same
+/// options: the DynamoDB table with --job-table and --instance-table, else the local journal.
 fn instances(args: InstancesArgs) -> anyhow::Result<ExitCode> {
     let InstancesArgs { store, command } = args;
-    let index = open_index(&store.index_config())?;
+    let config = store.index_config()?;
     let InstancesCommand::Show {
         sop_instance_uid,
         json,
     } = command;
-    let records = runtime()?
-        .block_on(index.find(&sop_instance_uid))
-        .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+    let (records, described) = runtime()?.block_on(async {
+        let aws = crate::aws::Aws::new("--instance-table");
+        let index = crate::server::open_instance_index(&config, &aws).await?;
+        let records = index
+            .find(&sop_instance_uid)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?;
+        anyhow::Ok((records, index.describe()))
+    })?;
     if records.is_empty() {
+        let check = match config {
+            IndexConfig::Local { .. } => "--store-dir",
+            IndexConfig::DynamoDb { .. } => "--instance-table",
+        };
         anyhow::bail!(
-            "no instance '{sop_instance_uid}' in {}. Check the UID (the SOP Instance UID, 0008,0018) and --store-dir; an instance stored just before a crash is indexed when the gateway starts again.",
-            index.describe()
+            "no instance '{sop_instance_uid}' in {described}. Check the UID (the SOP Instance UID, 0008,0018) and {check}; an instance stored just before a crash is indexed when its batch is recovered (at the gateway's next start, or by another gateway of the fleet)."
         );
     }
     let text = if json {
@@ -310,6 +313,28 @@ fn instance_details(r: &InstanceRecord) -> String {
     aligned(&lines)
 }
 
+/// `dicom-gateway spool status`: reads the spool directory; no running gateway needed.
+fn spool(args: SpoolArgs) -> anyhow::Result<ExitCode> {
+    let Some(dir) = args.spool_dir.spool_dir else {
+        return Err(ConfigError::Combination(
+            "`spool status` needs --spool-dir (or DICOM_GATEWAY_SPOOL_DIR): the gateway's spool directory",
+        )
+        .into());
+    };
+    let SpoolCommand::Status { json } = args.command;
+    let status = crate::store::spool::status(&dir)
+        .with_context(|| format!("cannot read the spool directory {}", dir.display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
+    } else {
+        print!("{}", status.text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `dicom-gateway echo`: one C-ECHO, a line saying how it went, exit 0 only on Success.
 fn echo(args: EchoArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
@@ -346,6 +371,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => jobs(args),
         Command::Instances(args) => instances(args),
         Command::Echo(args) => echo(args),
+        Command::Spool(args) => spool(args),
     }
 }
 

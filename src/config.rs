@@ -13,7 +13,9 @@ use ipnet::IpNet;
 
 use crate::association::{AcceptancePolicy, Timeouts};
 use crate::batch::{BatchLimits, DuplicatePolicy};
+use crate::commitment::CommitmentSettings;
 use crate::import::ImportSettings;
+use crate::store::spool::SpoolCapacity;
 use crate::tls::TlsFiles;
 
 /// Everything `serve` needs, checked: option values within their limits, combinations complete.
@@ -35,6 +37,9 @@ pub(crate) struct ServeConfig {
     pub acceptance: AcceptancePolicy,
     pub timeouts: Timeouts,
     pub store: StoreConfig,
+    /// Edge mode: instances are acknowledged from this local spool and uploaded to the S3 store
+    /// in the background; `None` is direct mode (acknowledged once S3 confirmed them).
+    pub spool: Option<SpoolConfig>,
     pub job_store: JobStoreConfig,
     pub index: IndexConfig,
     /// The HealthImaging import; `None` leaves closed batches CLOSED.
@@ -46,6 +51,8 @@ pub(crate) struct ServeConfig {
     pub recovery: RecoveryConfig,
     pub batch_limits: BatchLimits,
     pub duplicate_policy: DuplicatePolicy,
+    /// Storage Commitment: when instances are committed, where reports go.
+    pub commitment: CommitmentSettings,
     /// On SIGTERM/SIGINT, time given to running associations before they are aborted.
     pub shutdown_deadline: Duration,
     /// Address of the HTTP health and metrics endpoints, when they are on.
@@ -81,6 +88,15 @@ pub(crate) enum StoreConfig {
     },
 }
 
+/// Edge mode's spool in front of the S3 store ([`crate::store::spool`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpoolConfig {
+    pub dir: PathBuf,
+    pub capacity: SpoolCapacity,
+    /// Objects uploaded from the spool at once.
+    pub upload_concurrency: usize,
+}
+
 /// Where job records are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum JobStoreConfig {
@@ -96,8 +112,9 @@ pub(crate) enum IndexConfig {
     /// JSON lines in `{store_root}/index/` beside the local job journal; rebuilt from the local
     /// store's objects at start-up.
     Local { store_root: PathBuf },
-    /// No index: the job records are in DynamoDB, whose instance table is not built yet.
-    Off,
+    /// A DynamoDB table beside the job table (`--instance-table`), for deployments with
+    /// `--job-table`: shared by the gateways of a fleet ([`crate::index::dynamodb`]).
+    DynamoDb { table: String },
 }
 
 /// The import state machine and the settings passed to each of its executions.

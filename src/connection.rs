@@ -58,6 +58,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .map_err(|_| PduError::TimedOut("waiting for the peer"))?
     }
 
+    /// Waits at most `wait` until the peer has sent something (or closed the connection), without
+    /// consuming it. Unlike [`Connection::read_pdu`] this may be cancelled (by a `select!`)
+    /// without losing bytes: what arrived stays buffered for the next read.
+    pub(crate) async fn readable(&mut self, wait: Duration) -> Result<(), PduError> {
+        use tokio::io::AsyncBufReadExt;
+        tokio::time::timeout(wait, self.stream.fill_buf())
+            .await
+            .map_err(|_| PduError::TimedOut("waiting for the peer"))??;
+        Ok(())
+    }
+
     /// Encodes and sends a control PDU (association, release, abort).
     pub(crate) async fn write_pdu(&mut self, p: &Pdu) -> Result<(), PduError> {
         let write = pdu::write_pdu(&mut self.stream, p);

@@ -17,6 +17,10 @@ pub mod command_field {
     pub const C_STORE_RQ: u16 = 0x0001;
     pub(crate) const C_ECHO_RQ: u16 = 0x0030;
     pub(crate) const C_CANCEL_RQ: u16 = 0x0FFF;
+    /// N-EVENT-REPORT-RQ: how a Storage Commitment result is reported (PS3.7 §10.3.1).
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    /// N-ACTION-RQ: how a Storage Commitment request arrives (PS3.7 §10.3.4).
+    pub const N_ACTION_RQ: u16 = 0x0130;
     /// Bit set in the command field of every response.
     pub(crate) const RESPONSE_BIT: u16 = 0x8000;
 }
@@ -31,8 +35,24 @@ pub struct Status(pub u16);
 impl Status {
     /// Success.
     pub const SUCCESS: Status = Status(0x0000);
+    /// Failure: processing failure (PS3.7 Annex C).
+    pub const PROCESSING_FAILURE: Status = Status(0x0110);
     /// Failure: duplicate SOP instance (PS3.7 Annex C), for `--duplicate-policy reject`.
     pub const DUPLICATE_SOP_INSTANCE: Status = Status(0x0111);
+    /// Failure: no such SOP instance.
+    pub const NO_SUCH_SOP_INSTANCE: Status = Status(0x0112);
+    /// Failure: invalid argument value (an N-ACTION's Action Information is malformed).
+    pub const INVALID_ARGUMENT_VALUE: Status = Status(0x0115);
+    /// Failure: invalid SOP instance (a UID that breaks the UID rules).
+    pub const INVALID_OBJECT_INSTANCE: Status = Status(0x0117);
+    /// Failure: no such SOP class.
+    pub const NO_SUCH_SOP_CLASS: Status = Status(0x0118);
+    /// Failure: no such action (an N-ACTION's Action Type ID).
+    pub const NO_SUCH_ACTION: Status = Status(0x0123);
+    /// Refused: not authorized.
+    pub const NOT_AUTHORIZED: Status = Status(0x0124);
+    /// Failure: resource limitation.
+    pub const RESOURCE_LIMITATION: Status = Status(0x0213);
     /// Unrecognized operation.
     pub const UNRECOGNIZED_OPERATION: Status = Status(0x0211);
     /// Refused: out of resources (the store could not make the object durable).
@@ -51,12 +71,19 @@ impl Status {
         match self {
             Status::SUCCESS => "Success",
             Status::UNRECOGNIZED_OPERATION => "Unrecognized operation",
+            Status::PROCESSING_FAILURE => "Failure: processing failure",
             Status::DUPLICATE_SOP_INSTANCE => "Failure: duplicate SOP instance",
+            Status::NO_SUCH_SOP_INSTANCE => "Failure: no such SOP instance",
+            Status::INVALID_ARGUMENT_VALUE => "Failure: invalid argument value",
+            Status::INVALID_OBJECT_INSTANCE => "Failure: invalid SOP instance",
+            Status::NO_SUCH_SOP_CLASS => "Failure: no such SOP class",
+            Status::NO_SUCH_ACTION => "Failure: no such action",
+            Status::RESOURCE_LIMITATION => "Failure: resource limitation",
             Status::OUT_OF_RESOURCES => "Refused: out of resources",
             Status::DATASET_DOES_NOT_MATCH => "Error: data set does not match SOP class",
             Status::CANNOT_UNDERSTAND => "Error: cannot understand",
             Status(0x0122) => "Refused: SOP class not supported",
-            Status(0x0124) => "Refused: not authorized",
+            Status::NOT_AUTHORIZED => "Refused: not authorized",
             Status(0xB000..=0xBFFF) => "Warning",
             _ => "Failure",
         }
@@ -90,6 +117,14 @@ pub struct Command {
     pub message_id: u16,
     pub affected_sop_class_uid: Option<String>,
     pub affected_sop_instance_uid: Option<String>,
+    /// Requested SOP Class UID (0000,0003): what an N-ACTION acts on.
+    pub requested_sop_class_uid: Option<String>,
+    /// Requested SOP Instance UID (0000,1001).
+    pub requested_sop_instance_uid: Option<String>,
+    /// Action Type ID (0000,1008) of an N-ACTION.
+    pub action_type_id: Option<u16>,
+    /// Status (0000,0900), in a response.
+    pub status: Option<Status>,
     pub has_dataset: bool,
 }
 
@@ -167,6 +202,17 @@ impl Command {
             message_id,
             affected_sop_class_uid: ui_of(&elements, tags::AFFECTED_SOP_CLASS_UID),
             affected_sop_instance_uid: ui_of(&elements, tags::AFFECTED_SOP_INSTANCE_UID),
+            requested_sop_class_uid: ui_of(&elements, tags::REQUESTED_SOP_CLASS_UID),
+            requested_sop_instance_uid: ui_of(&elements, tags::REQUESTED_SOP_INSTANCE_UID),
+            action_type_id: us_of(
+                &elements,
+                tags::ACTION_TYPE_ID,
+                "Action Type ID (0000,1008)",
+            )
+            .ok(),
+            status: us_of(&elements, tags::STATUS, "Status (0000,0900)")
+                .ok()
+                .map(Status),
             has_dataset: data_set_type != NO_DATASET,
         })
     }
@@ -196,18 +242,37 @@ pub fn response(request: &Command, status: Status, comment: Option<&str>) -> Vec
     // The request's UIDs are echoed only when they are UIDs: they come from the peer, and anything
     // else (found by fuzzing: a non-ASCII byte) cannot be encoded as UI.
     let valid = |uid: &&String| crate::uid::validate_uid(uid).is_ok();
-    if let Some(uid) = request.affected_sop_class_uid.as_ref().filter(valid) {
+    // An N-ACTION names its object in the Requested SOP Class/Instance UIDs; its response carries
+    // them as the Affected ones, with the Action Type ID (PS3.7 §10.3.4).
+    let sop_class = request
+        .affected_sop_class_uid
+        .as_ref()
+        .or(request.requested_sop_class_uid.as_ref());
+    let sop_instance = request
+        .affected_sop_instance_uid
+        .as_ref()
+        .or(request.requested_sop_instance_uid.as_ref());
+    if let Some(uid) = sop_class.filter(valid) {
         elements.push(DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
             PrimitiveValue::from(uid.as_str()),
         ));
     }
-    if let Some(uid) = request.affected_sop_instance_uid.as_ref().filter(valid) {
+    if let Some(uid) = sop_instance.filter(valid) {
         elements.push(DataElement::new(
             tags::AFFECTED_SOP_INSTANCE_UID,
             VR::UI,
             PrimitiveValue::from(uid.as_str()),
+        ));
+    }
+    if let (command_field::N_ACTION_RQ, Some(action)) =
+        (request.command_field, request.action_type_id)
+    {
+        elements.push(DataElement::new(
+            tags::ACTION_TYPE_ID,
+            VR::US,
+            PrimitiveValue::from(action),
         ));
     }
     if let (Some(comment), false) = (comment, status.is_success()) {
@@ -273,6 +338,91 @@ pub fn request(
             PrimitiveValue::from(uid),
         ));
     }
+    let obj = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .expect("writing a command set to memory cannot fail");
+    out
+}
+
+/// An N-ACTION-RQ command set (a data set follows), as a Storage Commitment SCU sends it. Used by
+/// tests; the gateway only answers N-ACTIONs.
+pub fn n_action_request(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    action_type_id: u16,
+) -> Vec<u8> {
+    encode_command([
+        DataElement::new(
+            tags::REQUESTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(command_field::N_ACTION_RQ),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(DATASET_PRESENT),
+        ),
+        DataElement::new(
+            tags::REQUESTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_instance),
+        ),
+        DataElement::new(
+            tags::ACTION_TYPE_ID,
+            VR::US,
+            PrimitiveValue::from(action_type_id),
+        ),
+    ])
+}
+
+/// An N-EVENT-REPORT-RQ command set (a data set follows): how the gateway reports a Storage
+/// Commitment result (PS3.7 §10.3.1).
+pub fn n_event_report_request(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    event_type_id: u16,
+) -> Vec<u8> {
+    encode_command([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(command_field::N_EVENT_REPORT_RQ),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(DATASET_PRESENT),
+        ),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_instance),
+        ),
+        DataElement::new(
+            tags::EVENT_TYPE_ID,
+            VR::US,
+            PrimitiveValue::from(event_type_id),
+        ),
+    ])
+}
+
+/// A command set of these elements, implicit VR little endian with its group length.
+fn encode_command(elements: impl IntoIterator<Item = dicom_object::mem::InMemElement>) -> Vec<u8> {
     let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
@@ -384,6 +534,53 @@ mod tests {
                 .unwrap(),
             9
         );
+    }
+
+    #[test]
+    fn an_n_action_is_parsed_and_answered_with_its_object_as_the_affected_one() {
+        use dicom_dictionary_std::uids::{
+            STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+        };
+        let cmd = Command::parse(&n_action_request(
+            5,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+            1,
+        ))
+        .unwrap();
+        assert_eq!(cmd.command_field, command_field::N_ACTION_RQ);
+        assert_eq!(
+            cmd.requested_sop_class_uid.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH_MODEL)
+        );
+        assert_eq!(
+            cmd.requested_sop_instance_uid.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
+        );
+        assert_eq!(cmd.action_type_id, Some(1));
+        assert!(cmd.has_dataset);
+        let rsp = Command::parse(&response(&cmd, Status::SUCCESS, None)).unwrap();
+        assert_eq!(rsp.command_field, 0x8130);
+        assert_eq!(rsp.status, Some(Status::SUCCESS));
+        assert_eq!(
+            rsp.affected_sop_class_uid.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH_MODEL)
+        );
+        assert_eq!(
+            rsp.affected_sop_instance_uid.as_deref(),
+            Some(STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
+        );
+        assert_eq!(rsp.action_type_id, Some(1));
+        let report = Command::parse(&n_event_report_request(
+            7,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+            2,
+        ))
+        .unwrap();
+        assert_eq!(report.command_field, command_field::N_EVENT_REPORT_RQ);
+        assert_eq!(report.message_id, 7);
+        assert!(report.has_dataset);
     }
 
     #[test]

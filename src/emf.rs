@@ -29,6 +29,12 @@
 //! | `AssociationsRejected` | Count | — and `Reason` | the reasons are fixed strings of the gateway |
 //! | `ImportJobsEnded` | Count | `Status` | `COMPLETED`, `COMPLETED_WITH_ERRORS`, `FAILED`, as far as this gateway ends jobs ([`crate::metrics::Metrics::job_ended`]) |
 //! | `OldestImportAge` | Seconds | | age of the oldest job SUBMITTED or IMPORTING (since its import was started), when there is one |
+//! | `SpoolFiles` | Count | | edge mode: spool files waiting for upload at the end of the interval |
+//! | `SpoolBytes` | Bytes | | edge mode: their bytes |
+//! | `SpoolOldestAge` | Seconds | | edge mode: age of the oldest waiting file (0 when none) |
+//! | `SpoolInstancesUploaded` | Count | | edge mode: objects uploaded from the spool to S3 |
+//! | `SpoolBytesUploaded` | Bytes | | edge mode: their bytes (the upload rate) |
+//! | `SpoolQuarantined` | Count | | edge mode: spool files quarantined (torn or truncated) |
 //!
 //! Dimension values are root members, one value per record: so each `Reason` and each `Status` gets
 //! a record of its own. Nothing about patients is ever in a record: only counts, durations and the
@@ -44,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError};
-use crate::metrics::{Totals, metrics};
+use crate::metrics::{SpoolLevels, Totals, metrics};
 
 /// One record per minute: CloudWatch's standard resolution is one minute, so a shorter interval
 /// adds log volume (and cost) without finer graphs, and a longer one leaves minute data points empty.
@@ -90,6 +96,8 @@ pub(crate) struct Interval {
     pub counts: Totals,
     pub store_latencies_ms: Vec<f64>,
     pub oldest_import_age: Option<Duration>,
+    /// The spool's gauges at its end, in edge mode.
+    pub spool: Option<SpoolLevels>,
 }
 
 impl Interval {
@@ -109,14 +117,23 @@ impl Interval {
             rejected: diff(&start.rejected, &end.rejected),
             failed: diff(&start.failed, &end.failed),
             jobs_ended: diff(&start.jobs_ended, &end.jobs_ended),
+            spool_uploaded: end.spool_uploaded.saturating_sub(start.spool_uploaded),
+            spool_bytes_uploaded: end
+                .spool_bytes_uploaded
+                .saturating_sub(start.spool_bytes_uploaded),
+            spool_quarantined: end
+                .spool_quarantined
+                .saturating_sub(start.spool_quarantined),
         }
     }
 
-    /// Whether there is anything to report: an idle gateway writes nothing.
+    /// Whether there is anything to report: an idle gateway writes nothing (an idle one whose
+    /// spool still waits for S3 does: that is what an alarm on the spool's age needs).
     pub(crate) fn is_empty(&self) -> bool {
         self.counts == Totals::default()
             && self.store_latencies_ms.is_empty()
             && self.oldest_import_age.is_none()
+            && self.spool.is_none_or(|s| s.files == 0)
     }
 
     /// The EMF records of this interval, stamped `timestamp_ms`: none when nothing happened.
@@ -143,6 +160,24 @@ impl Interval {
                 Unit::Seconds,
                 age.as_secs().into(),
             ));
+        }
+        if let Some(spool) = self.spool {
+            main.extend([
+                Metric::count("SpoolFiles", spool.files),
+                Metric::new("SpoolBytes", Unit::Bytes, spool.bytes.into()),
+                Metric::new(
+                    "SpoolOldestAge",
+                    Unit::Seconds,
+                    spool.oldest_age_seconds.into(),
+                ),
+                Metric::count("SpoolInstancesUploaded", c.spool_uploaded),
+                Metric::new(
+                    "SpoolBytesUploaded",
+                    Unit::Bytes,
+                    c.spool_bytes_uploaded.into(),
+                ),
+                Metric::count("SpoolQuarantined", c.spool_quarantined),
+            ]);
         }
         let mut records = vec![record(timestamp_ms, &[], &main)];
         // The rest of the sample: one record per 100 values.
@@ -284,6 +319,7 @@ impl Emitter {
                 counts: Interval::between(&start, &end),
                 store_latencies_ms: metrics().store_seconds.drain_sample(),
                 oldest_import_age,
+                spool: metrics().spool_levels(),
             };
             write(&interval.records(now_ms()));
             start = end;
@@ -357,6 +393,7 @@ mod tests {
             counts,
             store_latencies_ms: (0..250).map(|i| f64::from(i) * 0.5 + 1.004).collect(),
             oldest_import_age: Some(Duration::from_secs(3600)),
+            spool: None,
         }
     }
 
@@ -489,6 +526,46 @@ mod tests {
         );
         assert_eq!(with("Status", "0xA700", "StoreFailures"), 3);
         assert_eq!(with("Status", "FAILED", "ImportJobsEnded"), 2);
+    }
+
+    #[test]
+    fn edge_mode_adds_the_spool_and_an_idle_gateway_with_a_waiting_spool_still_reports() {
+        let mut interval = Interval {
+            spool: Some(SpoolLevels {
+                files: 0,
+                bytes: 0,
+                oldest_age_seconds: 0,
+            }),
+            ..Interval::default()
+        };
+        assert!(interval.records(1).is_empty(), "idle and empty: nothing");
+        interval.spool = Some(SpoolLevels {
+            files: 12,
+            bytes: 6_000_000,
+            oldest_age_seconds: 95,
+        });
+        interval.counts.spool_uploaded = 3;
+        interval.counts.spool_bytes_uploaded = 1_500_000;
+        let records = interval.records(7);
+        assert_eq!(records.len(), 1);
+        let names = check_layout(&records[0]);
+        for name in [
+            "SpoolFiles",
+            "SpoolBytes",
+            "SpoolOldestAge",
+            "SpoolInstancesUploaded",
+            "SpoolBytesUploaded",
+            "SpoolQuarantined",
+        ] {
+            assert!(names.contains(&name.to_string()), "{name}: {names:?}");
+        }
+        assert_eq!(records[0]["SpoolFiles"], 12);
+        assert_eq!(records[0]["SpoolOldestAge"], 95);
+        assert_eq!(records[0]["SpoolBytesUploaded"], 1_500_000);
+        assert!(
+            !check_layout(&busy().records(1)[0]).contains(&"SpoolFiles".to_string()),
+            "direct mode has no spool metrics"
+        );
     }
 
     #[test]

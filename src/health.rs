@@ -2,7 +2,9 @@
 //!
 //! `/healthz` answers as long as the process serves requests. `/readyz` answers 200 only if the
 //! DICOM listener is up (this server starts after it) and the configured object store, job store and
-//! import trigger actually answer a cheap call, not merely if a port is open. The result is cached
+//! import trigger actually answer a cheap call, not merely if a port is open. In edge mode the
+//! object store is the spool, which answers while it accepts instances, whether S3 does or not
+//! (its uploader reports S3 itself). The result is cached
 //! for a few seconds so a busy scraper cannot load AWS. Once shutdown begins, `/readyz` answers 503
 //! so load balancers stop sending new associations. `/metrics` is the Prometheus text exposition
 //! of [`crate::metrics`].

@@ -21,12 +21,19 @@ use crate::metrics::metrics;
 use crate::part10::FileMeta;
 use crate::policy::DatasetEncoding;
 use crate::sniff::{HeaderSniffer, RequiredIds, SniffError};
-use crate::store::{KeyError, ObjectKey, ObjectStore, ObjectUpload, StoreError};
+use crate::store::{
+    Committed, KeyError, ObjectKey, ObjectStore, ObjectUpload, Placement, StoreError, UploadOutcome,
+};
 use crate::uid::{UidError, validate_uid};
 
 /// The identifying UIDs must appear within this many bytes of the data set start. Real headers put
 /// them in the first few kilobytes; the cap bounds what a hostile or broken sender can make us hold.
 pub(crate) const HEADER_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The Error Comment of an instance refused because the edge spool is full (at most 64 characters,
+/// the length of LO).
+pub(crate) const SPOOL_FULL_COMMENT: &str =
+    "spool full: the gateway waits for the cloud; send again later";
 
 /// Why an instance was not stored. Each reason maps to the status its C-STORE is answered with
 /// ([`InstanceError::status`]) and a short, patient-data-free Error Comment.
@@ -97,6 +104,9 @@ impl InstanceError {
     /// (bucket, endpoint, errno) are for our log, not for the sender.
     pub(crate) fn comment(&self) -> String {
         match self {
+            InstanceError::StoreUnavailable(StoreError::SpoolFull(_))
+            | InstanceError::StoreWrite(StoreError::SpoolFull(_))
+            | InstanceError::StoreCommit(StoreError::SpoolFull(_)) => SPOOL_FULL_COMMENT.into(),
             InstanceError::StoreUnavailable(_) => "object store unavailable".into(),
             InstanceError::StoreWrite(_) => "object store write failed".into(),
             InstanceError::StoreCommit(_) => "object store did not confirm the object".into(),
@@ -397,15 +407,16 @@ impl Target {
             return Err(error);
         }
         let committing = Instant::now();
-        match up.upload.commit().await {
-            Ok(stored) => {
+        match up.upload.commit_placed().await {
+            Ok(Committed { stored, placement }) => {
                 metrics().instances_stored.inc();
                 metrics().bytes_stored.inc_by(stored.size);
                 metrics()
                     .store_seconds
                     .observe(committing.elapsed().as_secs_f64());
-                up.lease.commit(stored.size, &self.calling_ae_title);
-                // Durable: the index may now say so. Handed over, never waited for.
+                // Durable: the index may now say so. Handed over, never waited for; before the
+                // lease is committed, so that the batch cannot close (and wait for its job's
+                // records, crate::index::repair) before this record is counted.
                 if let Some(parts) = KeyParts::parse(up.key.as_str()) {
                     self.index.record(parts.record(
                         up.key.as_str(),
@@ -414,6 +425,24 @@ impl Target {
                         Some(self.calling_ae_title.clone()),
                         now_rfc3339(),
                     ));
+                }
+                match placement {
+                    Placement::Final => up.lease.commit(stored.size, &self.calling_ae_title),
+                    // Acknowledged from the edge spool: the batch counts the instance once the
+                    // uploader confirms it in S3, and until then cannot be finalised.
+                    Placement::Spooled(ticket) => {
+                        let lease = up.lease.spooled();
+                        let (size, ae) = (stored.size, self.calling_ae_title.clone());
+                        tokio::spawn(async move {
+                            match ticket.outcome().await {
+                                Some(UploadOutcome::Uploaded) => lease.uploaded(size, &ae),
+                                Some(UploadOutcome::NotUploaded) => lease.not_uploaded(),
+                                // The gateway is stopping: the batch stays unfinished, for
+                                // recovery at the next start.
+                                None => drop(lease),
+                            }
+                        });
+                    }
                 }
                 info!(
                     sop_instance_uid = %self.sop_instance_uid,
@@ -643,6 +672,21 @@ mod tests {
         ] {
             assert_eq!(error.status(), status, "{error}");
         }
+    }
+
+    #[test]
+    fn a_full_spool_says_so_in_the_error_comment() {
+        let full = || StoreError::SpoolFull("9 of 10 bytes".into());
+        for e in [
+            InstanceError::StoreUnavailable(full()),
+            InstanceError::StoreWrite(full()),
+            InstanceError::StoreCommit(full()),
+        ] {
+            assert_eq!(e.status(), Status::OUT_OF_RESOURCES);
+            assert_eq!(e.comment(), SPOOL_FULL_COMMENT);
+        }
+        assert!(SPOOL_FULL_COMMENT.len() <= 64, "an LO value");
+        assert!(SPOOL_FULL_COMMENT.starts_with("spool full"));
     }
 
     #[test]

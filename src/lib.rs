@@ -10,9 +10,10 @@
 //! - `instance`: one C-STORE data set, streamed from the wire to the store;
 //! - `sniff`: identifying UIDs read from the start of a data set in any transfer syntax;
 //! - `part10`: the file meta group written in front of the data set;
-//! - `store`: the object stores (S3, local directory);
+//! - `store`: the object stores (S3, local directory), and edge mode's spool in front of S3;
 //! - `batch`: grouping stored instances into import batches, one job each;
 //! - `index`: one record per stored instance (local journal), written off the acknowledgement path;
+//! - `commitment`: Storage Commitment (N-ACTION in, N-EVENT-REPORT out), decided from the index;
 //! - `jobs`: job records (DynamoDB, local journal) with forward-only status;
 //! - `import`: recording batches and starting their HealthImaging imports;
 //! - `outcome`: ending imported jobs from their results in S3 (the manifest is too large for
@@ -30,6 +31,7 @@ pub(crate) mod batch;
 pub(crate) mod cli;
 pub(crate) mod clock;
 pub mod commands;
+pub(crate) mod commitment;
 pub(crate) mod config;
 pub(crate) mod connection;
 pub mod dimse;
@@ -37,7 +39,7 @@ pub(crate) mod echo;
 pub(crate) mod emf;
 pub(crate) mod health;
 pub(crate) mod import;
-pub(crate) mod index;
+pub mod index;
 pub(crate) mod instance;
 pub mod jobs;
 pub(crate) mod listener;

@@ -117,6 +117,14 @@ struct SeenLabels {
     job_statuses: BTreeSet<String>,
 }
 
+/// The edge spool's gauges at one moment (edge mode only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SpoolLevels {
+    pub files: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: u64,
+}
+
 /// The counters' values at one moment, by label where they have one. [`crate::emf`] subtracts two
 /// of these to get what happened in an interval.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,6 +139,10 @@ pub(crate) struct Totals {
     pub failed: BTreeMap<String, u64>,
     /// Import jobs ended by status (`COMPLETED`, `COMPLETED_WITH_ERRORS`, `FAILED`).
     pub jobs_ended: BTreeMap<String, u64>,
+    /// Edge mode: objects uploaded from the spool, their bytes, and spool files quarantined.
+    pub spool_uploaded: u64,
+    pub spool_bytes_uploaded: u64,
+    pub spool_quarantined: u64,
 }
 
 /// Every metric the gateway exports, registered once per process.
@@ -151,6 +163,20 @@ pub(crate) struct Metrics {
     pub job_store_errors: Counter,
     pub import_trigger_errors: Counter,
     pub jobs_ended: Family<StatusLabel, Counter>,
+    /// Edge mode ([`crate::store::spool`]): spool files waiting for upload, their bytes, and the
+    /// age of the oldest (refreshed every second by the uploader).
+    pub spool_files: Gauge,
+    pub spool_bytes: Gauge,
+    pub spool_oldest_age_seconds: Gauge,
+    /// Objects the spool's uploader put at their final key, and their bytes (the upload rate).
+    pub spool_uploaded: Counter,
+    pub spool_bytes_uploaded: Counter,
+    /// Failed upload attempts from the spool (each is retried).
+    pub spool_upload_errors: Counter,
+    /// Spool files moved to quarantine (torn or truncated; never uploaded).
+    pub spool_quarantined: Counter,
+    /// Whether this process runs in edge mode (the spool gauges mean something).
+    spool: AtomicBool,
     seen: Mutex<SeenLabels>,
 }
 
@@ -173,6 +199,14 @@ impl Metrics {
             job_store_errors: Counter::default(),
             import_trigger_errors: Counter::default(),
             jobs_ended: Family::default(),
+            spool_files: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_oldest_age_seconds: Gauge::default(),
+            spool_uploaded: Counter::default(),
+            spool_bytes_uploaded: Counter::default(),
+            spool_upload_errors: Counter::default(),
+            spool_quarantined: Counter::default(),
+            spool: AtomicBool::new(false),
             seen: Mutex::new(SeenLabels::default()),
         };
         // Metric handles are shared: the registered clones and the struct's fields are one metric.
@@ -242,7 +276,57 @@ impl Metrics {
             "Import jobs this gateway saw end, by final status",
             m.jobs_ended.clone(),
         );
+        registry.register(
+            "spool_files",
+            "Edge mode: spool files waiting for upload",
+            m.spool_files.clone(),
+        );
+        registry.register(
+            "spool_bytes",
+            "Edge mode: bytes of the spool files waiting for upload",
+            m.spool_bytes.clone(),
+        );
+        registry.register(
+            "spool_oldest_age_seconds",
+            "Edge mode: age of the oldest spool file waiting for upload",
+            m.spool_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "spool_uploaded",
+            "Edge mode: objects uploaded from the spool to their final key",
+            m.spool_uploaded.clone(),
+        );
+        registry.register(
+            "spool_bytes_uploaded",
+            "Edge mode: bytes uploaded from the spool",
+            m.spool_bytes_uploaded.clone(),
+        );
+        registry.register(
+            "spool_upload_errors",
+            "Edge mode: failed upload attempts from the spool (each is retried)",
+            m.spool_upload_errors.clone(),
+        );
+        registry.register(
+            "spool_quarantined",
+            "Edge mode: spool files moved to quarantine (torn or truncated, never uploaded)",
+            m.spool_quarantined.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// This process spools (edge mode): the spool gauges are reported to CloudWatch too.
+    pub(crate) fn spool_on(&self) {
+        self.spool.store(true, Ordering::Relaxed);
+    }
+
+    /// The spool gauges, in edge mode.
+    pub(crate) fn spool_levels(&self) -> Option<SpoolLevels> {
+        let value = |g: &Gauge| u64::try_from(g.get()).unwrap_or(0);
+        self.spool.load(Ordering::Relaxed).then(|| SpoolLevels {
+            files: value(&self.spool_files),
+            bytes: value(&self.spool_bytes),
+            oldest_age_seconds: value(&self.spool_oldest_age_seconds),
+        })
     }
 
     pub(crate) fn reject(&self, reason: &str) {
@@ -305,6 +389,9 @@ impl Metrics {
             rejected: by_reason(&self.associations_rejected, &seen.reasons),
             failed: by_status(&self.instances_failed, &seen.statuses),
             jobs_ended: by_status(&self.jobs_ended, &seen.job_statuses),
+            spool_uploaded: self.spool_uploaded.get(),
+            spool_bytes_uploaded: self.spool_bytes_uploaded.get(),
+            spool_quarantined: self.spool_quarantined.get(),
         }
     }
 

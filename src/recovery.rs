@@ -11,8 +11,14 @@
 //! Several gateways may run it at the same moment. Adopting an orphan is a conditional write
 //! ([`JobStore::adopt`]: still OPEN, still owned by the dead gateway), so exactly one adopts it;
 //! the others see that they lost and leave it alone.
+//!
+//! In edge mode a batch left OPEN may still have acknowledged instances in this gateway's spool,
+//! replayed at start-up and not yet in S3 ([`ObjectStore::unsettled`]). Such a batch is left OPEN
+//! until the spool has uploaded them: counted from S3 before that, it would be imported partial.
+//! The next pass comes as soon as the spool has settled the batches it waits for, not only after
+//! `--recovery-interval`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -21,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::batch::CloseReason;
 use crate::clock::now_rfc3339;
 use crate::import::{Pipeline, random_below};
+use crate::index::repair::Repairer;
 use crate::jobs::{Job, JobStatus, JobStore, JobStoreError, Transition};
 use crate::store::ObjectStore;
 
@@ -88,12 +95,16 @@ pub(crate) struct Recovery {
     jobs: Arc<dyn JobStore>,
     /// Where an orphaned batch's objects are counted.
     store: Arc<dyn ObjectStore>,
+    /// Adds the index records a dead gateway's channel lost, for the objects of its orphans.
+    index: Arc<Repairer>,
     /// This gateway's name: its own jobs from an earlier run are recovered at once.
     gateway_id: String,
     /// When this process started: its own OPEN jobs from before then are orphans.
     process_started: SystemTime,
     /// How long another gateway's batch may stay OPEN before it counts as orphaned.
     orphan_age: Duration,
+    /// Orphans the last pass left OPEN because the spool still uploads some of their instances.
+    waiting: Mutex<Vec<String>>,
 }
 
 impl Recovery {
@@ -101,6 +112,7 @@ impl Recovery {
         pipeline: Arc<Pipeline>,
         jobs: Arc<dyn JobStore>,
         store: Arc<dyn ObjectStore>,
+        index: Arc<Repairer>,
         gateway_id: String,
         orphan_age: Duration,
     ) -> Self {
@@ -108,15 +120,49 @@ impl Recovery {
             pipeline,
             jobs,
             store,
+            index,
             gateway_id,
             process_started: SystemTime::now(),
             orphan_age,
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Batches to look at again as soon as the store has settled them: those the edge spool
+    /// replayed at start-up (their OPEN record may be written only now, after the first pass).
+    pub(crate) fn wait_for(&self, job_ids: Vec<String>) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for job_id in job_ids {
+            if !waiting.contains(&job_id) {
+                waiting.push(job_id);
+            }
+        }
+    }
+
+    /// Resolves once the store has settled every batch the last pass left waiting (never, when
+    /// none waits: the pass then comes at its interval).
+    async fn waiting_settled(&self) {
+        let waiting = std::mem::take(
+            &mut *self
+                .waiting
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        if waiting.is_empty() {
+            return std::future::pending().await;
+        }
+        for job_id in &waiting {
+            self.store.settled(job_id).await;
         }
     }
 
     /// Closes batches whose gateway stopped while they were open: their counts are recomputed
     /// from the objects under the batch's prefix (every listed object was acknowledged, since
-    /// uploads in progress are never visible), and this gateway adopts them, unless another
+    /// uploads in progress are never visible), the instance index gets the records the dead
+    /// gateway lost for them ([`Repairer::repair`]), and this gateway adopts them, unless another
     /// gateway's recovery adopted one first. Returns how many this gateway adopted.
     async fn close_orphans(&self) -> Result<usize, JobStoreError> {
         let now = SystemTime::now();
@@ -136,7 +182,14 @@ impl Recovery {
             })
             .collect();
         let mut adopted = 0;
+        let mut waiting = Vec::new();
         for job in &orphans {
+            let unsettled = self.store.unsettled(&job.job_id);
+            if unsettled > 0 {
+                info!(job_id = %job.job_id, instances = unsettled, "recovery: the batch left open still has acknowledged instances in the spool; it is closed once they are uploaded");
+                waiting.push(job.job_id.clone());
+                continue;
+            }
             let contents = match self.store.batch_contents(&job.job_id).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -164,6 +217,10 @@ impl Recovery {
                 }
                 continue;
             }
+            // Before the adoption, so that CLOSED still means indexed: the dead gateway's
+            // channel lost the records it held. Several gateways may repair the same orphan at
+            // once; a repair only adds what is missing.
+            self.index.repair(&job.job_id).await;
             let mut closed = job.clone();
             closed.status = JobStatus::Closed;
             closed.closed_at = Some(now_rfc3339());
@@ -179,6 +236,7 @@ impl Recovery {
                 debug!(job_id = %job.job_id, "recovery: another gateway adopted the batch first");
             }
         }
+        self.wait_for(waiting);
         Ok(adopted)
     }
 
@@ -226,6 +284,7 @@ impl Recovery {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.waiting_settled() => {}
             }
         }
     }
@@ -235,6 +294,130 @@ impl Recovery {
 mod tests {
     use super::*;
     use crate::jobs::tests::closed_job;
+    use crate::store::{BatchContents, ObjectKey, ObjectUpload, StoreError};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A store whose spool still holds `pending` instances of every batch, and whose S3 holds two.
+    struct Spooling {
+        pending: AtomicU64,
+        changed: tokio::sync::Notify,
+        /// How often recovery asked.
+        asked: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Spooling {
+        async fn begin(&self, _: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError> {
+            Err(StoreError::Io(std::io::Error::other("not used")))
+        }
+        fn input_s3_uri(&self, job_id: &str) -> String {
+            format!("s3://b/import/{job_id}/")
+        }
+        async fn check(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn batch_contents(&self, _: &str) -> Result<BatchContents, StoreError> {
+            let mut c = BatchContents::default();
+            c.add("1.2/1.2.3/1.2.3.4.dcm", 10);
+            c.add("1.2/1.2.3/1.2.3.5.dcm", 10);
+            Ok(c)
+        }
+        async fn exists(&self, _: &ObjectKey) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn list_objects(
+            &self,
+            _: &str,
+        ) -> Result<Vec<crate::store::ListedObject>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn read_head(&self, _: &str, _: u64) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+        fn describe(&self) -> String {
+            "spooling".into()
+        }
+        fn unsettled(&self, _: &str) -> u64 {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            self.pending.load(Ordering::SeqCst)
+        }
+        async fn settled(&self, job_id: &str) {
+            loop {
+                let changed = self.changed.notified();
+                if self.unsettled(job_id) == 0 {
+                    return;
+                }
+                changed.await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_orphan_with_instances_still_in_the_spool_is_closed_only_once_they_are_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs: Arc<dyn JobStore> = Arc::new(crate::jobs::local::LocalJournal::new(dir.path()));
+        let job = Job::opened(
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N",
+            "2026-11-23T10:00:00.000Z",
+            "s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6N/",
+            "me",
+        );
+        jobs.record_open(&job).await.unwrap();
+        let store = Arc::new(Spooling {
+            pending: AtomicU64::new(1),
+            changed: tokio::sync::Notify::new(),
+            asked: AtomicU64::new(0),
+        });
+        let pipeline = Pipeline::new(jobs.clone(), None, "me".into(), Duration::from_millis(10));
+        let index: Arc<dyn crate::index::InstanceIndex> =
+            Arc::new(crate::index::local::LocalIndex::new(dir.path()));
+        let repairer = Arc::new(crate::index::repair::Repairer::new(
+            index,
+            store.clone(),
+            None,
+        ));
+        let recovery = Arc::new(Recovery::new(
+            pipeline,
+            jobs.clone(),
+            store.clone(),
+            repairer,
+            "me".into(),
+            Duration::from_secs(3600),
+        ));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (recovery, stop) = (recovery.clone(), stop.clone());
+            // An interval far beyond the test: only the spool settling can bring the next pass.
+            async move {
+                recovery
+                    .run_periodically(Duration::from_secs(3600), Duration::ZERO, stop)
+                    .await
+            }
+        });
+        let status = async || jobs.get(&job.job_id).await.unwrap().unwrap();
+        // The first pass asked the spool, and so left the job alone (it asks before anything else).
+        while store.asked.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(status().await.status, JobStatus::Open, "not closed partial");
+        store.pending.store(0, Ordering::SeqCst);
+        store.changed.notify_waiters();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let j = status().await;
+                if j.status == JobStatus::Closed {
+                    return j;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("closed as soon as the spool settled, not at the next interval");
+        assert_eq!(closed.instance_count, Some(2));
+        assert_eq!(closed.close_reason, Some(CloseReason::Recovered));
+        stop.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn recovery_decision() {

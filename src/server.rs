@@ -7,18 +7,24 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::association::Services;
 use crate::aws::{Aws, AwsSetupError};
-use crate::batch::Batcher;
+use crate::batch::{BatchEvent, Batcher};
+use crate::commitment::Commitments;
+use crate::commitment::dynamodb::DynamoPending;
+use crate::commitment::pending::{LocalPending, PendingStore};
 use crate::config::{
-    ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, StoreConfig, TlsConfig,
+    ImportConfig, IndexConfig, JobStoreConfig, LogFormat, ServeConfig, SpoolConfig, StoreConfig,
+    TlsConfig,
 };
 use crate::emf::Emitter;
 use crate::health::Readiness;
 use crate::import::{ImportTrigger, Pipeline, StepFunctionsTrigger};
+use crate::index::dynamodb::DynamoIndex;
 use crate::index::local::LocalIndex;
+use crate::index::repair::{Repairer, run_gate};
 use crate::index::{CHANNEL_CAPACITY, IndexSender, InstanceIndex, run_writer};
 use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
@@ -29,6 +35,7 @@ use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
+use crate::store::spool::Spool;
 use crate::tls::TlsSwitch;
 
 /// How long recovery leaves a CLOSED job alone that a live pipeline may still be starting.
@@ -66,6 +73,10 @@ fn aws_for(config: &ServeConfig) -> Aws {
             "--job-table",
             matches!(config.job_store, JobStoreConfig::DynamoDb { .. }),
         ),
+        (
+            "--instance-table",
+            matches!(config.index, IndexConfig::DynamoDb { .. }),
+        ),
         ("--state-machine-arn", config.import.is_some()),
     ]
     .into_iter()
@@ -86,16 +97,6 @@ pub(crate) async fn open_job_store(
         )),
         JobStoreConfig::LocalJournal { dir } => Arc::new(LocalJournal::new(dir.clone())),
     })
-}
-
-/// The instance index the configuration names, for reading and recording outcomes (the `jobs`
-/// and `instances` commands); `None` when there is none. Serving opens it with [`open_index`],
-/// which adds the rebuild and the writer.
-pub(crate) fn open_instance_index(config: &IndexConfig) -> Option<Arc<dyn InstanceIndex>> {
-    match config {
-        IndexConfig::Local { store_root } => Some(Arc::new(LocalIndex::new(store_root))),
-        IndexConfig::Off => None,
-    }
 }
 
 /// An S3 client from the AWS configuration.
@@ -136,6 +137,26 @@ async fn open_store(config: &StoreConfig, aws: &Aws) -> anyhow::Result<Arc<dyn O
             Ok(Arc::new(store))
         }
     }
+}
+
+/// Edge mode: the spool in front of `inner` (S3), with what a crash left in it queued for upload.
+async fn open_spool(
+    config: &SpoolConfig,
+    inner: Arc<dyn ObjectStore>,
+) -> anyhow::Result<Arc<Spool>> {
+    Spool::open(
+        config.dir.clone(),
+        config.capacity,
+        config.upload_concurrency,
+        inner,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot use --spool-dir {}: check that it is writable",
+            config.dir.display()
+        )
+    })
 }
 
 /// The Step Functions trigger that starts each closed batch's import.
@@ -201,46 +222,80 @@ async fn open_tls(config: &TlsConfig) -> anyhow::Result<(TcpListener, Arc<TlsSwi
     Ok((listener, switch))
 }
 
-/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
-/// receive path's sender and the writer task to wait for at shutdown.
-struct OpenIndex {
-    index: Option<Arc<dyn InstanceIndex>>,
-    sender: IndexSender,
-    writer: Option<tokio::task::JoinHandle<()>>,
+/// Where pending Storage Commitment requests are kept: beside the job records.
+async fn open_pending(
+    config: &JobStoreConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn PendingStore>, AwsSetupError> {
+    Ok(match config {
+        JobStoreConfig::DynamoDb { table } => Arc::new(DynamoPending::new(
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
+            table.clone(),
+        )),
+        JobStoreConfig::LocalJournal { dir } => Arc::new(LocalPending::new(dir.clone())),
+    })
 }
 
-/// The instance index the configuration names: a rebuild of what a crash lost (in the background,
-/// so receiving starts at once) and the writer the receive path hands records to.
-fn open_index(config: &IndexConfig) -> OpenIndex {
-    let IndexConfig::Local { store_root } = config else {
-        return OpenIndex {
-            index: None,
-            sender: IndexSender::disabled(),
-            writer: None,
-        };
+/// The instance index the configuration names: the local journal or a DynamoDB table.
+pub(crate) async fn open_instance_index(
+    config: &IndexConfig,
+    aws: &Aws,
+) -> Result<Arc<dyn InstanceIndex>, AwsSetupError> {
+    Ok(match config {
+        IndexConfig::Local { store_root } => Arc::new(LocalIndex::new(store_root)),
+        IndexConfig::DynamoDb { table } => Arc::new(DynamoIndex::new(
+            aws_sdk_dynamodb::Client::new(aws.config().await?),
+            table.clone(),
+        )),
+    })
+}
+
+/// What the index gives the rest of the gateway: the index itself (for the outcome reader), the
+/// receive path's sender, the writer task to wait for at shutdown, and the repairer that closing
+/// batches and recovery use.
+struct OpenIndex {
+    index: Arc<dyn InstanceIndex>,
+    sender: IndexSender,
+    writer: tokio::task::JoinHandle<()>,
+    repairer: Arc<Repairer>,
+}
+
+/// The instance index the configuration names, the writer the receive path hands records to,
+/// and for the local journal a rebuild of what a crash lost (in the background, so receiving
+/// starts at once).
+async fn open_index(
+    config: &IndexConfig,
+    aws: &Aws,
+    store: Arc<dyn ObjectStore>,
+) -> Result<OpenIndex, AwsSetupError> {
+    let index = match config {
+        // One LocalIndex for the rebuild and the writer: its lock keeps them apart.
+        IndexConfig::Local { store_root } => {
+            let local = LocalIndex::new(store_root);
+            let rebuilding = local.clone();
+            tokio::spawn(async move {
+                match rebuilding.rebuild_async().await {
+                    Ok(added) => {
+                        info!(added, index = %rebuilding.describe(), "instance index rebuilt from the store")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
+                    }
+                }
+            });
+            Arc::new(local) as Arc<dyn InstanceIndex>
+        }
+        IndexConfig::DynamoDb { .. } => open_instance_index(config, aws).await?,
     };
-    let index = LocalIndex::new(store_root);
-    {
-        let index = index.clone();
-        tokio::spawn(async move {
-            match index.rebuild_async().await {
-                Ok(added) => {
-                    info!(added, index = %index.describe(), "instance index rebuilt from the store")
-                }
-                Err(e) => {
-                    warn!(error = %e, "instance index rebuild failed; `dicom-gateway instances show` may miss instances stored before a crash")
-                }
-            }
-        });
-    }
-    let index: Arc<dyn InstanceIndex> = Arc::new(index);
-    let (sender, rx) = IndexSender::channel(CHANNEL_CAPACITY);
-    let writer = tokio::spawn(run_writer(index.clone(), rx));
-    OpenIndex {
-        index: Some(index),
+    let (sender, rx, tally) = IndexSender::channel(CHANNEL_CAPACITY);
+    let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
+    let repairer = Arc::new(Repairer::new(index.clone(), store, Some(tally)));
+    Ok(OpenIndex {
+        index,
         sender,
-        writer: Some(writer),
-    }
+        writer,
+        repairer,
+    })
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
@@ -248,7 +303,22 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     // A missing region or credentials stops start-up here, naming what to set (exit status 2).
     let aws = aws_for(&config);
     let store = open_store(&config.store, &aws).await?;
+    // Edge mode: the spool takes the store's place on the receive path; S3 is behind it.
+    let spool = match &config.spool {
+        Some(spool) => Some(open_spool(spool, store.clone()).await?),
+        None => None,
+    };
+    let store: Arc<dyn ObjectStore> = match &spool {
+        Some(spool) => spool.clone(),
+        None => store,
+    };
     let jobs = open_job_store(&config.job_store, &aws).await?;
+    let OpenIndex {
+        index: instance_index,
+        sender: index,
+        writer: index_writer,
+        repairer: index_repairer,
+    } = open_index(&config.index, &aws, store.clone()).await?;
     let trigger = match &config.import {
         Some(import) => Some(open_trigger(import, &aws).await?),
         None => None,
@@ -265,7 +335,25 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         None => None,
     };
 
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    // Batch events go through the index gate: a closing batch reaches the pipeline (which
+    // records it CLOSED) once its job's instances are indexed.
+    let (events_tx, gate_rx) = mpsc::unbounded_channel();
+    let (gate_tx, events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_gate(index_repairer.clone(), gate_rx, gate_tx));
+    // Edge mode: the batches of the instances a crash left in the spool are recorded OPEN (a job
+    // already recorded is left alone): a gateway killed right after a batch's first acknowledged
+    // instance may never have recorded it, and its instances must still be imported. A job id is
+    // the batch's ULID, which holds when it opened.
+    let replayed = spool.as_ref().map(|s| s.pending_jobs()).unwrap_or_default();
+    for job_id in &replayed {
+        if let Ok(ulid) = ulid::Ulid::from_string(job_id) {
+            let _ = events_tx.send(BatchEvent::Opened {
+                job_id: job_id.clone(),
+                created_at: crate::clock::rfc3339(ulid.datetime()),
+                input_s3_uri: store.input_s3_uri(job_id),
+            });
+        }
+    }
     let location_store = store.clone();
     let batcher = Batcher::new(
         config.batch_limits,
@@ -287,9 +375,11 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             pipeline.clone(),
             jobs.clone(),
             store.clone(),
+            index_repairer.clone(),
             gateway_id.clone(),
             config.recovery.orphan_age,
         );
+        recovery.wait_for(replayed);
         let (interval, stop) = (config.recovery.interval, recovery_stop.clone());
         tokio::spawn(async move {
             recovery
@@ -297,12 +387,6 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 .await
         })
     };
-    // The index first: the outcome reader records per-instance outcomes on it.
-    let OpenIndex {
-        index: outcome_index,
-        sender: index,
-        writer: index_writer,
-    } = open_index(&config.index);
     // Imports end IMPORTED; any gateway of the fleet that can read S3 reads their results and ends
     // them, whether it starts imports itself or not: a gateway restarted without
     // --state-machine-arn still finishes the imports in flight (it looks at the recovery interval).
@@ -317,7 +401,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
             let reader = OutcomeReader::new(
                 jobs.clone(),
                 Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
-                outcome_index,
+                Some(instance_index.clone()),
                 gateway_id.clone(),
                 OutcomeTiming::every(interval),
             );
@@ -328,14 +412,37 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));
+    let uploader = spool.as_ref().map(|spool| {
+        let (spool, stop) = (spool.clone(), CancellationToken::new());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { spool.run_uploader(stop).await }
+        });
+        (task, stop)
+    });
 
+    // Storage Commitment decides from the instance index.
+    let acceptance = config.acceptance.clone();
+    let pending = open_pending(&config.job_store, &aws).await?;
+    let (commitments, commitment_worker) = Commitments::new(
+        config.commitment.clone(),
+        config.acceptance.ae_title.clone(),
+        gateway_id.clone(),
+        instance_index.clone(),
+        store.clone(),
+        pending,
+    );
+    let commitments = Some(commitments);
+    let commitment_stop = CancellationToken::new();
+    let commitment_task = tokio::spawn(commitment_worker.run(commitment_stop.clone()));
     let services = Arc::new(Services {
-        acceptance: config.acceptance.clone(),
+        acceptance,
         timeouts: config.timeouts,
         store: store.clone(),
         batcher: batcher.clone(),
         duplicates: config.duplicate_policy,
         index,
+        commitments,
     });
     let listener = Listener::new(
         plain,
@@ -355,6 +462,7 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
         ae_title = %config.acceptance.ae_title,
         store = %store.describe(),
         jobs = %jobs.describe(),
+        index = %instance_index.describe(),
         import = %trigger.as_ref().map(|t| t.describe()).unwrap_or_else(|| "none (batches stay CLOSED)".into()),
         gateway_id = %gateway_id,
         sop_classes = config.acceptance.syntaxes.sop_class_count(),
@@ -368,6 +476,16 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     {
         let readiness = readiness.clone();
         tokio::spawn(async move { readiness.startup_check().await });
+    }
+    // The DynamoDB index too, with one Query: it is derived data, so it does not make the gateway
+    // unready, but a wrong table name or a missing permission should show at once.
+    if matches!(config.index, IndexConfig::DynamoDb { .. }) {
+        let index = instance_index.clone();
+        tokio::spawn(async move {
+            if let Err(e) = index.find("2.25.0").await {
+                error!(error = %e, "{} does not answer at start-up; receiving continues, and records it misses are repaired from the store when their batch closes", index.describe());
+            }
+        });
     }
     let health_stop = CancellationToken::new();
     let health = match config.metrics_listen {
@@ -405,16 +523,26 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
     timer_stop.cancel();
     let _ = timer.await;
     batcher.close_all(Duration::from_secs(5)).await;
+    // Edge mode: uploads still to do wait in the spool for the next start; their batches stay
+    // OPEN (never closed partial), and recovery closes them once the next start uploaded them.
+    if let Some((task, stop)) = uploader {
+        stop.cancel();
+        let _ = task.await;
+    }
     drop(batcher);
     recovery_stop.cancel();
     recovery.abort();
+    // Requests not answered yet stay recorded; the next start (or another gateway) answers them.
+    commitment_stop.cancel();
+    let _ = commitment_task.await;
     // Every sender went with the associations: the writer appends what it holds, then ends.
-    if let Some(writer) = index_writer
-        && tokio::time::timeout(Duration::from_secs(5), writer)
-            .await
-            .is_err()
+    if tokio::time::timeout(Duration::from_secs(5), index_writer)
+        .await
+        .is_err()
     {
-        warn!("instance index: still writing at shutdown; the next start rebuilds what is missing");
+        warn!(
+            "instance index: still writing at shutdown; batches not recorded CLOSED are repaired by recovery at the next start"
+        );
     }
     // The job in hand is finished; should that take too long, its claim expires and the next
     // gateway to look finishes it.

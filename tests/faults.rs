@@ -129,6 +129,8 @@ async fn dynamodb_and_step_functions_down_at_batch_close_delay_the_job_but_fail_
             "--s3-force-path-style",
             "--job-table",
             &stack.table,
+            "--instance-table",
+            &stack.instance_table,
             "--state-machine-arn",
             &arn_case,
             "--datastore-id",

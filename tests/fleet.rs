@@ -93,9 +93,23 @@ fn serve_without_a_region_exits_naming_what_to_set_and_without_sdk_noise() {
     assert!(!stderr.contains("WARN"), "no SDK probing noise:\n{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
 
+    let (status, stderr) = serve_expecting_exit(
+        &["--job-table", "jobs", "--instance-table", "instances"],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("for --job-table, --instance-table"),
+        "{stderr}"
+    );
+
+    // The job table without the instance table is a usage error that says what to add.
     let (status, stderr) = serve_expecting_exit(&["--job-table", "jobs"], &[]);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("for --job-table"), "{stderr}");
+    assert!(
+        stderr.contains("--job-table also needs --instance-table"),
+        "{stderr}"
+    );
 }
 
 #[test]

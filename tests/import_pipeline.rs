@@ -31,6 +31,8 @@ fn gateway(stack: &Stack, case: &str, gateway_id: &str) -> Gateway {
             "--s3-force-path-style",
             "--job-table",
             &stack.table,
+            "--instance-table",
+            &stack.instance_table,
             "--state-machine-arn",
             &arn,
             "--datastore-id",
@@ -172,6 +174,8 @@ async fn a_clean_import_ends_completed_with_counts_and_jobs_show_reports_it() {
             "list",
             "--job-table",
             &stack.table,
+            "--instance-table",
+            &stack.instance_table,
             "--limit",
             "100",
         ])

@@ -5,6 +5,11 @@
 //! arrive, and each C-STORE is answered only once the receiver reports the outcome, which for
 //! Success means the object is durable. A protocol violation gets an A-ABORT with the matching
 //! reason; an A-ABORT, a dropped connection or the shutdown deadline discards the instance in flight.
+//!
+//! On a Storage Commitment context, an N-ACTION-RQ's Action Information is collected, checked and
+//! handed to [`Commitments`], then answered; the report comes back through the association's
+//! [`LiveAssociation`] channel if it is still open, and goes out as an N-EVENT-REPORT-RQ between
+//! messages, its N-EVENT-REPORT-RSP read like any other command.
 
 mod negotiate;
 #[cfg(test)]
@@ -16,13 +21,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dicom_dictionary_std::uids::{
+    STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+};
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRJ, AssociationRQ, Pdu};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::batch::{Batcher, DuplicatePolicy};
+use crate::commitment::{self, Commitments, LiveAssociation, LiveReport};
 use crate::connection::Connection;
 use crate::dimse::{self, Command, Status, command_field};
 use crate::index::IndexSender;
@@ -69,6 +79,8 @@ pub(crate) struct Services {
     pub duplicates: DuplicatePolicy,
     /// Where records of stored instances go.
     pub index: IndexSender,
+    /// Storage Commitment, when on (it needs the instance index).
+    pub commitments: Option<Arc<Commitments>>,
 }
 
 /// The status a request is answered with, and for failures a short, patient-data-free Error
@@ -95,8 +107,17 @@ impl Answer {
     fn unrecognized() -> Answer {
         Answer::failure(
             Status::UNRECOGNIZED_OPERATION,
-            "only C-ECHO and C-STORE are supported",
+            "only C-ECHO, C-STORE and Storage Commitment are supported",
         )
+    }
+}
+
+impl From<commitment::Refusal> for Answer {
+    fn from(r: commitment::Refusal) -> Answer {
+        Answer {
+            status: r.status,
+            comment: Some(r.reason),
+        }
     }
 }
 
@@ -116,8 +137,12 @@ impl From<Result<(), InstanceError>> for Answer {
 enum DataSet {
     /// A C-STORE's data set, streamed to the store.
     Instance(Box<InstanceReceiver>),
+    /// The Action Information of a Storage Commitment N-ACTION, collected whole (it is small).
+    Action(Vec<u8>),
     /// The data set of a request we do not support: consumed, then answered with this.
     Refused(Answer),
+    /// A data set nobody answers (one that came with a response): consumed.
+    Ignored,
 }
 
 /// Where the DIMSE loop is in the current message (PS3.7 §9, PS3.8 §9.3.5).
@@ -144,6 +169,48 @@ enum End {
     Aborted(&'static str),
 }
 
+/// An association's Storage Commitment state: where its reports arrive, and the one it sent
+/// whose N-EVENT-REPORT-RSP is awaited.
+struct Live {
+    association: LiveAssociation,
+    /// The Storage Commitment context reports go on: the last one an N-ACTION came on.
+    context_id: u8,
+    transfer_syntax: String,
+    /// Message ID of our next N-EVENT-REPORT-RQ.
+    next_message_id: u16,
+    awaiting: Option<Awaiting>,
+    /// The worker is gone (shutdown): no more reports come.
+    closed: bool,
+}
+
+/// A report sent, its response not yet read.
+struct Awaiting {
+    message_id: u16,
+    delivered: oneshot::Sender<Status>,
+}
+
+impl Live {
+    /// Whether a report may go out now: none is awaiting its response (or the worker stopped
+    /// waiting for it).
+    fn can_send(&mut self) -> bool {
+        if self
+            .awaiting
+            .as_ref()
+            .is_some_and(|a| a.delivered.is_closed())
+        {
+            self.awaiting = None;
+        }
+        !self.closed && self.awaiting.is_none()
+    }
+}
+
+/// What woke an idle association that may receive reports.
+enum Wake {
+    Stop,
+    Report(Option<LiveReport>),
+    Peer(Result<(), PduError>),
+}
+
 /// Runs one association over its [`Connection`]: negotiation, then the DIMSE loop.
 pub(crate) struct Handler<S> {
     connection: Connection<S>,
@@ -152,6 +219,8 @@ pub(crate) struct Handler<S> {
     hard_stop: CancellationToken,
     /// Subject common name of the client's TLS certificate, on the TLS port with client certificates.
     peer_cn: Option<String>,
+    /// Set when a Storage Commitment context was accepted.
+    live: Option<Live>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
@@ -162,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             services,
             hard_stop,
             peer_cn: None,
+            live: None,
         }
     }
 
@@ -239,6 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 m.associations.inc();
                 m.associations_active.inc();
                 self.connection.set_peer_max_pdu(peer_max_pdu);
+                self.live = self.open_live(&contexts);
                 let end = self.serve(&contexts, &calling_ae).await;
                 m.associations_active.dec();
                 match end {
@@ -249,6 +320,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 }
             }
         }
+    }
+
+    /// Registers for live delivery of commitment reports if a Storage Commitment context was accepted.
+    fn open_live(&self, contexts: &HashMap<u8, AcceptedContext>) -> Option<Live> {
+        let commitments = self.services.commitments.as_ref()?;
+        let (&context_id, context) = contexts
+            .iter()
+            .filter(|(_, c)| c.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL)
+            .min_by_key(|(id, _)| **id)?;
+        Some(Live {
+            association: commitments.open_association(),
+            context_id,
+            transfer_syntax: context.transfer_syntax.clone(),
+            next_message_id: 1,
+            awaiting: None,
+            closed: false,
+        })
+    }
+
+    /// Waits until the peer sends something, a commitment report is ready to go, or the
+    /// shutdown deadline passes. Only between messages, with no report awaiting its response.
+    async fn wait_for_peer_or_report(&mut self) -> Wake {
+        let idle = self.services.timeouts.idle;
+        let Some(live) = self.live.as_mut() else {
+            return Wake::Peer(Ok(()));
+        };
+        tokio::select! {
+            biased;
+            _ = self.hard_stop.cancelled() => Wake::Stop,
+            r = live.association.reports.recv() => Wake::Report(r),
+            r = self.connection.readable(idle) => Wake::Peer(r),
+        }
+    }
+
+    /// Sends a commitment report as an N-EVENT-REPORT-RQ; its response is read by the DIMSE loop.
+    async fn send_report(&mut self, live_report: LiveReport) -> Result<(), PduError> {
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
+        let LiveReport { report, delivered } = live_report;
+        let message_id = live.next_message_id;
+        live.next_message_id = live.next_message_id.wrapping_add(1).max(1);
+        let command = dimse::n_event_report_request(
+            message_id,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+            report.event_type_id(),
+        );
+        let data = report.encode(commitment::dataset::Encoding::of(&live.transfer_syntax));
+        let context_id = live.context_id;
+        live.awaiting = Some(Awaiting {
+            message_id,
+            delivered,
+        });
+        info!(
+            transaction_uid = %report.transaction_uid,
+            message_id,
+            event_type_id = report.event_type_id(),
+            "storage commitment report sent on the requesting association"
+        );
+        self.connection
+            .write_message(context_id, true, &command)
+            .await?;
+        self.connection
+            .write_message(context_id, false, &data)
+            .await
     }
 
     async fn respond(
@@ -270,6 +407,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     async fn serve(&mut self, contexts: &HashMap<u8, AcceptedContext>, calling_ae: &str) -> End {
         let mut state = Dimse::Idle;
         let end = loop {
+            if matches!(state, Dimse::Idle) && self.live.as_mut().is_some_and(Live::can_send) {
+                match self.wait_for_peer_or_report().await {
+                    Wake::Stop => {
+                        self.connection
+                            .abort(AbortRQServiceProviderReason::ReasonNotSpecified)
+                            .await;
+                        break End::Aborted("gateway shutting down: deadline passed");
+                    }
+                    Wake::Report(Some(report)) => {
+                        if let Err(e) = self.send_report(report).await {
+                            debug!(error = %e, "could not send a storage commitment report");
+                            break End::Closed;
+                        }
+                        continue;
+                    }
+                    Wake::Report(None) => {
+                        if let Some(live) = self.live.as_mut() {
+                            live.closed = true;
+                        }
+                        continue;
+                    }
+                    Wake::Peer(Err(PduError::TimedOut(_))) => {
+                        self.connection
+                            .abort(AbortRQServiceProviderReason::ReasonNotSpecified)
+                            .await;
+                        break End::Aborted("idle timeout");
+                    }
+                    Wake::Peer(Err(e)) => {
+                        debug!(error = %e, "connection error");
+                        break End::Closed;
+                    }
+                    Wake::Peer(Ok(())) => {}
+                }
+            }
             let next = tokio::select! {
                 biased;
                 _ = self.hard_stop.cancelled() => {
@@ -404,8 +575,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 "data set fragment on a different presentation context than its command",
             ));
         }
-        if let DataSet::Instance(receiver) = data_set {
-            receiver.feed(&pdv.data).instrument(span.clone()).await;
+        match data_set {
+            DataSet::Instance(receiver) => {
+                receiver.feed(&pdv.data).instrument(span.clone()).await;
+            }
+            DataSet::Action(buf) => {
+                if buf.len() + pdv.data.len() > commitment::MAX_ACTION_INFORMATION {
+                    // Refused once complete; the rest is consumed, not kept.
+                    *data_set = DataSet::Refused(Answer::failure(
+                        Status::RESOURCE_LIMITATION,
+                        "Action Information too large",
+                    ));
+                } else {
+                    buf.extend_from_slice(&pdv.data);
+                }
+            }
+            DataSet::Refused(_) | DataSet::Ignored => {}
         }
         if !pdv.is_last {
             return Ok(());
@@ -421,7 +606,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         };
         let answer = match data_set {
             DataSet::Instance(receiver) => receiver.finish().instrument(span).await.into(),
+            DataSet::Action(bytes) => {
+                let transfer_syntax = contexts
+                    .get(&context_id)
+                    .map(|c| c.transfer_syntax.as_str())
+                    .unwrap_or_default();
+                self.commitment_request(context_id, transfer_syntax, &bytes, calling_ae)
+                    .await
+            }
             DataSet::Refused(answer) => answer,
+            DataSet::Ignored => return Ok(()),
         };
         self.respond(context_id, &command, &answer)
             .await
@@ -478,6 +672,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             }
             // Nothing is cancellable here: C-STORE has no pending responses.
             command_field::C_CANCEL_RQ => return Ok(()),
+            command_field::N_ACTION_RQ
+                if context.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL
+                    && self.live.is_some() =>
+            {
+                let data_set = match commitment::check_action_command(&command) {
+                    Ok(()) => DataSet::Action(Vec::new()),
+                    Err(refusal) => {
+                        warn!(status = %refusal.status, reason = %refusal.reason, "storage commitment request refused");
+                        let answer = Answer::from(refusal);
+                        if !command.has_dataset {
+                            return self.answer(context_id, &command, &answer).await;
+                        }
+                        DataSet::Refused(answer)
+                    }
+                };
+                (data_set, Span::none())
+            }
+            field if field & command_field::RESPONSE_BIT != 0 => {
+                self.on_response(&command);
+                if !command.has_dataset {
+                    return Ok(());
+                }
+                (DataSet::Ignored, Span::none())
+            }
             _ if command.has_dataset => (DataSet::Refused(Answer::unrecognized()), Span::none()),
             field => {
                 info!(
@@ -497,6 +715,70 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             span,
         };
         Ok(())
+    }
+
+    /// Reads a complete N-ACTION's Action Information and hands the request over; the answer is
+    /// its N-ACTION-RSP.
+    async fn commitment_request(
+        &mut self,
+        context_id: u8,
+        transfer_syntax: &str,
+        bytes: &[u8],
+        calling_ae: &str,
+    ) -> Answer {
+        let (Some(commitments), Some(live)) =
+            (self.services.commitments.clone(), self.live.as_mut())
+        else {
+            return Answer::unrecognized();
+        };
+        let action = match commitment::read_action_information(bytes, transfer_syntax) {
+            Ok(action) => action,
+            Err(refusal) => {
+                warn!(status = %refusal.status, reason = %refusal.reason, "storage commitment request refused");
+                return refusal.into();
+            }
+        };
+        // Reports for this request go back on the context it came on.
+        live.context_id = context_id;
+        live.transfer_syntax = transfer_syntax.to_string();
+        let transaction_uid = action.transaction_uid.clone();
+        match commitments
+            .submit(action, calling_ae, live.association.id)
+            .await
+        {
+            Ok(()) => Answer::SUCCESS,
+            Err(e) => {
+                warn!(transaction_uid = %transaction_uid, status = %e.status(), reason = %e, "storage commitment request refused");
+                Answer::failure(e.status(), e.comment())
+            }
+        }
+    }
+
+    /// A response from the peer: the N-EVENT-REPORT-RSP of the report we sent, or nothing we
+    /// asked for (ignored).
+    fn on_response(&mut self, command: &Command) {
+        let is_report_response =
+            command.command_field == command_field::N_EVENT_REPORT_RQ | command_field::RESPONSE_BIT;
+        let awaited = self
+            .live
+            .as_mut()
+            .filter(|_| is_report_response)
+            .and_then(|live| {
+                live.awaiting
+                    .take_if(|a| a.message_id == command.message_id)
+            });
+        match awaited {
+            Some(a) => {
+                let status = command.status.unwrap_or(Status::PROCESSING_FAILURE);
+                debug!(message_id = command.message_id, status = %status, "N-EVENT-REPORT-RSP");
+                let _ = a.delivered.send(status);
+            }
+            None => info!(
+                command_field = format_args!("{:#06X}", command.command_field),
+                message_id = command.message_id,
+                "unexpected response from the peer ignored"
+            ),
+        }
     }
 
     /// Answers a request that has no data set (or whose data set was refused).

@@ -149,7 +149,10 @@ pub(crate) fn negotiate(
                 None,
             )
         } else {
-            match cfg.syntaxes.choose_transfer_syntax(&pc.transfer_syntaxes) {
+            match cfg
+                .syntaxes
+                .choose_transfer_syntax_for(&abstract_syntax, &pc.transfer_syntaxes)
+            {
                 Some(ts) => (
                     PresentationContextResultReason::Acceptance,
                     Some(ts.to_string()),

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_dictionary_std::uids::{CT_IMAGE_STORAGE, VERIFICATION};
+use dicom_dictionary_std::uids::{
+    CT_IMAGE_STORAGE, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+    VERIFICATION,
+};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
@@ -23,7 +26,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AcceptancePolicy, Handler, Services, Timeouts};
 use crate::batch::{BatchLimits, Batcher, DuplicatePolicy};
+use crate::commitment::dataset::{ActionInformation, Encoding};
+use crate::commitment::pending::LocalPending;
+use crate::commitment::{
+    CommitWhen, CommitmentSettings, Commitments, FailureReason, Report, SopReference,
+};
 use crate::dimse::{self, Status, command_field};
+use crate::index::InstanceIndex;
+use crate::index::local::LocalIndex;
 use crate::pdu::{self, Incoming};
 use crate::policy::SyntaxPolicy;
 use crate::store::local::{INCOMING_DIR, LocalStore};
@@ -32,6 +42,8 @@ const AE: &str = "GATEWAY";
 /// Presentation context ids the SCU proposes: CT_IMAGE_STORAGE Image Storage and Verification.
 const CT_CONTEXT: u8 = 1;
 const ECHO_CONTEXT: u8 = 3;
+/// The Storage Commitment Push Model context, proposed too (accepted when commitment is on).
+const COMMITMENT_CONTEXT: u8 = 5;
 const STUDY: &str = "1.2.826.0.1.3680043.2.1125.5";
 const SERIES: &str = "1.2.826.0.1.3680043.2.1125.5.1";
 const SOP: &str = "1.2.826.0.1.3680043.2.1125.5.1.1";
@@ -46,10 +58,31 @@ struct Association {
 
 impl Association {
     /// Builds the services as src/server.rs does, on a local store in a temporary directory, and
-    /// runs a [`Handler`] on one end of an in-memory stream. The only place that knows how.
-    async fn start() -> Association {
+    /// runs a [`Handler`] on one end of an in-memory stream. The only place that knows how. With
+    /// `commitment`, Storage Commitment is on with these settings: the real instance index of the
+    /// local store (its writer behind the C-STORE response, as in the gateway) and the local
+    /// commitment journal.
+    async fn start_with(commitment: Option<CommitmentSettings>) -> Association {
         let store = tempfile::tempdir().unwrap();
-        let local = LocalStore::open(store.path()).await.unwrap();
+        let local: Arc<LocalStore> = Arc::new(LocalStore::open(store.path()).await.unwrap());
+        let (index, commitments) = match commitment {
+            None => (crate::index::IndexSender::disabled(), None),
+            Some(settings) => {
+                let index: Arc<dyn InstanceIndex> = Arc::new(LocalIndex::new(store.path()));
+                let (sender, rx, tally) = crate::index::IndexSender::channel(64);
+                tokio::spawn(crate::index::run_writer(index.clone(), rx, tally));
+                let (commitments, worker) = Commitments::new(
+                    settings,
+                    AE.into(),
+                    "gw-test".into(),
+                    index,
+                    local.clone(),
+                    Arc::new(LocalPending::new(store.path().join("jobs"))),
+                );
+                tokio::spawn(worker.run(CancellationToken::new()));
+                (sender, Some(commitments))
+            }
+        };
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
         let services = Arc::new(Services {
             acceptance: AcceptancePolicy {
@@ -65,10 +98,11 @@ impl Association {
                 idle: Duration::from_secs(5),
                 io: Duration::from_secs(5),
             },
-            store: Arc::new(local),
+            store: local,
             batcher: Batcher::new(BatchLimits::default(), |id| id.to_string(), events),
             duplicates: DuplicatePolicy::Overwrite,
-            index: crate::index::IndexSender::disabled(),
+            index,
+            commitments,
         });
         let (scu, gateway) = tokio::io::duplex(1 << 20);
         let mut handler = Handler::new(gateway, services, CancellationToken::new());
@@ -84,10 +118,15 @@ impl Association {
         }
     }
 
-    /// [`Association::start`], then an A-ASSOCIATE-RQ for CT_IMAGE_STORAGE Image Storage and Verification, both
-    /// in explicit VR little endian; panics unless accepted.
+    /// [`Association::start_with`], then an A-ASSOCIATE-RQ for CT Image Storage, Verification and
+    /// Storage Commitment, all in explicit VR little endian; panics unless accepted.
     async fn associate() -> Association {
-        let mut a = Association::start().await;
+        Association::associate_with(None).await
+    }
+
+    /// [`Association::associate`], with a Storage Commitment context too when `commitment` is given.
+    async fn associate_with(commitment: Option<CommitmentSettings>) -> Association {
+        let mut a = Association::start_with(commitment).await;
         let context = |id, abstract_syntax: &str| PresentationContextProposed {
             id,
             abstract_syntax: abstract_syntax.into(),
@@ -101,6 +140,7 @@ impl Association {
             presentation_contexts: vec![
                 context(CT_CONTEXT, CT_IMAGE_STORAGE),
                 context(ECHO_CONTEXT, VERIFICATION),
+                context(COMMITMENT_CONTEXT, STORAGE_COMMITMENT_PUSH_MODEL),
             ],
             user_variables: vec![UserVariableItem::MaxLength(16 * 1024)],
         }))
@@ -307,4 +347,193 @@ async fn a_release_in_the_middle_of_an_instance_is_confirmed_and_the_instance_di
     a.send_pdu(&Pdu::ReleaseRQ).await;
     assert!(matches!(a.read().await, Incoming::Other(Pdu::ReleaseRP)));
     assert_nothing_stored(a).await;
+}
+
+/// Storage Commitment as the association tests run it: `stored`, the SCU's AE (`SCU`) at an
+/// address where nothing listens (so a report can only arrive on the association), unknown
+/// instances failed after a short grace.
+fn commitment(peers: &[&str]) -> CommitmentSettings {
+    CommitmentSettings {
+        commit_when: CommitWhen::Stored,
+        peers: peers
+            .iter()
+            .map(|ae| (ae.to_string(), "127.0.0.1:1".to_string()))
+            .collect(),
+        timeout: Duration::from_secs(3600),
+        index_grace: Duration::from_millis(200),
+        check_interval: Duration::from_millis(200),
+    }
+}
+
+const UNKNOWN_SOP: &str = "1.2.826.0.1.3680043.2.1125.5.1.99";
+
+fn references(sops: &[&str]) -> Vec<SopReference> {
+    sops.iter()
+        .map(|s| SopReference {
+            sop_class_uid: CT_IMAGE_STORAGE.into(),
+            sop_instance_uid: s.to_string(),
+        })
+        .collect()
+}
+
+impl Association {
+    /// Stores [`SOP`] with one C-STORE; panics unless Success.
+    async fn store_sop(&mut self) {
+        self.send_store_command().await;
+        self.send_pdv(CT_CONTEXT, false, true, &dataset(1000)).await;
+        assert_eq!(self.read_response().await.1, Status::SUCCESS);
+    }
+
+    /// Sends an N-ACTION-RQ (Action Type `action`) with `data` as its Action Information.
+    async fn send_n_action(&mut self, message_id: u16, action: u16, data: &[u8]) {
+        let command = dimse::n_action_request(
+            message_id,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+            action,
+        );
+        self.send_pdv(COMMITMENT_CONTEXT, true, true, &command)
+            .await;
+        self.send_pdv(COMMITMENT_CONTEXT, false, true, data).await;
+    }
+
+    /// Reads a whole message from the gateway: its command and its data set, if any.
+    async fn read_message(&mut self) -> (dimse::Command, Vec<u8>) {
+        let (mut command, mut data) = (Vec::new(), Vec::new());
+        let mut parsed: Option<dimse::Command> = None;
+        loop {
+            let Incoming::PData(pdvs) = self.read().await else {
+                panic!("expected a P-DATA-TF");
+            };
+            for pdv in pdvs {
+                assert_eq!(pdv.context_id, COMMITMENT_CONTEXT);
+                if pdv.is_command {
+                    command.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        let c = dimse::Command::parse(&command).unwrap();
+                        if !c.has_dataset {
+                            return (c, data);
+                        }
+                        parsed = Some(c);
+                    }
+                } else {
+                    data.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        return (parsed.take().expect("command first"), data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_n_action_is_answered_at_once_and_its_report_comes_on_the_same_association() {
+    let mut a = Association::associate_with(Some(commitment(&["SCU"]))).await;
+    a.store_sop().await;
+    // At once after the C-STORE response: the index writer may not have written SOP's record yet.
+    let action = ActionInformation {
+        transaction_uid: "2.25.300".into(),
+        references: references(&[SOP, UNKNOWN_SOP]),
+    };
+    a.send_n_action(2, 1, &action.encode(Encoding::ExplicitVrLittleEndian))
+        .await;
+    let (rsp, _) = a.read_message().await;
+    assert_eq!(rsp.command_field, 0x8130, "N-ACTION-RSP");
+    assert_eq!(rsp.status, Some(Status::SUCCESS));
+    assert_eq!(rsp.message_id, 2);
+    assert_eq!(rsp.action_type_id, Some(1));
+    let (rq, data) = a.read_message().await;
+    assert_eq!(rq.command_field, dimse::command_field::N_EVENT_REPORT_RQ);
+    assert_eq!(
+        rq.affected_sop_class_uid.as_deref(),
+        Some(STORAGE_COMMITMENT_PUSH_MODEL)
+    );
+    let report = Report::parse(&data, Encoding::ExplicitVrLittleEndian).unwrap();
+    assert_eq!(report.event_type_id(), 2);
+    assert_eq!(report.transaction_uid, "2.25.300");
+    assert_eq!(report.committed, references(&[SOP]));
+    assert_eq!(
+        report.failed,
+        vec![(
+            references(&[UNKNOWN_SOP]).remove(0),
+            FailureReason::NoSuchObjectInstance
+        )]
+    );
+    a.send_pdv(
+        COMMITMENT_CONTEXT,
+        true,
+        true,
+        &crate::commitment::scu::response(rq.message_id, Status::SUCCESS),
+    )
+    .await;
+    // The association goes on: a C-ECHO, then release.
+    let echo = dimse::request(command_field::C_ECHO_RQ, 3, VERIFICATION, None, false);
+    a.send_pdv(ECHO_CONTEXT, true, true, &echo).await;
+    assert_eq!(a.read_response().await.1, Status::SUCCESS);
+    a.send_pdu(&Pdu::ReleaseRQ).await;
+    assert!(matches!(a.read().await, Incoming::Other(Pdu::ReleaseRP)));
+    let store = a.end().await;
+    let journal = store.path().join("jobs").join("commitments");
+    // The worker forgets the request once it has the response: wait for it.
+    let forgotten = async {
+        while std::fs::read_dir(&journal).unwrap().count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), forgotten)
+        .await
+        .expect("the delivered request is forgotten");
+}
+
+#[tokio::test]
+async fn malformed_n_actions_get_their_status_and_the_association_stays_usable() {
+    let mut a = Association::associate_with(Some(commitment(&["SCU"]))).await;
+    let good = ActionInformation {
+        transaction_uid: "2.25.301".into(),
+        references: references(&[SOP]),
+    }
+    .encode(Encoding::ExplicitVrLittleEndian);
+    let mut no_transaction = ActionInformation {
+        transaction_uid: "2.25.302".into(),
+        references: references(&[SOP]),
+    };
+    no_transaction.transaction_uid.clear();
+    for (message_id, action, data, status) in [
+        (1, 2, good.clone(), Status::NO_SUCH_ACTION),
+        (2, 1, vec![0xDE, 0xAD, 0xBE], Status::INVALID_ARGUMENT_VALUE),
+        (
+            3,
+            1,
+            no_transaction.encode(Encoding::ExplicitVrLittleEndian),
+            Status::INVALID_ARGUMENT_VALUE,
+        ),
+    ] {
+        a.send_n_action(message_id, action, &data).await;
+        let (rsp, _) = a.read_message().await;
+        assert_eq!(rsp.message_id, message_id);
+        assert_eq!(rsp.status, Some(status), "N-ACTION {message_id}");
+    }
+    let echo = dimse::request(command_field::C_ECHO_RQ, 9, VERIFICATION, None, false);
+    a.send_pdv(ECHO_CONTEXT, true, true, &echo).await;
+    assert_eq!(a.read_response().await.1, Status::SUCCESS);
+    a.send_pdu(&Pdu::ReleaseRQ).await;
+    assert!(matches!(a.read().await, Incoming::Other(Pdu::ReleaseRP)));
+    a.end().await;
+}
+
+#[tokio::test]
+async fn an_n_action_from_an_ae_without_a_peer_address_is_refused() {
+    let mut a = Association::associate_with(Some(commitment(&["CT1"]))).await;
+    let data = ActionInformation {
+        transaction_uid: "2.25.303".into(),
+        references: references(&[SOP]),
+    }
+    .encode(Encoding::ExplicitVrLittleEndian);
+    a.send_n_action(1, 1, &data).await;
+    let (rsp, _) = a.read_message().await;
+    assert_eq!(rsp.status, Some(Status::NOT_AUTHORIZED));
+    a.send_pdu(&Pdu::ReleaseRQ).await;
+    assert!(matches!(a.read().await, Incoming::Other(Pdu::ReleaseRP)));
+    a.end().await;
 }

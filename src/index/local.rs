@@ -14,11 +14,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, OutcomesRecorded,
+    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, META_READ_LIMIT,
+    OutcomesRecorded, meta_of,
 };
-
-/// Most bytes read from the start of an object to find its meta group during a rebuild.
-const META_READ_LIMIT: u64 = 64 * 1024;
 
 /// Instance records as JSON lines in the local store directory: the embedded default.
 #[derive(Clone)]
@@ -303,6 +301,51 @@ impl InstanceIndex for LocalIndex {
         .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
+    async fn missing(&self, job_id: &str, keys: Vec<String>) -> Result<Vec<String>, IndexError> {
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let indexed: HashSet<String> = this
+                .read_job(&job_id)?
+                .into_iter()
+                .map(|r| r.object_key)
+                .collect();
+            Ok(keys.into_iter().filter(|k| !indexed.contains(k)).collect())
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    async fn add_absent(&self, records: Vec<InstanceRecord>) -> Result<u64, IndexError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64, IndexError> {
+            let mut guard = this.locked();
+            let mut records = records;
+            records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+            let mut added = 0;
+            for chunk in records.chunk_by(|a, b| a.job_id == b.job_id) {
+                let job_id = &chunk[0].job_id;
+                let mut indexed: HashSet<String> = this
+                    .read_job(job_id)?
+                    .into_iter()
+                    .map(|r| r.object_key)
+                    .collect();
+                let absent: Vec<InstanceRecord> = chunk
+                    .iter()
+                    .filter(|r| indexed.insert(r.object_key.clone()))
+                    .cloned()
+                    .collect();
+                if !absent.is_empty() {
+                    added += absent.len() as u64;
+                    this.append_job(&mut guard, job_id, &absent)?;
+                }
+            }
+            Ok(added)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
     fn describe(&self) -> String {
         format!("the local instance index in {}", self.dir.display())
     }
@@ -421,24 +464,6 @@ fn record_from_object(root: &Path, key: &str) -> Result<Option<InstanceRecord>, 
         calling_ae_title,
         received_at,
     )))
-}
-
-/// SOP Class UID and Source Application Entity Title from the start of a Part-10 object, if its
-/// whole meta group is there.
-fn meta_of(head: &[u8]) -> Option<(String, Option<String>)> {
-    let group_len = u32::from_le_bytes(head.get(140..144)?.try_into().ok()?) as usize;
-    if 144usize.checked_add(group_len)? > head.len() {
-        return None;
-    }
-    let (meta, _) = crate::part10::split_part10(head)?;
-    let clean = |s: &str| s.trim_end_matches(['\0', ' ']).to_string();
-    Some((
-        clean(&meta.media_storage_sop_class_uid),
-        meta.source_application_entity_title
-            .as_deref()
-            .map(clean)
-            .filter(|s| !s.is_empty()),
-    ))
 }
 
 #[cfg(test)]

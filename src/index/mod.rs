@@ -3,21 +3,35 @@
 //!
 //! The index is derived data. The receive path hands each record to a bounded channel
 //! ([`IndexSender::record`]) and never waits for a write: a background task ([`run_writer`])
-//! appends what the channel holds. A record that finds the channel full is dropped with a WARN,
-//! and one a crash loses is rebuilt from the store, whose keys carry job, study, series and SOP
-//! Instance UID ([`local::LocalIndex::rebuild`], run at start-up).
+//! appends what the channel holds. Nothing is lost for good, and nothing is scanned in bulk:
 //!
-//! One seam ([`InstanceIndex`]) with, for now, one implementation: the local journal of JSON
-//! lines in `{store}/index/` ([`local::LocalIndex`]). DynamoDB comes with `--job-table` later.
+//! - **CLOSED means indexed.** Per job, a [`Tally`] counts the records handed over, written and
+//!   lost (a full channel, a failed write). A closing batch is held back from the job store until
+//!   its job's records are all settled ([`repair::run_gate`]); if any was lost, or the writer is
+//!   too slow, the job's objects are listed and the index is repaired from their keys
+//!   ([`repair::Repairer`]), which carry job, study, series and SOP Instance UID.
+//! - **A crash** loses what the channel held, for jobs the dead gateway left OPEN (a CLOSED one
+//!   was indexed before it was recorded): recovery, which lists the objects of those jobs anyway
+//!   to close them, repairs their records before adopting them ([`crate::recovery`]).
+//! - The local store also keeps its start-up rebuild ([`local::LocalIndex::rebuild`]), which
+//!   covers objects of any job.
+//!
+//! One seam ([`InstanceIndex`]), two implementations: the local journal of JSON lines in
+//! `{store}/index/` ([`local::LocalIndex`]), and a DynamoDB table beside the job table for
+//! deployments ([`dynamodb::DynamoIndex`]).
 
+pub mod dynamodb;
 pub(crate) mod local;
+pub(crate) mod repair;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
 /// Records waiting for the writer; beyond this the receive path drops them (the rebuild recovers
@@ -26,6 +40,27 @@ pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 
 /// Most records the writer appends in one go.
 const WRITE_BATCH: usize = 512;
+
+/// Most bytes read from the start of an object to find its meta group when its record is rebuilt.
+pub(crate) const META_READ_LIMIT: u64 = 64 * 1024;
+
+/// SOP Class UID and Source Application Entity Title from the start of a Part-10 object, if its
+/// whole meta group is there.
+pub(crate) fn meta_of(head: &[u8]) -> Option<(String, Option<String>)> {
+    let group_len = u32::from_le_bytes(head.get(140..144)?.try_into().ok()?) as usize;
+    if 144usize.checked_add(group_len)? > head.len() {
+        return None;
+    }
+    let (meta, _) = crate::part10::split_part10(head)?;
+    let clean = |s: &str| s.trim_end_matches(['\0', ' ']).to_string();
+    Some((
+        clean(&meta.media_storage_sop_class_uid),
+        meta.source_application_entity_title
+            .as_deref()
+            .map(clean)
+            .filter(|s| !s.is_empty()),
+    ))
+}
 
 /// Where an instance stands on its way into HealthImaging: stored, then what the import's
 /// per-file results (`SUCCESS/success.ndjson`, `WARNING/warning.ndjson`, `FAILURE/failure.ndjson`
@@ -37,7 +72,7 @@ const WRITE_BATCH: usize = 512;
     rename_all = "SCREAMING_SNAKE_CASE",
     rename_all_fields = "camelCase"
 )]
-pub(crate) enum InstanceOutcome {
+pub enum InstanceOutcome {
     /// Durable in the object store, not (yet) known to be imported.
     Stored,
     /// Listed in `success.ndjson`: part of image set `image_set_id` (primary or not).
@@ -76,7 +111,7 @@ impl InstanceOutcome {
     /// order the files are read in (a resumed reader reads the success file again after its
     /// predecessor recorded the warnings): IMPORTED never replaces IMPORTED_WITH_WARNINGS of the
     /// same image set. Anything else replaces what differs.
-    pub(crate) fn replaces(&self, current: &InstanceOutcome) -> bool {
+    pub fn replaces(&self, current: &InstanceOutcome) -> bool {
         match (self, current) {
             (
                 InstanceOutcome::Imported { image_set_id, .. },
@@ -99,7 +134,7 @@ impl std::fmt::Display for InstanceOutcome {
 /// Everything the index knows about one stored object. Field names follow the job records'.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct InstanceRecord {
+pub struct InstanceRecord {
     pub sop_instance_uid: String,
     /// `None` when a rebuilt record's object has no readable meta group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,7 +206,7 @@ impl<'a> KeyParts<'a> {
 
 /// What one [`InstanceIndex::record_outcomes`] call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct OutcomesRecorded {
+pub struct OutcomesRecorded {
     /// Outcomes whose object the index has a record of (changed or already so).
     pub matched: u64,
     /// Records whose outcome this call changed (fewer than `matched` when a resumed reader
@@ -181,17 +216,41 @@ pub(crate) struct OutcomesRecorded {
 
 /// Why the index could not be read or written.
 #[derive(Debug, Error)]
-pub(crate) enum IndexError {
+pub enum IndexError {
     #[error("instance index I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("instance index record cannot be encoded: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("DynamoDB {operation} on the instance table failed: {message}")]
+    Dynamo {
+        operation: &'static str,
+        message: String,
+        /// Whether the same call may succeed later ([`crate::aws::is_retriable`]).
+        retriable: bool,
+    },
+    #[error("instance table item is not a record this version knows: {0}")]
+    Malformed(String),
 }
 
-/// Where instance records are kept: the seam between the writer and the local journal (and,
-/// later, DynamoDB).
+impl IndexError {
+    /// Whether trying again later may help: throttling, timeouts, a busy disk may pass; access
+    /// denied, a missing table or an item this version cannot read will not.
+    pub(crate) fn is_retriable(&self) -> bool {
+        match self {
+            IndexError::Io(e) => e.kind() != std::io::ErrorKind::PermissionDenied,
+            IndexError::Dynamo { retriable, .. } => *retriable,
+            IndexError::Encode(_) | IndexError::Malformed(_) => false,
+        }
+    }
+}
+
+/// Where instance records are kept: the seam between the writer and the local journal or the
+/// DynamoDB table.
+///
+/// Public (like [`crate::jobs`]) so that the LocalStack tests can drive the DynamoDB index
+/// directly; `record_outcomes` and `failed` are for the outcome reader and `jobs show --failed`.
 #[async_trait]
-pub(crate) trait InstanceIndex: Send + Sync + 'static {
+pub trait InstanceIndex: Send + Sync + 'static {
     /// Appends records. A record may already be there (a rebuild raced the writer): lookups
     /// return one record per object key.
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError>;
@@ -214,54 +273,237 @@ pub(crate) trait InstanceIndex: Send + Sync + 'static {
     /// The records of job `job_id` whose outcome is FAILED, in object key order.
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError>;
 
+    /// Of `keys`, object keys of job `job_id`'s objects, those the index has no record of (the
+    /// repair after a crash or a dropped record, [`repair::Repairer`]).
+    async fn missing(&self, job_id: &str, keys: Vec<String>) -> Result<Vec<String>, IndexError>;
+
+    /// Adds each record whose object key the index has no record of, and never replaces one: a
+    /// repair that races the outcome reader must not turn IMPORTED back into STORED. Returns how
+    /// many were added.
+    async fn add_absent(&self, records: Vec<InstanceRecord>) -> Result<u64, IndexError>;
+
     /// A short description for log lines and error messages.
     fn describe(&self) -> String;
 }
 
-/// The receive path's end of the index: hands a record over without waiting, or drops it.
-#[derive(Debug, Clone)]
-pub(crate) struct IndexSender(Option<mpsc::Sender<InstanceRecord>>);
+/// What became of one job's records so far: handed to the writer, written, or lost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct JobTally {
+    handed: u64,
+    written: u64,
+    /// Dropped (a full channel, a stopped or failing writer), or skipped because the job's
+    /// closing gave up waiting for them and repaired the index instead.
+    lost: u64,
+    /// The closing of the job stopped waiting and repaired the index from the store: the writer
+    /// skips the job's records still in the channel (see [`Tally::wait_settled`]).
+    abandoned: bool,
+}
 
-impl IndexSender {
-    /// A sender and the receiver [`run_writer`] drains.
-    pub(crate) fn channel(capacity: usize) -> (IndexSender, mpsc::Receiver<InstanceRecord>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (IndexSender(Some(tx)), rx)
+impl JobTally {
+    fn settled(&self) -> bool {
+        self.written + self.lost >= self.handed
+    }
+}
+
+/// How a job's records ended up when its batch closed ([`Tally::wait_settled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Every record handed over was written.
+    Written,
+    /// Every record was settled, and this many were lost: the index needs a repair.
+    Lost(u64),
+    /// The writer did not get through the job's records in time: the index needs a repair, and
+    /// the writer skips what it still holds of the job.
+    TimedOut,
+}
+
+/// Per job, the records the receive path handed to the writer and what became of them, so that a
+/// closing batch can wait until its records are written. Entries live from a job's first record
+/// until its batch closed and its records are settled.
+#[derive(Default)]
+pub(crate) struct Tally {
+    jobs: Mutex<HashMap<String, JobTally>>,
+    changed: Notify,
+}
+
+impl Tally {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, JobTally>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A sender that keeps nothing (no index for this store yet, and in tests).
-    pub(crate) fn disabled() -> IndexSender {
-        IndexSender(None)
-    }
-
-    /// Hands the record to the writer; never waits. A full channel drops it with a WARN: the
-    /// rebuild at the next start adds it from the store.
-    pub(crate) fn record(&self, record: InstanceRecord) {
-        let Some(tx) = &self.0 else { return };
-        match tx.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(r)) => {
-                warn!(sop_instance_uid = %r.sop_instance_uid, job_id = %r.job_id, "instance index writer is behind: record dropped (the index is rebuilt from the store at the next start)");
+    fn handed(&self, job_id: &str) {
+        let mut jobs = self.lock();
+        match jobs.get_mut(job_id) {
+            Some(t) => t.handed += 1,
+            None => {
+                jobs.insert(
+                    job_id.to_string(),
+                    JobTally {
+                        handed: 1,
+                        ..Default::default()
+                    },
+                );
             }
-            Err(mpsc::error::TrySendError::Closed(r)) => {
-                debug!(sop_instance_uid = %r.sop_instance_uid, "instance index writer stopped: record dropped");
+        }
+    }
+
+    /// Adds `n` written (or lost) records of each job of `counts`, and drops the entries of
+    /// abandoned jobs that are now settled.
+    fn settle(&self, counts: &HashMap<String, u64>, written: bool) {
+        {
+            let mut jobs = self.lock();
+            for (job_id, n) in counts {
+                if let Some(t) = jobs.get_mut(job_id) {
+                    if written {
+                        t.written += n;
+                    } else {
+                        t.lost += n;
+                    }
+                    if t.abandoned && t.settled() {
+                        jobs.remove(job_id);
+                    }
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Takes out of `records` those of jobs whose closing stopped waiting for them (the repair
+    /// wrote them, and a later write would be an unconditional one), counting them as lost.
+    fn drop_abandoned(&self, records: &mut Vec<InstanceRecord>) {
+        let mut skipped = HashMap::new();
+        {
+            let jobs = self.lock();
+            if !jobs.values().any(|t| t.abandoned) {
+                return;
+            }
+            records.retain(|r| {
+                let abandoned = jobs.get(&r.job_id).is_some_and(|t| t.abandoned);
+                if abandoned {
+                    *skipped.entry(r.job_id.clone()).or_insert(0) += 1;
+                }
+                !abandoned
+            });
+        }
+        if !skipped.is_empty() {
+            self.settle(&skipped, false);
+        }
+    }
+
+    /// Waits until every record handed over for `job_id` is written or lost, or `timeout` passes.
+    /// Called once per job, when its batch has closed (so no record of it is handed over any
+    /// more); the job's entry is dropped, or marked abandoned on a timeout.
+    pub(crate) async fn wait_settled(&self, job_id: &str, timeout: Duration) -> Settled {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            // Created before the check: notify_waiters wakes it even if it is not polled yet.
+            let changed = self.changed.notified();
+            {
+                let mut jobs = self.lock();
+                let Some(t) = jobs.get(job_id).copied() else {
+                    return Settled::Written; // nothing was handed over
+                };
+                if t.settled() {
+                    jobs.remove(job_id);
+                    return match t.lost {
+                        0 => Settled::Written,
+                        n => Settled::Lost(n),
+                    };
+                }
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                let mut jobs = self.lock();
+                if let Some(t) = jobs.get_mut(job_id) {
+                    t.abandoned = true;
+                }
+                return Settled::TimedOut;
             }
         }
     }
 }
 
+/// Records per job, for the tally.
+fn counts_by_job(records: &[InstanceRecord]) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for r in records {
+        *counts.entry(r.job_id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The receive path's end of the index: hands a record over without waiting, or drops it.
+#[derive(Clone)]
+pub(crate) struct IndexSender(Option<(mpsc::Sender<InstanceRecord>, Arc<Tally>)>);
+
+impl std::fmt::Debug for IndexSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "IndexSender"
+        } else {
+            "IndexSender(disabled)"
+        })
+    }
+}
+
+impl IndexSender {
+    /// A sender, the receiver [`run_writer`] drains, and the tally both keep.
+    pub(crate) fn channel(
+        capacity: usize,
+    ) -> (IndexSender, mpsc::Receiver<InstanceRecord>, Arc<Tally>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let tally = Arc::new(Tally::default());
+        (IndexSender(Some((tx, tally.clone()))), rx, tally)
+    }
+
+    /// A sender that keeps nothing (in tests).
+    #[cfg(test)]
+    pub(crate) fn disabled() -> IndexSender {
+        IndexSender(None)
+    }
+
+    /// Hands the record to the writer; never waits. A full channel drops it with a WARN: the
+    /// closing of its batch repairs the index from the store.
+    pub(crate) fn record(&self, record: InstanceRecord) {
+        let Some((tx, tally)) = &self.0 else { return };
+        tally.handed(&record.job_id);
+        let lost = match tx.try_send(record) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                warn!(sop_instance_uid = %r.sop_instance_uid, job_id = %r.job_id, "instance index writer is behind: record dropped (repaired from the store when the batch closes)");
+                r
+            }
+            Err(mpsc::error::TrySendError::Closed(r)) => {
+                debug!(sop_instance_uid = %r.sop_instance_uid, "instance index writer stopped: record dropped");
+                r
+            }
+        };
+        tally.settle(&HashMap::from([(lost.job_id, 1)]), false);
+    }
+}
+
 /// The background writer: appends what the channel holds, in batches, until every sender is gone.
-/// A failed write is logged and its records dropped (the rebuild recovers them).
+/// A failed write is logged and its records counted lost (the closing of their batch repairs
+/// them from the store).
 pub(crate) async fn run_writer(
     index: Arc<dyn InstanceIndex>,
     mut rx: mpsc::Receiver<InstanceRecord>,
+    tally: Arc<Tally>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        let records = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
+        let mut records = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
+        tally.drop_abandoned(&mut records);
+        if records.is_empty() {
+            continue;
+        }
+        let counts = counts_by_job(&records);
         let n = records.len();
-        if let Err(e) = index.append(records).await {
-            warn!(error = %e, records = n, index = %index.describe(), "instance index write failed: records dropped (the index is rebuilt from the store at the next start)");
+        match index.append(records).await {
+            Ok(()) => tally.settle(&counts, true),
+            Err(e) => {
+                warn!(error = %e, records = n, index = %index.describe(), "instance index write failed: records dropped (repaired from the store when their batch closes)");
+                tally.settle(&counts, false);
+            }
         }
     }
 }
@@ -368,9 +610,112 @@ mod tests {
         assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), r);
     }
 
+    fn record_of_job(job: &str, sop: &str) -> InstanceRecord {
+        let key = format!("{job}/1.2/1.2.3/{sop}.dcm");
+        KeyParts::parse(&key)
+            .unwrap()
+            .record(&key, 1, None, None, crate::clock::now_rfc3339())
+    }
+
+    const OTHER_JOB: &str = "01JD6Y7Z8X9W0V1T2S3R4Q5P6M";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_job_waits_until_the_writer_wrote_its_records() {
+        let root = tempfile::tempdir().unwrap();
+        let index: Arc<dyn InstanceIndex> = Arc::new(local::LocalIndex::new(root.path()));
+        let (tx, rx, tally) = IndexSender::channel(16);
+        let job = KeyParts::parse(KEY).unwrap().job_id.to_string();
+        tx.record(record_of_job(&job, "1.2.3.1"));
+        tx.record(record_of_job(&job, "1.2.3.2"));
+        tx.record(record_of_job(OTHER_JOB, "1.2.3.3"));
+        // Nothing written yet: the wait ends when the writer has written the job's records.
+        let waiting = {
+            let tally = tally.clone();
+            let job = job.clone();
+            tokio::spawn(async move { tally.wait_settled(&job, Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let writer = tokio::spawn(run_writer(index.clone(), rx, tally.clone()));
+        assert_eq!(waiting.await.unwrap(), Settled::Written);
+        assert_eq!(index.find("1.2.3.2").await.unwrap().len(), 1);
+        assert!(
+            !tally.lock().contains_key(&job),
+            "the entry goes with the close"
+        );
+        assert_eq!(
+            tally.wait_settled(OTHER_JOB, Duration::from_secs(1)).await,
+            Settled::Written
+        );
+        assert_eq!(
+            tally
+                .wait_settled("01JD6Y7Z8X9W0V1T2S3R4Q5P60", Duration::from_secs(1))
+                .await,
+            Settled::Written,
+            "a job without records has nothing to wait for"
+        );
+        drop(tx);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_records_are_counted_so_the_close_repairs_them() {
+        let (tx, _rx, tally) = IndexSender::channel(1);
+        let job = KeyParts::parse(KEY).unwrap().job_id.to_string();
+        tx.record(record_of_job(&job, "1.2.3.1"));
+        tx.record(record_of_job(&job, "1.2.3.2")); // full: lost
+        // The first is still in the channel, with no writer: the wait runs out.
+        assert_eq!(
+            tally.wait_settled(&job, Duration::from_secs(30)).await,
+            Settled::TimedOut
+        );
+        let (tx, rx, tally) = IndexSender::channel(1);
+        tx.record(record_of_job(&job, "1.2.3.1"));
+        tx.record(record_of_job(&job, "1.2.3.2")); // full: lost
+        let root = tempfile::tempdir().unwrap();
+        let writer = tokio::spawn(run_writer(
+            Arc::new(local::LocalIndex::new(root.path())),
+            rx,
+            tally.clone(),
+        ));
+        assert_eq!(
+            tally.wait_settled(&job, Duration::from_secs(30)).await,
+            Settled::Lost(1)
+        );
+        drop(tx);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_timed_out_close_the_writer_skips_the_jobs_records() {
+        let root = tempfile::tempdir().unwrap();
+        let index: Arc<dyn InstanceIndex> = Arc::new(local::LocalIndex::new(root.path()));
+        let (tx, rx, tally) = IndexSender::channel(16);
+        let job = KeyParts::parse(KEY).unwrap().job_id.to_string();
+        tx.record(record_of_job(&job, "1.2.3.1"));
+        tx.record(record_of_job(OTHER_JOB, "1.2.3.2"));
+        assert_eq!(
+            tally.wait_settled(&job, Duration::from_secs(1)).await,
+            Settled::TimedOut
+        );
+        assert!(tally.lock()[&job].abandoned);
+        drop(tx);
+        run_writer(index.clone(), rx, tally.clone()).await;
+        assert_eq!(
+            index.find("1.2.3.1").await.unwrap(),
+            vec![],
+            "skipped: the repair wrote it"
+        );
+        assert_eq!(index.find("1.2.3.2").await.unwrap().len(), 1);
+        assert!(
+            !tally.lock().contains_key(&job),
+            "a settled abandoned job leaves the tally"
+        );
+    }
+
     #[tokio::test]
     async fn a_full_channel_drops_the_record_instead_of_waiting() {
-        let (tx, mut rx) = IndexSender::channel(1);
+        let (tx, mut rx, _tally) = IndexSender::channel(1);
         let r =
             KeyParts::parse(KEY)
                 .unwrap()

@@ -784,6 +784,19 @@ impl InstanceIndex for FlakyIndex {
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
         self.inner.failed(job_id).await
     }
+    async fn missing(
+        &self,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<String>, crate::index::IndexError> {
+        Ok(Vec::new())
+    }
+    async fn add_absent(
+        &self,
+        _: Vec<crate::index::InstanceRecord>,
+    ) -> Result<u64, crate::index::IndexError> {
+        Ok(0)
+    }
     fn describe(&self) -> String {
         "a flaky index".into()
     }
@@ -1060,6 +1073,19 @@ impl InstanceIndex for GatedIndex {
     }
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
         self.inner.failed(job_id).await
+    }
+    async fn missing(
+        &self,
+        _: &str,
+        _: Vec<String>,
+    ) -> Result<Vec<String>, crate::index::IndexError> {
+        Ok(Vec::new())
+    }
+    async fn add_absent(
+        &self,
+        _: Vec<crate::index::InstanceRecord>,
+    ) -> Result<u64, crate::index::IndexError> {
+        Ok(0)
     }
     fn describe(&self) -> String {
         "a gated index".into()

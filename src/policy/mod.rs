@@ -1,8 +1,8 @@
 //! What the gateway accepts during association negotiation: SOP classes and transfer syntaxes.
 //!
 //! The defaults follow the product promise: every storage SOP class the standard dictionary knows
-//! (plus Verification for C-ECHO), and every transfer syntax the standard defines, compressed ones
-//! included. Bytes are stored exactly as received, so accepting a syntax never costs a transcode.
+//! (plus Verification for C-ECHO and the Storage Commitment Push Model), and every transfer syntax
+//! the standard defines, compressed ones included. Bytes are stored exactly as received, so accepting a syntax never costs a transcode.
 //! The `healthimaging` preset ([`transfer_syntax_preset`]) narrows the transfer syntaxes to those
 //! HealthImaging imports.
 
@@ -19,8 +19,8 @@ pub(crate) use uid_tables::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES};
 #[allow(deprecated)]
 use dicom_dictionary_std::uids::EXPLICIT_VR_BIG_ENDIAN;
 use dicom_dictionary_std::uids::{
-    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, JPIP_REFERENCED_DEFLATE,
-    VERIFICATION,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+    JPIP_REFERENCED_DEFLATE, STORAGE_COMMITMENT_PUSH_MODEL, VERIFICATION,
 };
 
 /// How the data set of a transfer syntax is encoded, which is all the header sniffer needs to know.
@@ -58,7 +58,7 @@ pub(crate) struct SyntaxPolicy {
 }
 
 impl SyntaxPolicy {
-    /// All storage SOP classes and Verification; all standard transfer syntaxes.
+    /// All storage SOP classes, Verification and Storage Commitment; all standard transfer syntaxes.
     #[cfg(test)]
     pub(crate) fn standard() -> Self {
         Self::new(None, None)
@@ -74,7 +74,10 @@ impl SyntaxPolicy {
             None => STORAGE_SOP_CLASSES
                 .iter()
                 .map(|(uid, _)| uid.to_string())
-                .chain([VERIFICATION.to_string()])
+                .chain([
+                    VERIFICATION.to_string(),
+                    STORAGE_COMMITMENT_PUSH_MODEL.to_string(),
+                ])
                 .collect(),
         };
         let transfer_syntaxes = match transfer_syntaxes {
@@ -110,6 +113,23 @@ impl SyntaxPolicy {
             .map(|ts| crate::uid::trim_uid(ts))
             .find(|ts| self.accepts_transfer_syntax(ts))
     }
+
+    /// The transfer syntax of a context for `abstract_syntax`. Storage Commitment's data sets are
+    /// the gateway's own to read and write: its contexts take implicit or explicit VR little
+    /// endian, whatever `--transfer-syntax-allow` says (that list is about the instances stored).
+    pub(crate) fn choose_transfer_syntax_for<'a>(
+        &self,
+        abstract_syntax: &str,
+        proposed: &'a [String],
+    ) -> Option<&'a str> {
+        if abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL {
+            return proposed
+                .iter()
+                .map(|ts| crate::uid::trim_uid(ts))
+                .find(|ts| [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN].contains(ts));
+        }
+        self.choose_transfer_syntax(proposed)
+    }
 }
 
 /// A human-readable name for a SOP class or transfer syntax UID, for logs and `--help`.
@@ -120,6 +140,8 @@ pub(crate) fn uid_name(uid: &str) -> Option<&'static str> {
         .find(|(u, _)| *u == uid)
         .map(|(_, name)| *name)
         .or((uid == VERIFICATION).then_some("Verification SOP Class"))
+        .or((uid == STORAGE_COMMITMENT_PUSH_MODEL)
+            .then_some("Storage Commitment Push Model SOP Class"))
 }
 
 #[cfg(test)]
@@ -128,7 +150,6 @@ mod tests {
     use super::*;
     use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
     use dicom_dictionary_std::StandardSopClassDictionary;
-    use dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN;
 
     #[test]
     fn generated_tables_agree_with_the_standard_dictionary() {
@@ -146,12 +167,15 @@ mod tests {
     }
 
     #[test]
-    fn standard_policy_accepts_storage_and_verification_only() {
+    fn standard_policy_accepts_storage_verification_and_storage_commitment_only() {
         let p = SyntaxPolicy::standard();
         assert!(p.accepts_sop_class("1.2.840.10008.5.1.4.1.1.2")); // CT Image Storage
         assert!(p.accepts_sop_class(VERIFICATION));
         assert!(!p.accepts_sop_class("1.2.840.10008.5.1.4.1.2.1.1")); // Patient Root Q/R FIND
-        assert!(!p.accepts_sop_class(dicom_dictionary_std::uids::STORAGE_COMMITMENT_PUSH_MODEL));
+        assert!(p.accepts_sop_class(STORAGE_COMMITMENT_PUSH_MODEL));
+        // An explicit list is the whole list: Storage Commitment only if named.
+        let listed = SyntaxPolicy::new(Some(&["1.2.840.10008.5.1.4.1.1.2".to_string()]), None);
+        assert!(!listed.accepts_sop_class(STORAGE_COMMITMENT_PUSH_MODEL));
         for ts in [
             IMPLICIT_VR_LITTLE_ENDIAN,
             EXPLICIT_VR_LITTLE_ENDIAN,
@@ -185,6 +209,30 @@ mod tests {
         );
         assert_eq!(
             p.choose_transfer_syntax(&["1.2.840.10008.1.2.4.50".to_string()]),
+            None
+        );
+    }
+
+    #[test]
+    fn storage_commitment_contexts_take_little_endian_whatever_the_allow_list() {
+        let jpeg_only = SyntaxPolicy::new(None, Some(&["1.2.840.10008.1.2.4.50".to_string()]));
+        let proposed = vec![
+            "1.2.840.10008.1.2.4.50".to_string(),
+            IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+        ];
+        assert_eq!(
+            jpeg_only.choose_transfer_syntax_for(STORAGE_COMMITMENT_PUSH_MODEL, &proposed),
+            Some(IMPLICIT_VR_LITTLE_ENDIAN)
+        );
+        assert_eq!(
+            jpeg_only.choose_transfer_syntax_for("1.2.840.10008.5.1.4.1.1.2", &proposed),
+            Some("1.2.840.10008.1.2.4.50")
+        );
+        assert_eq!(
+            jpeg_only.choose_transfer_syntax_for(
+                STORAGE_COMMITMENT_PUSH_MODEL,
+                &["1.2.840.10008.1.2.4.50".to_string()]
+            ),
             None
         );
     }

@@ -1,34 +1,27 @@
 //! The local-directory store, the embedded default when no bucket is configured.
 //!
-//! Durability follows the classic recipe: write to a temporary file in `{root}/.incoming/` (same
-//! file system as the destination), fsync it, rename it into place, then fsync the directories whose
-//! entries changed. A reader of the tree therefore sees whole objects or nothing.
+//! Durability follows the classic recipe ([`super::durable`], shared with the edge spool): write to
+//! a temporary file in `{root}/.incoming/` (same file system as the destination), fsync it, rename
+//! it into place, then fsync the directories whose entries changed. A reader of the tree therefore
+//! sees whole objects or nothing.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-
-use std::fs::File;
-use std::io::Write;
 
 use async_trait::async_trait;
 
-use super::{BatchContents, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject};
+use super::durable::{DurableFile, Incoming, blocking};
+use super::{
+    BatchContents, ListedObject, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject,
+};
 
 /// Name of the directory holding uploads in progress; never part of a batch.
-pub const INCOMING_DIR: &str = ".incoming";
-/// Write buffer: a 0.5 MB instance is written with one system call, at commit.
-const WRITE_BUFFER: usize = 1024 * 1024;
+pub use super::durable::INCOMING_DIR;
 
 /// Objects as files under a directory: temp file, fsync, rename, directory fsync.
 pub(crate) struct LocalStore {
     root: PathBuf,
-    /// Write buffers handed back by finished uploads. Reusing them avoids a fresh 1 MiB allocation
-    /// (and its page faults) per instance.
-    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    incoming: Incoming,
 }
-
-/// Most buffers kept for reuse (one per concurrently receiving association is plenty).
-const POOLED_BUFFERS: usize = 64;
 
 impl LocalStore {
     /// Creates the root and its incoming directory, and removes uploads left behind by a crash
@@ -40,45 +33,18 @@ impl LocalStore {
         } else {
             std::env::current_dir()?.join(root)
         };
-        let incoming = root.join(INCOMING_DIR);
-        tokio::fs::create_dir_all(&incoming).await?;
-        let mut entries = tokio::fs::read_dir(&incoming).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let _ = tokio::fs::remove_file(entry.path()).await;
-        }
-        Ok(LocalStore {
-            root,
-            buffers: Arc::new(Mutex::new(Vec::new())),
-        })
+        let incoming = Incoming::open(&root).await?;
+        Ok(LocalStore { root, incoming })
     }
 }
 
 #[async_trait]
 impl ObjectStore for LocalStore {
     async fn begin(&self, key: &ObjectKey) -> Result<Box<dyn ObjectUpload>, StoreError> {
-        let temp = self
-            .root
-            .join(INCOMING_DIR)
-            .join(format!("{}.part", ulid::Ulid::generate()));
-        let file = blocking({
-            let temp = temp.clone();
-            move || File::create(temp)
-        })
-        .await?;
-        let buf = self
-            .buffers
-            .lock()
-            .ok()
-            .and_then(|mut pool| pool.pop())
-            .unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER));
         Ok(Box::new(LocalUpload {
-            pool: self.buffers.clone(),
-            file: Some(file),
-            buf,
-            temp,
+            file: self.incoming.create().await?,
             root: self.root.clone(),
             dest: self.root.join(key.as_str()),
-            size: 0,
         }))
     }
 
@@ -87,7 +53,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        let meta = tokio::fs::metadata(self.root.join(INCOMING_DIR)).await?;
+        let meta = tokio::fs::metadata(self.incoming.dir()).await?;
         if meta.permissions().readonly() {
             return Err(std::io::Error::other("store directory is read-only").into());
         }
@@ -121,121 +87,91 @@ impl ObjectStore for LocalStore {
         .await?)
     }
 
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        // Committed objects appear by rename, whole: a file at the key is a committed object.
+        match tokio::fs::metadata(self.root.join(key.as_str())).await {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_objects(&self, job_id: &str) -> Result<Vec<ListedObject>, StoreError> {
+        let dir = self.root.join(job_id);
+        let job_id = job_id.to_string();
+        Ok(blocking(move || {
+            let mut objects = Vec::new();
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if meta.is_dir() {
+                        stack.push(entry.path());
+                    } else if let Ok(rel) = entry.path().strip_prefix(&dir)
+                        && let Some(listed) = ListedObject::of_batch(
+                            &job_id,
+                            &rel.to_string_lossy(),
+                            meta.len(),
+                            meta.modified().ok(),
+                        )
+                    {
+                        objects.push(listed);
+                    }
+                }
+            }
+            Ok(objects)
+        })
+        .await?)
+    }
+
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.root.join(key);
+        Ok(blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut head = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, limit), &mut head)?;
+            Ok(Some(head))
+        })
+        .await?)
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }
 }
 
-/// Runs blocking file-system work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-}
-
-/// An upload in progress. Bytes are gathered in `buf` and written in large blocks; the whole commit
-/// (last write, fsync, directories, rename, directory fsync) is one trip to the blocking pool, so a
-/// small instance costs three such trips in all.
+/// An upload in progress: a durable file that becomes `dest` at commit.
 struct LocalUpload {
-    pool: Arc<Mutex<Vec<Vec<u8>>>>,
-    file: Option<File>,
-    buf: Vec<u8>,
-    temp: PathBuf,
+    file: DurableFile,
     root: PathBuf,
     dest: PathBuf,
-    size: u64,
-}
-
-impl LocalUpload {
-    async fn flush_buffer(&mut self) -> std::io::Result<()> {
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| std::io::Error::other("upload already finished"))?;
-        let buf = std::mem::take(&mut self.buf);
-        let (file, mut buf) = blocking(move || {
-            file.write_all(&buf)?;
-            Ok((file, buf))
-        })
-        .await?;
-        buf.clear();
-        self.buf = buf;
-        self.file = Some(file);
-        Ok(())
-    }
 }
 
 #[async_trait]
 impl ObjectUpload for LocalUpload {
     async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        self.size += data.len() as u64;
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= WRITE_BUFFER {
-            self.flush_buffer().await?;
-        }
-        Ok(())
+        Ok(self.file.write(data).await?)
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<StoredObject, StoreError> {
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| std::io::Error::other("upload already finished"))?;
-        let mut buf = std::mem::take(&mut self.buf);
-        let (temp, root, dest) = (self.temp.clone(), self.root.clone(), self.dest.clone());
-        self.buf = blocking(move || {
-            file.write_all(&buf)?;
-            buf.clear();
-            file.sync_all()?;
-            drop(file);
-            let parent = dest
-                .parent()
-                .ok_or_else(|| std::io::Error::other("object key has no directory"))?;
-            // Directories created for this object need their own entries made durable too.
-            let mut to_sync = vec![parent.to_path_buf()];
-            let mut dir = parent;
-            while dir != root && !dir.exists() {
-                dir = match dir.parent() {
-                    Some(p) => p,
-                    None => break,
-                };
-                to_sync.push(dir.to_path_buf());
-            }
-            std::fs::create_dir_all(parent)?;
-            std::fs::rename(&temp, &dest)?;
-            for d in to_sync {
-                File::open(&d)?.sync_all()?;
-            }
-            Ok(buf)
-        })
-        .await?;
-        self.temp = PathBuf::new(); // renamed: nothing left to clean up
-        Ok(StoredObject { size: self.size })
+    async fn commit(self: Box<Self>) -> Result<StoredObject, StoreError> {
+        let LocalUpload { file, root, dest } = *self;
+        let size = file.size();
+        file.commit(root, dest).await?;
+        Ok(StoredObject { size })
     }
 
-    async fn abort(mut self: Box<Self>) {
-        self.file.take();
-        if !self.temp.as_os_str().is_empty() {
-            let _ = tokio::fs::remove_file(&self.temp).await;
-            self.temp = PathBuf::new();
-        }
-    }
-}
-
-impl Drop for LocalUpload {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if buf.capacity() >= WRITE_BUFFER
-            && let Ok(mut pool) = self.pool.lock()
-            && pool.len() < POOLED_BUFFERS
-        {
-            pool.push(buf);
-        }
-        if !self.temp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.temp);
-        }
+    async fn abort(self: Box<Self>) {
+        self.file.abort().await;
     }
 }
 
@@ -272,6 +208,8 @@ mod tests {
         up.write(b"dropped").await.unwrap();
         drop(up);
         assert!(!dir.path().join(key2.as_str()).exists());
+        assert!(store.exists(&key).await.unwrap(), "committed");
+        assert!(!store.exists(&key2).await.unwrap(), "aborted and dropped");
         assert_eq!(
             std::fs::read_dir(dir.path().join(INCOMING_DIR))
                 .unwrap()

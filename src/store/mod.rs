@@ -5,12 +5,19 @@
 //! key, fed the object's bytes in order, and either committed (after which the object is durable and
 //! visible) or aborted (after which nothing of it is visible). Dropping an upload that was not
 //! committed aborts it, so an A-ABORT or a dropped connection can never leave a partial object.
+//!
+//! In edge mode a third store, the spool ([`spool::Spool`]), stands in front of S3: its commit
+//! makes the object durable on local disk ([`Placement::Spooled`]), and its uploader puts it at its
+//! final key later, saying so through an [`UploadTicket`].
 
+mod durable;
 pub mod local;
 pub(crate) mod s3;
+pub(crate) mod spool;
 
 use async_trait::async_trait;
 use thiserror::Error;
+use tokio::sync::oneshot;
 
 use crate::uid::{UidError, validate_uid};
 
@@ -24,6 +31,10 @@ pub(crate) enum StoreError {
         operation: &'static str,
         message: String,
     },
+    /// The edge spool holds as much as it may (`--spool-max-bytes`, or the file system's free
+    /// space): nothing more is acknowledged until uploads make room.
+    #[error("spool full: {0}")]
+    SpoolFull(String),
 }
 
 /// The key of one stored instance, relative to the store's root or prefix:
@@ -66,8 +77,31 @@ impl ObjectKey {
         )))
     }
 
+    /// A key read back from disk (the edge spool's files name theirs): checked exactly as
+    /// [`ObjectKey::new`] checks one built from the wire.
+    pub(crate) fn parse(key: &str) -> Result<Self, KeyError> {
+        let mut parts = key.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next().and_then(|sop| sop.strip_suffix(".dcm")),
+            parts.next(),
+        ) {
+            (Some(job_id), Some(study), Some(series), Some(sop), None) => {
+                ObjectKey::new(job_id, study, series, sop)
+            }
+            _ => Err(KeyError::JobId),
+        }
+    }
+
     pub(crate) fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The job (batch) the object belongs to: the key's first segment.
+    pub(crate) fn job_id(&self) -> &str {
+        self.0.split('/').next().unwrap_or_default()
     }
 }
 
@@ -101,10 +135,83 @@ impl BatchContents {
     }
 }
 
+/// One committed object of a batch, as a listing of the store gives it (the repair of the
+/// instance index after a crash or a dropped record: [`crate::index::repair`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListedObject {
+    /// `{jobId}/{study}/{series}/{sop}.dcm`, relative to the store's root or prefix.
+    pub key: String,
+    pub size: u64,
+    /// When the object was written (S3 `LastModified`, the file's modification time).
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl ListedObject {
+    /// The listed object at `relative_key` (relative to the batch, as [`BatchContents::add`]
+    /// takes it) of batch `job_id`, if the key has the store layout `{study}/{series}/{sop}.dcm`.
+    pub(crate) fn of_batch(
+        job_id: &str,
+        relative_key: &str,
+        size: u64,
+        modified: Option<std::time::SystemTime>,
+    ) -> Option<ListedObject> {
+        let parts: Vec<&str> = relative_key.split('/').collect();
+        (parts.len() == 3 && parts[2].ends_with(".dcm")).then(|| ListedObject {
+            key: format!("{job_id}/{relative_key}"),
+            size,
+            modified,
+        })
+    }
+}
+
 /// What the store confirmed about a committed object.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredObject {
     pub size: u64,
+}
+
+/// Where a committed object is when its commit returns: the batch counts it only once it is at its
+/// final key.
+#[derive(Debug)]
+pub(crate) enum Placement {
+    /// At its final key (direct mode): it counts in its batch now.
+    Final,
+    /// Durable in the edge spool and acknowledged; the ticket says when it reached its final key.
+    Spooled(UploadTicket),
+}
+
+/// A committed object and where it is.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub stored: StoredObject,
+    pub placement: Placement,
+}
+
+/// How a spooled object's upload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadOutcome {
+    /// S3 confirmed the object at its final key.
+    Uploaded,
+    /// It will never be uploaded: its spool file was torn (moved to quarantine) or removed.
+    NotUploaded,
+}
+
+/// The promise of a spooled object's upload outcome, kept by whoever counts the object.
+#[derive(Debug)]
+pub(crate) struct UploadTicket(oneshot::Receiver<UploadOutcome>);
+
+impl UploadTicket {
+    /// A ticket and the sender its spool resolves it with.
+    pub(crate) fn new() -> (oneshot::Sender<UploadOutcome>, UploadTicket) {
+        let (tx, rx) = oneshot::channel();
+        (tx, UploadTicket(rx))
+    }
+
+    /// The outcome; `None` when the spool stopped first (the gateway is stopping: the object
+    /// stays in the spool and is uploaded at the next start).
+    pub(crate) async fn outcome(self) -> Option<UploadOutcome> {
+        self.0.await.ok()
+    }
 }
 
 /// Where instances are made durable: the seam between the receive path and S3 or a directory.
@@ -122,8 +229,28 @@ pub(crate) trait ObjectStore: Send + Sync + 'static {
     /// Counts the committed objects of a batch (uploads in progress are never listed).
     async fn batch_contents(&self, job_id: &str) -> Result<BatchContents, StoreError>;
 
+    /// Whether the committed object `key` is there now (Storage Commitment checks it before
+    /// answering "committed"; an upload in progress is not an object).
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError>;
+
+    /// The committed objects of a batch, one per key (uploads in progress are never listed).
+    async fn list_objects(&self, job_id: &str) -> Result<Vec<ListedObject>, StoreError>;
+
+    /// At most the first `limit` bytes of the object at `key` (relative to the root or prefix),
+    /// for its meta group; `None` when the object is gone or the store does not read objects back.
+    async fn read_head(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// A short description for the start-up log line.
     fn describe(&self) -> String;
+
+    /// Objects of batch `job_id` committed but not yet at their final key (the edge spool's
+    /// uploads still to do). Recovery closes a batch only when this is zero.
+    fn unsettled(&self, _job_id: &str) -> u64 {
+        0
+    }
+
+    /// Waits until [`ObjectStore::unsettled`] is zero for `job_id`. Direct stores return at once.
+    async fn settled(&self, _job_id: &str) {}
 }
 
 /// One object being written: streamed in, then committed (durable, visible) or aborted (gone).
@@ -134,6 +261,15 @@ pub(crate) trait ObjectUpload: Send {
 
     /// Makes the object durable and visible. Only after this returns Ok may Success be sent.
     async fn commit(self: Box<Self>) -> Result<StoredObject, StoreError>;
+
+    /// [`ObjectUpload::commit`], and where the object then is: at its final key unless the store
+    /// is the edge spool, which overrides this.
+    async fn commit_placed(self: Box<Self>) -> Result<Committed, StoreError> {
+        Ok(Committed {
+            stored: self.commit().await?,
+            placement: Placement::Final,
+        })
+    }
 
     /// Discards everything written; nothing of the object stays visible.
     async fn abort(self: Box<Self>);
@@ -170,6 +306,22 @@ mod tests {
                 study_instance_uids: vec!["1.2".into(), "1.3".into()]
             }
         );
+    }
+
+    #[test]
+    fn keys_read_back_are_checked_like_keys_from_the_wire() {
+        let key = ObjectKey::new(BATCH, "1.2", "1.2.3", "1.2.3.4").unwrap();
+        assert_eq!(ObjectKey::parse(key.as_str()), Ok(key.clone()));
+        assert_eq!(key.job_id(), BATCH);
+        for bad in [
+            "",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/1.2.3/1.2.3.4.dcm/x",
+            "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2/../1.2.3.4.dcm",
+            "../1.2/1.2.3/1.2.3.4.dcm",
+        ] {
+            assert!(ObjectKey::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub async fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
 pub struct Stack {
     pub bucket: String,
     pub table: String,
+    /// The instance index table (`--instance-table`).
+    pub instance_table: String,
     pub state_machine_arn: String,
     pub role_arn: String,
     pub datastore_id: String,
@@ -71,6 +73,7 @@ pub fn stack() -> Stack {
     let stack = Stack {
         bucket: get("BucketName"),
         table: get("JobTableName"),
+        instance_table: get("InstanceTableName"),
         state_machine_arn: get("StateMachineArn"),
         role_arn: get("DataAccessRoleArn"),
         datastore_id: get("DatastoreId"),

@@ -486,6 +486,18 @@ impl RawScu {
         dataset: &[u8],
         fragment: usize,
     ) -> u16 {
+        self.send_store(message_id, command_uid, dataset, fragment);
+        self.read_status()
+    }
+
+    /// Sends a C-STORE as [`RawScu::store`] does, without reading the response.
+    pub fn send_store(
+        &mut self,
+        message_id: u16,
+        command_uid: &str,
+        dataset: &[u8],
+        fragment: usize,
+    ) {
         let cmd = dimse::request(
             dimse::command_field::C_STORE_RQ,
             message_id,
@@ -498,12 +510,19 @@ impl RawScu {
         for (i, c) in chunks.iter().enumerate() {
             self.send_raw(&pdu::encode_pdata(1, false, i + 1 == chunks.len(), c));
         }
-        self.read_status()
     }
 
     pub fn read_status(&mut self) -> u16 {
+        self.read_response().0
+    }
+
+    /// The next response's status and its command set (to look for an Error Comment in).
+    pub fn read_response(&mut self) -> (u16, Vec<u8>) {
         match self.read() {
-            Some(Pdu::PData { data }) => dimse::response_status(&data[0].data).unwrap().0,
+            Some(Pdu::PData { data }) => (
+                dimse::response_status(&data[0].data).unwrap().0,
+                data[0].data.clone(),
+            ),
             other => panic!("expected a response, got {other:?}"),
         }
     }

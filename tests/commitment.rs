@@ -1,0 +1,602 @@
+//! Storage Commitment with real modalities: pynetdicom (from PyPI, in the venv scripts/test.sh
+//! makes) and Orthanc (Debian's package, run here on free ports with a generated configuration),
+//! and `--commit-when imported` on LocalStack S3 with the import's results put where HealthImaging
+//! writes them.
+//!
+//! The `imported` test takes the job to IMPORTED as the import state machine would, as
+//! tests/outcomes.rs does, rather than running the mocked state machine: an import needs
+//! `--job-table`, and with DynamoDB job records the instance index (which Storage Commitment decides
+//! from) is not kept yet. The gateway stores in LocalStack S3 with the local journal and index, and
+//! its outcome reader reads the results from S3 as it would after a real import.
+//!
+//! The clients are installed by scripts/test.sh, which runs these ignored tests; a test whose client
+//! is missing fails saying so.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use dicom_gateway::jobs::{Job, JobStatus};
+
+const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+/// A SOP Instance UID the modality names but never sent.
+const UNKNOWN: &str = "1.2.826.0.1.3680043.2.1125.404.1";
+/// Failure Reason 0x0112, no such object instance; 0x0110, processing failure.
+const NO_SUCH_OBJECT_INSTANCE: u64 = 0x0112;
+const PROCESSING_FAILURE: u64 = 0x0110;
+
+/// The Python of the test venv (scripts/test.sh installs pynetdicom into it).
+fn python() -> PathBuf {
+    let venv = std::env::var_os("DICOM_GATEWAY_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var("HOME").unwrap_or_default())
+                .join(".cache/dicom-gateway-test/venv")
+        });
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import pynetdicom"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "pynetdicom is not installed in {}: run scripts/test.sh (it installs it)",
+        venv.display()
+    );
+    python
+}
+
+/// The pynetdicom modality of tests/clients/commitment_scu.py, with `args`.
+fn modality(args: &[String]) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/commitment_scu.py"))
+        .args(args);
+    cmd
+}
+
+/// The report the modality printed (one JSON line), after checking it exited 0.
+fn report_of(out: &Output, gw: &Gateway) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "the modality failed: {}\ngateway log:\n{}",
+        text(out),
+        gw.log_text()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+/// (SOP Class UID, SOP Instance UID) of a test file.
+fn sop_of(file: &str) -> (String, String) {
+    let bytes = std::fs::read(testdata(file)).unwrap();
+    let (meta, _) = dicom_gateway::part10::split_part10(&bytes).unwrap();
+    (
+        meta.media_storage_sop_class_uid().to_string(),
+        meta.media_storage_sop_instance_uid().to_string(),
+    )
+}
+
+fn referenced(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["referenced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().into(), r[1].as_str().unwrap().into()))
+        .collect()
+}
+
+fn failed(report: &serde_json::Value) -> Vec<(String, String, u64)> {
+    report["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap().into(),
+                r[1].as_str().unwrap().into(),
+                r[2].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A gateway on a local store whose modality `PYSCU` takes reports at `127.0.0.1:{report_port}`.
+/// Unknown instances fail one second after the request (the index's grace, shortened).
+fn gateway_for_pyscu(report_port: u16) -> (Gateway, tempfile::TempDir) {
+    local_gateway(&[
+        "--commitment-peer",
+        &format!("PYSCU=127.0.0.1:{report_port}"),
+        "--commitment-index-grace",
+        "1s",
+    ])
+}
+
+#[test]
+#[ignore = "needs pynetdicom and Orthanc: run scripts/test.sh"]
+fn pynetdicom_gets_its_report_on_the_same_association() {
+    let report_port = free_port();
+    let (gw, _store) = gateway_for_pyscu(report_port);
+    let out = modality(&args(&[
+        "--port",
+        &gw.port.to_string(),
+        "--wait-on",
+        "same",
+        "--unknown",
+        UNKNOWN,
+        testdata("ct-explicit-le.dcm").to_str().unwrap(),
+        testdata("ct-implicit-le.dcm").to_str().unwrap(),
+    ]))
+    .output()
+    .unwrap();
+    let report = report_of(&out, &gw);
+    assert_eq!(report["on"], "same-association");
+    assert_eq!(report["event_type"], 2, "{report}");
+    let mut got = referenced(&report);
+    got.sort();
+    let mut want = vec![sop_of("ct-explicit-le.dcm"), sop_of("ct-implicit-le.dcm")];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        failed(&report),
+        vec![(
+            CT_IMAGE_STORAGE.to_string(),
+            UNKNOWN.to_string(),
+            NO_SUCH_OBJECT_INSTANCE
+        )]
+    );
+    let log = gw.wait_for_log("storage commitment report delivered");
+    assert!(log.contains("via=SameAssociation"), "{log}");
+    assert_no_patient_data(&log);
+}
+
+#[test]
+#[ignore = "needs pynetdicom and Orthanc: run scripts/test.sh"]
+fn pynetdicom_gets_its_report_on_a_new_association_after_releasing() {
+    let report_port = free_port();
+    let (gw, store) = gateway_for_pyscu(report_port);
+    // The unknown UID keeps the report from being ready before the release: the gateway waits for
+    // its index to catch up first.
+    let out = modality(&args(&[
+        "--port",
+        &gw.port.to_string(),
+        "--wait-on",
+        "new",
+        "--listen-port",
+        &report_port.to_string(),
+        "--unknown",
+        UNKNOWN,
+        testdata("ct-explicit-le.dcm").to_str().unwrap(),
+    ]))
+    .output()
+    .unwrap();
+    let report = report_of(&out, &gw);
+    assert_eq!(report["on"], "new-association");
+    assert_eq!(report["event_type"], 2);
+    assert_eq!(referenced(&report), vec![sop_of("ct-explicit-le.dcm")]);
+    assert_eq!(
+        failed(&report),
+        vec![(
+            CT_IMAGE_STORAGE.to_string(),
+            UNKNOWN.to_string(),
+            NO_SUCH_OBJECT_INSTANCE
+        )]
+    );
+    let log = gw.wait_for_log("storage commitment report delivered");
+    assert!(log.contains("via=NewAssociation"), "{log}");
+    eventually(
+        "the delivered request to leave the journal",
+        Duration::from_secs(10),
+        || match files_under(&store.path().join("jobs/commitments")).len() {
+            0 => Ok(()),
+            n => Err(format!("{n} left")),
+        },
+    );
+}
+
+/// Orthanc on free ports, with a generated configuration (not the system service), knowing the
+/// gateway as modality `gateway`. Killed when dropped.
+struct Orthanc {
+    child: Child,
+    http_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Orthanc {
+    /// Orthanc on `http_port` and `dicom_port`, knowing the gateway at `gateway_port`.
+    fn start(http_port: u16, dicom_port: u16, gateway_port: u16) -> Orthanc {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        let config = serde_json::json!({
+            "Name": "dicom-gateway-test",
+            "StorageDirectory": storage,
+            "IndexDirectory": storage,
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "Plugins": [],
+            "DicomModalities": {
+                "gateway": { "AET": AE, "Host": "127.0.0.1", "Port": gateway_port }
+            }
+        });
+        let config_path = dir.path().join("orthanc.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let child = Command::new("Orthanc")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("orthanc.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("Orthanc runs (Debian package orthanc: run scripts/test.sh): {e}")
+            });
+        let orthanc = Orthanc {
+            child,
+            http_port,
+            _dir: dir,
+        };
+        eventually(
+            "Orthanc's REST API",
+            Duration::from_secs(30),
+            || match http(orthanc.http_port, "GET", "/system", b"") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        orthanc
+    }
+
+    /// A REST call that must answer 200; its JSON body.
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> serde_json::Value {
+        let (status, text) = http(self.http_port, method, path, body).unwrap();
+        assert_eq!(status, 200, "{method} {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 request with `Connection: close`; (status, body).
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[test]
+#[ignore = "needs pynetdicom and Orthanc: run scripts/test.sh"]
+fn orthanc_gets_a_success_report_for_a_study_it_sent() {
+    // Each names the other's port: Orthanc's are chosen first, then the gateway starts.
+    let (http_port, dicom_port) = (free_port(), free_port());
+    let (gw, _store) = local_gateway(&[
+        "--commitment-peer",
+        &format!("ORTHANC=127.0.0.1:{dicom_port}"),
+    ]);
+    let orthanc = Orthanc::start(http_port, dicom_port, gw.port);
+    let mut study = String::new();
+    let mut sent = Vec::new();
+    for file in ["ct-explicit-le.dcm", "ct-implicit-le.dcm"] {
+        let added = orthanc.call(
+            "POST",
+            "/instances",
+            &std::fs::read(testdata(file)).unwrap(),
+        );
+        study = added["ParentStudy"].as_str().unwrap().to_string();
+        sent.push(sop_of(file).1);
+    }
+    let stored = orthanc.call(
+        "POST",
+        "/modalities/gateway/store",
+        serde_json::json!({ "Resources": [study], "Synchronous": true })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(stored["FailedInstancesCount"], 0, "{stored}");
+    // Orthanc's storage commitment SCU: N-ACTION on one association, the report awaited on a new
+    // one the gateway opens to Orthanc's DICOM port.
+    let request = orthanc.call(
+        "POST",
+        "/modalities/gateway/storage-commitment",
+        serde_json::json!({ "Resources": [study] })
+            .to_string()
+            .as_bytes(),
+    );
+    let path = request["Path"].as_str().unwrap().to_string();
+    let report = eventually(
+        "Orthanc to receive the storage commitment report",
+        Duration::from_secs(30),
+        || {
+            let r = orthanc.call("GET", &path, b"");
+            match r["Status"].as_str() {
+                Some("Pending") | None => Err(format!("{r}\n{}", gw.log_text())),
+                Some(_) => Ok(r),
+            }
+        },
+    );
+    assert_eq!(report["Status"], "Success", "{report}");
+    assert_eq!(report["RemoteAET"], AE);
+    let mut committed: Vec<String> = report["Success"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["SOPInstanceUID"].as_str().unwrap().to_string())
+        .collect();
+    committed.sort();
+    sent.sort();
+    assert_eq!(committed, sent);
+    assert!(report["Failures"].as_array().unwrap().is_empty());
+    let log = gw.wait_for_log("storage commitment report delivered");
+    assert!(log.contains("via=NewAssociation"), "{log}");
+}
+
+// ---- --commit-when imported on LocalStack S3 ----------------------------------------------------
+
+/// The local journal's jobs that `pick` accepts, waited for.
+fn wait_for_job(store: &Path, what: &str, pick: impl Fn(&Job) -> bool) -> Job {
+    eventually(what, Duration::from_secs(60), || {
+        let jobs: Vec<Job> = files_under(&store.join("jobs"))
+            .iter()
+            .filter(|p| p.parent() == Some(store.join("jobs").as_path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+            .collect();
+        jobs.iter()
+            .find(|j| pick(j))
+            .cloned()
+            .ok_or_else(|| format!("{jobs:?}"))
+    })
+}
+
+/// The object keys of `job_id`'s instances in the local index, once there are `n`.
+fn indexed_keys(store: &Path, job_id: &str, n: usize) -> Vec<(String, String)> {
+    eventually(
+        "the instances to be indexed",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(store.join("index").join(format!("{job_id}.jsonl")))
+                .unwrap_or_default();
+            let keys: Vec<(String, String)> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|r| {
+                    (
+                        r["sopInstanceUid"].as_str().unwrap().to_string(),
+                        r["objectKey"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            if keys.len() == n {
+                Ok(keys)
+            } else {
+                Err(format!("{keys:?}"))
+            }
+        },
+    )
+}
+
+/// Takes a CLOSED job to IMPORTED as the state machine would, and puts what HealthImaging writes:
+/// the manifest, `SUCCESS/success.ndjson` naming `imported` and `FAILURE/failure.ndjson` naming
+/// `refused` (object keys).
+async fn import(
+    s3: &aws_sdk_s3::Client,
+    stack: &Stack,
+    store: &Path,
+    closed: &Job,
+    imported: &[&str],
+    refused: &[&str],
+) {
+    let mut job = closed.clone();
+    job.status = JobStatus::Imported;
+    job.output_s3_uri = Some(format!("s3://{}/results/{}/", stack.bucket, job.job_id));
+    job.datastore_id = Some(stack.datastore_id.clone());
+    job.import_job_id = Some(IMPORT_JOB_ID.into());
+    job.import_ended_at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
+    let (bucket, manifest_key) = manifest_location(&job);
+    let folder = manifest_key.trim_end_matches("job-output-manifest.json");
+    let line = |key: &str, rest: &str| {
+        format!(
+            r#"{{"inputFile":"s3://{}/import/{key}",{rest}}}"#,
+            stack.bucket
+        )
+    };
+    let success: String = imported
+        .iter()
+        .map(|k| {
+            line(
+                k,
+                r#""importResponse":{"imageSetId":"0a1b2c3d4e5f60718293a4b5c6d7e8f9","imageSetVersion":1,"isPrimary":true}"#,
+            ) + "\n"
+        })
+        .collect();
+    let failure: String = refused
+        .iter()
+        .map(|k| {
+            line(
+                k,
+                r#""exception":{"exceptionType":"ValidationException","message":"refused for the test"}"#,
+            ) + "\n"
+        })
+        .collect();
+    let manifest = manifest_json(stack, imported.len() as u32, refused.len() as u32, Some(1));
+    for (key, body) in [
+        (manifest_key.clone(), manifest),
+        (
+            format!("{folder}SUCCESS/success.ndjson"),
+            success.into_bytes(),
+        ),
+        (
+            format!("{folder}FAILURE/failure.ndjson"),
+            failure.into_bytes(),
+        ),
+    ] {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let path = store.join("jobs").join(format!("{}.json", job.job_id));
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, serde_json::to_vec_pretty(&job).unwrap()).unwrap();
+    std::fs::rename(temp, path).unwrap();
+}
+
+/// A gateway on LocalStack S3 with the local journal and index (the outcome reader runs with an S3
+/// store and reads IMPORTED jobs every second here), committing on import.
+fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> Gateway {
+    Gateway::start(
+        &[
+            "--s3-bucket",
+            &stack.bucket,
+            "--s3-prefix",
+            "import/",
+            "--s3-force-path-style",
+            "--store-dir",
+            store.to_str().unwrap(),
+            "--batch-idle",
+            "1s",
+            "--recovery-interval",
+            "1s",
+            "--gateway-id",
+            id,
+            "--commit-when",
+            "imported",
+            "--commitment-peer",
+            &format!("PYSCU=127.0.0.1:{report_port}"),
+            "--commitment-index-grace",
+            "1s",
+        ],
+        &[],
+    )
+}
+
+/// The modality in the background: sends `files`, N-ACTION, releases, waits for the report on
+/// `report_port`.
+fn modality_waiting(gw: &Gateway, report_port: u16, files: &[&str]) -> Child {
+    let mut list = args(&[
+        "--port",
+        &gw.port.to_string(),
+        "--wait-on",
+        "new",
+        "--listen-port",
+        &report_port.to_string(),
+        "--timeout",
+        "180",
+    ]);
+    list.extend(files.iter().map(|f| testdata(f).display().to_string()));
+    modality(&list)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs LocalStack, pynetdicom and Orthanc: run scripts/test.sh"]
+async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restart() {
+    let stack = stack();
+    let s3 = s3_client(&localstack()).await;
+    let store = tempfile::tempdir().unwrap();
+    let id = unique("gw-commit");
+    let report_port = free_port();
+    let mut gw = imported_gateway(&stack, store.path(), &id, report_port);
+
+    // One instance HealthImaging imports, one it refuses.
+    let first = modality_waiting(
+        &gw,
+        report_port,
+        &["ct-explicit-le.dcm", "ct-implicit-le.dcm"],
+    );
+    let closed = wait_for_job(store.path(), "the first batch to close", |j| {
+        j.status == JobStatus::Closed
+    });
+    let keys = indexed_keys(store.path(), &closed.job_id, 2);
+    let key_of = |file: &str| {
+        let sop = sop_of(file).1;
+        keys.iter().find(|(s, _)| *s == sop).unwrap().1.clone()
+    };
+    let (good, bad) = (key_of("ct-explicit-le.dcm"), key_of("ct-implicit-le.dcm"));
+    import(&s3, &stack, store.path(), &closed, &[&good], &[&bad]).await;
+    let report = report_of(&first.wait_with_output().unwrap(), &gw);
+    assert_eq!(report["event_type"], 2, "{report}");
+    assert_eq!(referenced(&report), vec![sop_of("ct-explicit-le.dcm")]);
+    let (class, sop) = sop_of("ct-implicit-le.dcm");
+    assert_eq!(failed(&report), vec![(class, sop, PROCESSING_FAILURE)]);
+
+    // A request still pending when the gateway stops is answered by the next start.
+    let second = modality_waiting(&gw, report_port, &["sc-jpeg-baseline.dcm"]);
+    eventually(
+        "the second request to be recorded",
+        Duration::from_secs(30),
+        || match gw
+            .log_text()
+            .matches("storage commitment request recorded")
+            .count()
+        {
+            2 => Ok(()),
+            n => Err(format!("{n} recorded")),
+        },
+    );
+    let stopped_log = gw.stop();
+    assert_eq!(
+        stopped_log
+            .matches("storage commitment report delivered")
+            .count(),
+        1,
+        "the second report waits for its import: {stopped_log}"
+    );
+    assert_eq!(
+        files_under(&store.path().join("jobs/commitments")).len(),
+        1,
+        "the pending request is kept across the restart"
+    );
+    let gw = imported_gateway(&stack, store.path(), &id, report_port);
+    let closed2 = wait_for_job(store.path(), "the second batch to be recorded", |j| {
+        j.status == JobStatus::Closed && j.job_id != closed.job_id
+    });
+    let keys2 = indexed_keys(store.path(), &closed2.job_id, 1);
+    import(&s3, &stack, store.path(), &closed2, &[&keys2[0].1], &[]).await;
+    let report = report_of(&second.wait_with_output().unwrap(), &gw);
+    assert_eq!(report["event_type"], 1, "{report}");
+    assert_eq!(referenced(&report), vec![sop_of("sc-jpeg-baseline.dcm")]);
+    eventually(
+        "the delivered request to leave the journal",
+        Duration::from_secs(10),
+        || match files_under(&store.path().join("jobs/commitments")).len() {
+            0 => Ok(()),
+            n => Err(format!("{n} left")),
+        },
+    );
+}
