@@ -465,14 +465,14 @@ pub(crate) async fn read_manifest(results: &dyn ImportResults, at: &ResultsLocat
 }
 
 /// The outcome a reading gives `job` at `now`, or `None` to try again later: a manifest not
-/// (yet) readable is waited for until `wait` after the job's first claim ([`waited`]). `results`
-/// names the output folder in messages.
+/// (yet) readable is waited for as `give_up` says ([`waited`]). `results` names the output folder
+/// in messages.
 pub(crate) fn outcome_of(
     job: &Job,
     results: &str,
     reading: Reading,
     now: SystemTime,
-    wait: Duration,
+    give_up: GiveUp,
 ) -> Option<ImportOutcome> {
     let failed = |message: String| ImportOutcome {
         status: JobStatus::Failed,
@@ -518,24 +518,27 @@ pub(crate) fn outcome_of(
         Reading::Unusable(why) => Some(failed(format!(
             "HealthImaging import job {import} COMPLETED, but its outcome cannot be read: {why}"
         ))),
-        Reading::NotYet(why) => {
-            waited(job, now, wait).then(|| {
-                failed(format!(
-                    "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of the first attempt: {why}",
-                    humantime::format_duration(wait)
-                ))
-            })
-        }
+        Reading::NotYet(why) => match give_up {
+            GiveUp::After(wait) if waited(job, now, give_up) => Some(failed(format!(
+                "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of the first attempt: {why}",
+                humantime::format_duration(wait)
+            ))),
+            _ => None,
+        },
     }
 }
 
-/// Whether results not (yet) readable have been waited for long enough at `now`: `wait` after the
-/// job's first claim by an outcome reader ([`Job::outcome_claimed_at`]), so that every job gets
-/// its `wait` of attempts (one a poll interval) however late it became IMPORTED. The import's end
-/// (`importEndedAt`) would not do: the state machine records IMPORTED after it, retrying for up
-/// to an hour when the job store is unreachable, and older records lack it. A job without a
-/// readable first claim time (the reader always sets it) is not waited for.
-fn waited(job: &Job, now: SystemTime, wait: Duration) -> bool {
+/// Whether results not (yet) readable have been waited for long enough at `now`: never with
+/// [`GiveUp::Never`]; with [`GiveUp::After`], its wait after the job's first claim by an outcome
+/// reader ([`Job::outcome_claimed_at`]), so that every job gets its wait of attempts (one a poll
+/// interval) however late it became IMPORTED. The import's end (`importEndedAt`) would not do:
+/// the state machine records IMPORTED after it, retrying for over an hour when the job store is
+/// unreachable, and older records lack it. A job without a readable first claim time (the reader
+/// always sets it) is not waited for.
+fn waited(job: &Job, now: SystemTime, give_up: GiveUp) -> bool {
+    let GiveUp::After(wait) = give_up else {
+        return false;
+    };
     let first = job
         .outcome_claimed_at
         .as_deref()
@@ -678,28 +681,40 @@ enum InstancesStep {
     Retry,
 }
 
-/// How often the reader looks, and how long it claims and waits.
+/// Whether a gateway ends a job whose results stay unreadable, or leaves it to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// After this long from the job's first claim ([`waited`]): a gateway that imports, whose
+    /// role reads the results prefix, so that failing to read them means they are not coming.
+    After(Duration),
+    /// Never: a gateway without imports (a fleet member on the shared job table) may lack what
+    /// reading the results takes (`s3:GetObject` on the results prefix, the key); it releases the
+    /// job for one that imports rather than end it for something on its own side.
+    Never,
+}
+
+/// How often the reader looks, how long it claims, and whether it gives up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct OutcomeTiming {
     pub interval: Duration,
     pub claim_ttl: Duration,
-    /// How long after a job's first claim results not (yet) readable are retried.
-    pub manifest_wait: Duration,
+    pub give_up: GiveUp,
 }
 
 impl OutcomeTiming {
-    /// Looking every `interval` (the import poll interval), with the default claim and wait.
-    pub(crate) fn every(interval: Duration) -> Self {
+    /// Looking every `interval` (the import poll interval, or the recovery interval without
+    /// imports), with the default claim.
+    pub(crate) fn every(interval: Duration, give_up: GiveUp) -> Self {
         OutcomeTiming {
             interval: interval.max(Duration::from_secs(1)),
             claim_ttl: CLAIM_TTL,
-            manifest_wait: MANIFEST_WAIT,
+            give_up,
         }
     }
 }
 
-/// Finishes IMPORTED jobs, on every gateway that imports; the claim makes exactly one of them do
-/// each job.
+/// Finishes IMPORTED jobs, on every gateway that imports or shares the DynamoDB job table; the
+/// claim makes exactly one of them do each job.
 pub(crate) struct OutcomeReader {
     jobs: Arc<dyn JobStore>,
     results: Arc<dyn ImportResults>,
@@ -856,7 +871,7 @@ impl OutcomeReader {
             &results,
             reading,
             SystemTime::now(),
-            self.timing.manifest_wait,
+            self.timing.give_up,
         ) else {
             return Decision::NotYet;
         };
@@ -949,7 +964,7 @@ impl OutcomeReader {
                 }
             }
             Err(e) => {
-                if waited(job, SystemTime::now(), self.timing.manifest_wait) {
+                if waited(job, SystemTime::now(), self.timing.give_up) {
                     warn!(job_id = %job.job_id, error = %e, "import outcome: per-instance outcomes could not be recorded; the job ends without them");
                     InstancesStep::Incomplete(e.to_string())
                 } else {

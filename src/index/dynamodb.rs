@@ -44,8 +44,7 @@
 //!   condition fails, `ReturnValuesOnConditionCheckFailure=ALL_OLD` returns the item if there is
 //!   one (UpdateItem API reference, ReturnValuesOnConditionCheckFailure: "returns the item
 //!   attributes for an UpdateItem operation that failed a condition check", at no read cost), to
-//!   tell an item kept as it is from a key the index lacks; an emulator that returns nothing
-//!   there is answered by a BatchGetItem of that key.
+//!   tell an item kept as it is from a key the index lacks.
 //!
 //! Limits relied on (BatchWriteItem, BatchGetItem API references, quoted in docs/aws-facts.md,
 //! "Issue 10"): at most 25 put requests and 16 MB per BatchWriteItem, no two of them for the
@@ -519,7 +518,7 @@ impl DynamoIndex {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key.clone()))
+            .set_key(Some(key))
             .update_expression(update.expression)
             .condition_expression(update.condition)
             .set_expression_attribute_names(Some(update.names))
@@ -540,23 +539,15 @@ impl DynamoIndex {
                     Updated::Unchanged
                 },
             ),
-            Err(e) if is_condition_failure(&e) => {
-                let returned = match e.as_service_error() {
-                    Some(UpdateItemError::ConditionalCheckFailedException(c)) => c.item().is_some(),
-                    _ => false,
-                };
-                // Kept as it is (IMPORTED_WITH_WARNINGS), or no record of this object (skipped,
-                // and no partial item created). Only an IMPORTED outcome can be kept: for the
-                // others, no item returned means no item.
-                let exists = returned
-                    || (matches!(outcome, InstanceOutcome::Imported { .. })
-                        && !self.batch_present(vec![key]).await?.is_empty());
-                Ok(if exists {
+            // The item as it is comes with the failure when there is one: kept as it is
+            // (IMPORTED_WITH_WARNINGS); else the index has no record of this object (skipped,
+            // and no partial item created).
+            Err(e) if is_condition_failure(&e) => Ok(match e.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(c)) if c.item().is_some() => {
                     Updated::Unchanged
-                } else {
-                    Updated::Absent
-                })
-            }
+                }
+                _ => Updated::Absent,
+            }),
             Err(e) => Err(dynamo_error("UpdateItem", e)),
         }
     }

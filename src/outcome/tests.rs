@@ -287,7 +287,7 @@ fn read(imported: u64, customer: u64, server: u64) -> Reading {
 fn the_counts_decide_the_final_status() {
     let job = imported_job("s3://b/results/J1/");
     let now = at("2026-11-23T10:06:00Z");
-    let wait = Duration::from_secs(600);
+    let wait = GiveUp::After(Duration::from_secs(600));
     let o = outcome_of(&job, "s3://b/r/", read(2, 0, 0), now, wait).unwrap();
     assert_eq!((o.status, o.message), (JobStatus::Completed, None));
     assert_eq!(o.ended_at, "2026-11-23T10:06:00.000Z");
@@ -316,7 +316,7 @@ fn a_missing_manifest_is_waited_for_then_failed_and_a_malformed_one_fails_at_onc
     // The wait counts from the first claim, not from the import's end (long before here).
     job.import_ended_at = Some("2026-11-23T08:05:00.036593+00:00".into());
     job.outcome_claimed_at = Some("2026-11-23T10:05:00.036Z".into());
-    let wait = Duration::from_secs(600);
+    let wait = GiveUp::After(Duration::from_secs(600));
     let not_yet = || Reading::NotYet("job-output-manifest.json is not in s3://b/r/".into());
     assert!(
         outcome_of(
@@ -379,11 +379,12 @@ impl ImportResults for FakeResults {
     }
 }
 
+/// The timing of a gateway that imports, giving a job up `manifest_wait` after its first claim.
 fn timing(manifest_wait: Duration) -> OutcomeTiming {
     OutcomeTiming {
         interval: Duration::from_secs(1),
         claim_ttl: CLAIM_TTL,
-        manifest_wait,
+        give_up: GiveUp::After(manifest_wait),
     }
 }
 
@@ -521,6 +522,60 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
             .as_deref()
             .is_some_and(|m| m.contains("job-output-manifest.json could not be read")),
         "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_without_imports_never_gives_a_job_up_and_leaves_it_to_one_that_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path()));
+    let mut job = imported_job("s3://b/results/J1/");
+    // Long past any wait.
+    job.outcome_claimed_at = Some(rfc3339(SystemTime::now() - Duration::from_secs(86_400)));
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    let fleet_member = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        None,
+        "gw-b".into(),
+        OutcomeTiming {
+            give_up: GiveUp::Never,
+            ..timing(Duration::ZERO)
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            fleet_member.pass(&CancellationToken::new()).await.unwrap(),
+            0
+        );
+        let left = jobs.get("J1").await.unwrap().unwrap();
+        assert_eq!((left.status, &left.claim), (JobStatus::Imported, &None));
+    }
+    // A gateway that imports makes the decision.
+    let importer = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        None,
+        "gw-a".into(),
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(importer.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_eq!(
+        jobs.get("J1").await.unwrap().unwrap().status,
+        JobStatus::Failed
+    );
+    // And once the results are there, the fleet member ends a job as any gateway would.
+    let mut next = imported_job("s3://b/results/J2/");
+    next.job_id = "J2".into();
+    jobs.record_open(&next).await.unwrap();
+    results.files.lock().unwrap().insert(
+        "results/J2/ds-DicomImport-import-job-0001/job-output-manifest.json".into(),
+        manifest(1, 1, 0, 0),
+    );
+    assert_eq!(
+        fleet_member.pass(&CancellationToken::new()).await.unwrap(),
+        1
     );
 }
 
@@ -1126,7 +1181,7 @@ fn short_claim() -> OutcomeTiming {
     OutcomeTiming {
         interval: Duration::from_secs(1),
         claim_ttl: Duration::from_secs(3),
-        manifest_wait: MANIFEST_WAIT,
+        give_up: GiveUp::After(MANIFEST_WAIT),
     }
 }
 
