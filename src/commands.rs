@@ -131,37 +131,59 @@ fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                         store.describe()
                     );
                 };
-                let failed = if failed {
-                    let index = crate::server::open_instance_index(&index_config?, &aws).await?;
-                    Some(
-                        index
-                            .failed(&job_id)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("{e} (reading {})", index.describe()))?,
-                    )
-                } else {
-                    None
+                // Without an instance index (--job-table without --instance-table), the job is
+                // still worth showing: the note says why its failed instances are not.
+                let failed =
+                    match (failed, index_config) {
+                        (false, _) => Failed::NotAsked,
+                        (true, Err(no_index)) => Failed::NoIndex(no_index.to_string()),
+                        (true, Ok(config)) => {
+                            let index = crate::server::open_instance_index(&config, &aws).await?;
+                            Failed::Listed(index.failed(&job_id).await.map_err(|e| {
+                                anyhow::anyhow!("{e} (reading {})", index.describe())
+                            })?)
+                        }
+                    };
+                let with = |name: &str, value: serde_json::Value| {
+                    let mut job = serde_json::to_value(&job).unwrap_or_default();
+                    if let Some(map) = job.as_object_mut() {
+                        map.insert(name.into(), value);
+                    }
+                    serde_json::to_string_pretty(&job).unwrap_or_default() + "\n"
                 };
                 match (json, failed) {
-                    (true, None) => serde_json::to_string_pretty(&job).unwrap_or_default() + "\n",
-                    (true, Some(failed)) => {
-                        let mut value = serde_json::to_value(&job).unwrap_or_default();
-                        if let Some(map) = value.as_object_mut() {
-                            map.insert(
-                                "failedInstances".into(),
-                                serde_json::to_value(&failed).unwrap_or_default(),
-                            );
-                        }
-                        serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+                    (true, Failed::NotAsked) => {
+                        serde_json::to_string_pretty(&job).unwrap_or_default() + "\n"
                     }
-                    (false, None) => report::details(&job),
-                    (false, Some(failed)) => report::details(&job) + &failed_instances(&failed),
+                    (true, Failed::Listed(failed)) => with(
+                        "failedInstances",
+                        serde_json::to_value(&failed).unwrap_or_default(),
+                    ),
+                    (true, Failed::NoIndex(note)) => {
+                        with("failedInstancesNote", serde_json::Value::String(note))
+                    }
+                    (false, Failed::NotAsked) => report::details(&job),
+                    (false, Failed::Listed(failed)) => {
+                        report::details(&job) + &failed_instances(&failed)
+                    }
+                    (false, Failed::NoIndex(note)) => {
+                        report::details(&job) + &format!("\nFailed instances: not listed: {note}\n")
+                    }
                 }
             }
         };
         print!("{text}");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// What `jobs show` prints of a job's failed instances.
+enum Failed {
+    /// `--failed` was not given.
+    NotAsked,
+    Listed(Vec<InstanceRecord>),
+    /// `--failed` was given, but these options name no instance index: why.
+    NoIndex(String),
 }
 
 /// `dicom-gateway instances show`: reads the instance index `serve` writes with the same

@@ -12,24 +12,36 @@
 //! 1. lists IMPORTED jobs every poll interval;
 //! 2. takes the job's [`OutcomeClaim`] with a conditional write (unclaimed, its own, or expired), so
 //!    exactly one gateway works on a job, and one that dies midway is replaced once its claim
-//!    expires; a manifest not readable yet releases the claim for the next look;
+//!    expires. From the moment it is taken, the claim is renewed every third of its life until
+//!    the work of steps 3 and 4 is done ([`OutcomeReader::holding_claim`]), so that no other
+//!    gateway takes over a live reader however long the reading takes; the first claim of a job
+//!    also records when it was taken ([`Job::outcome_claimed_at`]). A manifest not readable yet
+//!    releases the claim for the next look;
 //! 3. streams `job-output-manifest.json` from S3 into a parser that keeps only the counts and the
 //!    first image set ids, in memory bounded whatever the manifest's size ([`parse_manifest`]);
 //! 4. when the manifest was read and the gateway has an instance index, streams
 //!    `SUCCESS/success.ndjson`, `WARNING/warning.ndjson` and `FAILURE/failure.ndjson` line by line
 //!    ([`instances::read_results`]) and records each object's outcome on its index record, in
-//!    chunks ([`crate::index::InstanceIndex::record_outcomes`]), renewing the claim every third of
-//!    its life meanwhile so that no other gateway takes over a live reader;
+//!    chunks bounded in count and bytes ([`crate::index::InstanceIndex::record_outcomes`]); then
+//!    compares what was recorded with the manifest's counts ([`InstanceTally::gaps`]);
 //! 5. ends the job COMPLETED, COMPLETED_WITH_ERRORS or FAILED ([`outcome_of`]) with the manifest's
-//!    counts, in one write conditional on IMPORTED and on holding the claim.
+//!    counts, in one write conditional on IMPORTED and on holding the claim. When step 4 recorded
+//!    fewer (or more) outcomes than the manifest counts, skipped lines (malformed, or naming no
+//!    object of the job) or found objects the index has no record of, the job's message says so:
+//!    `incomplete per-instance outcomes: 4498 of 4500 failed file(s) recorded, ...`. The
+//!    status stays what the manifest's counts give: the files' fate is known, only the index
+//!    lacks some of it.
 //!
 //! A crash (or a lost claim) anywhere before 5 leaves the job IMPORTED: the next claimant does 3 to 5
 //! again. That is safe because step 4 only sets each record's outcome to what the files say (setting
 //! it again changes nothing), and the job's counts come from the manifest alone and are written
 //! once, by the single write of step 5 that moves the job out of IMPORTED. Per-instance outcomes
-//! that cannot be read or recorded (S3, index) are retried like a manifest not yet readable, until
-//! [`MANIFEST_WAIT`] after the import's end; then the job ends anyway, its message saying that they
-//! are incomplete.
+//! that cannot be read or recorded (S3, index), like a manifest not yet readable, are retried at
+//! each look until [`MANIFEST_WAIT`] after the job's first claim ([`waited`]); then the job ends
+//! anyway, its message saying that they are incomplete. The wait counts from the first claim, not
+//! from the import's end (`importEndedAt`), so that a job recorded IMPORTED late (the state
+//! machine retries that write for over an hour) still gets its full wait of attempts rather than
+//! ending at the first transient error.
 //!
 //! Result files are opened through [`ImportResults`], which hands out a blocking [`ResultStream`]
 //! for any file of an import's output folder, read in `spawn_blocking`.
@@ -50,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock::rfc3339;
-use crate::index::InstanceIndex;
+use crate::index::{IndexError, InstanceIndex};
 use crate::jobs::{
     IMAGE_SET_IDS_KEPT, ImportCounts, ImportOutcome, Job, JobStatus, JobStore, JobStoreError,
     OutcomeClaim,
@@ -65,9 +77,10 @@ pub(crate) const MANIFEST: &str = "job-output-manifest.json";
 /// renews it), short enough that a job whose gateway died midway is soon finished by another.
 pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(30);
 
-/// How long after the import's end a missing or unreadable manifest is waited for before the job
-/// is recorded FAILED. HealthImaging writes it before it reports the job COMPLETED; this covers
-/// S3 or network trouble on the gateway's side.
+/// How long after a job's first claim a missing or unreadable manifest is waited for before the
+/// job is recorded FAILED (and per-instance outcomes that cannot be recorded, before the job ends
+/// without them). HealthImaging writes the manifest before it reports the job COMPLETED; this
+/// covers S3, network or index trouble on the gateway's side.
 pub(crate) const MANIFEST_WAIT: Duration = Duration::from_secs(600);
 
 /// Chunks of a result file buffered between the S3 body and its parser.
@@ -91,32 +104,31 @@ impl ResultsLocation {
     /// as the requested output prefix plus `{datastoreId}-DicomImport-{jobId}/`; whether the API
     /// value already ends so is not documented, so the suffix is appended when missing
     /// (docs/aws-facts.md §1).
-    pub(crate) fn of(job: &Job) -> Result<ResultsLocation, String> {
+    pub(crate) fn of(job: &Job) -> Result<ResultsLocation, LocationError> {
         let uri = job
             .output_s3_uri
             .as_deref()
-            .ok_or("the job has no outputS3Uri")?;
+            .ok_or(LocationError::NoOutputUri)?;
         let import_job_id = job
             .import_job_id
             .as_deref()
-            .ok_or("the job has no importJobId")?;
+            .ok_or(LocationError::NoImportJobId)?;
         let rest = uri
             .strip_prefix("s3://")
-            .ok_or_else(|| format!("outputS3Uri {uri} is not an s3:// URI"))?;
+            .ok_or_else(|| LocationError::NotS3 { uri: uri.into() })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(format!("outputS3Uri {uri} names no bucket"));
+            return Err(LocationError::NoBucket { uri: uri.into() });
         }
         let mut prefix = prefix.to_string();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
         if !prefix.ends_with(&format!("-DicomImport-{import_job_id}/")) {
-            let datastore_id = job.datastore_id.as_deref().ok_or_else(|| {
-                format!(
-                    "outputS3Uri {uri} lacks the import's folder and the job has no datastoreId"
-                )
-            })?;
+            let datastore_id = job
+                .datastore_id
+                .as_deref()
+                .ok_or_else(|| LocationError::NoDatastoreId { uri: uri.into() })?;
             prefix.push_str(&format!("{datastore_id}-DicomImport-{import_job_id}/"));
         }
         Ok(ResultsLocation {
@@ -132,6 +144,21 @@ impl ResultsLocation {
     pub(crate) fn uri(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
+}
+
+/// Why a job's record does not say where its import's results are.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub(crate) enum LocationError {
+    #[error("the job has no outputS3Uri")]
+    NoOutputUri,
+    #[error("the job has no importJobId")]
+    NoImportJobId,
+    #[error("outputS3Uri {uri} is not an s3:// URI")]
+    NotS3 { uri: String },
+    #[error("outputS3Uri {uri} names no bucket")]
+    NoBucket { uri: String },
+    #[error("outputS3Uri {uri} lacks the import's folder and the job has no datastoreId")]
+    NoDatastoreId { uri: String },
 }
 
 /// Why a result file could not be opened.
@@ -438,14 +465,14 @@ pub(crate) async fn read_manifest(results: &dyn ImportResults, at: &ResultsLocat
 }
 
 /// The outcome a reading gives `job` at `now`, or `None` to try again later: a manifest not
-/// (yet) readable is waited for until `wait` after the import's end (`importEndedAt`; without one,
-/// not at all). `results` names the output folder in messages.
+/// (yet) readable is waited for as `give_up` says ([`waited`]). `results` names the output folder
+/// in messages.
 pub(crate) fn outcome_of(
     job: &Job,
     results: &str,
     reading: Reading,
     now: SystemTime,
-    wait: Duration,
+    give_up: GiveUp,
 ) -> Option<ImportOutcome> {
     let failed = |message: String| ImportOutcome {
         status: JobStatus::Failed,
@@ -491,25 +518,32 @@ pub(crate) fn outcome_of(
         Reading::Unusable(why) => Some(failed(format!(
             "HealthImaging import job {import} COMPLETED, but its outcome cannot be read: {why}"
         ))),
-        Reading::NotYet(why) => {
-            waited(job, now, wait).then(|| {
-                failed(format!(
-                    "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of its end: {why}",
-                    humantime::format_duration(wait)
-                ))
-            })
-        }
+        Reading::NotYet(why) => match give_up {
+            GiveUp::After(wait) if waited(job, now, give_up) => Some(failed(format!(
+                "HealthImaging import job {import} COMPLETED, but {MANIFEST} could not be read within {} of the first attempt: {why}",
+                humantime::format_duration(wait)
+            ))),
+            _ => None,
+        },
     }
 }
 
-/// Whether results not (yet) readable have been waited for long enough at `now`: `wait` after the
-/// import's end (`importEndedAt`; without one, no wait at all).
-fn waited(job: &Job, now: SystemTime, wait: Duration) -> bool {
-    let ended = job
-        .import_ended_at
+/// Whether results not (yet) readable have been waited for long enough at `now`: never with
+/// [`GiveUp::Never`]; with [`GiveUp::After`], its wait after the job's first claim by an outcome
+/// reader ([`Job::outcome_claimed_at`]), so that every job gets its wait of attempts (one a poll
+/// interval) however late it became IMPORTED. The import's end (`importEndedAt`) would not do:
+/// the state machine records IMPORTED after it, retrying for over an hour when the job store is
+/// unreachable, and older records lack it. A job without a readable first claim time (the reader
+/// always sets it) is not waited for.
+fn waited(job: &Job, now: SystemTime, give_up: GiveUp) -> bool {
+    let GiveUp::After(wait) = give_up else {
+        return false;
+    };
+    let first = job
+        .outcome_claimed_at
         .as_deref()
         .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-    ended.is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= wait))
+    first.is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= wait))
 }
 
 /// What recording one job's per-instance outcomes gave, file by file.
@@ -518,9 +552,13 @@ pub(crate) struct InstanceTally {
     pub success: FileTally,
     pub warning: FileTally,
     pub failure: FileTally,
-    /// Index records whose outcome this reading changed (fewer than the lines when a resumed
-    /// reader records again what its predecessor did, or when the index lacks an object).
-    pub updated: u64,
+    /// Outcomes of each file whose object the index has a record of.
+    pub success_matched: u64,
+    pub warning_matched: u64,
+    pub failure_matched: u64,
+    /// Index records whose outcome this reading changed (fewer than those matched when a resumed
+    /// reader records again what its predecessor did).
+    pub changed: u64,
 }
 
 impl InstanceTally {
@@ -540,8 +578,62 @@ impl InstanceTally {
         }
     }
 
-    fn foreign(&self) -> u64 {
-        self.success.foreign + self.warning.foreign + self.failure.foreign
+    fn matched_mut(&mut self, file: ResultFile) -> &mut u64 {
+        match file {
+            ResultFile::Success => &mut self.success_matched,
+            ResultFile::Warning => &mut self.warning_matched,
+            ResultFile::Failure => &mut self.failure_matched,
+        }
+    }
+
+    fn matched(&self) -> u64 {
+        self.success_matched + self.warning_matched + self.failure_matched
+    }
+
+    fn sum(&self, field: impl Fn(&FileTally) -> u64) -> u64 {
+        ResultFile::ALL.iter().map(|f| field(&self.of(*f))).sum()
+    }
+
+    /// What this reading left out, against the manifest's `counts`: empty when the index now
+    /// holds an outcome for exactly as many imported and failed files as the manifest counts,
+    /// and no line was skipped. Whether a file imported with warnings is listed in the success
+    /// file too is not documented (docs/aws-facts.md): the imported files are accounted for when
+    /// the success file alone, or the success and warning files together, match the count. A
+    /// resumed reading reads every file from its start, so it counts the same as a reading that
+    /// ran through.
+    pub(crate) fn gaps(&self, counts: &ImportCounts) -> Vec<String> {
+        let mut gaps = Vec::new();
+        let (success, warning) = (self.success_matched, self.warning_matched);
+        if success != counts.imported && success + warning != counts.imported {
+            gaps.push(format!(
+                "{success} success and {warning} warning outcome(s) recorded for {} imported file(s)",
+                counts.imported
+            ));
+        }
+        if self.failure_matched != counts.failed() {
+            gaps.push(format!(
+                "{} of {} failed file(s) recorded",
+                self.failure_matched,
+                counts.failed()
+            ));
+        }
+        let foreign = self.sum(|t| t.foreign);
+        if foreign > 0 {
+            gaps.push(format!(
+                "{foreign} result line(s) name no object of the job's input prefix"
+            ));
+        }
+        let malformed = self.sum(|t| t.malformed);
+        if malformed > 0 {
+            gaps.push(format!("{malformed} result line(s) malformed"));
+        }
+        let unmatched = self.sum(|t| t.outcomes).saturating_sub(self.matched());
+        if unmatched > 0 {
+            gaps.push(format!(
+                "{unmatched} object(s) without a record in the instance index"
+            ));
+        }
+        gaps
     }
 }
 
@@ -553,9 +645,13 @@ pub(crate) enum InstancesError {
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error("the result file reader stopped: {0}")]
-    Reader(String),
-    #[error("recording outcomes in {index} failed: {message}")]
-    Index { index: String, message: String },
+    Reader(#[from] tokio::task::JoinError),
+    #[error("recording outcomes in {index} failed: {source}")]
+    Index {
+        index: String,
+        #[source]
+        source: IndexError,
+    },
 }
 
 /// How the work done under a claim ended.
@@ -567,39 +663,58 @@ enum Held<T> {
     Stopped,
 }
 
+/// What the work under a claim decided for the job.
+enum Decision {
+    /// Nothing to record yet: release the claim, leave the job IMPORTED for a later look.
+    NotYet,
+    /// End the job with this outcome.
+    End(ImportOutcome),
+}
+
 /// What the per-instance step leaves for the job.
 enum InstancesStep {
-    /// Recorded (or nothing to record): end the job.
+    /// Every file the manifest counts has its outcome recorded: end the job.
     Done,
-    /// Not recorded, given up on: end the job, saying why.
+    /// Not all recorded, and not worth (or no longer worth) another try: end the job, saying why.
     Incomplete(String),
     /// Try again at a later look: release the claim, leave the job IMPORTED.
     Retry,
-    /// Another gateway took over: leave the job alone.
-    Lost,
 }
 
-/// How often the reader looks, and how long it claims and waits.
+/// Whether a gateway ends a job whose results stay unreadable, or leaves it to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// After this long from the job's first claim ([`waited`]): a gateway that imports, whose
+    /// role reads the results prefix, so that failing to read them means they are not coming.
+    After(Duration),
+    /// Never: a gateway without imports (a fleet member on the shared job table) may lack what
+    /// reading the results takes (`s3:GetObject` on the results prefix, the key); it releases the
+    /// job for one that imports rather than end it for something on its own side.
+    Never,
+}
+
+/// How often the reader looks, how long it claims, and whether it gives up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct OutcomeTiming {
     pub interval: Duration,
     pub claim_ttl: Duration,
-    pub manifest_wait: Duration,
+    pub give_up: GiveUp,
 }
 
 impl OutcomeTiming {
-    /// Looking every `interval` (the import poll interval), with the default claim and wait.
-    pub(crate) fn every(interval: Duration) -> Self {
+    /// Looking every `interval` (the import poll interval, or the recovery interval without
+    /// imports), with the default claim.
+    pub(crate) fn every(interval: Duration, give_up: GiveUp) -> Self {
         OutcomeTiming {
             interval: interval.max(Duration::from_secs(1)),
             claim_ttl: CLAIM_TTL,
-            manifest_wait: MANIFEST_WAIT,
+            give_up,
         }
     }
 }
 
-/// Finishes IMPORTED jobs, on every gateway that imports; the claim makes exactly one of them do
-/// each job.
+/// Finishes IMPORTED jobs, on every gateway that imports or shares the DynamoDB job table; the
+/// claim makes exactly one of them do each job.
 pub(crate) struct OutcomeReader {
     jobs: Arc<dyn JobStore>,
     results: Arc<dyn ImportResults>,
@@ -628,9 +743,8 @@ impl OutcomeReader {
     }
 
     /// Looks for IMPORTED jobs every interval until `stop`, then returns once the job in hand is
-    /// done or, if its per-instance outcomes are being recorded, given back (no new claim is taken
-    /// after `stop`). Dropping the task midway is safe too: the claim expires and the job is
-    /// finished by the next gateway to look.
+    /// done or given back (no new claim is taken after `stop`). Dropping the task midway is safe
+    /// too: the claim expires and the job is finished by the next gateway to look.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.timing.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -669,8 +783,11 @@ impl OutcomeReader {
     }
 
     /// Claims `job`, reads its results, records its instances' outcomes and ends it (see the
-    /// module doc for the order). `Ok(false)`: not this gateway's to end, or not yet.
+    /// module doc for the order), renewing the claim from the moment it is taken until the work
+    /// is done. `Ok(false)`: not this gateway's to end, or not yet.
     async fn finish(&self, job: &Job, stop: &CancellationToken) -> Result<bool, JobStoreError> {
+        // The claim's life counts from before the call that takes it, so the renewals do too.
+        let claimed = tokio::time::Instant::now();
         let now = SystemTime::now();
         if !self
             .jobs
@@ -679,56 +796,35 @@ impl OutcomeReader {
         {
             return Ok(false);
         }
-        let location = ResultsLocation::of(job);
-        let (results, reading) = match &location {
-            Ok(at) => (at.uri(), read_manifest(self.results.as_ref(), at).await),
-            Err(why) => (
-                job.output_s3_uri.clone().unwrap_or_else(|| "-".into()),
-                Reading::Unusable(why.clone()),
-            ),
-        };
-        if let Reading::NotYet(why) = &reading {
-            debug!(job_id = %job.job_id, reason = %why, "import outcome: manifest not readable yet");
-        }
-        let Some(mut outcome) = outcome_of(
-            job,
-            &results,
-            reading,
-            SystemTime::now(),
-            self.timing.manifest_wait,
-        ) else {
-            // Nothing to record yet: let whichever gateway looks next try, rather than keep others
-            // out until the claim expires (this gateway may stop meanwhile).
-            self.jobs
-                .release_outcome(&job.job_id, &self.gateway_id)
-                .await?;
-            return Ok(false);
-        };
-        // Per-instance outcomes exist only beside a manifest that was read.
-        if let (Some(index), Ok(at), Some(_)) = (&self.index, &location, outcome.counts) {
-            match self.instance_outcomes(index, job, at, stop).await {
-                InstancesStep::Done => {}
-                InstancesStep::Incomplete(why) => {
-                    let note = format!("per-instance outcomes are incomplete: {why}");
-                    outcome.message = Some(match outcome.message.take() {
-                        Some(m) => format!("{m}; {note}"),
-                        None => note,
-                    });
-                }
-                InstancesStep::Retry => {
-                    self.jobs
-                        .release_outcome(&job.job_id, &self.gateway_id)
-                        .await?;
-                    return Ok(false);
-                }
-                InstancesStep::Lost => {
-                    info!(job_id = %job.job_id, "import outcome: claim taken over by another gateway");
-                    return Ok(false);
-                }
+        // The store has set the time of the first claim unless the job had one; the listed copy
+        // may predate that.
+        let mut job = job.clone();
+        job.outcome_claimed_at.get_or_insert_with(|| rfc3339(now));
+        let decision = match self
+            .holding_claim(&job.job_id, claimed, stop, self.decide(&job))
+            .await
+        {
+            Held::Done(decision) => decision,
+            Held::Lost => {
+                info!(job_id = %job.job_id, "import outcome: claim taken over by another gateway");
+                return Ok(false);
             }
-            // The job ends now, after its instances.
-            outcome.ended_at = rfc3339(SystemTime::now());
-        }
+            Held::Stopped => {
+                info!(job_id = %job.job_id, "import outcome: stopping; the job is left for the next look");
+                Decision::NotYet
+            }
+        };
+        let outcome = match decision {
+            Decision::End(outcome) => outcome,
+            Decision::NotYet => {
+                // Let whichever gateway looks next try, rather than keep others out until the
+                // claim expires (this gateway may stop meanwhile).
+                self.jobs
+                    .release_outcome(&job.job_id, &self.gateway_id)
+                    .await?;
+                return Ok(false);
+            }
+        };
         match self
             .jobs
             .record_outcome(&job.job_id, &self.gateway_id, &outcome)
@@ -756,6 +852,51 @@ impl OutcomeReader {
         }
     }
 
+    /// Steps 3 and 4 of the module doc, under the claim: reads the manifest and, with it, records
+    /// the instances' outcomes; says whether the job ends now, and how.
+    async fn decide(&self, job: &Job) -> Decision {
+        let location = ResultsLocation::of(job);
+        let (results, reading) = match &location {
+            Ok(at) => (at.uri(), read_manifest(self.results.as_ref(), at).await),
+            Err(why) => (
+                job.output_s3_uri.clone().unwrap_or_else(|| "-".into()),
+                Reading::Unusable(why.to_string()),
+            ),
+        };
+        if let Reading::NotYet(why) = &reading {
+            debug!(job_id = %job.job_id, reason = %why, "import outcome: manifest not readable yet");
+        }
+        let Some(mut outcome) = outcome_of(
+            job,
+            &results,
+            reading,
+            SystemTime::now(),
+            self.timing.give_up,
+        ) else {
+            return Decision::NotYet;
+        };
+        // Per-instance outcomes exist only beside a manifest that was read.
+        if let (Some(index), Ok(at), Some(counts)) = (&self.index, &location, outcome.counts) {
+            match self
+                .instance_outcomes(index.as_ref(), job, at, &counts)
+                .await
+            {
+                InstancesStep::Done => {}
+                InstancesStep::Incomplete(why) => {
+                    let note = format!("incomplete per-instance outcomes: {why}");
+                    outcome.message = Some(match outcome.message.take() {
+                        Some(m) => format!("{m}; {note}"),
+                        None => note,
+                    });
+                }
+                InstancesStep::Retry => return Decision::NotYet,
+            }
+            // The job ends now, after its instances.
+            outcome.ended_at = rfc3339(SystemTime::now());
+        }
+        Decision::End(outcome)
+    }
+
     /// This gateway's claim, from `now` for the claim's life.
     fn claim(&self, now: SystemTime) -> OutcomeClaim {
         OutcomeClaim {
@@ -765,43 +906,44 @@ impl OutcomeReader {
     }
 
     /// Step 4 of the module doc: records the outcome of every object of `job` the result files at
-    /// `at` name, holding the claim meanwhile.
+    /// `at` name, and checks them against the manifest's `counts`.
     async fn instance_outcomes(
         &self,
-        index: &Arc<dyn InstanceIndex>,
+        index: &dyn InstanceIndex,
         job: &Job,
         at: &ResultsLocation,
-        stop: &CancellationToken,
+        counts: &ImportCounts,
     ) -> InstancesStep {
         let prefix = match InputPrefix::of(job) {
             Ok(prefix) => prefix,
             Err(why) => {
                 warn!(job_id = %job.job_id, reason = %why, "import outcome: per-instance outcomes cannot be mapped to objects");
-                return InstancesStep::Incomplete(why);
+                return InstancesStep::Incomplete(why.to_string());
             }
         };
-        let work = self.record_instances(index.as_ref(), &job.job_id, at, &prefix);
-        match self.holding_claim(&job.job_id, stop, work).await {
-            Held::Done(Ok(tally)) => {
+        match self.record_instances(index, &job.job_id, at, &prefix).await {
+            Ok(tally) => {
                 info!(
                     job_id = %job.job_id,
                     imported = tally.success.outcomes,
                     imported_with_warnings = tally.warning.outcomes,
                     failed = tally.failure.outcomes,
-                    records_updated = tally.updated,
+                    records_matched = tally.matched(),
+                    records_changed = tally.changed,
                     index = %index.describe(),
                     "import outcome: per-instance outcomes recorded"
                 );
-                if tally.foreign() > 0 {
-                    warn!(
-                        job_id = %job.job_id,
-                        lines = tally.foreign(),
-                        input_prefix = %job.input_s3_uri,
-                        "import outcome: result lines name files outside the job's input prefix or key layout; not recorded"
-                    );
-                }
                 for file in ResultFile::ALL {
                     let t = tally.of(file);
+                    if t.foreign > 0 {
+                        warn!(
+                            job_id = %job.job_id,
+                            file = file.name(),
+                            lines = t.foreign,
+                            input_prefix = %job.input_s3_uri,
+                            "import outcome: result lines name files outside the job's input prefix or key layout; not recorded"
+                        );
+                    }
                     if t.malformed > 0 {
                         warn!(
                             job_id = %job.job_id,
@@ -812,21 +954,23 @@ impl OutcomeReader {
                         );
                     }
                 }
-                InstancesStep::Done
+                let gaps = tally.gaps(counts);
+                if gaps.is_empty() {
+                    InstancesStep::Done
+                } else {
+                    let why = gaps.join(", ");
+                    warn!(job_id = %job.job_id, gaps = %why, "import outcome: the per-instance outcomes do not account for every file the manifest counts");
+                    InstancesStep::Incomplete(why)
+                }
             }
-            Held::Done(Err(e)) => {
-                if waited(job, SystemTime::now(), self.timing.manifest_wait) {
+            Err(e) => {
+                if waited(job, SystemTime::now(), self.timing.give_up) {
                     warn!(job_id = %job.job_id, error = %e, "import outcome: per-instance outcomes could not be recorded; the job ends without them");
                     InstancesStep::Incomplete(e.to_string())
                 } else {
                     warn!(job_id = %job.job_id, error = %e, "import outcome: per-instance outcomes could not be recorded; will retry");
                     InstancesStep::Retry
                 }
-            }
-            Held::Lost => InstancesStep::Lost,
-            Held::Stopped => {
-                info!(job_id = %job.job_id, "import outcome: stopping; the job is left for the next look");
-                InstancesStep::Retry
             }
         }
     }
@@ -860,31 +1004,32 @@ impl OutcomeReader {
             });
             // An early return drops `rx`: the reader's next hand-over fails and it stops.
             while let Some(chunk) = rx.recv().await {
-                tally.updated += index.record_outcomes(job_id, chunk).await.map_err(|e| {
+                let recorded = index.record_outcomes(job_id, chunk).await.map_err(|e| {
                     InstancesError::Index {
                         index: index.describe(),
-                        message: e.to_string(),
+                        source: e,
                     }
                 })?;
+                *tally.matched_mut(file) += recorded.matched;
+                tally.changed += recorded.changed;
             }
-            *tally.of_mut(file) = reader
-                .await
-                .map_err(|e| InstancesError::Reader(e.to_string()))??;
+            *tally.of_mut(file) = reader.await??;
         }
         Ok(tally)
     }
 
-    /// Runs `work` while renewing this gateway's claim on `job_id` every third of its life, so
-    /// that the claim never expires under a live reader. Gives up when the claim is lost or
-    /// `stop` is cancelled (dropping `work`).
+    /// Runs `work` while renewing this gateway's claim on `job_id`, taken at `claimed`, every
+    /// third of its life from then, so that the claim never expires under a live reader. Gives up
+    /// when the claim is lost or `stop` is cancelled (dropping `work`).
     async fn holding_claim<T>(
         &self,
         job_id: &str,
+        claimed: tokio::time::Instant,
         stop: &CancellationToken,
         work: impl Future<Output = T>,
     ) -> Held<T> {
         let period = (self.timing.claim_ttl / 3).max(Duration::from_millis(10));
-        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut renew = tokio::time::interval_at(claimed + period, period);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(work);
         loop {

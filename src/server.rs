@@ -30,7 +30,7 @@ use crate::jobs::JobStore;
 use crate::jobs::dynamodb::DynamoJobStore;
 use crate::jobs::local::LocalJournal;
 use crate::listener::{Admission, Listener};
-use crate::outcome::{OutcomeReader, OutcomeTiming, S3Results};
+use crate::outcome::{GiveUp, MANIFEST_WAIT, OutcomeReader, OutcomeTiming, S3Results};
 use crate::recovery::Recovery;
 use crate::store::ObjectStore;
 use crate::store::local::LocalStore;
@@ -395,28 +395,35 @@ pub(crate) async fn serve(config: ServeConfig, shutdown: CancellationToken) -> a
                 .await
         })
     };
-    // Imports end IMPORTED; any gateway of the fleet that can read S3 reads their results and ends
-    // them, whether it starts imports itself or not: a gateway restarted without
-    // --state-machine-arn still finishes the imports in flight (it looks at the recovery interval).
-    let outcomes = match &config.store {
-        StoreConfig::S3 {
-            force_path_style, ..
-        } => {
-            let interval = config
-                .import
-                .as_ref()
-                .map_or(config.recovery.interval, |i| i.settings.poll_interval);
+    // Imports end IMPORTED, and a gateway that reads S3 reads their results and ends them: one
+    // that imports, or (looking at the recovery interval) one that shares the DynamoDB job table
+    // without importing, so that a fleet restarted without --state-machine-arn still finishes the
+    // imports in flight. The latter never gives a job up: it may lack what reading the results
+    // takes, so it leaves that decision to a gateway that imports (outcome::GiveUp). A local job
+    // journal without imports has no IMPORTED jobs to finish.
+    let reads_outcomes = match (&config.import, &config.job_store) {
+        (Some(import), _) => Some((import.settings.poll_interval, GiveUp::After(MANIFEST_WAIT))),
+        (None, JobStoreConfig::DynamoDb { .. }) => Some((config.recovery.interval, GiveUp::Never)),
+        (None, JobStoreConfig::LocalJournal { .. }) => None,
+    };
+    let outcomes = match (&config.store, reads_outcomes) {
+        (
+            StoreConfig::S3 {
+                force_path_style, ..
+            },
+            Some((interval, give_up)),
+        ) => {
             let reader = OutcomeReader::new(
                 jobs.clone(),
                 Arc::new(S3Results::new(s3_client(&aws, *force_path_style).await?)),
                 Some(instance_index.clone()),
                 gateway_id.clone(),
-                OutcomeTiming::every(interval),
+                OutcomeTiming::every(interval, give_up),
             );
             let stop = CancellationToken::new();
             Some((tokio::spawn(reader.run(stop.clone())), stop))
         }
-        StoreConfig::Local { .. } => None,
+        _ => None,
     };
     let timer_stop = CancellationToken::new();
     let timer = tokio::spawn(batcher.clone().run_timer(timer_stop.clone()));

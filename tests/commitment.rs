@@ -4,10 +4,10 @@
 //! writes them.
 //!
 //! The `imported` test takes the job to IMPORTED as the import state machine would, as
-//! tests/outcomes.rs does, rather than running the mocked state machine: an import needs
-//! `--job-table`, and with DynamoDB job records the instance index (which Storage Commitment decides
-//! from) is not kept yet. The gateway stores in LocalStack S3 with the local journal and index, and
-//! its outcome reader reads the results from S3 as it would after a real import.
+//! tests/outcomes.rs does, rather than running the mocked state machine (HealthImaging is not
+//! emulated). The gateway stores in LocalStack S3 with the stack's job and instance tables, as
+//! deployed; without --state-machine-arn, its outcome reader reads the results from S3 as a
+//! fleet member on the job table does after a real import.
 //!
 //! The clients are installed by scripts/test.sh, which runs these ignored tests; a test whose client
 //! is missing fails saying so.
@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use dicom_gateway::jobs::{Job, JobStatus};
 
@@ -358,68 +359,107 @@ fn orthanc_gets_a_success_report_for_a_study_it_sent() {
     assert!(log.contains("via=NewAssociation"), "{log}");
 }
 
-// ---- --commit-when imported on LocalStack S3 ----------------------------------------------------
+// ---- --commit-when imported on LocalStack S3 and DynamoDB -------------------------------------
 
-/// The local journal's jobs that `pick` accepts, waited for.
-fn wait_for_job(store: &Path, what: &str, pick: impl Fn(&Job) -> bool) -> Job {
-    eventually(what, Duration::from_secs(60), || {
-        let jobs: Vec<Job> = files_under(&store.join("jobs"))
-            .iter()
-            .filter(|p| p.parent() == Some(store.join("jobs").as_path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
-            .collect();
+/// The UID root of the `imported` test's instances; each run adds a number of its own, since the
+/// stack's tables are shared by every test and run.
+const IMPORTED_ROOT: &str = "1.2.826.0.1.3680043.2.1125.21";
+
+/// (SOP Class UID, SOP Instance UID) of a DICOM file.
+fn sop_of_path(path: &Path) -> (String, String) {
+    let bytes = std::fs::read(path).unwrap();
+    let (meta, _) = dicom_gateway::part10::split_part10(&bytes).unwrap();
+    (
+        meta.media_storage_sop_class_uid().to_string(),
+        meta.media_storage_sop_instance_uid().to_string(),
+    )
+}
+
+/// The jobs gateway `gateway_id` recorded in the job table (a scan, following its pages).
+async fn jobs_of_gateway(db: &aws_sdk_dynamodb::Client, table: &str, gateway_id: &str) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    let mut start = None;
+    loop {
+        let out = db
+            .scan()
+            .table_name(table)
+            .filter_expression("gatewayId = :g")
+            .expression_attribute_values(":g", AttributeValue::S(gateway_id.into()))
+            .set_exclusive_start_key(start)
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        jobs.extend(
+            out.items()
+                .iter()
+                .map(|i| dicom_gateway::jobs::dynamodb::from_item(i).unwrap()),
+        );
+        start = out.last_evaluated_key().cloned();
+        if start.is_none() {
+            return jobs;
+        }
+    }
+}
+
+/// The job of gateway `gateway_id` that `pick` accepts, waited for.
+async fn wait_for_job(
+    db: &aws_sdk_dynamodb::Client,
+    table: &str,
+    gateway_id: &str,
+    what: &str,
+    pick: impl Fn(&Job) -> bool,
+) -> Job {
+    eventually_async(what, Duration::from_secs(60), async || {
+        let jobs = jobs_of_gateway(db, table, gateway_id).await;
         jobs.iter()
             .find(|j| pick(j))
             .cloned()
             .ok_or_else(|| format!("{jobs:?}"))
     })
+    .await
 }
 
-/// The object keys of `job_id`'s instances in the local index, once there are `n`.
-fn indexed_keys(store: &Path, job_id: &str, n: usize) -> Vec<(String, String)> {
-    eventually(
-        "the instances to be indexed",
-        Duration::from_secs(20),
-        || {
-            let text = std::fs::read_to_string(store.join("index").join(format!("{job_id}.jsonl")))
-                .unwrap_or_default();
-            let keys: Vec<(String, String)> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .map(|r| {
-                    (
-                        r["sopInstanceUid"].as_str().unwrap().to_string(),
-                        r["objectKey"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect();
-            if keys.len() == n {
-                Ok(keys)
-            } else {
-                Err(format!("{keys:?}"))
-            }
-        },
-    )
+/// The pending commitment requests gateway `gateway_id` holds in the job table (items
+/// `commitment/{TransactionUID}`, src/commitment/dynamodb.rs).
+async fn pending_requests(db: &aws_sdk_dynamodb::Client, table: &str, gateway_id: &str) -> usize {
+    let mut n = 0;
+    let mut start = None;
+    loop {
+        let out = db
+            .scan()
+            .table_name(table)
+            .filter_expression("claimedBy = :g AND begins_with(jobId, :p)")
+            .expression_attribute_values(":g", AttributeValue::S(gateway_id.into()))
+            .expression_attribute_values(":p", AttributeValue::S("commitment/".into()))
+            .set_exclusive_start_key(start)
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        n += out.items().len();
+        start = out.last_evaluated_key().cloned();
+        if start.is_none() {
+            return n;
+        }
+    }
 }
 
-/// Takes a CLOSED job to IMPORTED as the state machine would, and puts what HealthImaging writes:
-/// the manifest, `SUCCESS/success.ndjson` naming `imported` and `FAILURE/failure.ndjson` naming
-/// `refused` (object keys).
+/// Puts what HealthImaging writes for `closed`'s import (the manifest, `SUCCESS/success.ndjson`
+/// naming `imported` and `FAILURE/failure.ndjson` naming `refused`, object keys), then takes the
+/// job to IMPORTED as the state machine's RecordImported does (an UpdateItem on the job table).
 async fn import(
     s3: &aws_sdk_s3::Client,
+    db: &aws_sdk_dynamodb::Client,
     stack: &Stack,
-    store: &Path,
     closed: &Job,
     imported: &[&str],
     refused: &[&str],
 ) {
     let mut job = closed.clone();
-    job.status = JobStatus::Imported;
     job.output_s3_uri = Some(format!("s3://{}/results/{}/", stack.bucket, job.job_id));
     job.datastore_id = Some(stack.datastore_id.clone());
     job.import_job_id = Some(IMPORT_JOB_ID.into());
-    job.import_ended_at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
     let (bucket, manifest_key) = manifest_location(&job);
     let folder = manifest_key.trim_end_matches("job-output-manifest.json");
     let line = |key: &str, rest: &str| {
@@ -466,14 +506,33 @@ async fn import(
             .await
             .unwrap();
     }
-    let path = store.join("jobs").join(format!("{}.json", job.job_id));
-    let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_vec_pretty(&job).unwrap()).unwrap();
-    std::fs::rename(temp, path).unwrap();
+    let string = |v: &Option<String>| AttributeValue::S(v.clone().unwrap());
+    db.update_item()
+        .table_name(&stack.table)
+        .key("jobId", AttributeValue::S(job.job_id.clone()))
+        .update_expression(
+            "SET #status = :imported, outputS3Uri = :outputS3Uri, importJobId = :importJobId, \
+             datastoreId = :datastoreId, importEndedAt = :ended",
+        )
+        .condition_expression("#status = :closed")
+        .expression_attribute_names("#status", "status")
+        .expression_attribute_values(":imported", AttributeValue::S("IMPORTED".into()))
+        .expression_attribute_values(":closed", AttributeValue::S("CLOSED".into()))
+        .expression_attribute_values(":outputS3Uri", string(&job.output_s3_uri))
+        .expression_attribute_values(":importJobId", string(&job.import_job_id))
+        .expression_attribute_values(":datastoreId", string(&job.datastore_id))
+        .expression_attribute_values(
+            ":ended",
+            AttributeValue::S(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+        )
+        .send()
+        .await
+        .unwrap();
 }
 
-/// A gateway on LocalStack S3 with the local journal and index (the outcome reader runs with an S3
-/// store and reads IMPORTED jobs every second here), committing on import.
+/// A gateway on LocalStack S3 with the stack's job and instance tables, committing on import.
+/// Without --state-machine-arn, its outcome reader reads IMPORTED jobs at the recovery interval,
+/// every second here, as a fleet member on the job table does.
 fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> Gateway {
     Gateway::start(
         &[
@@ -482,6 +541,10 @@ fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> 
             "--s3-prefix",
             "import/",
             "--s3-force-path-style",
+            "--job-table",
+            &stack.table,
+            "--instance-table",
+            &stack.instance_table,
             "--store-dir",
             store.to_str().unwrap(),
             "--batch-idle",
@@ -503,7 +566,7 @@ fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> 
 
 /// The modality in the background: sends `files`, N-ACTION, releases, waits for the report on
 /// `report_port`.
-fn modality_waiting(gw: &Gateway, report_port: u16, files: &[&str]) -> Child {
+fn modality_waiting(gw: &Gateway, report_port: u16, files: &[&Path]) -> Child {
     let mut list = args(&[
         "--port",
         &gw.port.to_string(),
@@ -514,7 +577,7 @@ fn modality_waiting(gw: &Gateway, report_port: u16, files: &[&str]) -> Child {
         "--timeout",
         "180",
     ]);
-    list.extend(files.iter().map(|f| testdata(f).display().to_string()));
+    list.extend(files.iter().map(|f| f.display().to_string()));
     modality(&list)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -522,40 +585,52 @@ fn modality_waiting(gw: &Gateway, report_port: u16, files: &[&str]) -> Child {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs LocalStack, pynetdicom and Orthanc: run scripts/test.sh"]
 async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restart() {
     let stack = stack();
     let s3 = s3_client(&localstack()).await;
+    let db = dynamodb_client(&localstack()).await;
     let store = tempfile::tempdir().unwrap();
+    let root = format!(
+        "{IMPORTED_ROOT}.{}",
+        ulid::Ulid::generate().random() % 999_999_999_999 + 1
+    );
+    let work = tempfile::tempdir().unwrap();
+    let files = write_corpus(work.path(), &root, 3, 1_000);
+    let (good, bad, later) = (&files[0], &files[1], &files[2]);
     let id = unique("gw-commit");
     let report_port = free_port();
     let mut gw = imported_gateway(&stack, store.path(), &id, report_port);
 
     // One instance HealthImaging imports, one it refuses.
-    let first = modality_waiting(
-        &gw,
-        report_port,
-        &["ct-explicit-le.dcm", "ct-implicit-le.dcm"],
-    );
-    let closed = wait_for_job(store.path(), "the first batch to close", |j| {
+    let first = modality_waiting(&gw, report_port, &[good, bad]);
+    let closed = wait_for_job(&db, &stack.table, &id, "the first batch to close", |j| {
         j.status == JobStatus::Closed
-    });
-    let keys = indexed_keys(store.path(), &closed.job_id, 2);
-    let key_of = |file: &str| {
-        let sop = sop_of(file).1;
-        keys.iter().find(|(s, _)| *s == sop).unwrap().1.clone()
+    })
+    .await;
+    // CLOSED means indexed; the keys follow the store's layout.
+    let key_of = |job: &Job, file: &Path| {
+        let sop = sop_of_path(file).1;
+        format!("{}/{root}/{root}.0/{sop}.dcm", job.job_id)
     };
-    let (good, bad) = (key_of("ct-explicit-le.dcm"), key_of("ct-implicit-le.dcm"));
-    import(&s3, &stack, store.path(), &closed, &[&good], &[&bad]).await;
+    import(
+        &s3,
+        &db,
+        &stack,
+        &closed,
+        &[&key_of(&closed, good)],
+        &[&key_of(&closed, bad)],
+    )
+    .await;
     let report = report_of(&first.wait_with_output().unwrap(), &gw);
     assert_eq!(report["event_type"], 2, "{report}");
-    assert_eq!(referenced(&report), vec![sop_of("ct-explicit-le.dcm")]);
-    let (class, sop) = sop_of("ct-implicit-le.dcm");
+    assert_eq!(referenced(&report), vec![sop_of_path(good)]);
+    let (class, sop) = sop_of_path(bad);
     assert_eq!(failed(&report), vec![(class, sop, PROCESSING_FAILURE)]);
 
     // A request still pending when the gateway stops is answered by the next start.
-    let second = modality_waiting(&gw, report_port, &["sc-jpeg-baseline.dcm"]);
+    let second = modality_waiting(&gw, report_port, &[later]);
     eventually(
         "the second request to be recorded",
         Duration::from_secs(30),
@@ -577,28 +652,30 @@ async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restar
         "the second report waits for its import: {stopped_log}"
     );
     assert_eq!(
-        files_under(&store.path().join("jobs/commitments"))
-            .iter()
-            .filter(|f| f.extension().is_some_and(|x| x == "json"))
-            .count(),
+        pending_requests(&db, &stack.table, &id).await,
         1,
-        "the pending request (its .json, beside its .claim) is kept across the restart"
+        "the pending request is kept across the restart"
     );
     let gw = imported_gateway(&stack, store.path(), &id, report_port);
-    let closed2 = wait_for_job(store.path(), "the second batch to be recorded", |j| {
-        j.status == JobStatus::Closed && j.job_id != closed.job_id
-    });
-    let keys2 = indexed_keys(store.path(), &closed2.job_id, 1);
-    import(&s3, &stack, store.path(), &closed2, &[&keys2[0].1], &[]).await;
+    let closed2 = wait_for_job(
+        &db,
+        &stack.table,
+        &id,
+        "the second batch to be recorded",
+        |j| j.status == JobStatus::Closed && j.job_id != closed.job_id,
+    )
+    .await;
+    import(&s3, &db, &stack, &closed2, &[&key_of(&closed2, later)], &[]).await;
     let report = report_of(&second.wait_with_output().unwrap(), &gw);
     assert_eq!(report["event_type"], 1, "{report}");
-    assert_eq!(referenced(&report), vec![sop_of("sc-jpeg-baseline.dcm")]);
-    eventually(
-        "the delivered request to leave the journal",
+    assert_eq!(referenced(&report), vec![sop_of_path(later)]);
+    eventually_async(
+        "the delivered request to leave the table",
         Duration::from_secs(10),
-        || match files_under(&store.path().join("jobs/commitments")).len() {
+        async || match pending_requests(&db, &stack.table, &id).await {
             0 => Ok(()),
             n => Err(format!("{n} left")),
         },
-    );
+    )
+    .await;
 }

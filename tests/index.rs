@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use dicom_gateway::index::dynamodb::DynamoIndex;
-use dicom_gateway::index::{InstanceIndex, InstanceOutcome, InstanceRecord};
+use dicom_gateway::index::{InstanceIndex, InstanceOutcome, InstanceRecord, OutcomesRecorded};
 
 const ROOT: &str = "1.2.826.0.1.3680043.2.1125.10";
 
@@ -396,10 +396,65 @@ async fn outcomes_are_recorded_once_on_the_table_and_failures_are_listed_by_job(
 
     assert_eq!(
         index.record_outcomes(&job, outcomes.clone()).await.unwrap(),
-        35
+        OutcomesRecorded {
+            matched: 35,
+            changed: 35
+        },
+        "the unknown key is not matched"
     );
     // A resumed outcome reader records the same again: nothing changes.
-    assert_eq!(index.record_outcomes(&job, outcomes).await.unwrap(), 0);
+    assert_eq!(
+        index.record_outcomes(&job, outcomes).await.unwrap(),
+        OutcomesRecorded {
+            matched: 35,
+            changed: 0
+        }
+    );
+    // Nor does the success file read again after the warnings were recorded: IMPORTED never
+    // replaces IMPORTED_WITH_WARNINGS of the same image set (the condition keeps the item, which
+    // still counts as matched), while another image set's IMPORTED does replace it.
+    let imported = |id: &str| InstanceOutcome::Imported {
+        image_set_id: id.into(),
+        is_primary: true,
+    };
+    assert_eq!(
+        index
+            .record_outcomes(&job, vec![(key(21), imported(image_set))])
+            .await
+            .unwrap(),
+        OutcomesRecorded {
+            matched: 1,
+            changed: 0
+        }
+    );
+    assert!(
+        matches!(
+            index.find(&format!("{root}.21")).await.unwrap()[0].outcome,
+            InstanceOutcome::ImportedWithWarnings { .. }
+        ),
+        "the warnings stay"
+    );
+    let other_set = "ffffffffffffffffffffffffffffffff";
+    assert_eq!(
+        index
+            .record_outcomes(&job, vec![(key(25), imported(other_set))])
+            .await
+            .unwrap()
+            .changed,
+        1
+    );
+    assert_eq!(
+        index.find(&format!("{root}.25")).await.unwrap()[0].outcome,
+        imported(other_set)
+    );
+    // And an IMPORTED outcome for a key the index lacks is still told apart from one kept.
+    assert_eq!(
+        index
+            .record_outcomes(&job, vec![(unknown.clone(), imported(image_set))])
+            .await
+            .unwrap(),
+        OutcomesRecorded::default()
+    );
     assert!(index.find(&format!("{root}.999")).await.unwrap().is_empty());
     assert_eq!(
         index
@@ -461,7 +516,8 @@ async fn outcomes_are_recorded_once_on_the_table_and_failures_are_listed_by_job(
         index
             .record_outcomes(&job, vec![(key(26), fixed.clone())])
             .await
-            .unwrap(),
+            .unwrap()
+            .changed,
         1
     );
     assert_eq!(

@@ -1,72 +1,38 @@
-//! End-to-end test of per-instance import outcomes on LocalStack S3: a study stored with
-//! `--s3-bucket` and the local job journal (so the local instance index in `--store-dir/index/`),
-//! its job taken to IMPORTED as the import state machine would take it, and the import's results
+//! End-to-end test of per-instance import outcomes on LocalStack, in the deployment's shape: a
+//! study stored to S3 with the stack's DynamoDB job table and instance table (`--job-table`,
+//! `--instance-table`), its job taken to IMPORTED as the import state machine's `RecordImported`
+//! state takes it (the same attributes, by UpdateItem on the job table), and the import's results
 //! put where HealthImaging writes them: the manifest and `SUCCESS/success.ndjson`,
-//! `WARNING/warning.ndjson`, `FAILURE/failure.ndjson` of 5,000 lines each. The gateway's outcome
-//! reader must record each instance's outcome, and `instances show` and `jobs show --failed` print
-//! them.
+//! `WARNING/warning.ndjson`, `FAILURE/failure.ndjson` of 5,000 lines each. The gateway has no
+//! `--state-machine-arn`: as a fleet member on the shared job table it reads the outcomes at its
+//! recovery interval. It must record each instance's outcome in the instance table, and
+//! `instances show` and `jobs show --failed` print them.
 //!
-//! The state machine itself is not run: it records IMPORTED in the DynamoDB job table only (an
-//! import needs --job-table), whose instance index is not built yet; tests/import_pipeline.rs covers
-//! the state machine's part up to IMPORTED.
+//! The state machine itself is not run: HealthImaging is not emulated; tests/import_pipeline.rs
+//! covers the state machine's part up to IMPORTED.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use dicom_gateway::jobs::{Job, JobStatus};
 
 /// Lines per result file, as in the issue.
 const LINES: usize = 5_000;
 
+/// The UID root of this test's instances; each run adds a number of its own, since the stack's
+/// tables are shared by every test and run.
+const ROOT: &str = "1.2.826.0.1.3680043.2.1125.20";
+
 /// One stored instance, as the index records it.
 #[derive(Debug, Clone)]
 struct Stored {
     sop: String,
     key: String,
-}
-
-/// The job of the only job file in `{store}/jobs/`, once it is in a status `done` accepts.
-fn wait_for_local_job(store: &Path, what: &str, done: impl Fn(&Job) -> bool) -> Job {
-    eventually(what, Duration::from_secs(60), || {
-        let dir = store.join("jobs");
-        let jobs: Vec<Job> = std::fs::read_dir(&dir)
-            .map_err(|e| e.to_string())?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
-            .collect();
-        match jobs.as_slice() {
-            [job] if done(job) => Ok(job.clone()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-}
-
-/// Replaces a job's file in the journal as the journal does it (temp file, rename).
-fn write_local_job(store: &Path, job: &Job) {
-    let path = store.join("jobs").join(format!("{}.json", job.job_id));
-    let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_vec_pretty(job).unwrap()).unwrap();
-    std::fs::rename(temp, path).unwrap();
-}
-
-/// The latest index record per object key of `job_id`, from `{store}/index/{job_id}.jsonl`.
-fn indexed(store: &Path, job_id: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(store.join("index").join(format!("{job_id}.jsonl")))
-        .unwrap_or_default();
-    let mut latest: Vec<serde_json::Value> = Vec::new();
-    for line in text.lines() {
-        let Ok(r) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        latest.retain(|o| o["objectKey"] != r["objectKey"]);
-        latest.push(r);
-    }
-    latest
 }
 
 /// `LINES` result lines of `file`: first the lines of `ours` (instance, line), then lines naming
@@ -105,58 +71,68 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs LocalStack: run scripts/test.sh"]
 async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show_failed() {
     let stack = stack();
     let s3 = s3_client(&localstack()).await;
-    let store = tempfile::tempdir().unwrap();
-    let store_dir = store.path().to_str().unwrap().to_string();
-    let id = unique("gw-outcomes");
-    let gw = Gateway::start(
-        &[
-            "--s3-bucket",
-            &stack.bucket,
-            "--s3-prefix",
-            "import/",
-            "--s3-force-path-style",
-            "--store-dir",
-            &store_dir,
-            "--batch-idle",
-            "1s",
-            // Without an import, the outcome reader looks at the recovery interval.
-            "--recovery-interval",
-            "1s",
-            "--gateway-id",
-            &id,
-        ],
-        &[],
+    let db = dynamodb_client(&localstack()).await;
+    let work = tempfile::tempdir().unwrap();
+    let root = format!(
+        "{ROOT}.{}",
+        ulid::Ulid::generate().random() % 999_999_999_999 + 1
     );
-    send_testdata(gw.port);
-    let closed = wait_for_local_job(store.path(), "the batch to close", |j| {
-        j.status == JobStatus::Closed
-    });
+    let files = write_corpus(work.path(), &root, 5, 1_000);
+    let id = unique("gw-outcomes");
+    let tables = [
+        "--job-table",
+        stack.table.as_str(),
+        "--instance-table",
+        stack.instance_table.as_str(),
+    ];
+    let mut args = vec![
+        "--s3-bucket",
+        &stack.bucket,
+        "--s3-prefix",
+        "import/",
+        "--s3-force-path-style",
+        "--store-dir",
+        work.path().to_str().unwrap(),
+        "--batch-idle",
+        "1s",
+        // Without imports, the outcome reader looks at the recovery interval.
+        "--recovery-interval",
+        "1s",
+        "--gateway-id",
+        &id,
+    ];
+    args.extend(tables);
+    let gw = Gateway::start(&args, &[]);
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let out = storescu(gw.port, "-xe", &paths);
+    assert!(out.status.success(), "storescu: {}", text(&out));
+
+    // CLOSED means indexed: the five records are in the instance table.
+    let job = wait_for_job_of_gateway(&db, &stack.table, &gw, &id).await;
+    let closed =
+        eventually_async(
+            "the batch to close",
+            Duration::from_secs(30),
+            async || match get_job(&db, &stack.table, &job.job_id).await {
+                Some(j) if j.status == JobStatus::Closed => Ok(j),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await;
     assert_eq!(
         closed.input_s3_uri,
         format!("s3://{}/import/{}/", stack.bucket, closed.job_id)
     );
-    let records = eventually(
-        "the 5 instances to be indexed",
-        Duration::from_secs(20),
-        || {
-            let r = indexed(store.path(), &closed.job_id);
-            if r.len() == 5 {
-                Ok(r)
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
-    let stored: Vec<Stored> = records
-        .iter()
-        .map(|r| Stored {
-            sop: r["sopInstanceUid"].as_str().unwrap().into(),
-            key: r["objectKey"].as_str().unwrap().into(),
+    let stored: Vec<Stored> = (1..=5)
+        .map(|i| {
+            let sop = format!("{root}.{i}");
+            let key = format!("{}/{root}/{root}.0/{sop}.dcm", closed.job_id);
+            Stored { sop, key }
         })
         .collect();
 
@@ -226,24 +202,63 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
             .await
             .unwrap();
     }
-    write_local_job(store.path(), &job);
+    // Written as RecordImported writes it, once the results are there.
+    let string = |v: &Option<String>| AttributeValue::S(v.clone().unwrap());
+    db.update_item()
+        .table_name(&stack.table)
+        .key("jobId", AttributeValue::S(job.job_id.clone()))
+        .update_expression(
+            "SET #status = :imported, outputS3Uri = :outputS3Uri, importJobId = :importJobId, \
+             datastoreId = :datastoreId, importEndedAt = :ended",
+        )
+        .condition_expression("#status = :closed")
+        .expression_attribute_names("#status", "status")
+        .expression_attribute_values(":imported", AttributeValue::S("IMPORTED".into()))
+        .expression_attribute_values(":closed", AttributeValue::S("CLOSED".into()))
+        .expression_attribute_values(":outputS3Uri", string(&job.output_s3_uri))
+        .expression_attribute_values(":importJobId", string(&job.import_job_id))
+        .expression_attribute_values(":datastoreId", string(&job.datastore_id))
+        .expression_attribute_values(":ended", string(&job.import_ended_at))
+        .send()
+        .await
+        .unwrap();
 
-    let done = wait_for_local_job(store.path(), "the outcome reader to end the job", |j| {
-        j.status.is_terminal()
-    });
+    let done = wait_for_final(&db, &stack.table, &job.job_id, &gw).await;
     assert_eq!(done.status, JobStatus::CompletedWithErrors, "{done:?}");
     assert_eq!((done.imported_count, done.failed_count), (Some(3), Some(2)));
     let log = gw.log_text();
     assert!(
-        log.contains("per-instance outcomes recorded") && log.contains("records_updated=5"),
+        log.contains("per-instance outcomes recorded")
+            && log.contains("records_matched=5")
+            && log.contains("records_changed=5"),
         "{log}"
+    );
+    // The lines naming objects the gateway did not store (of the job's prefix, or of other jobs)
+    // are noted on the job; every file the manifest counts has its outcome.
+    let message = done.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("; incomplete per-instance outcomes: ")
+            && !message.contains("recorded")
+            && message.contains("result line(s) name no object of the job's input prefix")
+            && message.contains("object(s) without a record in the instance index"),
+        "{message}"
     );
     assert!(
         log.contains("result lines name files outside the job's input prefix"),
         "other jobs' lines are counted: {log}"
     );
 
-    let show = |sop: &str| cli(&["instances", "show", sop, "--store-dir", &store_dir]);
+    assert!(
+        done.outcome_claimed_at.is_some(),
+        "the first claim's time: {done:?}"
+    );
+
+    let with_tables = |command: &[&str]| {
+        let mut all = command.to_vec();
+        all.extend(tables);
+        cli(&all)
+    };
+    let show = |sop: &str| with_tables(&["instances", "show", sop]);
     let primary = show(&stored[0].sop);
     assert!(
         primary.contains("Outcome:            IMPORTED\n")
@@ -271,29 +286,28 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
             && refused.contains("Message:            Unsupported transfer syntax\n"),
         "{refused}"
     );
-    let json: serde_json::Value = serde_json::from_str(&cli(&[
+    let json: serde_json::Value = serde_json::from_str(&with_tables(&[
         "instances",
         "show",
         &stored[4].sop,
         "--json",
-        "--store-dir",
-        &store_dir,
     ]))
     .unwrap();
     assert_eq!(json[0]["outcome"], "FAILED");
     assert_eq!(json[0]["exceptionType"], "InternalServerException");
 
-    let text = cli(&[
-        "jobs",
-        "show",
-        &job.job_id,
-        "--failed",
-        "--store-dir",
-        &store_dir,
-    ]);
-    assert!(
-        text.contains("COMPLETED_WITH_ERRORS") && text.contains("Failed instances: 2\n"),
-        "{text}"
+    // The failures come from the table's sparse index, which is eventually consistent.
+    let text = eventually(
+        "jobs show --failed to list both",
+        Duration::from_secs(10),
+        || {
+            let text = with_tables(&["jobs", "show", &job.job_id, "--failed"]);
+            if text.contains("COMPLETED_WITH_ERRORS") && text.contains("Failed instances: 2\n") {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
     );
     for (s, exception) in [
         (&stored[3], "ValidationException"),
@@ -307,14 +321,12 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
             "{text}"
         );
     }
-    let json: serde_json::Value = serde_json::from_str(&cli(&[
+    let json: serde_json::Value = serde_json::from_str(&with_tables(&[
         "jobs",
         "show",
         &job.job_id,
         "--failed",
         "--json",
-        "--store-dir",
-        &store_dir,
     ]))
     .unwrap();
     assert_eq!(json["status"], "COMPLETED_WITH_ERRORS");
@@ -327,14 +339,40 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
     let mut expected = vec![stored[3].sop.as_str(), stored[4].sop.as_str()];
     expected.sort_by_key(|sop| stored.iter().find(|s| s.sop == *sop).unwrap().key.clone());
     assert_eq!(failed, expected, "in object key order");
-    let plain: serde_json::Value = serde_json::from_str(&cli(&[
+    let plain: serde_json::Value =
+        serde_json::from_str(&with_tables(&["jobs", "show", &job.job_id, "--json"])).unwrap();
+    assert!(plain.get("failedInstances").is_none(), "only with --failed");
+
+    // Without --instance-table, the job is still shown, with a note instead of the list.
+    let no_index = cli(&[
         "jobs",
         "show",
         &job.job_id,
+        "--failed",
+        "--job-table",
+        &stack.table,
+    ]);
+    assert!(
+        no_index.contains("COMPLETED_WITH_ERRORS")
+            && no_index
+                .contains("Failed instances: not listed: --job-table also needs --instance-table"),
+        "{no_index}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&cli(&[
+        "jobs",
+        "show",
+        &job.job_id,
+        "--failed",
         "--json",
-        "--store-dir",
-        &store_dir,
+        "--job-table",
+        &stack.table,
     ]))
     .unwrap();
-    assert!(plain.get("failedInstances").is_none(), "only with --failed");
+    assert_eq!(json["status"], "COMPLETED_WITH_ERRORS");
+    assert!(
+        json["failedInstancesNote"]
+            .as_str()
+            .is_some_and(|n| n.contains("--instance-table")),
+        "{json}"
+    );
 }

@@ -74,8 +74,8 @@ impl InstanceIndex for FakeIndex {
         &self,
         _job_id: &str,
         _outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
-        Ok(0)
+    ) -> Result<crate::index::OutcomesRecorded, IndexError> {
+        Ok(Default::default())
     }
 
     async fn failed(&self, _job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {

@@ -39,7 +39,12 @@
 //!   lacks), with `ReturnValues=ALL_OLD` to count the items whose outcome changed, at no read
 //!   cost (UpdateItem API reference, ReturnValues: "No read capacity units are consumed"). Up to
 //!   [`WRITES_IN_FLIGHT`] run at once. Recording the same outcome again writes the same values:
-//!   idempotent.
+//!   idempotent. An IMPORTED outcome is also conditional on the item not being
+//!   IMPORTED_WITH_WARNINGS of the same image set ([`InstanceOutcome::replaces`]); when a
+//!   condition fails, `ReturnValuesOnConditionCheckFailure=ALL_OLD` returns the item if there is
+//!   one (UpdateItem API reference, ReturnValuesOnConditionCheckFailure: "returns the item
+//!   attributes for an UpdateItem operation that failed a condition check", at no read cost), to
+//!   tell an item kept as it is from a key the index lacks.
 //!
 //! Limits relied on (BatchWriteItem, BatchGetItem API references, quoted in docs/aws-facts.md,
 //! "Issue 10"): at most 25 put requests and 16 MB per BatchWriteItem, no two of them for the
@@ -52,14 +57,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, PutRequest, ReturnValue, WriteRequest,
+    AttributeValue, KeysAndAttributes, PutRequest, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use super::{IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts};
+use super::{
+    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, OutcomesRecorded,
+};
 
 /// The sparse global secondary index of failed instances: partition key `failedJobId`, sort key
 /// `objectKey`.
@@ -100,6 +109,16 @@ const MAX_WARNINGS: usize = 100;
 const MAX_TEXT: usize = 2048;
 
 type Item = HashMap<String, AttributeValue>;
+
+/// What one outcome update did to its item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Updated {
+    Changed,
+    /// The item is there, and keeps (or already had) its outcome.
+    Unchanged,
+    /// The index has no item for the key.
+    Absent,
+}
 
 /// Instance records in a DynamoDB table, shared by the gateways of a fleet.
 #[derive(Clone)]
@@ -271,16 +290,22 @@ pub(crate) fn bounded(outcome: InstanceOutcome) -> InstanceOutcome {
     }
 }
 
-/// What an outcome update sends: the update expression, and its attribute names and values.
+/// What an outcome update sends: the update expression, its condition, and their attribute names
+/// and values.
 pub(crate) struct OutcomeUpdate {
     pub expression: String,
+    pub condition: String,
     pub names: HashMap<String, String>,
     pub values: Item,
 }
 
-/// The condition of an outcome update: the item exists and belongs to the job (`#k`, `#job` and
-/// `:job` of [`outcome_update`]).
+/// The condition of every outcome update: the item exists and belongs to the job (`#k`, `#job`
+/// and `:job` of [`outcome_update`]).
 pub(crate) const OUTCOME_CONDITION: &str = "attribute_exists(#k) AND #job = :job";
+
+/// Added to the condition of an IMPORTED outcome: the item is not IMPORTED_WITH_WARNINGS of the
+/// same image set, which IMPORTED never replaces ([`InstanceOutcome::replaces`]).
+pub(crate) const KEEPS_WARNINGS: &str = " AND NOT (#o = :iww AND #isid = :isid)";
 
 /// The update that records `outcome` on an item of job `job_id`: SET `outcome` and its details,
 /// REMOVE the details of other outcomes, and SET or REMOVE `failedJobId`.
@@ -299,6 +324,14 @@ pub(crate) fn outcome_update(
         ("#f".to_string(), FAILED_JOB_ID.to_string()),
     ]);
     let mut values = HashMap::from([(":job".to_string(), s(job_id))]);
+    let mut condition = OUTCOME_CONDITION.to_string();
+    if let InstanceOutcome::Imported { image_set_id, .. } = outcome {
+        condition.push_str(KEEPS_WARNINGS);
+        names.insert("#o".into(), "outcome".into());
+        names.insert("#isid".into(), "imageSetId".into());
+        values.insert(":iww".into(), s("IMPORTED_WITH_WARNINGS"));
+        values.insert(":isid".into(), s(image_set_id));
+    }
     let mut sets = Vec::new();
     for (i, (name, value)) in fields.iter().enumerate() {
         if let Some(attr) = to_attr(value) {
@@ -325,6 +358,7 @@ pub(crate) fn outcome_update(
     }
     Ok(OutcomeUpdate {
         expression,
+        condition,
         names,
         values,
     })
@@ -472,13 +506,13 @@ impl DynamoIndex {
         }
     }
 
-    /// Records `outcome` on the item of `object_key` if it exists; whether its outcome changed.
+    /// Records `outcome` on the item of `key` if it exists and the outcome replaces its own.
     async fn update_outcome(
         &self,
         job_id: String,
         key: Item,
         outcome: InstanceOutcome,
-    ) -> Result<bool, IndexError> {
+    ) -> Result<Updated, IndexError> {
         let update = outcome_update(&job_id, &outcome)?;
         let r = self
             .client
@@ -486,19 +520,34 @@ impl DynamoIndex {
             .table_name(&self.table)
             .set_key(Some(key))
             .update_expression(update.expression)
-            .condition_expression(OUTCOME_CONDITION)
+            .condition_expression(update.condition)
             .set_expression_attribute_names(Some(update.names))
             .set_expression_attribute_values(Some(update.values))
             .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match r {
-            Ok(out) => Ok(out
-                .attributes()
-                .and_then(|old| from_item(old).ok())
-                .is_none_or(|old| old.outcome != outcome)),
-            // The index has no record of this object: skipped, and no partial item created.
-            Err(e) if is_condition_failure(&e) => Ok(false),
+            Ok(out) => Ok(
+                if out
+                    .attributes()
+                    .and_then(|old| from_item(old).ok())
+                    .is_none_or(|old| old.outcome != outcome)
+                {
+                    Updated::Changed
+                } else {
+                    Updated::Unchanged
+                },
+            ),
+            // The item as it is comes with the failure when there is one: kept as it is
+            // (IMPORTED_WITH_WARNINGS); else the index has no record of this object (skipped,
+            // and no partial item created).
+            Err(e) if is_condition_failure(&e) => Ok(match e.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(c)) if c.item().is_some() => {
+                    Updated::Unchanged
+                }
+                _ => Updated::Absent,
+            }),
             Err(e) => Err(dynamo_error("UpdateItem", e)),
         }
     }
@@ -576,7 +625,7 @@ impl InstanceIndex for DynamoIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
+    ) -> Result<OutcomesRecorded, IndexError> {
         let updates = outcomes.into_iter().filter_map(|(object_key, outcome)| {
             // A key of another job or not of the store layout has no item here: skipped.
             let belongs = KeyParts::parse(&object_key).is_some_and(|p| p.job_id == job_id);
@@ -584,8 +633,18 @@ impl InstanceIndex for DynamoIndex {
             let (this, job_id) = (self.clone(), job_id.to_string());
             Some(async move { this.update_outcome(job_id, key, bounded(outcome)).await })
         });
-        let changed = bounded_all(updates, WRITES_IN_FLIGHT).await?;
-        Ok(changed.into_iter().filter(|c| *c).count() as u64)
+        let mut recorded = OutcomesRecorded::default();
+        for updated in bounded_all(updates, WRITES_IN_FLIGHT).await? {
+            match updated {
+                Updated::Changed => {
+                    recorded.matched += 1;
+                    recorded.changed += 1;
+                }
+                Updated::Unchanged => recorded.matched += 1,
+                Updated::Absent => {}
+            }
+        }
+        Ok(recorded)
     }
 
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
@@ -760,9 +819,19 @@ mod tests {
         );
         assert_eq!(u.values[":job"], s(JOB));
         // Every placeholder is used, as DynamoDB requires.
-        let all = format!("{} {OUTCOME_CONDITION}", u.expression);
-        for p in u.names.keys().chain(u.values.keys()) {
-            assert!(all.contains(p.as_str()), "{p} unused in {all}");
+        assert_eq!(u.condition, format!("{OUTCOME_CONDITION}{KEEPS_WARNINGS}"));
+        assert_eq!(u.values[":iww"], s("IMPORTED_WITH_WARNINGS"));
+        for outcome in every_outcome() {
+            let u = outcome_update(JOB, &outcome).unwrap();
+            let all = format!("{} {}", u.expression, u.condition);
+            for p in u.names.keys().chain(u.values.keys()) {
+                assert!(all.contains(p.as_str()), "{p} unused in {all}");
+            }
+            assert_eq!(
+                u.condition.contains(KEEPS_WARNINGS),
+                matches!(outcome, InstanceOutcome::Imported { .. }),
+                "only IMPORTED may be kept out: {outcome:?}"
+            );
         }
 
         let failed = &every_outcome()[3];

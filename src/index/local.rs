@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, META_READ_LIMIT, meta_of,
+    IndexError, InstanceIndex, InstanceOutcome, InstanceRecord, KeyParts, META_READ_LIMIT,
+    OutcomesRecorded, meta_of,
 };
 
 /// Instance records as JSON lines in the local store directory: the embedded default.
@@ -25,9 +26,21 @@ pub(crate) struct LocalIndex {
     dir: PathBuf,
     /// The store root, whose `{jobId}/{study}/{series}/{sop}.dcm` objects a rebuild reads.
     store_root: PathBuf,
-    /// Serialises appends and rebuilds in this process, so a rebuild's view of a job's file holds
-    /// while it adds the missing records.
-    lock: Arc<Mutex<()>>,
+    /// Serialises appends, rebuilds and outcome updates in this process, so a rebuild's view of a
+    /// job's file holds while it adds the missing records; it guards the [`OutcomeCache`], which
+    /// every append updates, so the cache stays what the file says.
+    lock: Arc<Mutex<Option<OutcomeCache>>>,
+}
+
+/// The latest record per object key of the one job whose outcomes are being recorded. The outcome
+/// reader hands a job's outcomes over in chunks; reading the job's whole file again for each chunk
+/// made recording a job quadratic in its size, and held the lock the writer needs all along. The
+/// file is read once per job instead, and each chunk only looks its keys up. Memory: one job's
+/// records, kept until another job's outcomes are recorded. Only this process's writes are seen
+/// (the lock is in-process, like the rest of the local index's guarantees).
+struct OutcomeCache {
+    job_id: String,
+    latest: HashMap<String, InstanceRecord>,
 }
 
 impl LocalIndex {
@@ -39,7 +52,7 @@ impl LocalIndex {
         LocalIndex {
             dir: store_root.join(Self::DIR_NAME),
             store_root,
-            lock: Arc::new(Mutex::new(())),
+            lock: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -47,12 +60,33 @@ impl LocalIndex {
         self.dir.join(format!("{job_id}.jsonl"))
     }
 
-    fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, Option<OutcomeCache>> {
         self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Appends one job's records as lines (blocking), and keeps `cache` (the lock's) what the file
+    /// says: updated when it holds this job, dropped if the write failed midway.
+    fn append_job(
+        &self,
+        cache: &mut Option<OutcomeCache>,
+        job_id: &str,
+        records: &[InstanceRecord],
+    ) -> Result<(), IndexError> {
+        let written = self.append_lines(job_id, records);
+        match (written.is_ok(), cache.as_mut()) {
+            (true, Some(c)) if c.job_id == job_id => {
+                for r in records {
+                    c.latest.insert(r.object_key.clone(), r.clone());
+                }
+            }
+            (false, Some(c)) if c.job_id == job_id => *cache = None,
+            _ => {}
+        }
+        written
+    }
+
     /// Appends one job's records as lines (blocking), after a newline if a torn line ends the file.
-    fn append_job(&self, job_id: &str, records: &[InstanceRecord]) -> Result<(), IndexError> {
+    fn append_lines(&self, job_id: &str, records: &[InstanceRecord]) -> Result<(), IndexError> {
         let mut buf = Vec::new();
         for r in records {
             serde_json::to_writer(&mut buf, r)?;
@@ -95,28 +129,62 @@ impl LocalIndex {
     }
 
     /// Appends an updated copy of each record whose outcome changes (blocking); the last written
-    /// record of an object key is the one lookups return.
+    /// record of an object key is the one lookups return. The job's records come from the
+    /// [`OutcomeCache`], read from the file at the job's first chunk only.
     fn record_outcomes_blocking(
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
-        let _guard = self.locked();
-        let mut by_key: std::collections::HashMap<String, InstanceOutcome> =
-            outcomes.into_iter().collect();
-        let mut updated = Vec::new();
-        for mut record in self.latest_of_job(job_id)? {
-            if let Some(outcome) = by_key.remove(&record.object_key)
-                && record.outcome != outcome
-            {
-                record.outcome = outcome;
-                updated.push(record);
+    ) -> Result<OutcomesRecorded, IndexError> {
+        let mut guard = self.locked();
+        if guard.as_ref().is_none_or(|c| c.job_id != job_id) {
+            // Dropped first: two jobs' records are never held at once.
+            *guard = None;
+            let latest = self
+                .latest_of_job(job_id)?
+                .into_iter()
+                .map(|r| (r.object_key.clone(), r))
+                .collect();
+            *guard = Some(OutcomeCache {
+                job_id: job_id.to_string(),
+                latest,
+            });
+        }
+        let Some(cache) = guard.as_ref() else {
+            return Ok(OutcomesRecorded::default());
+        };
+        // Per key of the chunk, the outcome it ends with: each given one applied in turn where it
+        // replaces the one before.
+        let mut ends: HashMap<String, InstanceOutcome> = HashMap::new();
+        let mut matched = 0;
+        for (key, outcome) in outcomes {
+            let Some(record) = cache.latest.get(&key) else {
+                continue;
+            };
+            matched += 1;
+            let current = ends.get(&key).unwrap_or(&record.outcome);
+            if outcome.replaces(current) {
+                ends.insert(key, outcome);
             }
         }
+        let mut updated: Vec<InstanceRecord> = ends
+            .into_iter()
+            .filter_map(|(key, outcome)| {
+                let record = cache.latest.get(&key)?;
+                (record.outcome != outcome).then(|| InstanceRecord {
+                    outcome,
+                    ..record.clone()
+                })
+            })
+            .collect();
+        updated.sort_by(|a, b| a.object_key.cmp(&b.object_key));
         if !updated.is_empty() {
-            self.append_job(job_id, &updated)?;
+            self.append_job(&mut guard, job_id, &updated)?;
         }
-        Ok(updated.len() as u64)
+        Ok(OutcomesRecorded {
+            matched,
+            changed: updated.len() as u64,
+        })
     }
 
     fn find_blocking(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
@@ -177,7 +245,7 @@ impl LocalIndex {
     pub(crate) fn rebuild(&self) -> Result<u64, IndexError> {
         let mut added = 0;
         for job_id in job_dirs(&self.store_root)? {
-            let _guard = self.locked();
+            let mut guard = self.locked();
             let indexed: HashSet<String> = self
                 .read_job(&job_id)?
                 .into_iter()
@@ -193,7 +261,7 @@ impl LocalIndex {
             }
             if !missing.is_empty() {
                 added += missing.len() as u64;
-                self.append_job(&job_id, &missing)?;
+                self.append_job(&mut guard, &job_id, &missing)?;
             }
         }
         Ok(added)
@@ -213,11 +281,11 @@ impl InstanceIndex for LocalIndex {
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || -> Result<(), IndexError> {
-            let _guard = this.locked();
+            let mut guard = this.locked();
             let mut records = records;
             records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
             for chunk in records.chunk_by(|a, b| a.job_id == b.job_id) {
-                this.append_job(&chunk[0].job_id, chunk)?;
+                this.append_job(&mut guard, &chunk[0].job_id, chunk)?;
             }
             Ok(())
         })
@@ -248,7 +316,7 @@ impl InstanceIndex for LocalIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
+    ) -> Result<OutcomesRecorded, IndexError> {
         let this = self.clone();
         let job_id = job_id.to_string();
         tokio::task::spawn_blocking(move || this.record_outcomes_blocking(&job_id, outcomes))
@@ -290,7 +358,7 @@ impl InstanceIndex for LocalIndex {
     async fn add_absent(&self, records: Vec<InstanceRecord>) -> Result<u64, IndexError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, IndexError> {
-            let _guard = this.locked();
+            let mut guard = this.locked();
             let mut records = records;
             records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
             let mut added = 0;
@@ -308,7 +376,7 @@ impl InstanceIndex for LocalIndex {
                     .collect();
                 if !absent.is_empty() {
                     added += absent.len() as u64;
-                    this.append_job(job_id, &absent)?;
+                    this.append_job(&mut guard, job_id, &absent)?;
                 }
             }
             Ok(added)
@@ -601,10 +669,20 @@ mod tests {
         ];
         assert_eq!(
             index.record_outcomes(JOB, outcomes.clone()).await.unwrap(),
-            2
+            OutcomesRecorded {
+                matched: 2,
+                changed: 2
+            },
+            "9.9 has no record"
         );
         // A resumed reader records the same again: nothing changes.
-        assert_eq!(index.record_outcomes(JOB, outcomes).await.unwrap(), 0);
+        assert_eq!(
+            index.record_outcomes(JOB, outcomes).await.unwrap(),
+            OutcomesRecorded {
+                matched: 2,
+                changed: 0
+            }
+        );
         assert_eq!(index.read_job(JOB).unwrap().len(), 4);
         let found = index.find("1.2.3.2").await.unwrap();
         assert_eq!(found.len(), 1);
@@ -615,6 +693,112 @@ mod tests {
             index.find("1.2.3.1").await.unwrap()[0].outcome.name(),
             "IMPORTED"
         );
+    }
+
+    #[tokio::test]
+    async fn chunks_of_one_job_see_every_write_made_since_its_file_was_read() {
+        let root = tempfile::tempdir().unwrap();
+        let index = LocalIndex::new(root.path());
+        let other = |sop: &str| {
+            let mut r = record(sop);
+            r.job_id = "01JD6Y7Z8X9W0V1T2S3R4Q5P6M".into();
+            r.object_key = format!("{}/1.2/1.2.3/{sop}.dcm", r.job_id);
+            r
+        };
+        index
+            .append(vec![record("1.2.3.1"), other("1.2.3.9")])
+            .await
+            .unwrap();
+        let key = |sop: &str| format!("{JOB}/1.2/1.2.3/{sop}.dcm");
+        let imported = InstanceOutcome::Imported {
+            image_set_id: "a".repeat(32),
+            is_primary: true,
+        };
+        let chunk = |sops: &[&str]| -> Vec<(String, InstanceOutcome)> {
+            sops.iter().map(|s| (key(s), imported.clone())).collect()
+        };
+        assert_eq!(
+            index
+                .record_outcomes(JOB, chunk(&["1.2.3.1", "1.2.3.2"]))
+                .await
+                .unwrap(),
+            OutcomesRecorded {
+                matched: 1,
+                changed: 1
+            }
+        );
+        // The job's file has been read; the writer (or a repair) adds a record meanwhile, and the
+        // next chunk finds it.
+        index.append(vec![record("1.2.3.2")]).await.unwrap();
+        assert_eq!(
+            index
+                .record_outcomes(JOB, chunk(&["1.2.3.1", "1.2.3.2"]))
+                .await
+                .unwrap(),
+            OutcomesRecorded {
+                matched: 2,
+                changed: 1
+            },
+            "1.2.3.1 was recorded by the first chunk"
+        );
+        // Another job's chunk, then this job's again: each reads its own records.
+        let other_outcome = vec![(other("1.2.3.9").object_key, imported.clone())];
+        assert_eq!(
+            index
+                .record_outcomes("01JD6Y7Z8X9W0V1T2S3R4Q5P6M", other_outcome)
+                .await
+                .unwrap()
+                .changed,
+            1
+        );
+        assert_eq!(
+            index
+                .record_outcomes(JOB, chunk(&["1.2.3.1", "1.2.3.2"]))
+                .await
+                .unwrap(),
+            OutcomesRecorded {
+                matched: 2,
+                changed: 0
+            }
+        );
+        // The same key twice in a chunk is one record.
+        let twice = vec![
+            (
+                key("1.2.3.1"),
+                InstanceOutcome::Failed {
+                    exception_type: "E".into(),
+                    message: "m".into(),
+                },
+            ),
+            (key("1.2.3.1"), imported.clone()),
+        ];
+        assert_eq!(index.record_outcomes(JOB, twice).await.unwrap().matched, 2);
+        assert_eq!(
+            index.find("1.2.3.1").await.unwrap()[0].outcome,
+            imported,
+            "the last one given, which it already was: nothing written"
+        );
+        assert_eq!(index.read_job(JOB).unwrap().len(), 4);
+
+        // Warnings recorded, then the success file read again (a resumed reader): they stay.
+        let warned = InstanceOutcome::ImportedWithWarnings {
+            image_set_id: "a".repeat(32),
+            is_primary: true,
+            warnings: vec!["InvalidOffsetTable (45330): bad".into()],
+        };
+        let warn = vec![(key("1.2.3.1"), warned.clone())];
+        assert_eq!(index.record_outcomes(JOB, warn).await.unwrap().changed, 1);
+        assert_eq!(
+            index
+                .record_outcomes(JOB, chunk(&["1.2.3.1"]))
+                .await
+                .unwrap(),
+            OutcomesRecorded {
+                matched: 1,
+                changed: 0
+            }
+        );
+        assert_eq!(index.find("1.2.3.1").await.unwrap()[0].outcome, warned);
     }
 
     #[test]

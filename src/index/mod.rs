@@ -106,6 +106,26 @@ impl InstanceOutcome {
     }
 }
 
+impl InstanceOutcome {
+    /// Whether recording `self` on a record whose outcome is `current` replaces it. A file an
+    /// import lists in both its success and its warning file keeps its warnings whatever the
+    /// order the files are read in (a resumed reader reads the success file again after its
+    /// predecessor recorded the warnings): IMPORTED never replaces IMPORTED_WITH_WARNINGS of the
+    /// same image set. Anything else replaces what differs.
+    pub fn replaces(&self, current: &InstanceOutcome) -> bool {
+        match (self, current) {
+            (
+                InstanceOutcome::Imported { image_set_id, .. },
+                InstanceOutcome::ImportedWithWarnings {
+                    image_set_id: warned,
+                    ..
+                },
+            ) => image_set_id != warned,
+            _ => self != current,
+        }
+    }
+}
+
 impl std::fmt::Display for InstanceOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -185,6 +205,16 @@ impl<'a> KeyParts<'a> {
     }
 }
 
+/// What one [`InstanceIndex::record_outcomes`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomesRecorded {
+    /// Outcomes whose object the index has a record of (changed or already so).
+    pub matched: u64,
+    /// Records whose outcome this call changed (fewer than `matched` when a resumed reader
+    /// records again what its predecessor did).
+    pub changed: u64,
+}
+
 /// Why the index could not be read or written.
 #[derive(Debug, Error)]
 pub enum IndexError {
@@ -247,15 +277,16 @@ pub trait InstanceIndex: Send + Sync + 'static {
         Ok(out)
     }
 
-    /// Records the import outcome of objects of job `job_id`, each given by its object key.
-    /// Idempotent: recording the same outcomes again (a resumed outcome reader) changes nothing
-    /// that a lookup returns. A key the index has no record of is skipped. Returns how many
-    /// records were updated. Callers pass bounded chunks.
+    /// Records the import outcome of objects of job `job_id`, each given by its object key, where
+    /// it [`InstanceOutcome::replaces`] the record's. Idempotent: recording the same outcomes
+    /// again (a resumed outcome reader) changes nothing that a lookup returns. A key the index has
+    /// no record of is skipped, and not counted as matched: the outcome reader tells incomplete
+    /// outcomes from a resumed reading by it. Callers pass bounded chunks.
     async fn record_outcomes(
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError>;
+    ) -> Result<OutcomesRecorded, IndexError>;
 
     /// The records of job `job_id` whose outcome is FAILED, in object key order.
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError>;
@@ -591,6 +622,41 @@ mod tests {
     use super::*;
 
     const KEY: &str = "01JD6Y7Z8X9W0V1T2S3R4Q5P6N/1.2.3/1.2.3.4/1.2.3.4.5.dcm";
+
+    #[test]
+    fn imported_never_replaces_imported_with_warnings_of_the_same_image_set() {
+        let imported = |id: &str| InstanceOutcome::Imported {
+            image_set_id: id.into(),
+            is_primary: true,
+        };
+        let warned = |id: &str| InstanceOutcome::ImportedWithWarnings {
+            image_set_id: id.into(),
+            is_primary: true,
+            warnings: vec!["W (1)".into()],
+        };
+        let failed = InstanceOutcome::Failed {
+            exception_type: "E".into(),
+            message: "m".into(),
+        };
+        assert!(!imported("a").replaces(&warned("a")), "the warnings stay");
+        assert!(warned("a").replaces(&imported("a")));
+        assert!(imported("b").replaces(&warned("a")), "another image set");
+        assert!(!imported("a").replaces(&imported("a")), "nothing to change");
+        for outcome in [imported("a"), warned("a"), failed.clone()] {
+            assert!(outcome.replaces(&InstanceOutcome::Stored));
+        }
+        assert!(failed.replaces(&warned("a")) && imported("a").replaces(&failed));
+        // Either order of the success and warning files ends with the warnings.
+        for order in [[imported("a"), warned("a")], [warned("a"), imported("a")]] {
+            let mut current = InstanceOutcome::Stored;
+            for given in order {
+                if given.replaces(&current) {
+                    current = given;
+                }
+            }
+            assert_eq!(current, warned("a"));
+        }
+    }
 
     #[test]
     fn keys_of_the_store_layout_split_into_their_uids() {

@@ -73,6 +73,7 @@ pub fn to_item(job: &Job) -> HashMap<String, AttributeValue> {
         ("submittedAt", &job.submitted_at),
         ("endedAt", &job.ended_at),
         ("importEndedAt", &job.import_ended_at),
+        ("outcomeClaimedAt", &job.outcome_claimed_at),
         ("message", &job.message),
         ("gatewayId", &job.gateway_id),
     ];
@@ -190,6 +191,7 @@ pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, JobStore
         message: get_s("message"),
         gateway_id: get_s("gatewayId"),
         claim: item.get("claim").and_then(claim_from),
+        outcome_claimed_at: get_s("outcomeClaimedAt"),
     })
 }
 
@@ -249,6 +251,15 @@ const CLAIM_NAMES: [(&str, &str); 4] = [
     ("#gw", "gatewayId"),
     ("#exp", "expiresAt"),
 ];
+
+/// The update of [`JobStore::claim_outcome`]: the claim, and the time of the job's first claim
+/// unless it has one. `if_not_exists(path, value)` evaluates to the attribute when the item has
+/// it, else to `value` ("Using update expressions in DynamoDB", Preventing overwrites of an
+/// existing attribute,
+/// https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/Expressions.UpdateExpressions.html#Expressions.UpdateExpressions.SET.PreventingAttributeOverwrites).
+/// Its `:now` is the condition's.
+pub(crate) const CLAIM_UPDATE: &str =
+    "SET #claim = :claim, outcomeClaimedAt = if_not_exists(outcomeClaimedAt, :now)";
 
 /// The condition of [`JobStore::claim_outcome`]: [`Job::outcome_claimable_by`] as DynamoDB checks
 /// it (`:gw` the claiming gateway, `:now` the time).
@@ -448,7 +459,7 @@ impl JobStore for DynamoJobStore {
             .update_item()
             .table_name(&self.table)
             .key("jobId", s(job_id))
-            .update_expression("SET #claim = :claim")
+            .update_expression(CLAIM_UPDATE)
             .condition_expression(CLAIM_CONDITION)
             .set_expression_attribute_names(Some(
                 CLAIM_NAMES
@@ -664,6 +675,7 @@ mod tests {
             gateway_id: "gw-2".into(),
             expires_at: "2026-11-23T10:07:00.000Z".into(),
         });
+        job.outcome_claimed_at = Some("2026-11-23T10:06:30.000Z".into());
         let item = to_item(&job);
         assert_eq!(item["status"], AttributeValue::S("IMPORTED".into()));
         assert_eq!(item["scannedCount"], AttributeValue::N("12".into()));
@@ -709,6 +721,19 @@ mod tests {
         assert_eq!(values[":gw"], AttributeValue::S("gw-2".into()));
         for placeholder in [":imported", ":gw"] {
             assert!(CLAIM_CONDITION.contains(placeholder));
+        }
+        // Every name and value the claim call gives is used by its update or condition.
+        for (placeholder, _) in CLAIM_NAMES {
+            assert!(
+                CLAIM_UPDATE.contains(placeholder) || CLAIM_CONDITION.contains(placeholder),
+                "{placeholder}"
+            );
+        }
+        for placeholder in [":imported", ":claim", ":gw", ":now"] {
+            assert!(
+                CLAIM_UPDATE.contains(placeholder) || CLAIM_CONDITION.contains(placeholder),
+                "{placeholder}"
+            );
         }
     }
 

@@ -195,6 +195,8 @@ impl JobStore for LocalJournal {
             return Ok(false);
         }
         job.claim = Some(claim.clone());
+        job.outcome_claimed_at
+            .get_or_insert_with(|| now.to_string());
         self.write(&job).await?;
         Ok(true)
     }
@@ -408,6 +410,16 @@ mod tests {
         };
         let err = j.record_outcome("J1", "gw-b", &outcome).await.unwrap_err();
         assert!(matches!(err, JobStoreError::ClaimLost(_)), "{err}");
+        assert_eq!(
+            j.get("J1")
+                .await
+                .unwrap()
+                .unwrap()
+                .outcome_claimed_at
+                .as_deref(),
+            Some(now),
+            "the first claim's time"
+        );
         j.release_outcome("J1", "gw-b").await.unwrap();
         assert!(
             j.get("J1").await.unwrap().unwrap().claim.is_some(),
@@ -424,6 +436,11 @@ mod tests {
         let done = j.get("J1").await.unwrap().unwrap();
         assert_eq!(done.status, JobStatus::Completed);
         assert_eq!(done.claim, None);
+        assert_eq!(
+            done.outcome_claimed_at.as_deref(),
+            Some(now),
+            "kept across a takeover"
+        );
         let err = j.record_outcome("J1", "gw-b", &outcome).await.unwrap_err();
         assert!(matches!(err, JobStoreError::NotForward { .. }), "{err}");
         assert!(

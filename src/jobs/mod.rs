@@ -135,8 +135,9 @@ pub struct Job {
     pub submitted_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<String>,
-    /// When the state machine saw HealthImaging's import end and recorded IMPORTED: the wait for
-    /// the import's results is counted from here.
+    /// When the state machine saw HealthImaging's import end (it records IMPORTED after, retrying
+    /// for over an hour if need be; the wait for the results counts from
+    /// [`Job::outcome_claimed_at`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_ended_at: Option<String>,
     /// Files the import looked at (`numberOfScannedFiles` of its job-output-manifest.json).
@@ -168,6 +169,11 @@ pub struct Job {
     /// Which gateway is reading this IMPORTED job's outcome, and until when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<OutcomeClaim>,
+    /// When a gateway first claimed this IMPORTED job's outcome (kept when the claim is released
+    /// or taken over): the outcome reader's waits count from here rather than from
+    /// `importEndedAt`, which can be long past (or missing) when the job becomes IMPORTED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_claimed_at: Option<String>,
 }
 
 /// How many image set ids a job keeps: a job record stays small (a DynamoDB item is at most
@@ -280,6 +286,7 @@ impl Job {
             message: None,
             gateway_id: Some(gateway_id.to_string()),
             claim: None,
+            outcome_claimed_at: None,
         }
     }
 
@@ -370,8 +377,9 @@ pub(crate) trait JobStore: Send + Sync + 'static {
     ) -> Result<(), JobStoreError>;
 
     /// Takes (or renews) the outcome claim of an IMPORTED job, if
-    /// [`Job::outcome_claimable_by`] holds at `now`, atomically. `Ok(false)`: another gateway holds
-    /// it, or the job is no longer IMPORTED.
+    /// [`Job::outcome_claimable_by`] holds at `now`, atomically, and sets
+    /// [`Job::outcome_claimed_at`] to `now` if it is not set yet. `Ok(false)`: another gateway
+    /// holds it, or the job is no longer IMPORTED.
     async fn claim_outcome(
         &self,
         job_id: &str,

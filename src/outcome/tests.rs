@@ -287,7 +287,7 @@ fn read(imported: u64, customer: u64, server: u64) -> Reading {
 fn the_counts_decide_the_final_status() {
     let job = imported_job("s3://b/results/J1/");
     let now = at("2026-11-23T10:06:00Z");
-    let wait = Duration::from_secs(600);
+    let wait = GiveUp::After(Duration::from_secs(600));
     let o = outcome_of(&job, "s3://b/r/", read(2, 0, 0), now, wait).unwrap();
     assert_eq!((o.status, o.message), (JobStatus::Completed, None));
     assert_eq!(o.ended_at, "2026-11-23T10:06:00.000Z");
@@ -313,9 +313,10 @@ fn the_counts_decide_the_final_status() {
 #[test]
 fn a_missing_manifest_is_waited_for_then_failed_and_a_malformed_one_fails_at_once() {
     let mut job = imported_job("s3://b/results/J1/");
-    // As LocalStack writes $$.State.EnteredTime (AWS writes ...00.000Z).
-    job.import_ended_at = Some("2026-11-23T10:05:00.036593+00:00".into());
-    let wait = Duration::from_secs(600);
+    // The wait counts from the first claim, not from the import's end (long before here).
+    job.import_ended_at = Some("2026-11-23T08:05:00.036593+00:00".into());
+    job.outcome_claimed_at = Some("2026-11-23T10:05:00.036Z".into());
+    let wait = GiveUp::After(Duration::from_secs(600));
     let not_yet = || Reading::NotYet("job-output-manifest.json is not in s3://b/r/".into());
     assert!(
         outcome_of(
@@ -378,11 +379,12 @@ impl ImportResults for FakeResults {
     }
 }
 
+/// The timing of a gateway that imports, giving a job up `manifest_wait` after its first claim.
 fn timing(manifest_wait: Duration) -> OutcomeTiming {
     OutcomeTiming {
         interval: Duration::from_secs(1),
         claim_ttl: CLAIM_TTL,
-        manifest_wait,
+        give_up: GiveUp::After(manifest_wait),
     }
 }
 
@@ -499,6 +501,7 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
         "still waiting for the manifest"
     );
     assert_eq!(waiting.claim, None, "released for whoever looks next");
+    assert!(waiting.outcome_claimed_at.is_some(), "the wait has begun");
     // Past the wait, the next gateway to look records why the job failed.
     let done_waiting = OutcomeReader::new(
         jobs.clone(),
@@ -522,11 +525,65 @@ async fn a_manifest_that_never_comes_ends_the_job_failed_after_the_wait() {
     );
 }
 
+#[tokio::test]
+async fn a_gateway_without_imports_never_gives_a_job_up_and_leaves_it_to_one_that_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path()));
+    let mut job = imported_job("s3://b/results/J1/");
+    // Long past any wait.
+    job.outcome_claimed_at = Some(rfc3339(SystemTime::now() - Duration::from_secs(86_400)));
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    let fleet_member = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        None,
+        "gw-b".into(),
+        OutcomeTiming {
+            give_up: GiveUp::Never,
+            ..timing(Duration::ZERO)
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            fleet_member.pass(&CancellationToken::new()).await.unwrap(),
+            0
+        );
+        let left = jobs.get("J1").await.unwrap().unwrap();
+        assert_eq!((left.status, &left.claim), (JobStatus::Imported, &None));
+    }
+    // A gateway that imports makes the decision.
+    let importer = OutcomeReader::new(
+        jobs.clone(),
+        results.clone(),
+        None,
+        "gw-a".into(),
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(importer.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_eq!(
+        jobs.get("J1").await.unwrap().unwrap().status,
+        JobStatus::Failed
+    );
+    // And once the results are there, the fleet member ends a job as any gateway would.
+    let mut next = imported_job("s3://b/results/J2/");
+    next.job_id = "J2".into();
+    jobs.record_open(&next).await.unwrap();
+    results.files.lock().unwrap().insert(
+        "results/J2/ds-DicomImport-import-job-0001/job-output-manifest.json".into(),
+        manifest(1, 1, 0, 0),
+    );
+    assert_eq!(
+        fleet_member.pass(&CancellationToken::new()).await.unwrap(),
+        1
+    );
+}
+
 // ---- per-instance outcomes ---------------------------------------------------------------------
 
 use crate::index::local::LocalIndex;
-use crate::index::{IndexError, InstanceOutcome, InstanceRecord, KeyParts};
-use instances::tests::result_lines;
+use crate::index::{IndexError, InstanceOutcome, InstanceRecord, KeyParts, OutcomesRecorded};
+use instances::tests::own_result_lines;
 
 /// Where [`imported_job`]'s results are.
 const RESULTS: &str = "results/J1/ds-DicomImport-import-job-0001/";
@@ -539,48 +596,67 @@ fn object(series: &str, i: usize) -> String {
     format!("J1/1.2/{series}/{series}.{i}.dcm")
 }
 
-/// A job store, an index holding a study of job J1 (three instances the success file names, two
-/// the warning file names, three the failure file names, one no file names), and results holding
-/// the manifest and the three files of [`LINES`] lines each.
-async fn imported_study(
+/// Stored records of objects `{series}.{i}` of job J1, `i` in `range`.
+fn stored(series: &str, range: std::ops::Range<usize>) -> Vec<InstanceRecord> {
+    range
+        .map(|i| object(series, i))
+        .map(|key| {
+            KeyParts::parse(&key)
+                .unwrap()
+                .record(&key, 10, None, None, rfc3339(SystemTime::now()))
+        })
+        .collect()
+}
+
+/// A job store with job J1 IMPORTED (input `s3://b/import/J1/`), an empty local index, and
+/// results holding `manifest` and `files`.
+async fn imported_with(
     dir: &std::path::Path,
+    manifest: Vec<u8>,
+    files: Vec<(ResultFile, Vec<u8>)>,
 ) -> (Arc<dyn JobStore>, LocalIndex, Arc<FakeResults>) {
     let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.join("jobs")));
     let mut job = imported_job("s3://b/results/J1/");
     job.input_s3_uri = "s3://b/import/J1/".into();
     job.import_ended_at = Some(rfc3339(SystemTime::now()));
     jobs.record_open(&job).await.unwrap();
-    let index = LocalIndex::new(dir);
-    let mut records: Vec<InstanceRecord> = [("1.2.3", 3), ("1.2.4", 2), ("1.2.5", 3), ("1.2.6", 1)]
-        .into_iter()
-        .flat_map(|(series, n)| (0..n).map(move |i| object(series, i)))
-        .map(|key| {
-            KeyParts::parse(&key)
-                .unwrap()
-                .record(&key, 10, None, None, rfc3339(SystemTime::now()))
-        })
-        .collect();
-    records.sort_by(|a, b| a.object_key.cmp(&b.object_key));
-    index.append(records).await.unwrap();
     let results = Arc::new(FakeResults::default());
     {
-        let mut files = results.files.lock().unwrap();
-        let ours = (LINES - LINES / 10) as u64;
-        files.insert(
-            format!("{RESULTS}{MANIFEST}"),
-            manifest(1, 2 * ours, ours, 0),
-        );
-        for (file, series) in [
-            (ResultFile::Success, "1.2.3"),
-            (ResultFile::Warning, "1.2.4"),
-            (ResultFile::Failure, "1.2.5"),
-        ] {
-            files.insert(
-                format!("{RESULTS}{}", file.name()),
-                result_lines(file, LINES, "s3://b/import/J1/", series),
-            );
+        let mut stored = results.files.lock().unwrap();
+        stored.insert(format!("{RESULTS}{MANIFEST}"), manifest);
+        for (file, body) in files {
+            stored.insert(format!("{RESULTS}{}", file.name()), body);
         }
     }
+    (jobs, LocalIndex::new(dir), results)
+}
+
+/// [`imported_with`] a study of job J1 in the index: [`LINES`] instances of series 1.2.3 the
+/// success file names, as many of 1.2.4 the warning file names, as many of 1.2.5 the failure
+/// file names, and one of 1.2.6 no file names; the manifest counts them.
+async fn imported_study(
+    dir: &std::path::Path,
+) -> (Arc<dyn JobStore>, LocalIndex, Arc<FakeResults>) {
+    let n = LINES as u64;
+    let files = [
+        (ResultFile::Success, "1.2.3"),
+        (ResultFile::Warning, "1.2.4"),
+        (ResultFile::Failure, "1.2.5"),
+    ]
+    .into_iter()
+    .map(|(file, series)| {
+        (
+            file,
+            own_result_lines(file, LINES, "s3://b/import/J1/", series),
+        )
+    })
+    .collect();
+    let (jobs, index, results) = imported_with(dir, manifest(1, 2 * n, n, 0), files).await;
+    let mut records = stored("1.2.3", 0..LINES);
+    records.extend(stored("1.2.4", 0..LINES));
+    records.extend(stored("1.2.5", 0..LINES));
+    records.extend(stored("1.2.6", 0..1));
+    index.append(records).await.unwrap();
     (jobs, index, results)
 }
 
@@ -619,11 +695,11 @@ async fn assert_study_outcomes(index: &LocalIndex) {
         }
     );
     assert_eq!(
-        outcome("1.2.4.1").await,
+        outcome("1.2.4.4999").await,
         InstanceOutcome::ImportedWithWarnings {
-            image_set_id: format!("{:032x}", 1),
+            image_set_id: format!("{:032x}", 4999),
             is_primary: true,
-            warnings: vec!["InvalidOffsetTable (45330): offset table of 1".into()],
+            warnings: vec!["InvalidOffsetTable (45330): offset table of 4999".into()],
         }
     );
     assert_eq!(
@@ -638,16 +714,12 @@ async fn assert_study_outcomes(index: &LocalIndex) {
         InstanceOutcome::Stored,
         "in no file"
     );
-    let failed: Vec<String> = index
-        .failed("J1")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.object_key)
-        .collect();
-    assert_eq!(
-        failed,
-        vec![object("1.2.5", 0), object("1.2.5", 1), object("1.2.5", 2)]
+    let failed = index.failed("J1").await.unwrap();
+    assert_eq!(failed.len(), LINES);
+    assert!(
+        failed
+            .iter()
+            .all(|r| r.series_instance_uid == "1.2.5" && r.outcome.name() == "FAILED")
     );
 }
 
@@ -669,14 +741,73 @@ async fn mixed_result_files_of_5000_lines_set_each_instance_outcome_and_the_job_
     assert_eq!(done.status, JobStatus::CompletedWithErrors);
     assert_eq!(
         (done.imported_count, done.failed_count),
-        (Some(9_000), Some(4_500)),
-        "the manifest's counts, not the lines'"
+        (Some(10_000), Some(5_000)),
     );
     assert_eq!(
         done.message.as_deref().map(|m| m.contains("incomplete")),
-        Some(false)
+        Some(false),
+        "every file the manifest counts has its outcome: {done:?}"
     );
     assert_eq!(done.claim, None);
+}
+
+#[tokio::test]
+async fn outcomes_lost_on_the_way_are_noted_on_the_job_and_its_status_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let success = [
+        "s3://b/import/J1/1.2/1.2.3/1.2.3.0.dcm",
+        "s3://b/import/J1/1.2/1.2.3/1.2.3.1.dcm", // the index has no record of it
+        "s3://b/elsewhere/J1/1.2/1.2.3/1.2.3.2.dcm", // not the job's input prefix
+    ]
+    .iter()
+    .map(|f| format!(r#"{{"inputFile":"{f}","importResponse":{{"imageSetId":"a"}}}}"#))
+    .collect::<Vec<_>>()
+    .join("\n");
+    let failure = format!(
+        "{}\nnot a result line\n",
+        r#"{"inputFile":"s3://b/import/J1/1.2/1.2.5/1.2.5.0.dcm","exception":{"exceptionType":"E"}}"#
+    );
+    let (jobs, index, results) = imported_with(
+        dir.path(),
+        manifest(1, 3, 2, 0),
+        vec![
+            (ResultFile::Success, success.into_bytes()),
+            (ResultFile::Failure, failure.into_bytes()),
+        ],
+    )
+    .await;
+    let mut records = stored("1.2.3", 0..1);
+    records.extend(stored("1.2.5", 0..1));
+    index.append(records).await.unwrap();
+    let a = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        done.status,
+        JobStatus::CompletedWithErrors,
+        "what the manifest's counts say"
+    );
+    let message = done.message.unwrap();
+    assert!(
+        message.ends_with(
+            "; incomplete per-instance outcomes: 1 success and 0 warning outcome(s) recorded for \
+             3 imported file(s), 1 of 2 failed file(s) recorded, 1 result line(s) name no object \
+             of the job's input prefix, 1 result line(s) malformed, 1 object(s) without a record \
+             in the instance index"
+        ),
+        "{message}"
+    );
+    assert_eq!(
+        index.find("1.2.3.0").await.unwrap()[0].outcome.name(),
+        "IMPORTED",
+        "what could be recorded is"
+    );
 }
 
 /// An index whose `record_outcomes` fails on the calls `failing` holds (counted from 1).
@@ -698,7 +829,7 @@ impl InstanceIndex for FlakyIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
+    ) -> Result<OutcomesRecorded, IndexError> {
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if self.failing.contains(&call) {
             return Err(std::io::Error::other("disk gone").into());
@@ -726,18 +857,22 @@ impl InstanceIndex for FlakyIndex {
     }
 }
 
+fn flaky(index: LocalIndex, failing: std::ops::RangeInclusive<usize>) -> Arc<FlakyIndex> {
+    Arc::new(FlakyIndex {
+        inner: index,
+        calls: Default::default(),
+        failing,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_stopped_midway_is_resumed_by_the_next_without_counting_twice() {
     let dir = tempfile::tempdir().unwrap();
     let (jobs, index, results) = imported_study(dir.path()).await;
-    // The warning file's chunk fails: success outcomes are recorded, the rest not (as if the
-    // gateway had died there).
-    let chunks_per_file = (LINES - LINES / 10).div_ceil(instances::CHUNK);
-    let flaky = Arc::new(FlakyIndex {
-        inner: index.clone(),
-        calls: Default::default(),
-        failing: chunks_per_file + 1..=chunks_per_file + 1,
-    });
+    // The warning file's first chunk fails: success outcomes are recorded, the rest not (as if
+    // the gateway had died there).
+    let chunks_per_file = LINES.div_ceil(instances::CHUNK);
+    let flaky = flaky(index.clone(), chunks_per_file + 1..=chunks_per_file + 1);
     let a = reader(
         &jobs,
         &results,
@@ -770,14 +905,18 @@ async fn a_reader_stopped_midway_is_resumed_by_the_next_without_counting_twice()
     assert_study_outcomes(&index).await;
     assert_eq!(
         index.read_job("J1").unwrap().len(),
-        lines_before + 2 + 3,
+        lines_before + 2 * LINES,
         "the imported records are not written again, the others once"
     );
     let done = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::CompletedWithErrors);
     assert_eq!(
         (done.imported_count, done.failed_count),
-        (Some(9_000), Some(4_500))
+        (Some(10_000), Some(5_000))
+    );
+    assert!(
+        !done.message.as_deref().unwrap_or("").contains("incomplete"),
+        "the resumed reading accounts for every file: {done:?}"
     );
     assert_eq!(
         a.pass(&CancellationToken::new()).await.unwrap(),
@@ -786,34 +925,189 @@ async fn a_reader_stopped_midway_is_resumed_by_the_next_without_counting_twice()
     );
 }
 
+#[tokio::test]
+async fn a_file_in_both_the_success_and_the_warning_file_keeps_its_warnings_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = "s3://b/import/J1/";
+    let (jobs, index, results) = imported_with(
+        dir.path(),
+        manifest(1, 1, 0, 0),
+        vec![
+            (
+                ResultFile::Success,
+                own_result_lines(ResultFile::Success, 1, input, "1.2.3"),
+            ),
+            (
+                ResultFile::Warning,
+                own_result_lines(ResultFile::Warning, 1, input, "1.2.3"),
+            ),
+            (ResultFile::Failure, b"not a result line\n".to_vec()),
+        ],
+    )
+    .await;
+    index.append(stored("1.2.3", 0..1)).await.unwrap();
+    let warned = || async { index.find("1.2.3.0").await.unwrap()[0].outcome.name() };
+    // The first reader records the success, then the warning, and ends the job; made IMPORTED
+    // again, it is read by a second reader that records the success again and then fails at the
+    // warning file, as one resuming a reader that died there would.
+    let a = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    assert_eq!(warned().await, "IMPORTED_WITH_WARNINGS");
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert!(
+        done.message.as_deref().is_some_and(
+            |m| m.ends_with("incomplete per-instance outcomes: 1 result line(s) malformed")
+        ),
+        "listed in both files, the file is accounted for once: {done:?}"
+    );
+    let mut again = done.clone();
+    again.status = JobStatus::Imported;
+    again.message = None;
+    std::fs::write(
+        dir.path().join("jobs/J1.json"),
+        serde_json::to_vec(&again).unwrap(),
+    )
+    .unwrap();
+    let b = reader(
+        &jobs,
+        &results,
+        flaky(index.clone(), 2..=2),
+        "gw-b",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
+    assert_eq!(
+        warned().await,
+        "IMPORTED_WITH_WARNINGS",
+        "the success file read again does not take the warnings away"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_that_keeps_failing_past_the_wait_ends_the_job_saying_so() {
     let dir = tempfile::tempdir().unwrap();
     let (jobs, index, results) = imported_study(dir.path()).await;
-    let broken = Arc::new(FlakyIndex {
-        inner: index,
-        calls: Default::default(),
-        failing: 1..=usize::MAX,
-    });
-    let a = reader(&jobs, &results, broken, "gw-a", timing(Duration::ZERO));
+    let a = reader(
+        &jobs,
+        &results,
+        flaky(index, 1..=usize::MAX),
+        "gw-a",
+        timing(Duration::ZERO),
+    );
     assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
     let done = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::CompletedWithErrors);
-    assert_eq!(done.imported_count, Some(9_000));
+    assert_eq!(done.imported_count, Some(10_000));
     assert!(
         done.message.as_deref().is_some_and(|m| m.contains(
-            "per-instance outcomes are incomplete: recording outcomes in a flaky index failed"
+            "incomplete per-instance outcomes: recording outcomes in a flaky index failed: instance index I/O failed: disk gone"
         )),
         "{done:?}"
     );
 }
 
-/// An index whose first `record_outcomes` says it has begun, then waits to be let go.
-struct GatedIndex {
-    inner: LocalIndex,
+#[tokio::test]
+async fn a_job_recorded_imported_late_gets_the_whole_wait_counted_from_its_first_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Arc<dyn JobStore> = Arc::new(LocalJournal::new(dir.path().join("jobs")));
+    let mut job = imported_job("s3://b/results/J1/");
+    job.input_s3_uri = "s3://b/import/J1/".into();
+    // The state machine took over an hour to record IMPORTED: the import ended long ago.
+    job.import_ended_at = Some(rfc3339(SystemTime::now() - Duration::from_secs(2 * 3600)));
+    jobs.record_open(&job).await.unwrap();
+    let results = Arc::new(FakeResults::default());
+    results.files.lock().unwrap().extend([
+        (format!("{RESULTS}{MANIFEST}"), manifest(1, 1, 0, 0)),
+        (
+            format!("{RESULTS}{}", ResultFile::Success.name()),
+            own_result_lines(ResultFile::Success, 1, "s3://b/import/J1/", "1.2.3"),
+        ),
+    ]);
+    let index = LocalIndex::new(dir.path());
+    index.append(stored("1.2.3", 0..1)).await.unwrap();
+    // A transient index error at the first attempt: tried again, not given up on.
+    let a = reader(
+        &jobs,
+        &results,
+        flaky(index.clone(), 1..=1),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    let before = rfc3339(SystemTime::now());
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 0);
+    let waiting = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        (waiting.status, &waiting.claim),
+        (JobStatus::Imported, &None)
+    );
+    let first = waiting.outcome_claimed_at.clone().unwrap();
+    assert!(first >= before, "{first} is the first claim, now");
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!((done.status, done.message), (JobStatus::Completed, None));
+    assert_eq!(
+        done.outcome_claimed_at,
+        Some(first),
+        "kept from the first claim"
+    );
+
+    // Past the wait from the first claim, a failing index ends the job without its outcomes.
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let mut job = jobs.get("J1").await.unwrap().unwrap();
+    job.outcome_claimed_at = Some(rfc3339(
+        SystemTime::now() - MANIFEST_WAIT - Duration::from_secs(1),
+    ));
+    std::fs::write(
+        dir.path().join("jobs/J1.json"),
+        serde_json::to_vec(&job).unwrap(),
+    )
+    .unwrap();
+    let a = reader(
+        &jobs,
+        &results,
+        flaky(index, 1..=usize::MAX),
+        "gw-a",
+        timing(MANIFEST_WAIT),
+    );
+    assert_eq!(a.pass(&CancellationToken::new()).await.unwrap(), 1);
+    let done = jobs.get("J1").await.unwrap().unwrap();
+    assert!(
+        done.message
+            .as_deref()
+            .is_some_and(|m| m.contains("incomplete per-instance outcomes: recording outcomes")),
+        "{done:?}"
+    );
+}
+
+/// Lets a test hold work at a point: [`Gate::pass`] says it has been reached, then waits to be
+/// let go, the first time only.
+#[derive(Default)]
+struct Gate {
     entered: tokio::sync::Notify,
     go: tokio::sync::Notify,
-    first: std::sync::atomic::AtomicBool,
+    passed: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    async fn pass(&self) {
+        if !self.passed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.go.notified().await;
+        }
+    }
+}
+
+/// An index whose first `record_outcomes` waits at a [`Gate`].
+struct GatedIndex {
+    inner: LocalIndex,
+    gate: Gate,
 }
 
 #[async_trait]
@@ -828,11 +1122,8 @@ impl InstanceIndex for GatedIndex {
         &self,
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<u64, IndexError> {
-        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.entered.notify_one();
-            self.go.notified().await;
-        }
+    ) -> Result<OutcomesRecorded, IndexError> {
+        self.gate.pass().await;
         self.inner.record_outcomes(job_id, outcomes).await
     }
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
@@ -859,10 +1150,67 @@ impl InstanceIndex for GatedIndex {
 fn gated(index: LocalIndex) -> Arc<GatedIndex> {
     Arc::new(GatedIndex {
         inner: index,
-        entered: Default::default(),
-        go: Default::default(),
-        first: true.into(),
+        gate: Gate::default(),
     })
+}
+
+/// Results whose first opening of the manifest waits at a [`Gate`].
+struct GatedResults {
+    inner: Arc<FakeResults>,
+    gate: Gate,
+}
+
+#[async_trait]
+impl ImportResults for GatedResults {
+    async fn open(
+        &self,
+        at: &ResultsLocation,
+        name: &str,
+    ) -> Result<Option<ResultStream>, ResultsError> {
+        if name == MANIFEST {
+            self.gate.pass().await;
+        }
+        self.inner.open(at, name).await
+    }
+}
+
+/// A claim of a few seconds: renewed every second, so a test that waits for a renewal past the
+/// first expiry takes a few seconds, and a renewal late by a second on a loaded machine still
+/// keeps it.
+fn short_claim() -> OutcomeTiming {
+    OutcomeTiming {
+        interval: Duration::from_secs(1),
+        claim_ttl: Duration::from_secs(3),
+        give_up: GiveUp::After(MANIFEST_WAIT),
+    }
+}
+
+/// Waits until J1's claim, first set to expire at `first`, has been renewed past it and `first`
+/// has passed: a claim that was not renewed would have expired by then. Polls the job store (the
+/// observable event); fails after a minute.
+async fn until_renewed_past(jobs: &Arc<dyn JobStore>, first: &str) -> Job {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = jobs.get("J1").await.unwrap().unwrap();
+        let renewed = job
+            .claim
+            .as_ref()
+            .is_some_and(|c| c.expires_at.as_str() > first);
+        if renewed && rfc3339(SystemTime::now()).as_str() > first {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "not renewed past {first}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The expiry of J1's claim now.
+async fn claim_expiry(jobs: &Arc<dyn JobStore>) -> String {
+    let job = jobs.get("J1").await.unwrap().unwrap();
+    job.claim.map(|c| c.expires_at).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -870,30 +1218,134 @@ async fn a_reader_working_longer_than_its_claim_renews_it_and_no_other_gateway_t
     let dir = tempfile::tempdir().unwrap();
     let (jobs, index, results) = imported_study(dir.path()).await;
     let gate = gated(index.clone());
-    let short = OutcomeTiming {
-        interval: Duration::from_secs(1),
-        claim_ttl: Duration::from_secs(1),
-        manifest_wait: MANIFEST_WAIT,
-    };
-    let a = reader(&jobs, &results, gate.clone(), "gw-a", short);
-    let b = reader(&jobs, &results, Arc::new(index.clone()), "gw-b", short);
+    let a = reader(&jobs, &results, gate.clone(), "gw-a", short_claim());
+    let b = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-b",
+        short_claim(),
+    );
     let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
-    gate.entered.notified().await;
-    // Well past the claim's life: only renewals keep it.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
-    let held = jobs.get("J1").await.unwrap().unwrap();
+    gate.gate.entered.notified().await;
+    let first = claim_expiry(&jobs).await;
+    let held = until_renewed_past(&jobs, &first).await;
     assert_eq!(
         held.claim.as_ref().map(|c| c.gateway_id.as_str()),
-        Some("gw-a"),
-        "{held:?}"
+        Some("gw-a")
     );
-    assert!(
-        held.claim
-            .is_some_and(|c| c.expires_at > rfc3339(SystemTime::now()))
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
+    assert_eq!(
+        jobs.get("J1")
+            .await
+            .unwrap()
+            .unwrap()
+            .claim
+            .map(|c| c.gateway_id),
+        Some("gw-a".to_string())
     );
-    gate.go.notify_one();
+    gate.gate.go.notify_one();
     assert_eq!(working.await.unwrap().unwrap(), 1);
+    assert_study_outcomes(&index).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_is_renewed_from_the_moment_it_is_taken_even_while_the_manifest_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let slow = Arc::new(GatedResults {
+        inner: results.clone(),
+        gate: Gate::default(),
+    });
+    let a = OutcomeReader::new(
+        jobs.clone(),
+        slow.clone(),
+        Some(Arc::new(index.clone())),
+        "gw-a".into(),
+        short_claim(),
+    );
+    let b = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-b",
+        short_claim(),
+    );
+    let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
+    slow.gate.entered.notified().await;
+    let first = claim_expiry(&jobs).await;
+    until_renewed_past(&jobs, &first).await;
+    assert_eq!(b.pass(&CancellationToken::new()).await.unwrap(), 0);
+    assert_eq!(
+        *results.reads.lock().unwrap(),
+        0,
+        "gw-b did not read the results"
+    );
+    slow.gate.go.notify_one();
+    assert_eq!(working.await.unwrap().unwrap(), 1);
+    assert_study_outcomes(&index).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_claim_was_taken_over_while_recording_does_not_end_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs, index, results) = imported_study(dir.path()).await;
+    let gate = gated(index.clone());
+    // A claim of an hour: gw-a does not renew it during the test; the claim is made to lapse
+    // below, as if gw-a had been frozen past its life.
+    let long = OutcomeTiming {
+        claim_ttl: Duration::from_secs(3600),
+        ..timing(MANIFEST_WAIT)
+    };
+    let a = reader(&jobs, &results, gate.clone(), "gw-a", long);
+    let b = reader(
+        &jobs,
+        &results,
+        Arc::new(index.clone()),
+        "gw-b",
+        timing(MANIFEST_WAIT),
+    );
+    let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
+    gate.gate.entered.notified().await;
+    let mut lapsed = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(
+        lapsed.claim.as_ref().map(|c| c.gateway_id.as_str()),
+        Some("gw-a")
+    );
+    lapsed.claim = Some(OutcomeClaim {
+        gateway_id: "gw-a".into(),
+        expires_at: rfc3339(SystemTime::now() - Duration::from_secs(1)),
+    });
+    std::fs::write(
+        dir.path().join("jobs/J1.json"),
+        serde_json::to_vec(&lapsed).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        b.pass(&CancellationToken::new()).await.unwrap(),
+        1,
+        "gw-b takes over and ends the job"
+    );
+    let ended = jobs.get("J1").await.unwrap().unwrap();
+    assert_eq!(ended.status, JobStatus::CompletedWithErrors);
+    assert!(
+        !ended
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("incomplete")
+    );
+    gate.gate.go.notify_one();
+    assert_eq!(
+        working.await.unwrap().unwrap(),
+        0,
+        "gw-a does not end the job"
+    );
+    assert_eq!(
+        jobs.get("J1").await.unwrap().unwrap(),
+        ended,
+        "ended once: gw-a wrote nothing"
+    );
     assert_study_outcomes(&index).await;
 }
 
@@ -908,7 +1360,7 @@ async fn a_gateway_stopping_while_recording_gives_the_job_back() {
         let stop = stop.clone();
         tokio::spawn(async move { a.pass(&stop).await })
     };
-    gate.entered.notified().await;
+    gate.gate.entered.notified().await;
     stop.cancel();
     assert_eq!(working.await.unwrap().unwrap(), 0);
     let left = jobs.get("J1").await.unwrap().unwrap();

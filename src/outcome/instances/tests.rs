@@ -151,7 +151,11 @@ fn an_input_file_maps_to_its_object_key_with_or_without_a_store_prefix() {
         format!("s3://b/dicom/in/{JOB}/1.2/1.2.3/x/1.2.3.4.dcm"), // deeper
         format!("s3://b/dicom/in/{JOB}/1.2/1.2.3/1.2.3.4.json"), // not an object of ours
         format!("s3://b/dicom/in/{JOB}/1.2/1.2.3.4.dcm"), // shallower
-        format!("dicom/in/{JOB}/{rest}"), // not a URI
+        format!("https://other.s3.us-east-1.amazonaws.com/dicom/in/{JOB}/{rest}"), // another bucket
+        format!("https://s3.us-east-1.amazonaws.com/other/dicom/in/{JOB}/{rest}"), // the same
+        format!("https://b.example.com/dicom/in/{JOB}/{rest}"), // not S3
+        format!("file:///dicom/in/{JOB}/{rest}"), // not S3
+        format!("other/{JOB}/{rest}"),  // relative, of another prefix
     ] {
         assert_eq!(with.key_of(&foreign), None, "{foreign}");
     }
@@ -164,14 +168,43 @@ fn an_input_file_maps_to_its_object_key_with_or_without_a_store_prefix() {
     );
     assert!(InputPrefix::of(&job(&format!("/data/store/{JOB}/"))).is_err());
     assert!(InputPrefix::of(&job("s3://b/import/someone-else/")).is_err());
+    assert!(InputPrefix::of(&job(&format!("s3://b/import/x{JOB}/"))).is_err());
+}
+
+#[test]
+fn an_input_file_as_an_https_url_or_a_relative_path_names_the_same_object() {
+    let with = InputPrefix::of(&job(&format!("s3://b/dicom/in/{JOB}/"))).unwrap();
+    let rest = "1.2/1.2.3/1.2.3.4.dcm";
+    let want = Some(format!("{JOB}/{rest}"));
+    for same in [
+        format!("https://b.s3.eu-west-1.amazonaws.com/dicom/in/{JOB}/{rest}"), // virtual-hosted
+        format!("https://b.s3.amazonaws.com/dicom/in/{JOB}/{rest}"), // legacy global endpoint
+        format!("https://b.s3-eu-west-1.amazonaws.com/dicom/in/{JOB}/{rest}"), // legacy dash
+        format!("https://s3.eu-west-1.amazonaws.com/b/dicom/in/{JOB}/{rest}"), // path-style
+        format!("dicom/in/{JOB}/{rest}"),                            // relative to the bucket
+        format!("/dicom/in/{JOB}/{rest}"),                           // the same, rooted
+        format!("{JOB}/{rest}"),                                     // relative to the store prefix
+        rest.to_string(), // relative to the job's input prefix
+    ] {
+        assert_eq!(with.key_of(&same), want, "{same}");
+    }
 }
 
 /// `n` lines of `file` for objects `{input}1.2/{series}/{series}.{i}.dcm` (every tenth one of
 /// another job instead).
 pub(crate) fn result_lines(file: ResultFile, n: usize, input: &str, series: &str) -> Vec<u8> {
+    lines_of(file, n, input, series, true)
+}
+
+/// `n` lines of `file` for objects `{input}1.2/{series}/{series}.{i}.dcm`, all of them.
+pub(crate) fn own_result_lines(file: ResultFile, n: usize, input: &str, series: &str) -> Vec<u8> {
+    lines_of(file, n, input, series, false)
+}
+
+fn lines_of(file: ResultFile, n: usize, input: &str, series: &str, foreign: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..n {
-        let object = if i % 10 == 9 {
+        let object = if foreign && i % 10 == 9 {
             format!("s3://b/import/01JD6Y7Z8X9W0V1T2S3R4Q5P6M/1.2/{series}/{series}.{i}.dcm")
         } else {
             format!("{input}1.2/{series}/{series}.{i}.dcm")
@@ -345,5 +378,110 @@ fn three_files_of_5000_lines_are_read_in_small_bounded_memory() {
         "peak heap {peak_small} and {peak_large} bytes for files of {} and {} bytes (bound {bound})",
         size(&small),
         size(&large)
+    );
+}
+
+#[test]
+fn a_line_with_a_flood_of_long_warnings_keeps_a_few_clipped_ones_and_says_how_many_more() {
+    // 80,000 warnings fit in a line of MAX_LINE bytes.
+    let mut warnings = vec![format!(
+        r#"{{"warning_reason_code":45330,"type":"InvalidOffsetTable","message":"{}"}}"#,
+        "é".repeat(4 * MAX_TEXT)
+    )];
+    warnings.extend((1..80_000).map(|_| "{}".to_string()));
+    let line = format!(
+        r#"{{"inputFile":"{}","importResponse":{{"imageSetId":"0a1b","warnings":[{}]}}}}"#,
+        uri("1.2.3.2"),
+        warnings.join(",")
+    );
+    assert!(line.len() < MAX_LINE, "{} bytes", line.len());
+    let ((_, outcome), peak) =
+        heap::peak_of(|| parse_line(ResultFile::Warning, line.as_bytes(), &prefix()).unwrap());
+    let InstanceOutcome::ImportedWithWarnings { warnings, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(warnings.len(), MAX_WARNINGS + 1);
+    assert!(warnings[0].starts_with("InvalidOffsetTable (45330): éé"));
+    assert!(warnings[0].ends_with('…'), "clipped");
+    assert!(warnings[0].len() <= MAX_TEXT + '…'.len_utf8());
+    assert_eq!(warnings[1], "warning");
+    assert_eq!(warnings[MAX_WARNINGS], "… and 79990 more warnings");
+    assert!(
+        peak < 64 * 1024,
+        "the skipped warnings are not held: peak {peak} bytes"
+    );
+
+    let long = format!(
+        r#"{{"inputFile":"{}","exception":{{"exceptionType":"{}","message":"{}"}}}}"#,
+        uri("1.2.3.3"),
+        "T".repeat(3 * MAX_TEXT),
+        "m".repeat(100 * MAX_TEXT)
+    );
+    let (_, failed) = parse_line(ResultFile::Failure, long.as_bytes(), &prefix()).unwrap();
+    let InstanceOutcome::Failed {
+        exception_type,
+        message,
+    } = failed
+    else {
+        panic!("{failed:?}")
+    };
+    assert_eq!(exception_type.len(), MAX_TEXT + '…'.len_utf8());
+    assert_eq!(message.len(), MAX_TEXT + '…'.len_utf8());
+
+    let huge_id = format!(
+        r#"{{"inputFile":"{}","importResponse":{{"imageSetId":"{}"}}}}"#,
+        uri("1.2.3.1"),
+        "a".repeat(10_000)
+    );
+    assert!(matches!(
+        parse_line(ResultFile::Success, huge_id.as_bytes(), &prefix()),
+        Err(LineError::Malformed(_))
+    ));
+}
+
+#[test]
+fn chunks_of_long_outcomes_are_handed_over_by_bytes_before_they_reach_500() {
+    let input = format!("s3://b/import/{JOB}/");
+    // 1,000 warning lines of ten 1 KiB warnings each: ~10 MB of outcomes, 500 to a chunk would
+    // hold ~5 MB.
+    let message = "w".repeat(MAX_TEXT);
+    let warnings =
+        vec![
+            format!(r#"{{"warning_reason_code":45330,"type":"T","message":"{message}"}}"#);
+            MAX_WARNINGS
+        ]
+        .join(",");
+    let mut body = Vec::new();
+    for i in 0..1_000 {
+        body.extend_from_slice(
+            format!(
+                r#"{{"inputFile":"{input}1.2/1.2.3/1.2.3.{i}.dcm","importResponse":{{"imageSetId":"{i:032x}","warnings":[{warnings}]}}}}"#
+            )
+            .as_bytes(),
+        );
+        body.push(b'\n');
+    }
+    let mut chunks = Vec::new();
+    let (tally, peak) = heap::peak_of(|| {
+        read_results(&body[..], ResultFile::Warning, &prefix(), |chunk| {
+            let bytes: usize = chunk.iter().map(|(k, o)| outcome_bytes(k, o)).sum();
+            chunks.push((chunk.len(), bytes));
+            true
+        })
+        .unwrap()
+    });
+    assert_eq!(tally.outcomes, 1_000);
+    assert!(chunks.len() >= 10, "{chunks:?}");
+    let biggest = chunks.iter().map(|(_, bytes)| *bytes).max().unwrap();
+    assert!(
+        biggest < CHUNK_BYTES + 16 * 1024,
+        "a chunk holds at most about CHUNK_BYTES: {chunks:?}"
+    );
+    assert_eq!(chunks.iter().map(|(n, _)| n).sum::<usize>(), 1_000);
+    // The read buffer, a line, one chunk (its strings and their overhead): far below the ~10 MB.
+    assert!(
+        peak < 3 * CHUNK_BYTES,
+        "peak heap {peak} bytes for {} bytes of lines",
+        body.len()
     );
 }
