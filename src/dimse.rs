@@ -359,34 +359,13 @@ pub fn n_action_request(
     sop_instance: &str,
     action_type_id: u16,
 ) -> Vec<u8> {
-    encode_command([
-        DataElement::new(
-            tags::REQUESTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(sop_class),
-        ),
-        DataElement::new(
-            tags::COMMAND_FIELD,
-            VR::US,
-            PrimitiveValue::from(command_field::N_ACTION_RQ),
-        ),
-        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
-        DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            PrimitiveValue::from(DATASET_PRESENT),
-        ),
-        DataElement::new(
-            tags::REQUESTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(sop_instance),
-        ),
-        DataElement::new(
-            tags::ACTION_TYPE_ID,
-            VR::US,
-            PrimitiveValue::from(action_type_id),
-        ),
-    ])
+    normalized_request(
+        command_field::N_ACTION_RQ,
+        message_id,
+        (tags::REQUESTED_SOP_CLASS_UID, sop_class),
+        (tags::REQUESTED_SOP_INSTANCE_UID, sop_instance),
+        (tags::ACTION_TYPE_ID, action_type_id),
+    )
 }
 
 /// An N-EVENT-REPORT-RQ command set (a data set follows): how the gateway reports a Storage
@@ -397,33 +376,36 @@ pub fn n_event_report_request(
     sop_instance: &str,
     event_type_id: u16,
 ) -> Vec<u8> {
+    normalized_request(
+        command_field::N_EVENT_REPORT_RQ,
+        message_id,
+        (tags::AFFECTED_SOP_CLASS_UID, sop_class),
+        (tags::AFFECTED_SOP_INSTANCE_UID, sop_instance),
+        (tags::EVENT_TYPE_ID, event_type_id),
+    )
+}
+
+/// A DIMSE-N request command set with a data set following: the SOP class and instance under the
+/// tags its command uses (Requested for N-ACTION, Affected for N-EVENT-REPORT), and its action or
+/// event type.
+fn normalized_request(
+    command: u16,
+    message_id: u16,
+    (class_tag, sop_class): (Tag, &str),
+    (instance_tag, sop_instance): (Tag, &str),
+    (type_tag, type_id): (Tag, u16),
+) -> Vec<u8> {
     encode_command([
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(sop_class),
-        ),
-        DataElement::new(
-            tags::COMMAND_FIELD,
-            VR::US,
-            PrimitiveValue::from(command_field::N_EVENT_REPORT_RQ),
-        ),
+        DataElement::new(class_tag, VR::UI, PrimitiveValue::from(sop_class)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(command)),
         DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
         DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
             PrimitiveValue::from(DATASET_PRESENT),
         ),
-        DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(sop_instance),
-        ),
-        DataElement::new(
-            tags::EVENT_TYPE_ID,
-            VR::US,
-            PrimitiveValue::from(event_type_id),
-        ),
+        DataElement::new(instance_tag, VR::UI, PrimitiveValue::from(sop_instance)),
+        DataElement::new(type_tag, VR::US, PrimitiveValue::from(type_id)),
     ])
 }
 
