@@ -42,6 +42,12 @@ pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 /// Most records the writer appends in one go.
 const WRITE_BATCH: usize = 512;
 
+/// How long the writer lets records gather after the first one before it appends them. One append
+/// per record (a file opened and written, or a DynamoDB request, for each instance) costs CPU the
+/// receive path shares on a small machine; records arriving during this window go in the same
+/// append. Derived data can be this much later.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Most bytes read from the start of an object to find its meta group when its record is rebuilt.
 pub(crate) const META_READ_LIMIT: u64 = 64 * 1024;
 
@@ -594,6 +600,7 @@ pub(crate) async fn run_writer(
     let IndexReceiver { mut rx, progress } = rx;
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        gather(&mut rx, &mut batch).await;
         let mut records = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
         // The writer is done with every record taken, written or not (an abandoned job's records
         // were written by its repair).
@@ -614,6 +621,19 @@ pub(crate) async fn run_writer(
             }
         }
         progress.settled.fetch_add(taken, Ordering::SeqCst);
+    }
+}
+
+/// Adds to `batch` what arrives within [`GATHER`], up to [`WRITE_BATCH`] records, or until every
+/// sender is gone.
+async fn gather(rx: &mut mpsc::Receiver<InstanceRecord>, batch: &mut Vec<InstanceRecord>) {
+    let until = tokio::time::Instant::now() + GATHER;
+    while batch.len() < WRITE_BATCH {
+        let room = WRITE_BATCH - batch.len();
+        match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -840,5 +860,68 @@ mod tests {
             None,
             crate::clock::now_rfc3339(),
         ));
+    }
+
+    /// Counts the appends it is asked for.
+    #[derive(Default)]
+    struct CountingIndex {
+        appends: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl InstanceIndex for CountingIndex {
+        async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
+            self.appends.lock().unwrap().push(records.len());
+            Ok(())
+        }
+        async fn find(&self, _: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+            Ok(Vec::new())
+        }
+        async fn record_outcomes(
+            &self,
+            _: &str,
+            _: Vec<(String, InstanceOutcome)>,
+        ) -> Result<OutcomesRecorded, IndexError> {
+            Ok(OutcomesRecorded::default())
+        }
+        async fn failed(&self, _: &str) -> Result<Vec<InstanceRecord>, IndexError> {
+            Ok(Vec::new())
+        }
+        async fn missing(&self, _: &str, _: Vec<String>) -> Result<Vec<String>, IndexError> {
+            Ok(Vec::new())
+        }
+        async fn add_absent(&self, _: Vec<InstanceRecord>) -> Result<u64, IndexError> {
+            Ok(0)
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_arriving_within_the_gathering_window_go_in_one_append() {
+        let index = Arc::new(CountingIndex::default());
+        let (tx, rx, tally) = IndexSender::channel(64);
+        let progress = tx.progress().unwrap();
+        let writer = tokio::spawn(run_writer(index.clone(), rx, tally));
+        let record = || {
+            KeyParts::parse(KEY)
+                .unwrap()
+                .record(KEY, 1, None, None, "t".into())
+        };
+        tx.record(record());
+        tokio::time::sleep(GATHER / 2).await;
+        tx.record(record());
+        tx.record(record());
+        // Past the window: a new append.
+        tokio::time::sleep(GATHER * 2).await;
+        tx.record(record());
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(*index.appends.lock().unwrap(), vec![3, 1]);
+        assert!(
+            progress.caught_up_to(4) || !progress.caught_up_to(0),
+            "4 settled"
+        );
     }
 }
