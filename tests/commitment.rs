@@ -3,11 +3,14 @@
 //! and `--commit-when imported` on LocalStack S3 with the import's results put where HealthImaging
 //! writes them.
 //!
-//! The `imported` test takes the job to IMPORTED as the import state machine would, as
-//! tests/outcomes.rs does, rather than running the mocked state machine (HealthImaging is not
-//! emulated). The gateway stores in LocalStack S3 with the stack's job and instance tables, as
-//! deployed; without --state-machine-arn, its outcome reader reads the results from S3 as a
-//! fleet member on the job table does after a real import.
+//! The `imported` test's gateway stores in LocalStack S3 with the stack's job and instance tables,
+//! as deployed, and imports through the real import state machine with only HealthImaging mocked,
+//! as in tests/import_pipeline.rs: test case `CommitmentImported` of tests/sfn-mock-config.json,
+//! whose mocked GetDICOMImportJob answers COMPLETED with this test's own output folder, the same
+//! for each of its jobs. The mocked import writes nothing, and the result lines name the job's
+//! input objects, known only once the job exists: the test empties the folder before each job (of
+//! an earlier run, or its own first job), and once the state machine has recorded IMPORTED puts the
+//! result files, the manifest last. The outcome reader waits for a manifest not written yet.
 //!
 //! The clients are installed by scripts/test.sh, which runs these ignored tests; a test whose client
 //! is missing fails saying so.
@@ -16,7 +19,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
@@ -361,6 +364,10 @@ fn orthanc_gets_a_success_report_for_a_study_it_sent() {
 
 // ---- --commit-when imported on LocalStack S3 and DynamoDB -------------------------------------
 
+/// The `imported` test's case of tests/sfn-mock-config.json: the import completes, with the
+/// test's own output folder.
+const IMPORTED_CASE: &str = "CommitmentImported";
+
 /// The UID root of the `imported` test's instances; each run adds a number of its own, since the
 /// stack's tables are shared by every test and run.
 const IMPORTED_ROOT: &str = "1.2.826.0.1.3680043.2.1125.21";
@@ -445,23 +452,16 @@ async fn pending_requests(db: &aws_sdk_dynamodb::Client, table: &str, gateway_id
     }
 }
 
-/// Puts what HealthImaging writes for `closed`'s import (the manifest, `SUCCESS/success.ndjson`
-/// naming `imported` and `FAILURE/failure.ndjson` naming `refused`, object keys), then takes the
-/// job to IMPORTED as the state machine's RecordImported does (an UpdateItem on the job table).
-async fn import(
+/// Puts what HealthImaging writes for the import of `job` (recorded IMPORTED) in its output
+/// folder: `SUCCESS/success.ndjson` naming `imported` and `FAILURE/failure.ndjson` naming
+/// `refused` (object keys), then the manifest with their counts.
+async fn put_import_results(
     s3: &aws_sdk_s3::Client,
-    db: &aws_sdk_dynamodb::Client,
     stack: &Stack,
-    closed: &Job,
+    job: &Job,
     imported: &[&str],
     refused: &[&str],
 ) {
-    let mut job = closed.clone();
-    job.output_s3_uri = Some(format!("s3://{}/results/{}/", stack.bucket, job.job_id));
-    job.datastore_id = Some(stack.datastore_id.clone());
-    job.import_job_id = Some(IMPORT_JOB_ID.into());
-    let (bucket, manifest_key) = manifest_location(&job);
-    let folder = manifest_key.trim_end_matches("job-output-manifest.json");
     let line = |key: &str, rest: &str| {
         format!(
             r#"{{"inputFile":"s3://{}/import/{key}",{rest}}}"#,
@@ -487,53 +487,28 @@ async fn import(
         })
         .collect();
     let manifest = manifest_json(stack, imported.len() as u32, refused.len() as u32, Some(1));
-    for (key, body) in [
-        (manifest_key.clone(), manifest),
-        (
-            format!("{folder}SUCCESS/success.ndjson"),
-            success.into_bytes(),
-        ),
-        (
-            format!("{folder}FAILURE/failure.ndjson"),
-            failure.into_bytes(),
-        ),
-    ] {
-        s3.put_object()
-            .bucket(&bucket)
-            .key(key)
-            .body(body.into())
-            .send()
-            .await
-            .unwrap();
-    }
-    let string = |v: &Option<String>| AttributeValue::S(v.clone().unwrap());
-    db.update_item()
-        .table_name(&stack.table)
-        .key("jobId", AttributeValue::S(job.job_id.clone()))
-        .update_expression(
-            "SET #status = :imported, outputS3Uri = :outputS3Uri, importJobId = :importJobId, \
-             datastoreId = :datastoreId, importEndedAt = :ended",
-        )
-        .condition_expression("#status = :closed")
-        .expression_attribute_names("#status", "status")
-        .expression_attribute_values(":imported", AttributeValue::S("IMPORTED".into()))
-        .expression_attribute_values(":closed", AttributeValue::S("CLOSED".into()))
-        .expression_attribute_values(":outputS3Uri", string(&job.output_s3_uri))
-        .expression_attribute_values(":importJobId", string(&job.import_job_id))
-        .expression_attribute_values(":datastoreId", string(&job.datastore_id))
-        .expression_attribute_values(
-            ":ended",
-            AttributeValue::S(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-        )
-        .send()
-        .await
-        .unwrap();
+    put_results(
+        s3,
+        job,
+        vec![
+            ("SUCCESS/success.ndjson", success.into_bytes()),
+            ("FAILURE/failure.ndjson", failure.into_bytes()),
+        ],
+        manifest,
+    )
+    .await;
 }
 
-/// A gateway on LocalStack S3 with the stack's job and instance tables, committing on import.
-/// Without --state-machine-arn, its outcome reader reads IMPORTED jobs at the recovery interval,
-/// every second here, as a fleet member on the job table does.
+/// Whether the state machine has taken `job` to IMPORTED or beyond (it ended otherwise).
+fn imported_or_ended(job: &Job) -> bool {
+    job.status == JobStatus::Imported || job.status.is_terminal()
+}
+
+/// A gateway on LocalStack S3 with the stack's job and instance tables, committing on import,
+/// importing through the state machine as test case [`IMPORTED_CASE`]; its outcome reader looks
+/// at the import poll interval.
 fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> Gateway {
+    let arn = format!("{}#{IMPORTED_CASE}", stack.state_machine_arn);
     Gateway::start(
         &[
             "--s3-bucket",
@@ -547,10 +522,18 @@ fn imported_gateway(stack: &Stack, store: &Path, id: &str, report_port: u16) -> 
             &stack.instance_table,
             "--store-dir",
             store.to_str().unwrap(),
+            "--state-machine-arn",
+            &arn,
+            "--datastore-id",
+            &stack.datastore_id,
+            "--data-access-role-arn",
+            &stack.role_arn,
+            "--results-prefix",
+            "results/",
             "--batch-idle",
             "1s",
-            "--recovery-interval",
-            "1s",
+            "--import-poll-interval",
+            "2s",
             "--gateway-id",
             id,
             "--commit-when",
@@ -601,26 +584,39 @@ async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restar
     let (good, bad, later) = (&files[0], &files[1], &files[2]);
     let id = unique("gw-commit");
     let report_port = free_port();
+    clear_mocked_output(&s3, &stack, IMPORTED_CASE).await;
     let mut gw = imported_gateway(&stack, store.path(), &id, report_port);
 
     // One instance HealthImaging imports, one it refuses.
     let first = modality_waiting(&gw, report_port, &[good, bad]);
-    let closed = wait_for_job(&db, &stack.table, &id, "the first batch to close", |j| {
-        j.status == JobStatus::Closed
-    })
+    let imported = wait_for_job(
+        &db,
+        &stack.table,
+        &id,
+        "the first batch to be imported",
+        imported_or_ended,
+    )
     .await;
-    // CLOSED means indexed; the keys follow the store's layout.
+    assert_eq!(imported.status, JobStatus::Imported, "{imported:?}");
+    assert_eq!(
+        manifest_location(&imported).1,
+        format!(
+            "{}job-output-manifest.json",
+            mocked_output_folder(&stack, IMPORTED_CASE).1
+        ),
+        "the output folder of the mocked GetDICOMImportJob"
+    );
+    // IMPORTED follows CLOSED, which means indexed; the keys follow the store's layout.
     let key_of = |job: &Job, file: &Path| {
         let sop = sop_of_path(file).1;
         format!("{}/{root}/{root}.0/{sop}.dcm", job.job_id)
     };
-    import(
+    put_import_results(
         &s3,
-        &db,
         &stack,
-        &closed,
-        &[&key_of(&closed, good)],
-        &[&key_of(&closed, bad)],
+        &imported,
+        &[&key_of(&imported, good)],
+        &[&key_of(&imported, bad)],
     )
     .await;
     let report = report_of(&first.wait_with_output().unwrap(), &gw);
@@ -628,6 +624,10 @@ async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restar
     assert_eq!(referenced(&report), vec![sop_of_path(good)]);
     let (class, sop) = sop_of_path(bad);
     assert_eq!(failed(&report), vec![(class, sop, PROCESSING_FAILURE)]);
+    // The next job's results go to the same folder: this job's are removed once it has ended.
+    let ended = wait_for_final(&db, &stack.table, &imported.job_id, &gw).await;
+    assert_eq!(ended.status, JobStatus::CompletedWithErrors, "{ended:?}");
+    clear_mocked_output(&s3, &stack, IMPORTED_CASE).await;
 
     // A request still pending when the gateway stops is answered by the next start.
     let second = modality_waiting(&gw, report_port, &[later]);
@@ -657,15 +657,18 @@ async fn imported_commits_what_healthimaging_imported_and_answers_after_a_restar
         "the pending request is kept across the restart"
     );
     let gw = imported_gateway(&stack, store.path(), &id, report_port);
-    let closed2 = wait_for_job(
+    // Its batch was closed at the stop; its import, started then or by the next start's recovery,
+    // runs on.
+    let imported2 = wait_for_job(
         &db,
         &stack.table,
         &id,
-        "the second batch to be recorded",
-        |j| j.status == JobStatus::Closed && j.job_id != closed.job_id,
+        "the second batch to be imported",
+        |j| j.job_id != imported.job_id && imported_or_ended(j),
     )
     .await;
-    import(&s3, &db, &stack, &closed2, &[&key_of(&closed2, later)], &[]).await;
+    assert_eq!(imported2.status, JobStatus::Imported, "{imported2:?}");
+    put_import_results(&s3, &stack, &imported2, &[&key_of(&imported2, later)], &[]).await;
     let report = report_of(&second.wait_with_output().unwrap(), &gw);
     assert_eq!(report["event_type"], 1, "{report}");
     assert_eq!(referenced(&report), vec![sop_of_path(later)]);

@@ -1,25 +1,31 @@
 //! End-to-end test of per-instance import outcomes on LocalStack, in the deployment's shape: a
 //! study stored to S3 with the stack's DynamoDB job table and instance table (`--job-table`,
-//! `--instance-table`), its job taken to IMPORTED as the import state machine's `RecordImported`
-//! state takes it (the same attributes, by UpdateItem on the job table), and the import's results
-//! put where HealthImaging writes them: the manifest and `SUCCESS/success.ndjson`,
-//! `WARNING/warning.ndjson`, `FAILURE/failure.ndjson` of 5,000 lines each. The gateway has no
-//! `--state-machine-arn`: as a fleet member on the shared job table it reads the outcomes at its
-//! recovery interval. It must record each instance's outcome in the instance table, and
-//! `instances show` and `jobs show --failed` print them.
+//! `--instance-table`), imported by the real import state machine, and the import's results put
+//! where HealthImaging writes them: the manifest and `SUCCESS/success.ndjson`,
+//! `WARNING/warning.ndjson`, `FAILURE/failure.ndjson` of 5,000 lines each. The gateway must record
+//! each instance's outcome in the instance table, and `instances show` and `jobs show --failed`
+//! print them.
 //!
-//! The state machine itself is not run: HealthImaging is not emulated; tests/import_pipeline.rs
-//! covers the state machine's part up to IMPORTED.
+//! Only HealthImaging is mocked, as in tests/import_pipeline.rs: the gateway runs the state
+//! machine as test case `Outcomes` of tests/sfn-mock-config.json, whose mocked GetDICOMImportJob
+//! answers COMPLETED with this test's own output folder. The mocked import writes nothing, and the
+//! result lines name the job's input objects, known only once the job exists: the test empties the
+//! folder before the gateway starts (an earlier run's results), and once the state machine has
+//! recorded IMPORTED puts the result files, the manifest last. The outcome reader waits for a
+//! manifest not written yet, and reads the result files beside one.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use dicom_gateway::jobs::{Job, JobStatus};
+
+/// This test's case of tests/sfn-mock-config.json: the import completes, with its own output
+/// folder.
+const CASE: &str = "Outcomes";
 
 /// Lines per result file, as in the issue.
 const LINES: usize = 5_000;
@@ -84,6 +90,8 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
     );
     let files = write_corpus(work.path(), &root, 5, 1_000);
     let id = unique("gw-outcomes");
+    clear_mocked_output(&s3, &stack, CASE).await;
+    let arn = format!("{}#{CASE}", stack.state_machine_arn);
     let tables = [
         "--job-table",
         stack.table.as_str(),
@@ -98,11 +106,19 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
         "--s3-force-path-style",
         "--store-dir",
         work.path().to_str().unwrap(),
+        "--state-machine-arn",
+        &arn,
+        "--datastore-id",
+        &stack.datastore_id,
+        "--data-access-role-arn",
+        &stack.role_arn,
+        "--results-prefix",
+        "results/",
         "--batch-idle",
         "1s",
-        // Without imports, the outcome reader looks at the recovery interval.
-        "--recovery-interval",
-        "1s",
+        // The outcome reader looks at the import poll interval too.
+        "--import-poll-interval",
+        "2s",
         "--gateway-id",
         &id,
     ];
@@ -112,43 +128,38 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
     let out = storescu(gw.port, "-xe", &paths);
     assert!(out.status.success(), "storescu: {}", text(&out));
 
-    // CLOSED means indexed: the five records are in the instance table.
-    let job = wait_for_job_of_gateway(&db, &stack.table, &gw, &id).await;
-    let closed =
-        eventually_async(
-            "the batch to close",
-            Duration::from_secs(30),
-            async || match get_job(&db, &stack.table, &job.job_id).await {
-                Some(j) if j.status == JobStatus::Closed => Ok(j),
-                other => Err(format!("{other:?}")),
-            },
-        )
-        .await;
+    // The state machine records IMPORTED (after CLOSED, which means indexed: the five records
+    // are in the instance table), with the output folder of the mocked GetDICOMImportJob.
+    let opened = wait_for_job_of_gateway(&db, &stack.table, &gw, &id).await;
+    let job = wait_for_imported(&db, &stack.table, &opened.job_id).await;
+    assert_eq!(job.status, JobStatus::Imported, "{job:?}");
     assert_eq!(
-        closed.input_s3_uri,
-        format!("s3://{}/import/{}/", stack.bucket, closed.job_id)
+        job.input_s3_uri,
+        format!("s3://{}/import/{}/", stack.bucket, job.job_id)
+    );
+    let (bucket, folder) = mocked_output_folder(&stack, CASE);
+    assert_eq!(
+        job.output_s3_uri,
+        Some(format!("s3://{bucket}/{folder}")),
+        "the OutputS3Uri GetDICOMImportJob reported"
+    );
+    assert_eq!(job.import_job_id.as_deref(), Some(IMPORT_JOB_ID));
+    assert!(
+        job.execution_arn
+            .as_deref()
+            .is_some_and(|a| a.ends_with(&job.job_id)),
+        "{job:?}"
     );
     let stored: Vec<Stored> = (1..=5)
         .map(|i| {
             let sop = format!("{root}.{i}");
-            let key = format!("{}/{root}/{root}.0/{sop}.dcm", closed.job_id);
+            let key = format!("{}/{root}/{root}.0/{sop}.dcm", job.job_id);
             Stored { sop, key }
         })
         .collect();
 
-    // What the state machine records with IMPORTED.
-    let mut job = closed.clone();
-    job.status = JobStatus::Imported;
-    job.output_s3_uri = Some(format!("s3://{}/results/{}/", stack.bucket, job.job_id));
-    job.datastore_id = Some(stack.datastore_id.clone());
-    job.import_job_id = Some(IMPORT_JOB_ID.into());
-    job.import_ended_at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
-    // And what HealthImaging writes: two instances imported (one into a non-primary image set),
-    // one with a warning, two refused.
-    let (bucket, manifest_key) = manifest_location(&job);
-    let folder = manifest_key
-        .trim_end_matches("job-output-manifest.json")
-        .to_string();
+    // What HealthImaging writes: two instances imported (one into a non-primary image set), one
+    // with a warning, two refused.
     let success = result_file(
         &stack.bucket,
         &job,
@@ -185,43 +196,17 @@ async fn per_instance_outcomes_of_an_import_show_in_instances_show_and_jobs_show
             ),
         ],
     );
-    for (name, body) in [
-        (
-            "job-output-manifest.json",
-            manifest_json(&stack, 3, 2, Some(2)),
-        ),
-        ("SUCCESS/success.ndjson", success),
-        ("WARNING/warning.ndjson", warning),
-        ("FAILURE/failure.ndjson", failure),
-    ] {
-        s3.put_object()
-            .bucket(&bucket)
-            .key(format!("{folder}{name}"))
-            .body(body.into())
-            .send()
-            .await
-            .unwrap();
-    }
-    // Written as RecordImported writes it, once the results are there.
-    let string = |v: &Option<String>| AttributeValue::S(v.clone().unwrap());
-    db.update_item()
-        .table_name(&stack.table)
-        .key("jobId", AttributeValue::S(job.job_id.clone()))
-        .update_expression(
-            "SET #status = :imported, outputS3Uri = :outputS3Uri, importJobId = :importJobId, \
-             datastoreId = :datastoreId, importEndedAt = :ended",
-        )
-        .condition_expression("#status = :closed")
-        .expression_attribute_names("#status", "status")
-        .expression_attribute_values(":imported", AttributeValue::S("IMPORTED".into()))
-        .expression_attribute_values(":closed", AttributeValue::S("CLOSED".into()))
-        .expression_attribute_values(":outputS3Uri", string(&job.output_s3_uri))
-        .expression_attribute_values(":importJobId", string(&job.import_job_id))
-        .expression_attribute_values(":datastoreId", string(&job.datastore_id))
-        .expression_attribute_values(":ended", string(&job.import_ended_at))
-        .send()
-        .await
-        .unwrap();
+    put_results(
+        &s3,
+        &job,
+        vec![
+            ("SUCCESS/success.ndjson", success),
+            ("WARNING/warning.ndjson", warning),
+            ("FAILURE/failure.ndjson", failure),
+        ],
+        manifest_json(&stack, 3, 2, Some(2)),
+    )
+    .await;
 
     let done = wait_for_final(&db, &stack.table, &job.job_id, &gw).await;
     assert_eq!(done.status, JobStatus::CompletedWithErrors, "{done:?}");

@@ -355,3 +355,87 @@ pub async fn put_manifest(
     let manifest = manifest_json(stack, imported, customer_errors, Some(1));
     put_manifest_bytes(s3, stack, job_id, manifest).await;
 }
+
+/// The Step Functions mock configuration LocalStack reads for each execution (scripts/test.sh
+/// copies it into $LS_HOME).
+const SFN_MOCK_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sfn-mock-config.json");
+
+/// The output folder, (bucket, key prefix ending in `/`), that the mocked GetDICOMImportJob of
+/// test case `case` of `stack`'s state machine answers as its OutputS3Uri
+/// (tests/sfn-mock-config.json): where the results of every job imported under `case` are read.
+/// Every execution of a case answers the same folder.
+pub fn mocked_output_folder(stack: &Stack, case: &str) -> (String, String) {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(SFN_MOCK_CONFIG).unwrap()).unwrap();
+    let machine = stack
+        .state_machine_arn
+        .rsplit_once(':')
+        .map_or(stack.state_machine_arn.as_str(), |(_, name)| name);
+    let response = config["StateMachines"][machine]["TestCases"][case]["GetImport"]
+        .as_str()
+        .unwrap_or_else(|| panic!("test case {case} of {machine} mocks no GetImport"));
+    let uri = config["MockedResponses"][response]["0"]["Return"]["JobProperties"]["OutputS3Uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("mocked response {response} has no OutputS3Uri"));
+    let (bucket, prefix) = uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .expect("OutputS3Uri is s3://bucket/prefix/");
+    (bucket.to_string(), prefix.to_string())
+}
+
+/// Deletes every object in test case `case`'s output folder ([`mocked_output_folder`]): results an
+/// earlier job of the case left (an earlier run's, or an earlier job's of the same test), which the
+/// outcome reader would otherwise read for the next job of the case as soon as it is IMPORTED.
+pub async fn clear_mocked_output(s3: &aws_sdk_s3::Client, stack: &Stack, case: &str) {
+    let (bucket, prefix) = mocked_output_folder(stack, case);
+    let mut token = None;
+    loop {
+        let out = s3
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&prefix)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .unwrap();
+        for key in out.contents().iter().filter_map(|o| o.key()) {
+            s3.delete_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+        }
+        token = out.next_continuation_token().map(String::from);
+        if token.is_none() {
+            return;
+        }
+    }
+}
+
+/// Puts an import's results in the output folder of `job` (recorded IMPORTED), where HealthImaging
+/// writes them: `files` (name under the folder, body), then `manifest` last, since the outcome
+/// reader waits for a missing manifest but reads the result files it finds beside one.
+pub async fn put_results(
+    s3: &aws_sdk_s3::Client,
+    job: &Job,
+    files: Vec<(&str, Vec<u8>)>,
+    manifest: Vec<u8>,
+) {
+    let (bucket, manifest_key) = manifest_location(job);
+    let folder = manifest_key.trim_end_matches("job-output-manifest.json");
+    let files = files
+        .into_iter()
+        .map(|(name, body)| (format!("{folder}{name}"), body))
+        .chain([(manifest_key.clone(), manifest)]);
+    for (key, body) in files {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    }
+}
