@@ -35,6 +35,17 @@ pub(crate) fn code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&
     err.as_service_error().and_then(|e| e.code())
 }
 
+/// Whether a DynamoDB conditional write was refused because its condition did not hold: the
+/// expected "someone else got there first" answer of claims and conditional updates, not an error.
+pub(crate) fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    code(err) == Some("ConditionalCheckFailedException")
+}
+
+/// A DynamoDB string attribute.
+pub(crate) fn dynamo_string(v: &str) -> aws_sdk_dynamodb::types::AttributeValue {
+    aws_sdk_dynamodb::types::AttributeValue::S(v.to_string())
+}
+
 /// Error codes that mean "too many requests, slow down": the AWS SDKs' standard retry mode retries
 /// them (the list is the Rust SDK's, `aws-runtime` `retries::classifiers::THROTTLING_ERRORS`; see
 /// "Retry behavior", https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html).

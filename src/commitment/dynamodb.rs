@@ -26,6 +26,8 @@ use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
+use crate::aws::{dynamo_string as s, is_condition_failure};
+
 use super::SopReference;
 use super::pending::{Claim, PendingError, PendingRequest, PendingStore};
 
@@ -66,14 +68,6 @@ where
         operation,
         message: crate::aws::describe(&err),
     }
-}
-
-fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
-    crate::aws::code(err) == Some("ConditionalCheckFailedException")
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
 }
 
 fn key(transaction_uid: &str) -> AttributeValue {

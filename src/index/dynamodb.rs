@@ -63,6 +63,8 @@ use aws_sdk_dynamodb::types::{
     ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+
+use crate::aws::{dynamo_string as s, is_condition_failure};
 use serde_json::Value;
 use tokio::task::JoinSet;
 
@@ -142,14 +144,6 @@ where
         message: crate::aws::describe(&err),
         retriable: crate::aws::is_retriable(&err),
     }
-}
-
-fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
-    crate::aws::code(err) == Some("ConditionalCheckFailedException")
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
 }
 
 /// A JSON value as an attribute value; `null` is left out (as an absent attribute).

@@ -13,6 +13,8 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
+use crate::aws::{dynamo_string as s, is_condition_failure};
+
 use super::{ImportOutcome, Job, JobStatus, JobStore, JobStoreError, OutcomeClaim, Transition};
 use crate::batch::CloseReason;
 
@@ -40,14 +42,6 @@ where
         message: crate::aws::describe(&err),
         retriable: crate::aws::is_retriable(&err),
     }
-}
-
-fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
-    crate::aws::code(err) == Some("ConditionalCheckFailedException")
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
 }
 
 fn n(v: u64) -> AttributeValue {
