@@ -270,9 +270,7 @@ impl LocalIndex {
     /// [`LocalIndex::rebuild`] off the async threads.
     pub(crate) async fn rebuild_async(&self) -> Result<u64, IndexError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.rebuild())
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
+        off_thread(move || this.rebuild()).await
     }
 }
 
@@ -280,7 +278,7 @@ impl LocalIndex {
 impl InstanceIndex for LocalIndex {
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), IndexError> {
+        off_thread(move || -> Result<(), IndexError> {
             let mut guard = this.locked();
             let mut records = records;
             records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
@@ -290,15 +288,12 @@ impl InstanceIndex for LocalIndex {
             Ok(())
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
         let this = self.clone();
         let uid = sop_instance_uid.to_string();
-        tokio::task::spawn_blocking(move || this.find_blocking(&uid))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
+        off_thread(move || this.find_blocking(&uid)).await
     }
 
     async fn find_many(
@@ -307,9 +302,7 @@ impl InstanceIndex for LocalIndex {
     ) -> Result<HashMap<String, Vec<InstanceRecord>>, IndexError> {
         let this = self.clone();
         let uids = sop_instance_uids.to_vec();
-        tokio::task::spawn_blocking(move || this.find_many_blocking(&uids))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
+        off_thread(move || this.find_many_blocking(&uids)).await
     }
 
     async fn record_outcomes(
@@ -319,15 +312,13 @@ impl InstanceIndex for LocalIndex {
     ) -> Result<OutcomesRecorded, IndexError> {
         let this = self.clone();
         let job_id = job_id.to_string();
-        tokio::task::spawn_blocking(move || this.record_outcomes_blocking(&job_id, outcomes))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
+        off_thread(move || this.record_outcomes_blocking(&job_id, outcomes)).await
     }
 
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
         let this = self.clone();
         let job_id = job_id.to_string();
-        tokio::task::spawn_blocking(move || {
+        off_thread(move || {
             let mut failed: Vec<InstanceRecord> = this
                 .latest_of_job(&job_id)?
                 .into_iter()
@@ -337,13 +328,12 @@ impl InstanceIndex for LocalIndex {
             Ok(failed)
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     async fn missing(&self, job_id: &str, keys: Vec<String>) -> Result<Vec<String>, IndexError> {
         let this = self.clone();
         let job_id = job_id.to_string();
-        tokio::task::spawn_blocking(move || {
+        off_thread(move || {
             let indexed: HashSet<String> = this
                 .read_job(&job_id)?
                 .into_iter()
@@ -352,12 +342,11 @@ impl InstanceIndex for LocalIndex {
             Ok(keys.into_iter().filter(|k| !indexed.contains(k)).collect())
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     async fn add_absent(&self, records: Vec<InstanceRecord>) -> Result<u64, IndexError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64, IndexError> {
+        off_thread(move || -> Result<u64, IndexError> {
             let mut guard = this.locked();
             let mut records = records;
             records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
@@ -382,12 +371,21 @@ impl InstanceIndex for LocalIndex {
             Ok(added)
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     fn describe(&self) -> String {
         format!("the local instance index in {}", self.dir.display())
     }
+}
+
+/// Runs `f` on the blocking threads (the index reads and writes files), a panic there reported as
+/// an I/O error.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IndexError> + Send + 'static,
+) -> Result<T, IndexError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// Appends to `out` the records of the lines of `path` that `keep` accepts and that parse; a
