@@ -810,15 +810,35 @@ async fn outcomes_lost_on_the_way_are_noted_on_the_job_and_its_status_kept() {
     );
 }
 
-/// An index whose `record_outcomes` fails on the calls `failing` holds (counted from 1).
-struct FlakyIndex {
+/// What an [`InterceptedIndex`] does before each `record_outcomes` it passes to the local index.
+enum OnRecord {
+    /// Fails the calls `failing` holds (counted from 1).
+    Fail {
+        calls: std::sync::atomic::AtomicUsize,
+        failing: std::ops::RangeInclusive<usize>,
+    },
+    /// The first call waits at the gate.
+    Wait(Gate),
+}
+
+/// The local index, with `record_outcomes` intercepted as [`OnRecord`] says.
+struct InterceptedIndex {
     inner: LocalIndex,
-    calls: std::sync::atomic::AtomicUsize,
-    failing: std::ops::RangeInclusive<usize>,
+    on_record: OnRecord,
+}
+
+impl InterceptedIndex {
+    /// The gate of an index made by [`gated`].
+    fn gate(&self) -> &Gate {
+        match &self.on_record {
+            OnRecord::Wait(gate) => gate,
+            OnRecord::Fail { .. } => panic!("not a gated index"),
+        }
+    }
 }
 
 #[async_trait]
-impl InstanceIndex for FlakyIndex {
+impl InstanceIndex for InterceptedIndex {
     async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
         self.inner.append(records).await
     }
@@ -830,38 +850,42 @@ impl InstanceIndex for FlakyIndex {
         job_id: &str,
         outcomes: Vec<(String, InstanceOutcome)>,
     ) -> Result<OutcomesRecorded, IndexError> {
-        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if self.failing.contains(&call) {
-            return Err(std::io::Error::other("disk gone").into());
+        match &self.on_record {
+            OnRecord::Fail { calls, failing } => {
+                let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if failing.contains(&call) {
+                    return Err(std::io::Error::other("disk gone").into());
+                }
+            }
+            OnRecord::Wait(gate) => gate.pass().await,
         }
         self.inner.record_outcomes(job_id, outcomes).await
     }
     async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
         self.inner.failed(job_id).await
     }
-    async fn missing(
-        &self,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<String>, crate::index::IndexError> {
-        Ok(Vec::new())
+    async fn missing(&self, job_id: &str, keys: Vec<String>) -> Result<Vec<String>, IndexError> {
+        self.inner.missing(job_id, keys).await
     }
-    async fn add_absent(
-        &self,
-        _: Vec<crate::index::InstanceRecord>,
-    ) -> Result<u64, crate::index::IndexError> {
-        Ok(0)
+    async fn add_absent(&self, records: Vec<InstanceRecord>) -> Result<u64, IndexError> {
+        self.inner.add_absent(records).await
     }
     fn describe(&self) -> String {
-        "a flaky index".into()
+        match self.on_record {
+            OnRecord::Fail { .. } => "a flaky index".into(),
+            OnRecord::Wait(_) => "a gated index".into(),
+        }
     }
 }
 
-fn flaky(index: LocalIndex, failing: std::ops::RangeInclusive<usize>) -> Arc<FlakyIndex> {
-    Arc::new(FlakyIndex {
+/// An index whose `record_outcomes` fails on the calls `failing` holds (counted from 1).
+fn flaky(index: LocalIndex, failing: std::ops::RangeInclusive<usize>) -> Arc<InterceptedIndex> {
+    Arc::new(InterceptedIndex {
         inner: index,
-        calls: Default::default(),
-        failing,
+        on_record: OnRecord::Fail {
+            calls: Default::default(),
+            failing,
+        },
     })
 }
 
@@ -1105,52 +1129,10 @@ impl Gate {
 }
 
 /// An index whose first `record_outcomes` waits at a [`Gate`].
-struct GatedIndex {
-    inner: LocalIndex,
-    gate: Gate,
-}
-
-#[async_trait]
-impl InstanceIndex for GatedIndex {
-    async fn append(&self, records: Vec<InstanceRecord>) -> Result<(), IndexError> {
-        self.inner.append(records).await
-    }
-    async fn find(&self, sop_instance_uid: &str) -> Result<Vec<InstanceRecord>, IndexError> {
-        self.inner.find(sop_instance_uid).await
-    }
-    async fn record_outcomes(
-        &self,
-        job_id: &str,
-        outcomes: Vec<(String, InstanceOutcome)>,
-    ) -> Result<OutcomesRecorded, IndexError> {
-        self.gate.pass().await;
-        self.inner.record_outcomes(job_id, outcomes).await
-    }
-    async fn failed(&self, job_id: &str) -> Result<Vec<InstanceRecord>, IndexError> {
-        self.inner.failed(job_id).await
-    }
-    async fn missing(
-        &self,
-        _: &str,
-        _: Vec<String>,
-    ) -> Result<Vec<String>, crate::index::IndexError> {
-        Ok(Vec::new())
-    }
-    async fn add_absent(
-        &self,
-        _: Vec<crate::index::InstanceRecord>,
-    ) -> Result<u64, crate::index::IndexError> {
-        Ok(0)
-    }
-    fn describe(&self) -> String {
-        "a gated index".into()
-    }
-}
-
-fn gated(index: LocalIndex) -> Arc<GatedIndex> {
-    Arc::new(GatedIndex {
+fn gated(index: LocalIndex) -> Arc<InterceptedIndex> {
+    Arc::new(InterceptedIndex {
         inner: index,
-        gate: Gate::default(),
+        on_record: OnRecord::Wait(Gate::default()),
     })
 }
 
@@ -1227,7 +1209,7 @@ async fn a_reader_working_longer_than_its_claim_renews_it_and_no_other_gateway_t
         short_claim(),
     );
     let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
-    gate.gate.entered.notified().await;
+    gate.gate().entered.notified().await;
     let first = claim_expiry(&jobs).await;
     let held = until_renewed_past(&jobs, &first).await;
     assert_eq!(
@@ -1244,7 +1226,7 @@ async fn a_reader_working_longer_than_its_claim_renews_it_and_no_other_gateway_t
             .map(|c| c.gateway_id),
         Some("gw-a".to_string())
     );
-    gate.gate.go.notify_one();
+    gate.gate().go.notify_one();
     assert_eq!(working.await.unwrap().unwrap(), 1);
     assert_study_outcomes(&index).await;
 }
@@ -1306,7 +1288,7 @@ async fn a_reader_whose_claim_was_taken_over_while_recording_does_not_end_the_jo
         timing(MANIFEST_WAIT),
     );
     let working = tokio::spawn(async move { a.pass(&CancellationToken::new()).await });
-    gate.gate.entered.notified().await;
+    gate.gate().entered.notified().await;
     let mut lapsed = jobs.get("J1").await.unwrap().unwrap();
     assert_eq!(
         lapsed.claim.as_ref().map(|c| c.gateway_id.as_str()),
@@ -1335,7 +1317,7 @@ async fn a_reader_whose_claim_was_taken_over_while_recording_does_not_end_the_jo
             .unwrap_or("")
             .contains("incomplete")
     );
-    gate.gate.go.notify_one();
+    gate.gate().go.notify_one();
     assert_eq!(
         working.await.unwrap().unwrap(),
         0,
@@ -1360,7 +1342,7 @@ async fn a_gateway_stopping_while_recording_gives_the_job_back() {
         let stop = stop.clone();
         tokio::spawn(async move { a.pass(&stop).await })
     };
-    gate.gate.entered.notified().await;
+    gate.gate().entered.notified().await;
     stop.cancel();
     assert_eq!(working.await.unwrap().unwrap(), 0);
     let left = jobs.get("J1").await.unwrap().unwrap();
