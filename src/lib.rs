@@ -35,6 +35,7 @@ pub(crate) mod commitment;
 pub(crate) mod config;
 pub(crate) mod connection;
 pub mod dimse;
+pub(crate) mod durable;
 pub(crate) mod echo;
 pub(crate) mod emf;
 pub(crate) mod health;

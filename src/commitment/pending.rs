@@ -15,6 +15,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 
 use super::SopReference;
+use crate::durable::replace_file;
 
 /// One commitment request, as kept until its report is delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,39 +180,17 @@ impl LocalPending {
         }
     }
 
-    /// Replaces `dest` atomically: temp file, fsync, rename, directory fsync.
-    async fn write_atomic(&self, dest: PathBuf, bytes: Vec<u8>) -> Result<(), PendingError> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            std::fs::create_dir_all(&dir)?;
-            let mut temp = dest.clone().into_os_string();
-            temp.push(".tmp");
-            let temp = PathBuf::from(temp);
-            let mut f = std::fs::File::create(&temp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&temp, &dest)?;
-            std::fs::File::open(&dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
-        Ok(())
-    }
-
     /// Writes the request's file, then its claim's.
     async fn write(&self, request: &PendingRequest) -> Result<(), PendingError> {
         let json = serde_json::to_vec(request)?;
-        self.write_atomic(self.path_of(&request.transaction_uid), json)
-            .await?;
+        replace_file(self.path_of(&request.transaction_uid), json).await?;
         self.write_claim(&request.transaction_uid, &request.claim)
             .await
     }
 
     async fn write_claim(&self, transaction_uid: &str, claim: &Claim) -> Result<(), PendingError> {
         let json = serde_json::to_vec(claim)?;
-        self.write_atomic(self.claim_path_of(transaction_uid), json)
-            .await
+        Ok(replace_file(self.claim_path_of(transaction_uid), json).await?)
     }
 }
 

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tokio::sync::{Mutex, MutexGuard};
 
+use crate::durable::replace_file;
+
 use super::{ImportOutcome, Job, JobStatus, JobStore, JobStoreError, OutcomeClaim, Transition};
 
 /// Job records as JSON files in a directory: the embedded default, no cloud needed.
@@ -72,20 +74,7 @@ impl LocalJournal {
     async fn write(&self, job: &Job) -> Result<(), JobStoreError> {
         let mut json = serde_json::to_vec_pretty(job)?;
         json.push(b'\n');
-        let dir = self.dir.clone();
-        let dest = self.path_of(&job.job_id);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            std::fs::create_dir_all(&dir)?;
-            let temp = dest.with_extension("json.tmp");
-            let mut f = std::fs::File::create(&temp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&temp, &dest)?;
-            std::fs::File::open(&dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        replace_file(self.path_of(&job.job_id), json).await?;
         Ok(())
     }
 

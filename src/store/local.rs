@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
-use super::durable::{DurableFile, Incoming, blocking};
 use super::{
     BatchContents, ListedObject, ObjectKey, ObjectStore, ObjectUpload, StoreError, StoredObject,
 };
+use crate::durable::{DurableFile, Incoming, blocking};
 
 /// Name of the directory holding uploads in progress; never part of a batch.
-pub use super::durable::INCOMING_DIR;
+pub use crate::durable::INCOMING_DIR;
 
 /// Objects as files under a directory: temp file, fsync, rename, directory fsync.
 pub(crate) struct LocalStore {

@@ -10,7 +10,6 @@
 //! makes the object durable on local disk ([`Placement::Spooled`]), and its uploader puts it at its
 //! final key later, saying so through an [`UploadTicket`].
 
-mod durable;
 pub mod local;
 pub(crate) mod s3;
 pub(crate) mod spool;

@@ -41,11 +41,11 @@ use self::file::{Checksum, Trailer};
 use self::ledger::Ledger;
 use self::replay::{OBJECTS_DIR, QUARANTINE_DIR, file_system_space};
 use self::uploader::Uploader;
-use super::durable::{DurableFile, Incoming, blocking};
 use super::{
     BatchContents, Committed, ObjectKey, ObjectStore, ObjectUpload, Placement, StoreError,
     StoredObject, UploadTicket,
 };
+use crate::durable::{DurableFile, Incoming, blocking};
 
 pub(crate) use self::replay::status;
 

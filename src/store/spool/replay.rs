@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use super::file::{Trailer, committed_at, is_spool_name};
 use super::ledger::Ledger;
-use crate::store::durable::INCOMING_DIR;
+use crate::durable::INCOMING_DIR;
 
 /// The directory of spool files waiting for upload, under the spool directory.
 pub(crate) const OBJECTS_DIR: &str = "objects";

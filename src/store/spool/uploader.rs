@@ -30,9 +30,9 @@ use super::file::{Checksum, TornFile, Trailer};
 use super::ledger::Pick;
 use super::replay::{UploaderReport, quarantine};
 use crate::clock::{now_rfc3339, rfc3339};
+use crate::durable::blocking;
 use crate::import::full_jitter;
 use crate::metrics::metrics;
-use crate::store::durable::blocking;
 use crate::store::{ObjectKey, StoreError, UploadOutcome};
 
 /// First pause after a failed upload; it doubles with each failure up to [`MAX_BACKOFF`].

@@ -1,10 +1,13 @@
-//! The durable-write recipe shared by the local store and the edge spool.
+//! The durable-write recipe shared by the local store, the edge spool, the job journal and the
+//! pending Storage Commitment requests.
 //!
 //! A file is written to a temporary name in `{root}/.incoming/` (the same file system as its
 //! destination), fsynced, renamed into place, and then the directories whose entries changed are
 //! fsynced. A reader therefore sees whole files or nothing, and a file that was renamed into place
 //! survives a crash or a power cut. Bytes are gathered in a large buffer and written in blocks, so a
 //! small file costs three trips to the blocking pool in all (create, commit, and nothing between).
+//! Small records written whole (the job journal, pending Storage Commitment requests) use
+//! [`replace_file`], the same recipe with the temporary file beside its destination.
 
 use std::fs::File;
 use std::io::Write;
@@ -25,6 +28,26 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// Replaces `dest` with `bytes` atomically and durably: written to `{dest}.tmp` beside it, fsynced,
+/// renamed over `dest`, then its directory fsynced. A reader sees the old file or the new, whole.
+pub(crate) async fn replace_file(dest: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
+    blocking(move || {
+        let dir = dest
+            .parent()
+            .ok_or_else(|| std::io::Error::other("destination has no directory"))?;
+        std::fs::create_dir_all(dir)?;
+        let mut temp = dest.clone().into_os_string();
+        temp.push(".tmp");
+        let temp = PathBuf::from(temp);
+        let mut f = File::create(&temp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&temp, &dest)?;
+        File::open(dir)?.sync_all()
+    })
+    .await
 }
 
 /// The `.incoming` directory of a root, and the write buffers its files share.
